@@ -1,0 +1,113 @@
+"""Seed and client in two processes, over real sockets and a real gloo group."""
+
+import contextlib
+import socket
+import struct
+
+import pytest
+import torch
+
+from tests.ut.netloader.toy_seed import IDENTITY, make_toy, toy_seed
+from vllm_ascend.model_loader.netloader.client import WeightFetch
+from vllm_ascend.model_loader.netloader.manifest import model_tensors, spec_of
+from vllm_ascend.model_loader.netloader.protocol import REFUSE, recv_msg
+
+
+def fetch_into(model: torch.nn.Module, addresses: list[str], identity=None) -> WeightFetch:
+    named = model_tensors(model)
+    fetch = WeightFetch(
+        identity=identity or IDENTITY,
+        specs=[spec_of(n, t) for n, t in named],
+        targets=[t for _, t in named],
+        timeout_s=5.0,
+    )
+    fetch.received = fetch.run(tuple(addresses))
+    return fetch
+
+
+def assert_same_tensors(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    ta, tb = dict(model_tensors(a)), dict(model_tensors(b))
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype, name
+        assert torch.equal(ta[name], tb[name]), name
+
+
+@pytest.fixture(scope="module")
+def seed():
+    with toy_seed(seed=7) as (address, proc):
+        yield address, proc
+
+
+def test_client_receives_every_tensor_bit_for_bit(seed):
+    address, _ = seed
+    client = make_toy(None)
+    fetch = fetch_into(client, [address])
+    assert fetch.received is not None, fetch.reasons
+    assert fetch.received.source == address
+    assert fetch.received.nbytes == sum(t.nbytes for _, t in model_tensors(client))
+    assert_same_tensors(client, make_toy(7))
+    # The tie survives: one storage, so both names see the received values.
+    assert client.head.weight.data_ptr() == client.embed.weight.data_ptr()
+
+
+def test_seed_refuses_other_model_before_any_byte_moves(seed):
+    address, _ = seed
+    client = make_toy(None)
+    other = dict(IDENTITY, config_sha256="1" * 64)
+    fetch = fetch_into(client, [address], identity=other)
+    assert fetch.received is None
+    assert not fetch.dirty
+    assert "config_sha256" in fetch.reasons[0] and "refused" in fetch.reasons[0]
+    assert all(torch.count_nonzero(t) == 0 for _, t in model_tensors(client))
+
+
+def test_seed_refuses_other_layout(seed):
+    address, _ = seed
+    client = make_toy(None, vocab=301)
+    fetch = fetch_into(client, [address])
+    assert fetch.received is None and not fetch.dirty
+    assert "manifest differs" in fetch.reasons[0]
+
+
+def test_seed_refuses_other_rank(seed):
+    address, _ = seed
+    fetch = fetch_into(make_toy(None), [address], identity=dict(IDENTITY, rank=1))
+    assert fetch.received is None and "rank" in fetch.reasons[0]
+
+
+def test_unreachable_source_then_good_one(seed):
+    address, _ = seed
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        dead = f"127.0.0.1:{closed.getsockname()[1]}"
+    client = make_toy(None)
+    fetch = fetch_into(client, [dead, address])
+    assert fetch.received is not None and fetch.received.source == address
+    assert len(fetch.reasons) == 1 and dead in fetch.reasons[0]
+    assert_same_tensors(client, make_toy(7))
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b"GET / HTTP/1.0\r\n\r\n",
+        struct.pack("!4sBI", b"NLDR", 1, 2**31),  # oversized length prefix
+        struct.pack("!4sBI", b"NLDR", 9, 2) + b"{}",  # unknown protocol version
+        struct.pack("!4sBI", b"NLDR", 1, 10) + b"{",  # truncated frame
+        struct.pack("!4sBI", b"NLDR", 1, 2) + b"[]",  # valid JSON, not a message
+    ],
+)
+def test_seed_survives_bad_input_and_still_serves(seed, junk):
+    address, proc = seed
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(junk)
+        with contextlib.suppress(OSError):  # the seed may already have answered and closed
+            s.shutdown(socket.SHUT_WR)  # a truncated frame then ends in EOF, not a wait
+        reply = recv_msg(s)
+    assert reply["type"] == REFUSE and reply["reason"].startswith("bad request")
+    assert proc.is_alive()
+    client = make_toy(None)
+    fetch = fetch_into(client, [address])
+    assert fetch.received is not None, fetch.reasons
+    assert_same_tensors(client, make_toy(7))

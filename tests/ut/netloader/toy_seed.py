@@ -1,0 +1,84 @@
+"""A real nn.Module served by a real SeedServer in a child process, for tests."""
+
+import multiprocessing as mp
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+IDENTITY: dict[str, Any] = {
+    "model": "toy",
+    "architectures": ["Toy"],
+    "config_sha256": "0" * 64,
+    "dtype": "bfloat16",
+    "quantization": None,
+    "revision": None,
+    "tensor_parallel_size": 1,
+    "pipeline_parallel_size": 1,
+    "rank": 0,
+}
+SMALL_BUCKET = 1 << 20
+
+
+class Toy(nn.Module):
+    """Mixed dtypes, a tied weight, buffers, an empty tensor and one tensor larger
+    than SMALL_BUCKET, so every path of the bucket plan is taken."""
+
+    def __init__(self, vocab: int = 300) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 64, dtype=torch.bfloat16)
+        self.proj = nn.Linear(64, 128)
+        self.big = nn.Parameter(torch.empty(300_000, dtype=torch.float32), requires_grad=False)
+        self.head = nn.Linear(64, vocab, bias=False, dtype=torch.bfloat16)
+        self.head.weight = self.embed.weight
+        self.register_buffer("steps", torch.arange(10))
+        self.register_buffer("nothing", torch.empty(0))
+
+
+def make_toy(seed: int | None, vocab: int = 300) -> Toy:
+    """Random values from ``seed``; ``None`` gives an all-zero model (a fresh client)."""
+    model = Toy(vocab)
+    gen = torch.Generator().manual_seed(seed or 0)
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if seed is None:
+                t.zero_()
+            elif t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype))
+    return model
+
+
+def _serve(ready: Any, stop: Any, seed: int, identity: dict[str, Any], timeout_s: float) -> None:
+    from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
+    from vllm_ascend.model_loader.netloader.server import SeedServer
+
+    weights = LoadedWeights.capture(make_toy(seed))
+    server = SeedServer(
+        weights, identity, 0, "127.0.0.1", 0, timeout_s, bucket_bytes=SMALL_BUCKET
+    ).start()
+    server.ready.wait(30)
+    ready.put(server.address)
+    stop.wait(600)
+    server.stop()
+
+
+@contextmanager
+def toy_seed(
+    seed: int = 0, identity: dict[str, Any] | None = None, timeout_s: float = 5.0
+) -> Iterator[tuple[str, mp.Process]]:
+    """A seed process serving ``make_toy(seed)``; yields (address, process)."""
+    ctx = mp.get_context("spawn")
+    ready, stop = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(
+        target=_serve, args=(ready, stop, seed, identity or IDENTITY, timeout_s), daemon=True
+    )
+    proc.start()
+    try:
+        yield ready.get(timeout=120), proc
+    finally:
+        stop.set()
+        proc.join(15)
+        if proc.is_alive():
+            proc.kill()

@@ -1,0 +1,164 @@
+"""Parse ``--model-loader-extra-config`` into one frozen, typed object.
+
+Every problem is raised as ``NetloaderConfigError`` naming the offending key, at
+start-up, so an operator never runs with a silently defaulted setting.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class NetloaderConfigError(ValueError):
+    """The Netloader extra config is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class SourceEntry:
+    device_id: int
+    sources: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NetloaderConfig:
+    sources: tuple[SourceEntry, ...] = ()
+    model: str | None = None
+    listen_port: int | None = None
+    output_prefix: str | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    def sources_for_rank(self, rank: int) -> tuple[str, ...]:
+        """Seed addresses for global rank ``rank``, in the order to try them."""
+        found: list[str] = []
+        for entry in self.sources:
+            if entry.device_id == rank:
+                found.extend(entry.sources)
+        return tuple(found)
+
+    def listen_port_for_rank(self, rank: int) -> int:
+        """Port for rank ``rank``'s seed listener; 0 asks the OS for a free one."""
+        if self.listen_port is None:
+            return 0
+        port = self.listen_port + rank
+        if port > 65535:
+            raise NetloaderConfigError(
+                f"LISTEN_PORT {self.listen_port} + rank {rank} = {port} exceeds 65535"
+            )
+        return port
+
+
+def parse_config(extra: dict[str, Any] | None) -> NetloaderConfig:
+    """Build a ``NetloaderConfig``; ``CONFIG_FILE`` values win over inline keys."""
+    if extra is not None and not isinstance(extra, dict):
+        raise NetloaderConfigError("model loader extra config must be a JSON object")
+    raw = dict(extra or {})
+    config_file = raw.pop("CONFIG_FILE", None)
+    if config_file is not None:
+        raw.update(_read_config_file(config_file))
+    unknown = sorted(set(raw) - _PARSERS.keys())
+    if unknown:
+        raise NetloaderConfigError(
+            f"unknown key(s) {', '.join(unknown)}; "
+            f"allowed: {', '.join(sorted(_PARSERS) + ['CONFIG_FILE'])}"
+        )
+    fields = {_PARSERS[key][0]: _PARSERS[key][1](value) for key, value in raw.items()}
+    return NetloaderConfig(**fields)
+
+
+def _read_config_file(path: Any) -> dict[str, Any]:
+    if not isinstance(path, str) or not path:
+        raise NetloaderConfigError("CONFIG_FILE must be a non-empty path string")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise NetloaderConfigError(f"CONFIG_FILE {path!r} cannot be read: {e}") from e
+    except json.JSONDecodeError as e:
+        raise NetloaderConfigError(f"CONFIG_FILE {path!r} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise NetloaderConfigError(f"CONFIG_FILE {path!r} must hold a JSON object")
+    if "CONFIG_FILE" in data:
+        raise NetloaderConfigError(f"CONFIG_FILE {path!r} must not name another CONFIG_FILE")
+    return data
+
+
+def _parse_sources(value: Any) -> tuple[SourceEntry, ...]:
+    if not isinstance(value, list):
+        raise NetloaderConfigError(
+            'SOURCE must be a list of {"device_id": <rank>, "sources": ["ip:port", ...]}'
+        )
+    entries = []
+    for i, item in enumerate(value):
+        where = f"SOURCE[{i}]"
+        if not isinstance(item, dict) or set(item) != {"device_id", "sources"}:
+            raise NetloaderConfigError(
+                f'{where} must be an object with exactly "device_id" and "sources"'
+            )
+        device_id = item["device_id"]
+        if not _is_int(device_id) or device_id < 0:
+            raise NetloaderConfigError(f"{where}.device_id must be an integer >= 0")
+        addrs = item["sources"]
+        if not isinstance(addrs, list) or not addrs:
+            raise NetloaderConfigError(f"{where}.sources must be a non-empty list")
+        for j, addr in enumerate(addrs):
+            split_address(addr, key=f"{where}.sources[{j}]")
+        entries.append(SourceEntry(device_id, tuple(addrs)))
+    return tuple(entries)
+
+
+def split_address(addr: Any, key: str = "address") -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> (host, port); errors name ``key``."""
+    if not isinstance(addr, str):
+        raise NetloaderConfigError(f"{key} must be a string 'ip:port', got {addr!r}")
+    host, sep, port_text = addr.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port_text.isdigit():
+        raise NetloaderConfigError(f"{key} must look like 'ip:port', got {addr!r}")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise NetloaderConfigError(f"{key} port must be in 1..65535, got {port}")
+    return host, port
+
+
+def _parse_model(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise NetloaderConfigError("MODEL must be a non-empty string")
+    return value
+
+
+def _parse_listen_port(value: Any) -> int:
+    if not _is_int(value) or not 1 <= value <= 65535:
+        raise NetloaderConfigError(f"LISTEN_PORT must be an integer in 1..65535, got {value!r}")
+    return int(value)
+
+
+def _parse_output_prefix(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise NetloaderConfigError("OUTPUT_PREFIX must be a non-empty string")
+    parent = os.path.dirname(value) or "."
+    if not os.path.isdir(parent):
+        raise NetloaderConfigError(f"OUTPUT_PREFIX directory {parent!r} does not exist")
+    return value
+
+
+def _parse_timeout(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+        raise NetloaderConfigError(f"TIMEOUT must be a number of seconds in (0, 3600], got {value!r}")
+    return float(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# key -> (NetloaderConfig field, parser)
+_PARSERS = {
+    "SOURCE": ("sources", _parse_sources),
+    "MODEL": ("model", _parse_model),
+    "LISTEN_PORT": ("listen_port", _parse_listen_port),
+    "OUTPUT_PREFIX": ("output_prefix", _parse_output_prefix),
+    "TIMEOUT": ("timeout_s", _parse_timeout),
+}

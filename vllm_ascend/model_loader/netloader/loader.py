@@ -1,0 +1,156 @@
+"""``--load-format netloader``: fill the model from a seed, else from disk, then
+serve it as a seed. This is the only place that decides to fall back to disk.
+
+The template of ``BaseModelLoader.load_model`` is kept: build the model, fill its
+weights (``load_weights`` below), post-process. Only a transfer that failed after
+bytes landed in the model makes us run the template a second time, from disk,
+on a freshly built model, so a fallback never starts from a half-filled one.
+"""
+
+import dataclasses
+import gc
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from vllm.config import ModelConfig, VllmConfig
+from vllm.config.load import LoadConfig
+from vllm.logger import logger
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+from vllm.utils.network_utils import get_ip
+
+from vllm_ascend.model_loader.netloader.client import WeightFetch
+from vllm_ascend.model_loader.netloader.config import parse_config
+from vllm_ascend.model_loader.netloader.manifest import (
+    LoadedWeights,
+    model_identity,
+    model_tensors,
+    spec_of,
+)
+from vllm_ascend.model_loader.netloader.server import SeedServer
+
+# The seed of each (global rank, model prefix) in this process; a reload replaces it.
+_SEEDS: dict[tuple[int, str], SeedServer] = {}
+
+
+class _DirtyModel(Exception):
+    """Every seed failed after bytes reached the model: rebuild it before loading from disk."""
+
+
+class NetloaderModelLoader(BaseModelLoader):
+    def __init__(self, load_config: LoadConfig):
+        super().__init__(load_config)
+        self.config = parse_config(load_config.model_loader_extra_config)
+        self._disk = DefaultModelLoader(
+            dataclasses.replace(load_config, load_format="auto", model_loader_extra_config={})
+        )
+        self._rank = 0
+        self._identity: dict[str, Any] | None = None
+        self._disk_only = False
+        self._loaded: LoadedWeights | None = None
+        # Where the last load_weights got its weights from, for logs and tests.
+        self.weights_source = "disk"
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        self._disk.download_model(model_config)
+
+    def load_model(
+        self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = ""
+    ) -> nn.Module:
+        self._rank = _global_rank()
+        name = self.config.model or model_config.model
+        self._identity = model_identity(model_config, vllm_config.parallel_config, self._rank, name)
+        self._disk_only = False
+        try:
+            model: nn.Module | None = super().load_model(vllm_config, model_config, prefix)
+        except _DirtyModel:
+            model = None
+        if model is None:
+            # Outside the except block, so the half-filled model is no longer referenced.
+            gc.collect()
+            torch.accelerator.empty_cache()
+            self._disk_only = True
+            model = super().load_model(vllm_config, model_config, prefix)
+        self._start_seed(prefix)
+        return model
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        start = time.perf_counter()
+        digests = self._fetch(model) if not self._disk_only else None
+        if digests is None:
+            self._disk.load_weights(model, model_config)
+            self.weights_source = "disk"
+        self._loaded = LoadedWeights.capture(model, digests)
+        logger.info(
+            "Netloader rank %d loaded %d tensors (%.3f GB) from %s in %.3f s",
+            self._rank, len(self._loaded.specs), self._loaded.total_bytes / 1e9,
+            self.weights_source, time.perf_counter() - start,
+        )
+
+    def _fetch(self, model: nn.Module) -> list[str] | None:
+        """Digests of what a seed delivered into ``model``, or None to load from disk."""
+        addresses = self.config.sources_for_rank(self._rank)
+        if not addresses or self._identity is None:
+            logger.info("Netloader rank %d has no SOURCE: loading from disk", self._rank)
+            return None
+        named = model_tensors(model)
+        if not all(t.is_contiguous() for _, t in named):
+            logger.warning(
+                "Netloader rank %d: model has non-contiguous tensors; loading from disk",
+                self._rank,
+            )
+            return None
+        fetch = WeightFetch(
+            identity=self._identity,
+            specs=[spec_of(n, t) for n, t in named],
+            targets=[t for _, t in named],
+            timeout_s=self.config.timeout_s,
+        )
+        received = fetch.run(addresses)
+        if received is None:
+            logger.warning(
+                "Netloader rank %d: no seed could serve this model (%s); loading from disk%s",
+                self._rank, "; ".join(fetch.reasons),
+                " into a rebuilt model" if fetch.dirty else "",
+            )
+            if fetch.dirty:
+                raise _DirtyModel()
+            return None
+        self.weights_source = f"seed {received.source}"
+        return received.digests
+
+    def _start_seed(self, prefix: str) -> None:
+        assert self._loaded is not None and self._identity is not None
+        key = (self._rank, prefix)
+        old = _SEEDS.pop(key, None)
+        if old is not None:
+            old.stop()
+        host = get_ip()
+        port = self.config.listen_port_for_rank(self._rank)
+        try:
+            seed = SeedServer(
+                self._loaded, self._identity, self._rank, host, port,
+                self.config.timeout_s, self.config.output_prefix,
+            )
+        except OSError as e:
+            raise RuntimeError(
+                f"Netloader seed rank {self._rank} cannot listen on {host}:{port} "
+                f"(LISTEN_PORT {self.config.listen_port}): {e}"
+            ) from e
+        _SEEDS[key] = seed.start()
+        self._loaded = None
+
+
+def running_seeds() -> dict[tuple[int, str], SeedServer]:
+    """The seeds this process serves, keyed by (global rank, model prefix)."""
+    return dict(_SEEDS)
+
+
+def _global_rank() -> int:
+    if not torch.distributed.is_initialized():
+        return 0
+    from vllm.distributed.parallel_state import get_world_group
+
+    return get_world_group().rank

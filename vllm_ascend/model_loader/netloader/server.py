@@ -1,0 +1,206 @@
+"""The seed: a listener thread in a worker that sends its loaded weights to clients.
+
+It never takes the worker down: each connection runs in its own thread with a
+timeout on every socket and group operation, and whatever a client does costs
+the seed at most that timeout.
+"""
+
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from vllm.logger import logger
+
+from vllm_ascend.model_loader.netloader.manifest import (
+    LoadedWeights,
+    TensorSpec,
+    first_difference,
+    identity_difference,
+)
+from vllm_ascend.model_loader.netloader.protocol import (
+    ACCEPT,
+    DONE,
+    HELLO,
+    REFUSE,
+    ProtocolError,
+    field,
+    recv_msg,
+    send_msg,
+)
+from vllm_ascend.model_loader.netloader.transport import (
+    BUCKET_BYTES,
+    SEED_RANK,
+    TransferError,
+    bind_rendezvous,
+    data_group,
+    send_tensors,
+)
+
+MAX_CONCURRENT_TRANSFERS = 4
+_ACCEPT_POLL_S = 0.5
+
+
+class SeedServer:
+    """Serves one rank's loaded weights on ``host:port`` until stopped."""
+
+    def __init__(
+        self,
+        weights: LoadedWeights,
+        identity: dict[str, Any],
+        rank: int,
+        host: str,
+        port: int,
+        timeout_s: float,
+        output_prefix: str | None = None,
+        bucket_bytes: int = BUCKET_BYTES,
+    ):
+        self.weights = weights
+        self.identity = identity
+        self.rank = rank
+        self.timeout_s = timeout_s
+        self._host = host
+        self._output_prefix = output_prefix
+        self._bucket_bytes = bucket_bytes
+        self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_TRANSFERS)
+        self._stopped = threading.Event()
+        # Bound here, in the caller's thread, so a taken port fails start-up loudly.
+        self._sock = socket.create_server((host, port))
+        self.port = self._sock.getsockname()[1]
+        self._thread = threading.Thread(
+            target=self._run, name=f"netloader-seed-rank{rank}", daemon=True
+        )
+        self.ready = threading.Event()
+
+    @property
+    def address(self) -> str:
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"{host}:{self.port}"
+
+    def start(self) -> "SeedServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._sock.close()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        # Broad on purpose: this is the thread's top level, and a seed bug must
+        # never reach the worker that serves users. The traceback is logged.
+        try:
+            changed = self.weights.changed()
+            if changed:
+                logger.warning(
+                    "Netloader seed rank %d disabled: post-processing modified %d loaded "
+                    "tensor(s) in place (first: %s); this instance serves, but not as a seed",
+                    self.rank, len(changed), changed[0],
+                )
+                return
+            self._write_address_file()
+            logger.info(
+                "Netloader seed rank %d listening on %s: %d tensors, %.3f GB",
+                self.rank, self.address, len(self.weights.specs), self.weights.total_bytes / 1e9,
+            )
+            self.ready.set()
+            self._accept_loop()
+        except Exception:
+            if not self._stopped.is_set():
+                logger.exception("Netloader seed rank %d stopped by an error", self.rank)
+        finally:
+            self._sock.close()
+
+    def _write_address_file(self) -> None:
+        if self._output_prefix is None:
+            return
+        path = f"{self._output_prefix}{self.rank}.txt"
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(self.address + "\n")
+        os.replace(tmp, path)
+
+    def _accept_loop(self) -> None:
+        self._sock.settimeout(_ACCEPT_POLL_S)
+        while not self._stopped.is_set():
+            try:
+                conn, peer = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stopped.is_set():
+                    return
+                raise
+            threading.Thread(
+                target=self._handle, args=(conn, f"{peer[0]}:{peer[1]}"), daemon=True,
+                name=f"netloader-seed-rank{self.rank}-conn",
+            ).start()
+
+    def _handle(self, conn: socket.socket, peer: str) -> None:
+        # Broad at the top of the connection thread, for the same reason as _run.
+        try:
+            with conn:
+                conn.settimeout(self.timeout_s)
+                try:
+                    self._serve(conn, peer)
+                except ProtocolError as e:
+                    send_msg(conn, {"type": REFUSE, "reason": f"bad request: {e}", "retry": False})
+                    raise
+        except (ProtocolError, TransferError, OSError, RuntimeError) as e:
+            logger.warning("Netloader seed rank %d: client %s failed: %s", self.rank, peer, e)
+        except Exception:
+            logger.exception("Netloader seed rank %d: client %s hit an error", self.rank, peer)
+
+    def _serve(self, conn: socket.socket, peer: str) -> None:
+        hello = recv_msg(conn, expect=HELLO)
+        reason = self._refusal(hello)
+        if reason is not None:
+            logger.warning("Netloader seed rank %d refused %s: %s", self.rank, peer, reason)
+            send_msg(conn, {"type": REFUSE, "reason": reason, "retry": False})
+            return
+        if not self._slots.acquire(blocking=False):
+            send_msg(conn, {"type": REFUSE, "reason": "seed is busy", "retry": True})
+            return
+        try:
+            self._send_weights(conn, peer)
+        finally:
+            self._slots.release()
+
+    def _refusal(self, hello: dict[str, Any]) -> str | None:
+        difference = identity_difference(self.identity, hello.get("identity"))
+        if difference is not None:
+            return f"model identity differs: {difference}"
+        try:
+            theirs = [TensorSpec.from_wire(item) for item in field(hello, "manifest", list)]
+        except ValueError as e:
+            raise ProtocolError(str(e)) from e
+        difference = first_difference(self.weights.specs, theirs)
+        if difference is not None:
+            return f"tensor manifest differs: {difference}"
+        return None
+
+    def _send_weights(self, conn: socket.socket, peer: str) -> None:
+        rendezvous = bind_rendezvous(self._host)
+        store_port = rendezvous.getsockname()[1]
+        send_msg(
+            conn,
+            {
+                "type": ACCEPT,
+                "store_port": store_port,
+                "bucket_bytes": self._bucket_bytes,
+                "digests": self.weights.digests,
+            },
+        )
+        start = time.perf_counter()
+        with data_group(self._host, store_port, SEED_RANK, self.timeout_s, listen_socket=rendezvous) as pg:
+            sent = send_tensors(pg, self.weights.tensors, self.weights.specs, self._bucket_bytes)
+        seconds = time.perf_counter() - start
+        done = recv_msg(conn, expect=DONE)
+        verified = done.get("ok") is True
+        log = logger.info if verified else logger.warning
+        log(
+            "Netloader seed rank %d sent to %s: %d bytes in %.3f s (%.2f GB/s), client %s",
+            self.rank, peer, sent, seconds, sent / seconds / 1e9,
+            "verified all digests" if verified else f"rejected: {done.get('reason')}",
+        )
