@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.ut.netloader.toy_seed import IDENTITY, make_toy, toy_seed
-from vllm_ascend.model_loader.netloader.client import WeightFetch
-from vllm_ascend.model_loader.netloader.manifest import model_tensors, spec_of
+from vllm_ascend.model_loader.netloader.client import WeightFetch, query_seed
+from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, model_tensors, spec_of
 from vllm_ascend.model_loader.netloader.protocol import REFUSE, recv_msg
 
 
@@ -111,3 +111,19 @@ def test_seed_survives_bad_input_and_still_serves(seed, junk):
     fetch = fetch_into(client, [address])
     assert fetch.received is not None, fetch.reasons
     assert_same_tensors(client, make_toy(7))
+
+
+def test_info_reports_identity_size_and_completed_transfers(seed):
+    address, _ = seed
+    before = query_seed(address)
+    fetch = fetch_into(make_toy(None), [address])
+    assert fetch.received is not None
+    after = query_seed(address)
+    assert after["identity"] == IDENTITY
+    assert after["address"] == address
+    assert after["bytes"] == fetch.received.nbytes
+    assert after["loaded_from"] == "disk"
+    assert after["completed_transfers"] == before["completed_transfers"] + 1
+    assert after["active_transfers"] == 0
+    weights = LoadedWeights.capture(make_toy(7))
+    assert after["value_fingerprint"] == weights.value_fingerprint()

@@ -17,11 +17,14 @@ from vllm_ascend.model_loader.netloader.protocol import (
     ACCEPT,
     DONE,
     HELLO,
+    INFO,
     REFUSE,
     ProtocolError,
-    field as msg_field,
     recv_msg,
     send_msg,
+)
+from vllm_ascend.model_loader.netloader.protocol import (
+    field as msg_field,
 )
 from vllm_ascend.model_loader.netloader.transport import (
     CLIENT_RANK,
@@ -123,3 +126,12 @@ class WeightFetch:
             len(digests),
         )
         return Received(address, nbytes, seconds, digests)
+
+
+def query_seed(address: str, timeout_s: float = 10.0) -> dict[str, Any]:
+    """Ask a seed what it serves (identity, size, value fingerprint, transfers)."""
+    host, port = split_address(address)
+    with socket.create_connection((host, port), timeout=timeout_s) as conn:
+        conn.settimeout(timeout_s)
+        send_msg(conn, {"type": INFO})
+        return recv_msg(conn, expect=INFO)

@@ -6,6 +6,7 @@ start-up, so an operator never runs with a silently defaulted setting.
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +51,7 @@ class NetloaderConfig:
         return port
 
 
-def parse_config(extra: dict[str, Any] | None) -> NetloaderConfig:
+def parse_config(extra: Any) -> NetloaderConfig:
     """Build a ``NetloaderConfig``; ``CONFIG_FILE`` values win over inline keys."""
     if extra is not None and not isinstance(extra, dict):
         raise NetloaderConfigError("model loader extra config must be a JSON object")
@@ -64,7 +65,10 @@ def parse_config(extra: dict[str, Any] | None) -> NetloaderConfig:
             f"unknown key(s) {', '.join(unknown)}; "
             f"allowed: {', '.join(sorted(_PARSERS) + ['CONFIG_FILE'])}"
         )
-    fields = {_PARSERS[key][0]: _PARSERS[key][1](value) for key, value in raw.items()}
+    fields: dict[str, Any] = {}
+    for key, value in raw.items():
+        name, parse = _PARSERS[key]
+        fields[name] = parse(value)
     return NetloaderConfig(**fields)
 
 
@@ -146,7 +150,9 @@ def _parse_output_prefix(value: Any) -> str:
 
 def _parse_timeout(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
-        raise NetloaderConfigError(f"TIMEOUT must be a number of seconds in (0, 3600], got {value!r}")
+        raise NetloaderConfigError(
+            f"TIMEOUT must be a number of seconds in (0, 3600], got {value!r}"
+        )
     return float(value)
 
 
@@ -155,7 +161,7 @@ def _is_int(value: Any) -> bool:
 
 
 # key -> (NetloaderConfig field, parser)
-_PARSERS = {
+_PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "SOURCE": ("sources", _parse_sources),
     "MODEL": ("model", _parse_model),
     "LISTEN_PORT": ("listen_port", _parse_listen_port),

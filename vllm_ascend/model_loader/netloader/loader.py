@@ -133,6 +133,7 @@ class NetloaderModelLoader(BaseModelLoader):
             seed = SeedServer(
                 self._loaded, self._identity, self._rank, host, port,
                 self.config.timeout_s, self.config.output_prefix,
+                loaded_from=self.weights_source,
             )
         except OSError as e:
             raise RuntimeError(

@@ -86,12 +86,12 @@ def digest(t: torch.Tensor) -> str:
     """blake3 of the tensor's bytes (host copy for device tensors)."""
     data = byte_view(t.contiguous()).cpu().numpy()
     threads = blake3.blake3.AUTO if data.nbytes >= _THREADED_DIGEST_BYTES else 1
-    return blake3.blake3(data, max_threads=threads).hexdigest()
+    return blake3.blake3(data.data, max_threads=threads).hexdigest()
 
 
 def first_difference(mine: list[TensorSpec], theirs: list[TensorSpec]) -> str | None:
     """Why two manifests differ (the first difference), or None if they are equal."""
-    for a, b in zip(mine, theirs):
+    for a, b in zip(mine, theirs, strict=False):
         if a != b:
             return f"tensor differs: {a.to_wire()} here vs {b.to_wire()} there"
     if len(mine) != len(theirs):
@@ -146,14 +146,14 @@ class LoadedWeights:
         """Names of tensors whose bytes no longer match the digest taken at load."""
         return [
             spec.name
-            for spec, t, d in zip(self.specs, self.tensors, self.digests)
+            for spec, t, d in zip(self.specs, self.tensors, self.digests, strict=True)
             if digest(t) != d
         ]
 
     def value_fingerprint(self) -> str:
         """One digest over every tensor's name and value digest, comparable with a disk load."""
         h = hashlib.sha256()
-        for spec, d in zip(self.specs, self.digests):
+        for spec, d in zip(self.specs, self.digests, strict=True):
             h.update(f"{spec.name}:{d};".encode())
         return h.hexdigest()
 

@@ -21,6 +21,7 @@ HELLO = "hello"
 ACCEPT = "accept"
 REFUSE = "refuse"
 DONE = "done"
+INFO = "info"
 
 
 class ProtocolError(Exception):

@@ -23,6 +23,7 @@ from vllm_ascend.model_loader.netloader.protocol import (
     ACCEPT,
     DONE,
     HELLO,
+    INFO,
     REFUSE,
     ProtocolError,
     field,
@@ -55,6 +56,7 @@ class SeedServer:
         timeout_s: float,
         output_prefix: str | None = None,
         bucket_bytes: int = BUCKET_BYTES,
+        loaded_from: str = "disk",
     ):
         self.weights = weights
         self.identity = identity
@@ -63,6 +65,10 @@ class SeedServer:
         self._host = host
         self._output_prefix = output_prefix
         self._bucket_bytes = bucket_bytes
+        self._loaded_from = loaded_from
+        self._counts_lock = threading.Lock()
+        self._active = 0
+        self._completed = 0
         self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_TRANSFERS)
         self._stopped = threading.Event()
         # Bound here, in the caller's thread, so a taken port fails start-up loudly.
@@ -106,7 +112,7 @@ class SeedServer:
             )
             self.ready.set()
             self._accept_loop()
-        except Exception:
+        except Exception:  # noqa: BLE001 - thread top level, see above
             if not self._stopped.is_set():
                 logger.exception("Netloader seed rank %d stopped by an error", self.rank)
         finally:
@@ -149,11 +155,31 @@ class SeedServer:
                     raise
         except (ProtocolError, TransferError, OSError, RuntimeError) as e:
             logger.warning("Netloader seed rank %d: client %s failed: %s", self.rank, peer, e)
-        except Exception:
+        except Exception:  # noqa: BLE001 - connection thread top level, see above
             logger.exception("Netloader seed rank %d: client %s hit an error", self.rank, peer)
 
+    def describe(self) -> dict[str, Any]:
+        """What this seed serves, for operators and tests (the ``info`` request)."""
+        with self._counts_lock:
+            active, completed = self._active, self._completed
+        return {
+            "identity": self.identity,
+            "address": self.address,
+            "tensors": len(self.weights.specs),
+            "bytes": self.weights.total_bytes,
+            "value_fingerprint": self.weights.value_fingerprint(),
+            "loaded_from": self._loaded_from,
+            "active_transfers": active,
+            "completed_transfers": completed,
+        }
+
     def _serve(self, conn: socket.socket, peer: str) -> None:
-        hello = recv_msg(conn, expect=HELLO)
+        hello = recv_msg(conn)
+        if hello["type"] == INFO:
+            send_msg(conn, {"type": INFO, **self.describe()})
+            return
+        if hello["type"] != HELLO:
+            raise ProtocolError(f"expected '{HELLO}' or '{INFO}', got '{hello['type']}'")
         reason = self._refusal(hello)
         if reason is not None:
             logger.warning("Netloader seed rank %d refused %s: %s", self.rank, peer, reason)
@@ -162,9 +188,15 @@ class SeedServer:
         if not self._slots.acquire(blocking=False):
             send_msg(conn, {"type": REFUSE, "reason": "seed is busy", "retry": True})
             return
+        with self._counts_lock:
+            self._active += 1
         try:
-            self._send_weights(conn, peer)
+            if self._send_weights(conn, peer):
+                with self._counts_lock:
+                    self._completed += 1
         finally:
+            with self._counts_lock:
+                self._active -= 1
             self._slots.release()
 
     def _refusal(self, hello: dict[str, Any]) -> str | None:
@@ -180,7 +212,8 @@ class SeedServer:
             return f"tensor manifest differs: {difference}"
         return None
 
-    def _send_weights(self, conn: socket.socket, peer: str) -> None:
+    def _send_weights(self, conn: socket.socket, peer: str) -> bool:
+        """Send every tensor; True if the client verified them all."""
         rendezvous = bind_rendezvous(self._host)
         store_port = rendezvous.getsockname()[1]
         send_msg(
@@ -193,7 +226,10 @@ class SeedServer:
             },
         )
         start = time.perf_counter()
-        with data_group(self._host, store_port, SEED_RANK, self.timeout_s, listen_socket=rendezvous) as pg:
+        group = data_group(
+            self._host, store_port, SEED_RANK, self.timeout_s, listen_socket=rendezvous
+        )
+        with group as pg:
             sent = send_tensors(pg, self.weights.tensors, self.weights.specs, self._bucket_bytes)
         seconds = time.perf_counter() - start
         done = recv_msg(conn, expect=DONE)
@@ -204,3 +240,4 @@ class SeedServer:
             self.rank, peer, sent, seconds, sent / seconds / 1e9,
             "verified all digests" if verified else f"rejected: {done.get('reason')}",
         )
+        return verified
