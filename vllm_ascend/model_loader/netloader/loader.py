@@ -50,8 +50,9 @@ class NetloaderModelLoader(BaseModelLoader):
         self._identity: dict[str, Any] | None = None
         self._disk_only = False
         self._loaded: LoadedWeights | None = None
-        # Where the last load_weights got its weights from, for logs and tests.
+        # Where the last load_weights got its weights from, and how long it took.
         self.weights_source = "disk"
+        self.load_seconds = 0.0
 
     def download_model(self, model_config: ModelConfig) -> None:
         self._disk.download_model(model_config)
@@ -83,10 +84,11 @@ class NetloaderModelLoader(BaseModelLoader):
             self._disk.load_weights(model, model_config)
             self.weights_source = "disk"
         self._loaded = LoadedWeights.capture(model, digests)
+        self.load_seconds = time.perf_counter() - start
         logger.info(
             "Netloader rank %d loaded %d tensors (%.3f GB) from %s in %.3f s",
             self._rank, len(self._loaded.specs), self._loaded.total_bytes / 1e9,
-            self.weights_source, time.perf_counter() - start,
+            self.weights_source, self.load_seconds,
         )
 
     def _fetch(self, model: nn.Module) -> list[str] | None:
@@ -133,7 +135,7 @@ class NetloaderModelLoader(BaseModelLoader):
             seed = SeedServer(
                 self._loaded, self._identity, self._rank, host, port,
                 self.config.timeout_s, self.config.output_prefix,
-                loaded_from=self.weights_source,
+                loaded_from=self.weights_source, load_seconds=self.load_seconds,
             )
         except OSError as e:
             raise RuntimeError(

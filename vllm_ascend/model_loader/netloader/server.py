@@ -57,6 +57,7 @@ class SeedServer:
         output_prefix: str | None = None,
         bucket_bytes: int = BUCKET_BYTES,
         loaded_from: str = "disk",
+        load_seconds: float | None = None,
     ):
         self.weights = weights
         self.identity = identity
@@ -66,6 +67,7 @@ class SeedServer:
         self._output_prefix = output_prefix
         self._bucket_bytes = bucket_bytes
         self._loaded_from = loaded_from
+        self._load_seconds = load_seconds
         self._counts_lock = threading.Lock()
         self._active = 0
         self._completed = 0
@@ -169,6 +171,7 @@ class SeedServer:
             "bytes": self.weights.total_bytes,
             "value_fingerprint": self.weights.value_fingerprint(),
             "loaded_from": self._loaded_from,
+            "load_seconds": self._load_seconds,
             "active_transfers": active,
             "completed_transfers": completed,
         }
