@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import sys
@@ -38,7 +39,7 @@ from tokenizers import (
 )
 
 MARKER_FILE = "netloader_tiny_model.json"
-MARKER_VERSION = 1
+MARKER_VERSION = 1  # bump whenever the generated content changes
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 BOS_EOS_TOKEN = "<|endoftext|>"
 MAX_POSITIONS = 4096
@@ -47,6 +48,12 @@ QWEN2_PRETOKENIZE_REGEX = (
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+FILLER_SYLLABLES = (
+    "al", "an", "ar", "be", "ca", "con", "de", "di", "en", "er", "ex", "for", "ge", "in", "is",
+    "ka", "la", "le", "li", "lo", "ma", "me", "mi", "mo", "na", "ne", "no", "or", "pa", "per",
+    "pre", "pro", "ra", "re", "ri", "ro", "sa", "se", "si", "so", "ta", "te", "ti", "to", "tra",
+    "un", "ver", "vi",
+)
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -177,32 +184,36 @@ class ModelParams:
         return 2 * self.vocab_size * h + self.layers * per_layer + h
 
 
+HIDDEN_LADDER = (256, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120)
+
+
 def params_for_target(target_gb: float, vocab_size: int, dtype: str, seed: int,
                       max_shard_gb: float) -> ModelParams:
-    """Pick a Qwen2 shape whose weights total about ``target_gb`` GB (1e9 bytes)."""
+    """Pick a Qwen2 shape whose weights total about ``target_gb`` GB (1e9 bytes).
+
+    Takes the widest hidden size from HIDDEN_LADDER that still gets at least
+    ``hidden // 128`` layers (so the shape stays plausible), then fine-tunes the
+    intermediate size (a multiple of 64, between 2x and 4x hidden) to hit the target.
+    """
     bytes_per_param = torch.empty((), dtype=DTYPES[dtype]).element_size()
-    target_params = target_gb * 1e9 / bytes_per_param
-    best: tuple[float, ModelParams] | None = None
-    for hidden in range(256, 8192 + 1, 128):
-        head_dim = 64 if hidden < 1024 else 128
-        heads = hidden // head_dim
-        kv_heads = heads // 2 if heads % 2 == 0 else heads
-        inter = 3 * hidden  # multiple of 64 because hidden is
-        base = ModelParams(hidden, 0, heads, kv_heads, inter, vocab_size, dtype, seed, max_shard_gb)
-        per_layer = ModelParams(hidden, 1, heads, kv_heads, inter, vocab_size, dtype, seed,
-                                max_shard_gb).num_parameters() - base.num_parameters()
-        layers = round((target_params - base.num_parameters()) / per_layer)
-        # Keep the shape plausible: depth between 2 and 48, roughly hidden/64 deep at most.
-        if not 2 <= layers <= min(48, max(4, hidden // 64)):
-            continue
-        cand = ModelParams(hidden, layers, heads, kv_heads, inter, vocab_size, dtype, seed,
+    target = target_gb * 1e9 / bytes_per_param
+
+    def shape(hidden: int, layers: int, inter: int) -> ModelParams:
+        heads = hidden // (64 if hidden < 1024 else 128)
+        return ModelParams(hidden, layers, heads, heads // 2, inter, vocab_size, dtype, seed,
                            max_shard_gb)
-        err = abs(cand.num_parameters() - target_params) / target_params
-        if best is None or err < best[0] - 1e-3:
-            best = (err, cand)
-    if best is None:
-        raise SystemExit(f"cannot find a model shape for --target-gb {target_gb}")
-    return best[1]
+
+    hidden, layers = HIDDEN_LADDER[0], 1
+    for h in HIDDEN_LADDER:
+        fixed = shape(h, 0, 3 * h).num_parameters()
+        per_layer = shape(h, 1, 3 * h).num_parameters() - fixed
+        n = round((target - fixed) / per_layer)
+        if n >= max(2, h // 128) or h == HIDDEN_LADDER[0]:
+            hidden, layers = h, max(1, n)
+    # Solve for the intermediate size: each unit of it costs 3 * hidden * layers parameters.
+    no_mlp = shape(hidden, layers, 0).num_parameters()
+    inter = round((target - no_mlp) / (3 * hidden * layers) / 64) * 64
+    return shape(hidden, layers, min(4 * hidden, max(2 * hidden, inter)))
 
 
 def train_tokenizer(vocab_size: int) -> Tokenizer:
@@ -230,15 +241,20 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
 
 
 def corpus_lines() -> Iterator[str]:
-    yield from CORPUS.splitlines(keepends=True)
-    # Deterministic filler so that small corpora still reach bigger vocab sizes.
-    for i in range(0, 5000, 7):
-        yield f"Item {i} costs {i * 3 % 997}.{i % 100:02d} and weighs {i * 13 % 1000} grams.\n"
+    # The prose is repeated so that its words win over the filler in the merge order.
+    for _ in range(100):
+        yield from CORPUS.splitlines(keepends=True)
+    # Deterministic filler of made-up words so that larger vocab sizes (up to ~32k) are
+    # reachable: all 2- and 3-syllable combinations of FILLER_SYLLABLES.
+    words = ["".join(w) for n in (2, 3) for w in itertools.product(FILLER_SYLLABLES, repeat=n)]
+    for i in range(0, len(words), 12):
+        yield " ".join(words[i:i + 12]) + "\n"
 
 
 def tensor_specs(p: ModelParams) -> Iterator[tuple[str, tuple[int, ...], str]]:
     """Yield (name, shape, init) in a fixed order; init is 'normal', 'ones' or 'zeros'."""
-    h, q, kv, inter = p.hidden_size, p.heads * p.head_dim, p.kv_heads * p.head_dim, p.intermediate_size
+    h, inter = p.hidden_size, p.intermediate_size
+    q, kv = p.heads * p.head_dim, p.kv_heads * p.head_dim
     yield "model.embed_tokens.weight", (p.vocab_size, h), "normal"
     for i in range(p.layers):
         pre = f"model.layers.{i}"
@@ -281,7 +297,7 @@ def write_weights(out: Path, p: ModelParams) -> list[str]:
     names = (["model.safetensors"] if len(groups) == 1 else
              [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
     weight_map: dict[str, str] = {}
-    for fname, group in zip(names, groups):
+    for fname, group in zip(names, groups, strict=True):
         tensors: dict[str, torch.Tensor] = {}
         for name, shape, init in group:
             if init == "normal":
@@ -291,6 +307,7 @@ def write_weights(out: Path, p: ModelParams) -> list[str]:
                 tensors[name] = (torch.ones if init == "ones" else torch.zeros)(shape, dtype=dtype)
             weight_map[name] = fname
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        (out / fname).chmod(0o644)  # safetensors creates 0600 files
         del tensors
     if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -383,19 +400,18 @@ def generate(out: Path, p: ModelParams) -> tuple[int, int]:
         "bos_token_id": bos_id,
         "eos_token_id": [bos_id, im_end_id],
         "do_sample": False,
-        "max_new_tokens": 64,
     })
     write_weights(out, p)
 
-    files = {f.name: {"size": f.stat().st_size, "sha256": sha256(f)}
-             for f in sorted(out.iterdir()) if f.is_file() and f.name != MARKER_FILE}
+    paths = [f for f in sorted(out.iterdir()) if f.is_file() and f.name != MARKER_FILE]
+    files = {f.name: {"size": f.stat().st_size, "sha256": sha256(f)} for f in paths}
     write_json(out / MARKER_FILE, {
         "version": MARKER_VERSION,
         "params": asdict(p),
         "num_parameters": p.num_parameters(),
         "files": files,
     })
-    return p.num_parameters(), sum(int(f["size"]) for f in files.values())
+    return p.num_parameters(), sum(f.stat().st_size for f in paths)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,0 +1,213 @@
+"""Start and drive real vLLM OpenAI-compatible servers on 127.0.0.1 (CPU build).
+
+Used by the demo script and the end-to-end tests::
+
+    with VllmServer("/tmp/tiny-qwen", cpu_bind="0") as server:
+        print(server.complete(["Hello, my name is"]))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Self
+
+logger = logging.getLogger(__name__)
+
+# Environment every CPU server needs on this machine (overridable through ``env``).
+BASE_ENV: dict[str, str] = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache; must be an integer
+    "VLLM_HOST_IP": "127.0.0.1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_DO_NOT_TRACK": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class VllmServer:
+    """One ``vllm.entrypoints.openai.api_server`` process (and its engine children)."""
+
+    def __init__(
+        self,
+        model: str,
+        port: int | None = None,
+        *,
+        load_format: str = "auto",
+        extra_config: Mapping[str, object] | None = None,
+        cpu_bind: str = "0",
+        env: Mapping[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+        log_path: str | os.PathLike[str] | None = None,
+        served_model_name: str | None = None,
+        max_model_len: int = 512,
+        enforce_eager: bool = True,
+    ) -> None:
+        self.model = model
+        self.port = port if port is not None else free_port()
+        self.load_format = load_format
+        self.extra_config = dict(extra_config) if extra_config is not None else None
+        self.cpu_bind = cpu_bind
+        self.env = dict(env or {})
+        self.extra_args = list(extra_args)
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.served_model_name = served_model_name
+        self.max_model_len = max_model_len
+        self.enforce_eager = enforce_eager
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.startup_seconds: float | None = None
+        self._started_at = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model,
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--load-format", self.load_format,
+            "--max-model-len", str(self.max_model_len),
+        ]
+        if self.extra_config is not None:
+            cmd += ["--model-loader-extra-config", json.dumps(self.extra_config)]
+        if self.served_model_name:
+            cmd += ["--served-model-name", self.served_model_name]
+        if self.enforce_eager:
+            cmd.append("--enforce-eager")
+        return cmd + self.extra_args
+
+    def start(self) -> Self:
+        if self.proc is not None:
+            raise RuntimeError("server already started")
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix=f"vllm-{self.port}-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
+        env = {**os.environ, **BASE_ENV, "VLLM_CPU_OMP_THREADS_BIND": self.cpu_bind, **self.env}
+        cmd = self.command()
+        logger.info("starting vLLM on port %d (cpus %s, log %s): %s",
+                    self.port, self.cpu_bind, self.log_path, " ".join(cmd))
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        self._started_at = time.monotonic()
+        return self
+
+    def health_ok(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def wait_healthy(self, timeout: float = 180) -> None:
+        if self.proc is None:
+            raise RuntimeError("server not started")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM server on port {self.port} exited with code "
+                                   f"{self.proc.returncode}:\n{self.log_tail()}")
+            if self.health_ok():
+                self.startup_seconds = time.monotonic() - self._started_at
+                logger.info("vLLM on port %d healthy after %.1f s", self.port, self.startup_seconds)
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"vLLM server on port {self.port} not healthy after {timeout:.0f} s:\n"
+                           f"{self.log_tail()}")
+
+    def complete(self, prompts: list[str], max_tokens: int = 32, timeout: float = 120) -> list[str]:
+        """Greedy completions, one text per prompt, in prompt order."""
+        body = json.dumps({"model": self.model_name, "prompt": prompts, "max_tokens": max_tokens,
+                           "temperature": 0, "seed": 0}).encode()
+        req = urllib.request.Request(f"{self.url}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                choices = json.load(resp)["choices"]
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode(errors="replace")
+            raise RuntimeError(f"completion failed: HTTP {e.code}: {detail}") from e
+        return [c["text"] for c in sorted(choices, key=lambda c: c["index"])]
+
+    def log_text(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM the whole process group, SIGKILL it after ``timeout``; idempotent."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            logger.info("stopping vLLM on port %d (pid %d)", self.port, proc.pid)
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break  # the whole group is gone
+            if _wait_group_gone(proc, wait):
+                break
+        else:
+            logger.warning("vLLM process group %d did not exit", proc.pid)
+
+    def __enter__(self) -> Self:
+        self.start()
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _wait_group_gone(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait until the leader is reaped and no process is left in its group."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.poll()
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
