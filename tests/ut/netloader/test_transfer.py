@@ -3,6 +3,8 @@
 import contextlib
 import socket
 import struct
+import threading
+import time
 
 import pytest
 import torch
@@ -113,17 +115,61 @@ def test_seed_survives_bad_input_and_still_serves(seed, junk):
     assert_same_tensors(client, make_toy(7))
 
 
-def test_info_reports_identity_size_and_completed_transfers(seed):
-    address, _ = seed
-    before = query_seed(address)
-    fetch = fetch_into(make_toy(None), [address])
-    assert fetch.received is not None
-    after = query_seed(address)
-    assert after["identity"] == IDENTITY
-    assert after["address"] == address
-    assert after["bytes"] == fetch.received.nbytes
-    assert after["loaded_from"] == "disk"
-    assert after["completed_transfers"] == before["completed_transfers"] + 1
-    assert after["active_transfers"] == 0
-    weights = LoadedWeights.capture(make_toy(7))
-    assert after["value_fingerprint"] == weights.value_fingerprint()
+def test_info_reports_identity_size_and_completed_transfers():
+    # A seed of its own: the count is then exact, with no earlier test's transfer in it.
+    with toy_seed(seed=5) as (address, _):
+        assert query_seed(address)["completed_transfers"] == 0
+        fetch = fetch_into(make_toy(None), [address])
+        assert fetch.received is not None
+        # The seed counts a transfer once it has read the client's 'done', which
+        # may be a moment after the client returns.
+        deadline = time.monotonic() + 10
+        while (info := query_seed(address))["completed_transfers"] == 0:
+            assert time.monotonic() < deadline, "transfer never counted as completed"
+            time.sleep(0.05)
+    assert info["completed_transfers"] == 1
+    assert info["active_transfers"] == 0
+    assert info["identity"] == IDENTITY
+    assert info["address"] == address
+    assert info["bytes"] == fetch.received.nbytes
+    assert info["loaded_from"] == "disk"
+    assert info["value_fingerprint"] == LoadedWeights.capture(make_toy(5)).value_fingerprint()
+
+
+def test_silent_seed_costs_the_client_one_timeout_and_leaves_model_clean():
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        client = make_toy(None)
+        named = model_tensors(client)
+        fetch = WeightFetch(
+            identity=IDENTITY, specs=[spec_of(n, t) for n, t in named],
+            targets=[t for _, t in named], timeout_s=1.0,
+        )
+        assert fetch.run((address,)) is None
+    assert not fetch.dirty
+    assert "timed out" in fetch.reasons[0]
+
+
+def test_seed_killed_mid_transfer_is_a_failure_and_marks_the_model_dirty():
+    # ~1.3 MB in 1 MiB buckets at 0.4 MB/s: the transfer takes ~3 s, the kill comes first.
+    with toy_seed(seed=3, send_limit=0.4e6) as (address, proc):
+        client = make_toy(None)
+        named = model_tensors(client)
+        fetch = WeightFetch(
+            identity=IDENTITY, specs=[spec_of(n, t) for n, t in named],
+            targets=[t for _, t in named], timeout_s=10.0,
+        )
+        done = threading.Event()
+        result = []
+        worker = threading.Thread(
+            target=lambda: (result.append(fetch.run((address,))), done.set()), daemon=True
+        )
+        worker.start()
+        deadline = time.monotonic() + 30
+        while query_seed(address)["active_transfers"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.kill()
+        assert done.wait(30), "client did not notice the dead seed"
+    assert result == [None]
+    assert fetch.dirty
+    assert address in fetch.reasons[0]

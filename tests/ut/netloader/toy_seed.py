@@ -1,5 +1,6 @@
 """A real nn.Module served by a real SeedServer in a child process, for tests."""
 
+import contextlib
 import multiprocessing as mp
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,35 +51,45 @@ def make_toy(seed: int | None, vocab: int = 300) -> Toy:
     return model
 
 
-def _serve(ready: Any, stop: Any, seed: int, identity: dict[str, Any], timeout_s: float) -> None:
+def _serve(
+    ready: Any, stop: Any, seed: int, identity: dict[str, Any], timeout_s: float,
+    send_limit: float | None,
+) -> None:
     from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
     from vllm_ascend.model_loader.netloader.server import SeedServer
 
     weights = LoadedWeights.capture(make_toy(seed))
     server = SeedServer(
-        weights, identity, 0, "127.0.0.1", 0, timeout_s, bucket_bytes=SMALL_BUCKET
+        weights, identity, 0, "127.0.0.1", 0, timeout_s, bucket_bytes=SMALL_BUCKET,
+        send_limit_bytes_per_s=send_limit,
     ).start()
     server.ready.wait(30)
     ready.put(server.address)
-    stop.wait(600)
+    stop.poll(600)
     server.stop()
 
 
 @contextmanager
 def toy_seed(
-    seed: int = 0, identity: dict[str, Any] | None = None, timeout_s: float = 5.0
+    seed: int = 0,
+    identity: dict[str, Any] | None = None,
+    timeout_s: float = 5.0,
+    send_limit: float | None = None,
 ) -> Iterator[tuple[str, mp.Process]]:
     """A seed process serving ``make_toy(seed)``; yields (address, process)."""
     ctx = mp.get_context("spawn")
-    ready, stop = ctx.Queue(), ctx.Event()
+    # A pipe, not an Event: setting an Event deadlocks once a waiter was SIGKILLed.
+    ready, (stop_recv, stop_send) = ctx.Queue(), ctx.Pipe(duplex=False)
     proc = ctx.Process(
-        target=_serve, args=(ready, stop, seed, identity or IDENTITY, timeout_s), daemon=True
+        target=_serve, args=(ready, stop_recv, seed, identity or IDENTITY, timeout_s, send_limit),
+        daemon=True,
     )
     proc.start()
     try:
         yield ready.get(timeout=120), proc
     finally:
-        stop.set()
+        with contextlib.suppress(OSError):
+            stop_send.send(None)
         proc.join(15)
         if proc.is_alive():
             proc.kill()

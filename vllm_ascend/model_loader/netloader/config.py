@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_BUCKET_MB = 64
 
 
 class NetloaderConfigError(ValueError):
@@ -30,6 +31,9 @@ class NetloaderConfig:
     listen_port: int | None = None
     output_prefix: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
+    bucket_mb: int = DEFAULT_BUCKET_MB
+    # Cap on a seed's average send rate, to protect its own traffic; None = no cap.
+    send_limit_mb_per_s: float | None = None
 
     def sources_for_rank(self, rank: int) -> tuple[str, ...]:
         """Seed addresses for global rank ``rank``, in the order to try them."""
@@ -119,7 +123,7 @@ def split_address(addr: Any, key: str = "address") -> tuple[str, int]:
         raise NetloaderConfigError(f"{key} must be a string 'ip:port', got {addr!r}")
     host, sep, port_text = addr.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port_text.isdigit():
+    if not sep or not host or not (port_text.isascii() and port_text.isdigit()):
         raise NetloaderConfigError(f"{key} must look like 'ip:port', got {addr!r}")
     port = int(port_text)
     if not 1 <= port <= 65535:
@@ -156,6 +160,20 @@ def _parse_timeout(value: Any) -> float:
     return float(value)
 
 
+def _parse_bucket_mb(value: Any) -> int:
+    if not _is_int(value) or not 1 <= value <= 1024:
+        raise NetloaderConfigError(f"BUCKET_MB must be an integer in 1..1024, got {value!r}")
+    return int(value)
+
+
+def _parse_send_limit(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise NetloaderConfigError(
+            f"SEND_LIMIT_MB_PER_S must be a positive number of MB/s, got {value!r}"
+        )
+    return float(value)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -167,4 +185,6 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "LISTEN_PORT": ("listen_port", _parse_listen_port),
     "OUTPUT_PREFIX": ("output_prefix", _parse_output_prefix),
     "TIMEOUT": ("timeout_s", _parse_timeout),
+    "BUCKET_MB": ("bucket_mb", _parse_bucket_mb),
+    "SEND_LIMIT_MB_PER_S": ("send_limit_mb_per_s", _parse_send_limit),
 }

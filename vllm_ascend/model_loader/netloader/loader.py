@@ -132,9 +132,12 @@ class NetloaderModelLoader(BaseModelLoader):
         host = get_ip()
         port = self.config.listen_port_for_rank(self._rank)
         try:
+            limit = self.config.send_limit_mb_per_s
             seed = SeedServer(
                 self._loaded, self._identity, self._rank, host, port,
                 self.config.timeout_s, self.config.output_prefix,
+                bucket_bytes=self.config.bucket_mb << 20,
+                send_limit_bytes_per_s=limit * 1e6 if limit is not None else None,
                 loaded_from=self.weights_source, load_seconds=self.load_seconds,
             )
         except OSError as e:

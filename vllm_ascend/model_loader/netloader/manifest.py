@@ -66,7 +66,7 @@ class TensorSpec:
 
 
 def model_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Parameters then buffers, each storage once (tied ones under their first name)."""
+    """Parameters then buffers, each tensor object once (tied ones under their first name)."""
     named = itertools.chain(model.named_parameters(), model.named_buffers())
     return [(name, t.detach()) for name, t in named if not t.is_meta]
 
@@ -123,7 +123,11 @@ def plan_buckets(specs: list[TensorSpec], bucket_bytes: int) -> list[list[int]]:
 
 
 class LoadedWeights:
-    """A model's tensors as loaded, with their digests: what a seed sends."""
+    """A model's tensors as loaded, with their digests: what a seed sends.
+
+    A non-contiguous tensor is kept as a contiguous copy (so it can be sent as bytes);
+    an in-place change to the model's original after capture is then not seen by
+    ``changed``. vLLM's loaded parameters are contiguous."""
 
     def __init__(self, named: list[tuple[str, torch.Tensor]], digests: list[str]):
         if len(named) != len(digests):

@@ -48,8 +48,10 @@ def recv_msg(sock: socket.socket, expect: str | None = None) -> dict[str, Any]:
         raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES} cap")
     try:
         msg = json.loads(_recv_exact(sock, length))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"frame is not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:
+        # ValueError covers bad UTF-8, bad JSON and over-long integers; deep nesting
+        # exhausts the parser's recursion.
+        raise ProtocolError(f"frame is not acceptable JSON: {str(e)[:200]}") from e
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ProtocolError("frame is not a JSON object with a string 'type'")
     if expect is not None and msg["type"] != expect:

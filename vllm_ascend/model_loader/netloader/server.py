@@ -56,6 +56,7 @@ class SeedServer:
         timeout_s: float,
         output_prefix: str | None = None,
         bucket_bytes: int = BUCKET_BYTES,
+        send_limit_bytes_per_s: float | None = None,
         loaded_from: str = "disk",
         load_seconds: float | None = None,
     ):
@@ -66,6 +67,7 @@ class SeedServer:
         self._host = host
         self._output_prefix = output_prefix
         self._bucket_bytes = bucket_bytes
+        self._send_limit = send_limit_bytes_per_s
         self._loaded_from = loaded_from
         self._load_seconds = load_seconds
         self._counts_lock = threading.Lock()
@@ -233,7 +235,9 @@ class SeedServer:
             self._host, store_port, SEED_RANK, self.timeout_s, listen_socket=rendezvous
         )
         with group as pg:
-            sent = send_tensors(pg, self.weights.tensors, self.weights.specs, self._bucket_bytes)
+            sent = send_tensors(
+                pg, self.weights.tensors, self.weights.specs, self._bucket_bytes, self._send_limit
+            )
         seconds = time.perf_counter() - start
         done = recv_msg(conn, expect=DONE)
         verified = done.get("ok") is True

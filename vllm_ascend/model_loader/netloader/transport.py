@@ -7,6 +7,7 @@ platform's own hook for device backends. Everything else is shared.
 """
 
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,9 +80,12 @@ def send_tensors(
     tensors: list[torch.Tensor],
     specs: list[TensorSpec],
     bucket_bytes: int = BUCKET_BYTES,
+    max_bytes_per_s: float | None = None,
 ) -> int:
-    """Send ``tensors`` in manifest order; returns the bytes sent."""
+    """Send ``tensors`` in manifest order, at most ``max_bytes_per_s`` on average;
+    returns the bytes sent."""
     device = transfer_device()
+    start = time.monotonic()
     staging: torch.Tensor | None = None
     sent = 0
     for bucket in plan_buckets(specs, bucket_bytes):
@@ -99,6 +103,8 @@ def send_tensors(
         if payload.numel():
             pg.send([payload], CLIENT_RANK, 0).wait()
             sent += payload.numel()
+        if max_bytes_per_s is not None:
+            time.sleep(max(0.0, start + sent / max_bytes_per_s - time.monotonic()))
     return sent
 
 

@@ -1,0 +1,237 @@
+"""parse_config: the typed, frozen result, and one NetloaderConfigError per bad key."""
+
+import dataclasses
+import json
+
+import pytest
+
+from vllm_ascend.model_loader.netloader.config import (
+    DEFAULT_TIMEOUT_S,
+    NetloaderConfig,
+    NetloaderConfigError,
+    SourceEntry,
+    parse_config,
+)
+
+
+def entry(device_id=0, sources=None):
+    return {"device_id": device_id, "sources": sources or ["127.0.0.1:5000"]}
+
+
+def raises_naming(key: str, extra) -> NetloaderConfigError:
+    with pytest.raises(NetloaderConfigError) as info:
+        parse_config(extra)
+    assert key in str(info.value)
+    return info.value
+
+
+def write_json(path, data) -> str:
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return str(path)
+
+
+# --- valid configs ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", [None, {}])
+def test_empty_config_gives_defaults(extra):
+    config = parse_config(extra)
+    assert config == NetloaderConfig()
+    assert config.sources == ()
+    assert config.model is None and config.listen_port is None and config.output_prefix is None
+    assert config.timeout_s == DEFAULT_TIMEOUT_S
+    assert config.sources_for_rank(0) == ()
+    assert config.listen_port_for_rank(3) == 0
+
+
+def test_full_config_is_typed_and_frozen(tmp_path):
+    extra = {
+        "SOURCE": [
+            {"device_id": 0, "sources": ["10.0.0.1:5000", "10.0.0.2:5000"]},
+            {"device_id": 1, "sources": ["10.0.0.1:5001"]},
+            {"device_id": 0, "sources": ["[::1]:6000"]},
+        ],
+        "MODEL": "org/model",
+        "LISTEN_PORT": 7000,
+        "OUTPUT_PREFIX": str(tmp_path / "seed_"),
+        "TIMEOUT": 12,
+    }
+    config = parse_config(extra)
+    assert config.sources == (
+        SourceEntry(0, ("10.0.0.1:5000", "10.0.0.2:5000")),
+        SourceEntry(1, ("10.0.0.1:5001",)),
+        SourceEntry(0, ("[::1]:6000",)),
+    )
+    assert config.model == "org/model"
+    assert config.listen_port == 7000
+    assert config.output_prefix == str(tmp_path / "seed_")
+    assert config.timeout_s == 12.0 and isinstance(config.timeout_s, float)
+    # Entries for the same device are concatenated in the order they were written.
+    assert config.sources_for_rank(0) == ("10.0.0.1:5000", "10.0.0.2:5000", "[::1]:6000")
+    assert config.sources_for_rank(1) == ("10.0.0.1:5001",)
+    assert config.sources_for_rank(2) == ()
+    assert config.listen_port_for_rank(0) == 7000
+    assert config.listen_port_for_rank(5) == 7005
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.model = "other"  # type: ignore[misc]
+    # The parsed config must not alias the caller's mutable input.
+    extra["SOURCE"][0]["sources"].append("10.0.0.3:5000")
+    assert config.sources_for_rank(0) == ("10.0.0.1:5000", "10.0.0.2:5000", "[::1]:6000")
+
+
+def test_listen_port_for_rank_past_65535_names_the_key():
+    config = parse_config({"LISTEN_PORT": 65530})
+    assert config.listen_port_for_rank(5) == 65535
+    with pytest.raises(NetloaderConfigError, match="LISTEN_PORT"):
+        config.listen_port_for_rank(6)
+
+
+def test_ipv6_source_accepted():
+    config = parse_config({"SOURCE": [entry(sources=["[::1]:5000"])]})
+    assert config.sources_for_rank(0) == ("[::1]:5000",)
+
+
+def test_output_prefix_without_directory_is_relative_to_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert parse_config({"OUTPUT_PREFIX": "seed_"}).output_prefix == "seed_"
+
+
+@pytest.mark.parametrize("timeout", [0.5, 3600])
+def test_timeout_bounds_accepted(timeout):
+    assert parse_config({"TIMEOUT": timeout}).timeout_s == float(timeout)
+
+
+@pytest.mark.parametrize("port", [1, 65535])
+def test_listen_port_bounds_accepted(port):
+    assert parse_config({"LISTEN_PORT": port}).listen_port == port
+
+
+# --- invalid configs: each error names its key ---------------------------------
+
+
+def test_extra_config_not_a_dict():
+    with pytest.raises(NetloaderConfigError):
+        parse_config(["SOURCE"])  # type: ignore[arg-type]
+
+
+def test_unknown_key_is_named():
+    raises_naming("SOURCES", {"SOURCES": [entry()], "MODEL": "m"})
+
+
+@pytest.mark.parametrize(
+    "source, key",
+    [
+        ({"device_id": 0, "sources": ["a:1"]}, "SOURCE"),  # not a list
+        ("a:1", "SOURCE"),
+        ([{"sources": ["a:1"]}], "SOURCE[0]"),  # missing device_id
+        ([{"device_id": 0}], "SOURCE[0]"),  # missing sources
+        ([dict(entry(), extra=1)], "SOURCE[0]"),
+        ([entry(), "a:1"], "SOURCE[1]"),  # entry not an object
+        ([entry(device_id=-1)], "SOURCE[0].device_id"),
+        ([entry(device_id=True)], "SOURCE[0].device_id"),
+        ([entry(device_id="0")], "SOURCE[0].device_id"),
+        ([entry(device_id=1.0)], "SOURCE[0].device_id"),
+        ([{"device_id": 0, "sources": []}], "SOURCE[0].sources"),
+        ([{"device_id": 0, "sources": "a:1"}], "SOURCE[0].sources"),
+        ([entry(sources=["a:1", "10.0.0.1"])], "SOURCE[0].sources[1]"),  # no port
+        ([entry(sources=["10.0.0.1:"])], "SOURCE[0].sources[0]"),
+        ([entry(sources=[":5000"])], "SOURCE[0].sources[0]"),  # no host
+        ([entry(sources=["10.0.0.1:0"])], "SOURCE[0].sources[0]"),
+        ([entry(sources=["10.0.0.1:70000"])], "SOURCE[0].sources[0]"),
+        ([entry(sources=["10.0.0.1:50a0"])], "SOURCE[0].sources[0]"),
+        ([entry(sources=["10.0.0.1:-5"])], "SOURCE[0].sources[0]"),
+        ([entry(sources=[5000])], "SOURCE[0].sources[0]"),
+        ([entry(), entry(1, ["b:1", "c:99999"])], "SOURCE[1].sources[1]"),
+    ],
+)
+def test_bad_source_names_the_key(source, key):
+    raises_naming(key, {"SOURCE": source})
+
+
+@pytest.mark.parametrize("model", ["", None, 3])
+def test_bad_model(model):
+    raises_naming("MODEL", {"MODEL": model})
+
+
+@pytest.mark.parametrize("port", [0, 65536, -1, "5000", True, 5000.0, None])
+def test_bad_listen_port(port):
+    raises_naming("LISTEN_PORT", {"LISTEN_PORT": port})
+
+
+def test_output_prefix_in_missing_directory(tmp_path):
+    raises_naming("OUTPUT_PREFIX", {"OUTPUT_PREFIX": str(tmp_path / "missing" / "seed_")})
+
+
+@pytest.mark.parametrize("prefix", ["", None, 1])
+def test_bad_output_prefix(prefix):
+    raises_naming("OUTPUT_PREFIX", {"OUTPUT_PREFIX": prefix})
+
+
+@pytest.mark.parametrize("timeout", [0, -1, -0.5, True, False, 3600.5, 1e9, "30", None])
+def test_bad_timeout(timeout):
+    raises_naming("TIMEOUT", {"TIMEOUT": timeout})
+
+
+def test_bad_timeout_nan_and_inf():
+    raises_naming("TIMEOUT", {"TIMEOUT": float("nan")})
+    raises_naming("TIMEOUT", {"TIMEOUT": float("inf")})
+
+
+def test_first_bad_key_still_fails_when_others_are_valid():
+    raises_naming("TIMEOUT", {"MODEL": "m", "LISTEN_PORT": 5000, "TIMEOUT": 0})
+
+
+def test_port_with_non_ascii_digit_names_the_key():
+    raises_naming("SOURCE[0].sources[0]", {"SOURCE": [entry(sources=["10.0.0.1:²"])]})
+
+
+# --- CONFIG_FILE -----------------------------------------------------------------
+
+
+def test_config_file_values_win_over_inline(tmp_path):
+    path = write_json(tmp_path / "nl.json", {"MODEL": "from-file", "TIMEOUT": 5})
+    config = parse_config({"CONFIG_FILE": path, "MODEL": "inline", "LISTEN_PORT": 6000})
+    assert config.model == "from-file"
+    assert config.timeout_s == 5.0
+    assert config.listen_port == 6000  # inline keys the file does not set are kept
+
+
+def test_config_file_values_are_validated(tmp_path):
+    path = write_json(tmp_path / "nl.json", {"LISTEN_PORT": 0})
+    raises_naming("LISTEN_PORT", {"CONFIG_FILE": path, "LISTEN_PORT": 6000})
+
+
+def test_config_file_with_sources(tmp_path):
+    path = write_json(tmp_path / "nl.json", {"SOURCE": [entry(2, ["h:1", "h:2"])]})
+    assert parse_config({"CONFIG_FILE": path}).sources_for_rank(2) == ("h:1", "h:2")
+
+
+def test_config_file_missing(tmp_path):
+    raises_naming("CONFIG_FILE", {"CONFIG_FILE": str(tmp_path / "absent.json")})
+
+
+def test_config_file_not_json(tmp_path):
+    path = tmp_path / "nl.json"
+    path.write_text("{'MODEL': 'single quotes'}", encoding="utf-8")
+    raises_naming("CONFIG_FILE", {"CONFIG_FILE": str(path)})
+
+
+def test_config_file_holding_a_list(tmp_path):
+    path = write_json(tmp_path / "nl.json", [{"MODEL": "m"}])
+    raises_naming("CONFIG_FILE", {"CONFIG_FILE": path})
+
+
+def test_config_file_naming_another_config_file(tmp_path):
+    inner = write_json(tmp_path / "inner.json", {"MODEL": "m"})
+    outer = write_json(tmp_path / "outer.json", {"CONFIG_FILE": inner})
+    raises_naming("CONFIG_FILE", {"CONFIG_FILE": outer})
+
+
+def test_config_file_with_unknown_key(tmp_path):
+    path = write_json(tmp_path / "nl.json", {"MODEL": "m", "LISTENPORT": 5000})
+    raises_naming("LISTENPORT", {"CONFIG_FILE": path})
+
+
+@pytest.mark.parametrize("value", ["", 3, ["a.json"]])
+def test_config_file_value_not_a_path(value):
+    raises_naming("CONFIG_FILE", {"CONFIG_FILE": value})
