@@ -8,8 +8,10 @@ from each instance's own seed ``info`` answer, not from its log.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -221,3 +223,38 @@ def test_client_runtime_tensors_equal_disk_load(model, workdir, seed):
     for name, t in from_disk.items():
         assert received[name].dtype == t.dtype, name
         assert torch.equal(received[name], t), name
+
+
+def test_seed_killed_mid_transfer_client_loads_from_disk(
+    model, workdir, seed
+):
+    """A real seed, capped at 2 MB/s in 1 MiB buckets so the transfer lasts seconds,
+    is SIGKILLed while it sends; the client must still come up with the right model."""
+    _, _, reference = seed
+    doomed = VllmServer(
+        model, load_format="netloader", cpu_bind="0", log_path=workdir / "doomed.log",
+        extra_args=SERVER_ARGS,
+        extra_config={
+            "OUTPUT_PREFIX": f"{workdir}/doomed-", "BUCKET_MB": 1, "SEND_LIMIT_MB_PER_S": 2,
+        },
+    )
+    survivor = None
+    try:
+        start_all(doomed)
+        doomed_address = address_of(workdir / "doomed-")
+        survivor = netloader_server(model, workdir, "survivor", "1", [doomed_address])
+        survivor.start()
+        deadline = time.monotonic() + 240
+        while query_seed(doomed_address)["active_transfers"] == 0:
+            assert time.monotonic() < deadline and survivor.proc.poll() is None
+            time.sleep(0.05)
+        os.killpg(doomed.proc.pid, signal.SIGKILL)
+        survivor.wait_healthy(240)
+        info = query_seed(address_of(workdir / "survivor-"))
+        assert info["loaded_from"] == "disk"
+        assert len(info["fallback_reasons"]) == 1 and doomed_address in info["fallback_reasons"][0]
+        assert greedy(survivor) == reference
+    finally:
+        for server in (survivor, doomed):
+            if server is not None:
+                server.stop()

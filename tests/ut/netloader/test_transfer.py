@@ -59,7 +59,6 @@ def test_seed_refuses_other_model_before_any_byte_moves(seed):
     other = dict(IDENTITY, config_sha256="1" * 64)
     fetch = fetch_into(client, [address], identity=other)
     assert fetch.received is None
-    assert not fetch.dirty
     assert "config_sha256" in fetch.reasons[0] and "refused" in fetch.reasons[0]
     assert all(torch.count_nonzero(t) == 0 for _, t in model_tensors(client))
 
@@ -68,8 +67,9 @@ def test_seed_refuses_other_layout(seed):
     address, _ = seed
     client = make_toy(None, vocab=301)
     fetch = fetch_into(client, [address])
-    assert fetch.received is None and not fetch.dirty
+    assert fetch.received is None
     assert "manifest differs" in fetch.reasons[0]
+    assert all(torch.count_nonzero(t) == 0 for _, t in model_tensors(client))
 
 
 def test_seed_refuses_other_rank(seed):
@@ -146,12 +146,13 @@ def test_silent_seed_costs_the_client_one_timeout_and_leaves_model_clean():
             targets=[t for _, t in named], timeout_s=1.0,
         )
         assert fetch.run((address,)) is None
-    assert not fetch.dirty
     assert "timed out" in fetch.reasons[0]
+    assert all(torch.count_nonzero(t) == 0 for _, t in model_tensors(client))
 
 
-def test_seed_killed_mid_transfer_is_a_failure_and_marks_the_model_dirty():
+def test_seed_killed_mid_transfer_leaves_only_verified_tensors():
     # ~1.3 MB in 1 MiB buckets at 0.4 MB/s: the transfer takes ~3 s, the kill comes first.
+    # Afterwards every client tensor is untouched (zero) or exactly the seed's value.
     with toy_seed(seed=3, send_limit=0.4e6) as (address, proc):
         client = make_toy(None)
         named = model_tensors(client)
@@ -171,5 +172,8 @@ def test_seed_killed_mid_transfer_is_a_failure_and_marks_the_model_dirty():
         proc.kill()
         assert done.wait(30), "client did not notice the dead seed"
     assert result == [None]
-    assert fetch.dirty
     assert address in fetch.reasons[0]
+    seed_tensors = dict(model_tensors(make_toy(3)))
+    for name, t in model_tensors(client):
+        assert torch.count_nonzero(t) == 0 or torch.equal(t, seed_tensors[name]), name
+    assert any(torch.count_nonzero(t) == 0 for _, t in model_tensors(client) if t.numel())

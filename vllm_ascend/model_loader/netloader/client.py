@@ -55,15 +55,17 @@ class Received:
 
 @dataclass
 class WeightFetch:
-    """One attempt to fill ``targets`` (in manifest order) from a list of seeds."""
+    """One attempt to fill ``targets`` (in manifest order) from a list of seeds.
+
+    A failed attempt leaves each target untouched or holding exactly the seed's
+    verified bytes (see ``recv_tensors``), so the next seed or the disk loader can
+    fill the same model."""
 
     identity: dict[str, Any]
     specs: list[TensorSpec]
     targets: list[torch.Tensor]
     timeout_s: float
     reasons: list[str] = field(default_factory=list)
-    # True once bytes may have landed in the targets: they are then not a clean model.
-    dirty: bool = False
 
     def run(self, addresses: tuple[str, ...]) -> Received | None:
         for address in addresses:
@@ -110,7 +112,6 @@ class WeightFetch:
             bucket_bytes = msg_field(reply, "bucket_bytes", int)
             if not 0 < bucket_bytes <= _MAX_BUCKET_BYTES:
                 raise ProtocolError(f"accept carries a bucket size of {bucket_bytes} bytes")
-            self.dirty = True
             try:
                 with data_group(host, store_port, CLIENT_RANK, self.timeout_s) as pg:
                     nbytes = recv_tensors(pg, self.targets, self.specs, digests, bucket_bytes)

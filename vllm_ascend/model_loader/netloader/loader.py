@@ -2,13 +2,12 @@
 serve it as a seed. This is the only place that decides to fall back to disk.
 
 The template of ``BaseModelLoader.load_model`` is kept: build the model, fill its
-weights (``load_weights`` below), post-process. Only a transfer that failed after
-bytes landed in the model makes us run the template a second time, from disk,
-on a freshly built model, so a fallback never starts from a half-filled one.
+weights (``load_weights`` below), post-process. A failed transfer needs no rebuilt
+model: only digest-verified bytes ever reach it, so every tensor holds either its
+initial value or exactly the seed's, and the disk loader then fills it as usual.
 """
 
 import dataclasses
-import gc
 import time
 from typing import Any
 
@@ -35,10 +34,6 @@ from vllm_ascend.model_loader.netloader.server import SeedServer
 _SEEDS: dict[tuple[int, str], SeedServer] = {}
 
 
-class _DirtyModel(Exception):
-    """Every seed failed after bytes reached the model: rebuild it before loading from disk."""
-
-
 class NetloaderModelLoader(BaseModelLoader):
     def __init__(self, load_config: LoadConfig):
         super().__init__(load_config)
@@ -48,11 +43,12 @@ class NetloaderModelLoader(BaseModelLoader):
         )
         self._rank = 0
         self._identity: dict[str, Any] | None = None
-        self._disk_only = False
         self._loaded: LoadedWeights | None = None
         # Where the last load_weights got its weights from, and how long it took.
         self.weights_source = "disk"
         self.load_seconds = 0.0
+        # Why each seed could not serve, when this instance fell back to disk.
+        self.fallback_reasons: tuple[str, ...] = ()
 
     def download_model(self, model_config: ModelConfig) -> None:
         self._disk.download_model(model_config)
@@ -61,25 +57,16 @@ class NetloaderModelLoader(BaseModelLoader):
         self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = ""
     ) -> nn.Module:
         self._rank = _global_rank()
+        self.fallback_reasons = ()
         name = self.config.model or model_config.model
         self._identity = model_identity(model_config, vllm_config.parallel_config, self._rank, name)
-        self._disk_only = False
-        try:
-            model: nn.Module | None = super().load_model(vllm_config, model_config, prefix)
-        except _DirtyModel:
-            model = None
-        if model is None:
-            # Outside the except block, so the half-filled model is no longer referenced.
-            gc.collect()
-            torch.accelerator.empty_cache()
-            self._disk_only = True
-            model = super().load_model(vllm_config, model_config, prefix)
+        model = super().load_model(vllm_config, model_config, prefix)
         self._start_seed(prefix)
         return model
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         start = time.perf_counter()
-        digests = self._fetch(model) if not self._disk_only else None
+        digests = self._fetch(model)
         if digests is None:
             self._disk.load_weights(model, model_config)
             self.weights_source = "disk"
@@ -112,13 +99,11 @@ class NetloaderModelLoader(BaseModelLoader):
         )
         received = fetch.run(addresses)
         if received is None:
+            self.fallback_reasons = tuple(fetch.reasons)
             logger.warning(
-                "Netloader rank %d: no seed could serve this model (%s); loading from disk%s",
+                "Netloader rank %d: no seed could serve this model (%s); loading from disk",
                 self._rank, "; ".join(fetch.reasons),
-                " into a rebuilt model" if fetch.dirty else "",
             )
-            if fetch.dirty:
-                raise _DirtyModel()
             return None
         self.weights_source = f"seed {received.source}"
         return received.digests
@@ -139,6 +124,7 @@ class NetloaderModelLoader(BaseModelLoader):
                 bucket_bytes=self.config.bucket_mb << 20,
                 send_limit_bytes_per_s=limit * 1e6 if limit is not None else None,
                 loaded_from=self.weights_source, load_seconds=self.load_seconds,
+                fallback_reasons=self.fallback_reasons,
             )
         except OSError as e:
             raise RuntimeError(

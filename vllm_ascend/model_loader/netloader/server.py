@@ -59,6 +59,7 @@ class SeedServer:
         send_limit_bytes_per_s: float | None = None,
         loaded_from: str = "disk",
         load_seconds: float | None = None,
+        fallback_reasons: tuple[str, ...] = (),
     ):
         self.weights = weights
         self.identity = identity
@@ -70,6 +71,7 @@ class SeedServer:
         self._send_limit = send_limit_bytes_per_s
         self._loaded_from = loaded_from
         self._load_seconds = load_seconds
+        self._fallback_reasons = list(fallback_reasons)
         self._counts_lock = threading.Lock()
         self._active = 0
         self._completed = 0
@@ -174,6 +176,7 @@ class SeedServer:
             "value_fingerprint": self.weights.value_fingerprint(),
             "loaded_from": self._loaded_from,
             "load_seconds": self._load_seconds,
+            "fallback_reasons": self._fallback_reasons,
             "active_transfers": active,
             "completed_transfers": completed,
         }

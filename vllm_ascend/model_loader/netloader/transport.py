@@ -115,36 +115,29 @@ def recv_tensors(
     digests: list[str],
     bucket_bytes: int = BUCKET_BYTES,
 ) -> int:
-    """Receive into ``targets`` in manifest order, checking every tensor against
-    its digest; returns the bytes received."""
+    """Receive into ``targets`` in manifest order; returns the bytes received.
+
+    Every bucket lands in a staging buffer first and each tensor is copied into its
+    target only after its digest matched. So whenever this raises, each target holds
+    either its old bytes or exactly the seed's: never partial or corrupted data.
+    """
     device = transfer_device()
-    staging: torch.Tensor | None = None
+    largest = max((spec.nbytes for spec in specs), default=0)
+    staging = torch.empty(max(bucket_bytes, largest), dtype=torch.uint8, device=device)
     received = 0
     for bucket in plan_buckets(specs, bucket_bytes):
-        if len(bucket) == 1:
-            i = bucket[0]
-            view = byte_view(targets[i])
-            if view.numel():
-                pg.recv([view], SEED_RANK, 0).wait()
-            _check(specs[i], view, digests[i])
-            received += view.numel()
-            continue
         total = sum(specs[i].nbytes for i in bucket)
-        if staging is None:
-            staging = torch.empty(bucket_bytes, dtype=torch.uint8, device=device)
         if total:
             pg.recv([staging[:total]], SEED_RANK, 0).wait()
         offset = 0
         for i in bucket:
             n = specs[i].nbytes
             chunk = staging[offset : offset + n]
-            _check(specs[i], chunk, digests[i])
+            if digest(chunk) != digests[i]:
+                raise TransferError(f"digest mismatch for {specs[i].name} ({n} bytes)")
             byte_view(targets[i]).copy_(chunk)
             offset += n
         received += total
     return received
 
 
-def _check(spec: TensorSpec, data: torch.Tensor, expected: str) -> None:
-    if digest(data) != expected:
-        raise TransferError(f"digest mismatch for {spec.name} ({spec.nbytes} bytes)")
