@@ -102,15 +102,11 @@ class SeedServer:
     def _run(self) -> None:
         # Broad on purpose: this is the thread's top level, and a seed bug must
         # never reach the worker that serves users. The traceback is logged.
+        # No post-processing re-digest here: on vLLM CPU it changed the greedy outputs
+        # of a 1 GB model (cause not yet found). Clients verify every tensor against
+        # the digests taken before processing, so a tensor processing modified in
+        # place makes transfers fail (the client loads from disk), never wrong.
         try:
-            changed = self.weights.changed()
-            if changed:
-                logger.warning(
-                    "Netloader seed rank %d disabled: post-processing modified %d loaded "
-                    "tensor(s) in place (first: %s); this instance serves, but not as a seed",
-                    self.rank, len(changed), changed[0],
-                )
-                return
             self._write_address_file()
             logger.info(
                 "Netloader seed rank %d listening on %s: %d tensors, %.3f GB",
