@@ -10,21 +10,27 @@ import pytest
 import torch
 
 from tests.ut.netloader.toy_seed import IDENTITY, make_toy, toy_seed
-from vllm_ascend.model_loader.netloader.client import WeightFetch, query_seed
+from vllm_ascend.model_loader.netloader.client import Received, WeightFetch, query_seed
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, model_tensors, spec_of
 from vllm_ascend.model_loader.netloader.protocol import REFUSE, recv_msg
 
 
-def fetch_into(model: torch.nn.Module, addresses: list[str], identity=None) -> WeightFetch:
+def fetch_for(model: torch.nn.Module, identity=None, timeout_s: float = 5.0) -> WeightFetch:
+    """A client's fetch that fills ``model``'s tensors."""
     named = model_tensors(model)
-    fetch = WeightFetch(
+    return WeightFetch(
         identity=identity or IDENTITY,
         specs=[spec_of(n, t) for n, t in named],
         targets=[t for _, t in named],
-        timeout_s=5.0,
+        timeout_s=timeout_s,
     )
-    fetch.received = fetch.run(tuple(addresses))
-    return fetch
+
+
+def fetch_into(
+    model: torch.nn.Module, addresses: list[str], identity=None
+) -> tuple[WeightFetch, Received | None]:
+    fetch = fetch_for(model, identity)
+    return fetch, fetch.run(tuple(addresses))
 
 
 def assert_same_tensors(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -44,10 +50,10 @@ def seed():
 def test_client_receives_every_tensor_bit_for_bit(seed):
     address, _ = seed
     client = make_toy(None)
-    fetch = fetch_into(client, [address])
-    assert fetch.received is not None, fetch.reasons
-    assert fetch.received.source == address
-    assert fetch.received.nbytes == sum(t.nbytes for _, t in model_tensors(client))
+    fetch, received = fetch_into(client, [address])
+    assert received is not None, fetch.reasons
+    assert received.source == address
+    assert received.nbytes == sum(t.nbytes for _, t in model_tensors(client))
     assert_same_tensors(client, make_toy(7))
     # The tie survives: one storage, so both names see the received values.
     assert client.head.weight.data_ptr() == client.embed.weight.data_ptr()
@@ -57,8 +63,8 @@ def test_seed_refuses_other_model_before_any_byte_moves(seed):
     address, _ = seed
     client = make_toy(None)
     other = dict(IDENTITY, config_sha256="1" * 64)
-    fetch = fetch_into(client, [address], identity=other)
-    assert fetch.received is None
+    fetch, received = fetch_into(client, [address], identity=other)
+    assert received is None
     assert "config_sha256" in fetch.reasons[0] and "refused" in fetch.reasons[0]
     assert all(torch.count_nonzero(t) == 0 for _, t in model_tensors(client))
 
@@ -66,16 +72,16 @@ def test_seed_refuses_other_model_before_any_byte_moves(seed):
 def test_seed_refuses_other_layout(seed):
     address, _ = seed
     client = make_toy(None, vocab=301)
-    fetch = fetch_into(client, [address])
-    assert fetch.received is None
+    fetch, received = fetch_into(client, [address])
+    assert received is None
     assert "manifest differs" in fetch.reasons[0]
     assert all(torch.count_nonzero(t) == 0 for _, t in model_tensors(client))
 
 
 def test_seed_refuses_other_rank(seed):
     address, _ = seed
-    fetch = fetch_into(make_toy(None), [address], identity=dict(IDENTITY, rank=1))
-    assert fetch.received is None and "rank" in fetch.reasons[0]
+    fetch, received = fetch_into(make_toy(None), [address], identity=dict(IDENTITY, rank=1))
+    assert received is None and "rank" in fetch.reasons[0]
 
 
 def test_unreachable_source_then_good_one(seed):
@@ -83,8 +89,8 @@ def test_unreachable_source_then_good_one(seed):
     with socket.create_server(("127.0.0.1", 0)) as closed:
         dead = f"127.0.0.1:{closed.getsockname()[1]}"
     client = make_toy(None)
-    fetch = fetch_into(client, [dead, address])
-    assert fetch.received is not None and fetch.received.source == address
+    fetch, received = fetch_into(client, [dead, address])
+    assert received is not None and received.source == address
     assert len(fetch.reasons) == 1 and dead in fetch.reasons[0]
     assert_same_tensors(client, make_toy(7))
 
@@ -110,8 +116,8 @@ def test_seed_survives_bad_input_and_still_serves(seed, junk):
     assert reply["type"] == REFUSE and reply["reason"].startswith("bad request")
     assert proc.is_alive()
     client = make_toy(None)
-    fetch = fetch_into(client, [address])
-    assert fetch.received is not None, fetch.reasons
+    fetch, received = fetch_into(client, [address])
+    assert received is not None, fetch.reasons
     assert_same_tensors(client, make_toy(7))
 
 
@@ -119,8 +125,8 @@ def test_info_reports_identity_size_and_completed_transfers():
     # A seed of its own: the count is then exact, with no earlier test's transfer in it.
     with toy_seed(seed=5) as (address, _):
         assert query_seed(address)["completed_transfers"] == 0
-        fetch = fetch_into(make_toy(None), [address])
-        assert fetch.received is not None
+        fetch, received = fetch_into(make_toy(None), [address])
+        assert received is not None
         # The seed counts a transfer once it has read the client's 'done', which
         # may be a moment after the client returns.
         deadline = time.monotonic() + 10
@@ -131,7 +137,7 @@ def test_info_reports_identity_size_and_completed_transfers():
     assert info["active_transfers"] == 0
     assert info["identity"] == IDENTITY
     assert info["address"] == address
-    assert info["bytes"] == fetch.received.nbytes
+    assert info["bytes"] == received.nbytes
     assert info["loaded_from"] == "disk"
     assert info["value_fingerprint"] == LoadedWeights.capture(make_toy(5)).value_fingerprint()
 
@@ -140,11 +146,7 @@ def test_silent_seed_costs_the_client_one_timeout_and_leaves_model_clean():
     with socket.create_server(("127.0.0.1", 0)) as silent:
         address = f"127.0.0.1:{silent.getsockname()[1]}"
         client = make_toy(None)
-        named = model_tensors(client)
-        fetch = WeightFetch(
-            identity=IDENTITY, specs=[spec_of(n, t) for n, t in named],
-            targets=[t for _, t in named], timeout_s=1.0,
-        )
+        fetch = fetch_for(client, timeout_s=1.0)
         assert fetch.run((address,)) is None
     assert "timed out" in fetch.reasons[0]
     assert all(torch.count_nonzero(t) == 0 for _, t in model_tensors(client))
@@ -155,11 +157,7 @@ def test_seed_killed_mid_transfer_leaves_only_verified_tensors():
     # Afterwards every client tensor is untouched (zero) or exactly the seed's value.
     with toy_seed(seed=3, send_limit=0.4e6) as (address, proc):
         client = make_toy(None)
-        named = model_tensors(client)
-        fetch = WeightFetch(
-            identity=IDENTITY, specs=[spec_of(n, t) for n, t in named],
-            targets=[t for _, t in named], timeout_s=10.0,
-        )
+        fetch = fetch_for(client, timeout_s=10.0)
         done = threading.Event()
         result = []
         worker = threading.Thread(

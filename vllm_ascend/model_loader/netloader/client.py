@@ -3,9 +3,10 @@
 It only reports; whether to fall back to disk is the loader's decision.
 """
 
+import dataclasses
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,11 +21,9 @@ from vllm_ascend.model_loader.netloader.protocol import (
     INFO,
     REFUSE,
     ProtocolError,
+    field,
     recv_msg,
     send_msg,
-)
-from vllm_ascend.model_loader.netloader.protocol import (
-    field as msg_field,
 )
 from vllm_ascend.model_loader.netloader.transport import (
     CLIENT_RANK,
@@ -65,7 +64,7 @@ class WeightFetch:
     specs: list[TensorSpec]
     targets: list[torch.Tensor]
     timeout_s: float
-    reasons: list[str] = field(default_factory=list)
+    reasons: list[str] = dataclasses.field(default_factory=list)
 
     def run(self, addresses: tuple[str, ...]) -> Received | None:
         for address in addresses:
@@ -105,11 +104,11 @@ class WeightFetch:
                 raise SourceRefused(str(reply.get("reason")), reply.get("retry") is True)
             if reply["type"] != ACCEPT:
                 raise ProtocolError(f"expected '{ACCEPT}', got '{reply['type']}'")
-            digests = msg_field(reply, "digests", list)
+            digests = field(reply, "digests", list)
             if len(digests) != len(self.specs) or not all(isinstance(d, str) for d in digests):
                 raise ProtocolError("accept carries a digest list that does not fit the manifest")
-            store_port = msg_field(reply, "store_port", int)
-            bucket_bytes = msg_field(reply, "bucket_bytes", int)
+            store_port = field(reply, "store_port", int)
+            bucket_bytes = field(reply, "bucket_bytes", int)
             if not 0 < bucket_bytes <= _MAX_BUCKET_BYTES:
                 raise ProtocolError(f"accept carries a bucket size of {bucket_bytes} bytes")
             try:

@@ -9,8 +9,11 @@ the lm_head keeps its weight *and* a packed copy that a receive would not update
 
 A seed therefore keeps detached views of the loaded tensors. Where processing
 replaced a parameter (or swapped its ``.data``), the view keeps the loaded storage
-alive; ``LoadedWeights.changed`` re-digests the views after processing so that a
-tensor processing modified in place is caught before anything is served.
+alive. A tensor that processing modified in place no longer matches the digest
+taken at load, so the client, which checks every tensor, rejects the transfer and
+loads from disk. (The seed does not re-digest after processing itself: on vLLM CPU
+that changed a 1 GB model's greedy outputs; ``LoadedWeights.changed`` stays for
+tests and diagnosis.)
 """
 
 import hashlib
@@ -125,9 +128,9 @@ def plan_buckets(specs: list[TensorSpec], bucket_bytes: int) -> list[list[int]]:
 class LoadedWeights:
     """A model's tensors as loaded, with their digests: what a seed sends.
 
-    A non-contiguous tensor is kept as a contiguous copy (so it can be sent as bytes);
-    an in-place change to the model's original after capture is then not seen by
-    ``changed``. vLLM's loaded parameters are contiguous."""
+    A non-contiguous tensor is kept as a contiguous copy (so it can be sent as bytes),
+    which an in-place change to the model's original no longer reaches. vLLM's loaded
+    parameters are contiguous."""
 
     def __init__(self, named: list[tuple[str, torch.Tensor]], digests: list[str]):
         if len(named) != len(digests):
