@@ -11,5 +11,8 @@ setup(
         "vllm.general_plugins": [
             "netloader = vllm_ascend.model_loader.netloader:register",
         ],
+        "console_scripts": [
+            "netloader-query = vllm_ascend.model_loader.netloader.query:main",
+        ],
     },
 )

@@ -235,3 +235,67 @@ def test_config_file_with_unknown_key(tmp_path):
 @pytest.mark.parametrize("value", ["", 3, ["a.json"]])
 def test_config_file_value_not_a_path(value):
     raises_naming("CONFIG_FILE", {"CONFIG_FILE": value})
+
+
+# --- the shared secret -----------------------------------------------------------
+
+SECRET = "s3cret-" + "x" * 20
+
+
+def test_no_secret_by_default():
+    assert parse_config({}, environ={}).secret is None
+
+
+def test_secret_from_environment_is_stripped():
+    config = parse_config({}, environ={"NETLOADER_SECRET": f"  {SECRET}\n"})
+    assert config.secret == SECRET.encode()
+
+
+def test_secret_file_wins_over_environment(tmp_path):
+    path = tmp_path / "secret"
+    path.write_text(SECRET + "\n")
+    config = parse_config({"SECRET_FILE": str(path)}, environ={"NETLOADER_SECRET": "y" * 32})
+    assert config.secret == SECRET.encode()
+
+
+def test_secret_file_from_config_file(tmp_path):
+    path = tmp_path / "secret"
+    path.write_text(SECRET)
+    extra = {"CONFIG_FILE": write_json(tmp_path / "c.json", {"SECRET_FILE": str(path)})}
+    assert parse_config(extra, environ={}).secret == SECRET.encode()
+
+
+def test_secret_stays_out_of_repr_and_errors(tmp_path):
+    config = parse_config({"MODEL": "m"}, environ={"NETLOADER_SECRET": SECRET})
+    assert SECRET not in repr(config) and SECRET not in str(config)
+    with pytest.raises(NetloaderConfigError) as info:
+        parse_config({"MODEL": 3}, environ={"NETLOADER_SECRET": SECRET})
+    assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize("short", ["", "   ", "only-15-bytes!!"])
+def test_short_secret_is_refused_without_echoing_it(short):
+    with pytest.raises(NetloaderConfigError) as info:
+        parse_config({}, environ={"NETLOADER_SECRET": short})
+    assert "NETLOADER_SECRET" in str(info.value) and "16 bytes" in str(info.value)
+    if short.strip():
+        assert short not in str(info.value)
+
+
+def test_inline_secret_is_refused_and_not_echoed():
+    with pytest.raises(NetloaderConfigError) as info:
+        parse_config({"SECRET": SECRET}, environ={})
+    assert "SECRET_FILE" in str(info.value) and SECRET not in str(info.value)
+
+
+def test_missing_secret_file_names_the_key(tmp_path):
+    with pytest.raises(NetloaderConfigError) as info:
+        parse_config({"SECRET_FILE": str(tmp_path / "absent")}, environ={})
+    assert "SECRET_FILE" in str(info.value)
+
+
+@pytest.mark.parametrize("value", [None, "", 3, ["a"]])
+def test_secret_file_not_a_path(value):
+    with pytest.raises(NetloaderConfigError) as info:
+        parse_config({"SECRET_FILE": value}, environ={})
+    assert "SECRET_FILE" in str(info.value)

@@ -297,3 +297,29 @@ def test_field_rejects_missing_or_mistyped(name, kind):
 def test_field_rejects_explicit_null():
     with pytest.raises(ProtocolError):
         field({"type": "accept", "port": None}, "port", int)
+
+
+def test_send_last_waits_for_a_peer_that_is_done_sending():
+    sender, peer = tcp_pair()
+    with sender, peer:
+        sender.sendall(b"x" * 100_000)  # more than the other side will ever read
+        sender.shutdown(socket.SHUT_WR)
+        protocol.send_last(peer, {"type": REFUSE, "reason": "bad request"})
+        peer.close()
+        got = b""
+        while chunk := sender.recv(4096):  # a reset here would raise and lose the refusal
+            got += chunk
+        assert json.loads(got[HEADER.size :])["reason"] == "bad request"
+
+
+def test_send_last_gives_up_on_a_peer_that_keeps_sending(monkeypatch):
+    monkeypatch.setattr(protocol, "_LINGER_BYTES", 1 << 16)
+    sender, peer = tcp_pair()
+    with sender, peer:
+        sender.setblocking(False)
+        sender.send(b"x" * (1 << 18))  # fills buffers past the linger budget; never closes
+        begun = time.monotonic()
+        protocol.send_last(peer, {"type": REFUSE, "reason": "bad request"})
+        # Bounded by the byte budget, not by the peer: it returns although data still flows.
+        assert time.monotonic() - begun < protocol._LINGER_S + 1.0
+        assert sender.recv(1 << 16)[:4] == MAGIC

@@ -19,6 +19,7 @@ IDENTITY: dict[str, Any] = {
     "tensor_parallel_size": 1,
     "pipeline_parallel_size": 1,
     "rank": 0,
+    "role": "target",
 }
 SMALL_BUCKET = 1 << 20
 
@@ -51,17 +52,40 @@ def make_toy(seed: int | None, vocab: int = 300) -> Toy:
     return model
 
 
+def flip_one_byte_in_first_transfer() -> None:
+    """Test seam at server -> transport: the first transfer sends a copy of one tensor
+    with a single flipped bit, under the digests of the true values."""
+    from vllm_ascend.model_loader.netloader import server
+    from vllm_ascend.model_loader.netloader.manifest import byte_view
+
+    send = server.send_tensors
+    done: list[bool] = []
+
+    def corrupted(pg: Any, tensors: list[torch.Tensor], *args: Any, **kwargs: Any) -> int:
+        if not done:
+            done.append(True)
+            i = max(range(len(tensors)), key=lambda k: tensors[k].nbytes)
+            bad = tensors[i].clone()
+            byte_view(bad)[12345] ^= 1
+            tensors = [*tensors[:i], bad, *tensors[i + 1 :]]
+        return send(pg, tensors, *args, **kwargs)
+
+    server.send_tensors = corrupted  # type: ignore[assignment]
+
+
 def _serve(
     ready: Any, stop: Any, seed: int, identity: dict[str, Any], timeout_s: float,
-    send_limit: float | None,
+    send_limit: float | None, secret: bytes | None, corrupt_first: bool,
 ) -> None:
     from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
     from vllm_ascend.model_loader.netloader.server import SeedServer
 
+    if corrupt_first:
+        flip_one_byte_in_first_transfer()
     weights = LoadedWeights.capture(make_toy(seed))
     server = SeedServer(
         weights, identity, 0, "127.0.0.1", 0, timeout_s, bucket_bytes=SMALL_BUCKET,
-        send_limit_bytes_per_s=send_limit,
+        send_limit_bytes_per_s=send_limit, secret=secret,
     ).start()
     server.ready.wait(30)
     ready.put(server.address)
@@ -75,13 +99,18 @@ def toy_seed(
     identity: dict[str, Any] | None = None,
     timeout_s: float = 5.0,
     send_limit: float | None = None,
+    secret: bytes | None = None,
+    corrupt_first: bool = False,
 ) -> Iterator[tuple[str, mp.Process]]:
     """A seed process serving ``make_toy(seed)``; yields (address, process)."""
     ctx = mp.get_context("spawn")
     # A pipe, not an Event: setting an Event deadlocks once a waiter was SIGKILLed.
     ready, (stop_recv, stop_send) = ctx.Queue(), ctx.Pipe(duplex=False)
     proc = ctx.Process(
-        target=_serve, args=(ready, stop_recv, seed, identity or IDENTITY, timeout_s, send_limit),
+        target=_serve, args=(
+            ready, stop_recv, seed, identity or IDENTITY, timeout_s, send_limit, secret,
+            corrupt_first,
+        ),
         daemon=True,
     )
     proc.start()
@@ -93,3 +122,14 @@ def toy_seed(
         proc.join(15)
         if proc.is_alive():
             proc.kill()
+
+
+def fetch_forever(address: str) -> None:
+    """A client process that fetches the toy model from ``address`` (and gets killed)."""
+    from vllm_ascend.model_loader.netloader.client import WeightFetch
+    from vllm_ascend.model_loader.netloader.manifest import model_tensors, spec_of
+
+    named = model_tensors(make_toy(None))
+    WeightFetch(IDENTITY, [spec_of(n, t) for n, t in named], [t for _, t in named], 60.0).run(
+        (address,)
+    )

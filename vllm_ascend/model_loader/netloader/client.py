@@ -12,10 +12,18 @@ from typing import Any
 import torch
 from vllm.logger import logger
 
+from vllm_ascend.model_loader.netloader.auth import (
+    AuthError,
+    client_proof,
+    new_nonce,
+    proof_matches,
+    seed_proof,
+)
 from vllm_ascend.model_loader.netloader.config import split_address
 from vllm_ascend.model_loader.netloader.manifest import TensorSpec
 from vllm_ascend.model_loader.netloader.protocol import (
     ACCEPT,
+    CHALLENGE,
     DONE,
     HELLO,
     INFO,
@@ -64,16 +72,23 @@ class WeightFetch:
     specs: list[TensorSpec]
     targets: list[torch.Tensor]
     timeout_s: float
+    secret: bytes | None = dataclasses.field(default=None, repr=False)
     reasons: list[str] = dataclasses.field(default_factory=list)
 
     def run(self, addresses: tuple[str, ...]) -> Received | None:
         for address in addresses:
+            start = time.perf_counter()
             try:
                 return self._from_source(address)
             except SourceRefused as e:
-                self.reasons.append(f"{address} refused: {e}")
-            except (ProtocolError, TransferError, OSError, RuntimeError) as e:
-                self.reasons.append(f"{address} failed: {type(e).__name__}: {e}")
+                reason = f"{address} refused: {e}"
+            except (ProtocolError, AuthError, TransferError, OSError, RuntimeError) as e:
+                reason = f"{address} failed: {type(e).__name__}: {e}"
+            self.reasons.append(reason)
+            logger.warning(
+                "Netloader rank %s: no verified model from %s after %.3f s (%s)",
+                self.identity.get("rank"), address, time.perf_counter() - start, reason,
+            )
         return None
 
     def _from_source(self, address: str) -> Received:
@@ -91,15 +106,12 @@ class WeightFetch:
         start = time.perf_counter()
         with socket.create_connection((host, port), timeout=self.timeout_s) as conn:
             conn.settimeout(self.timeout_s)
-            send_msg(
-                conn,
-                {
-                    "type": HELLO,
-                    "identity": self.identity,
-                    "manifest": [spec.to_wire() for spec in self.specs],
-                },
-            )
-            reply = recv_msg(conn)
+            hello = {
+                "type": HELLO,
+                "identity": self.identity,
+                "manifest": [spec.to_wire() for spec in self.specs],
+            }
+            reply = exchange(conn, hello, self.secret)
             if reply["type"] == REFUSE:
                 raise SourceRefused(str(reply.get("reason")), reply.get("retry") is True)
             if reply["type"] != ACCEPT:
@@ -128,10 +140,44 @@ class WeightFetch:
         return Received(address, nbytes, seconds, digests)
 
 
-def query_seed(address: str, timeout_s: float = 10.0) -> dict[str, Any]:
+def exchange(
+    conn: socket.socket, request: dict[str, Any], secret: bytes | None
+) -> dict[str, Any]:
+    """Answer the seed's challenge with ``request`` and return the seed's reply.
+
+    With a secret, the request carries this side's proof and every reply but a
+    refusal must carry the seed's proof over its body; a seed that does not ask for
+    the secret is not trusted at all. Without one, a seed that asks for it is
+    refused here, before the request (and its manifest) leaves this host."""
+    challenge = recv_msg(conn, expect=CHALLENGE)
+    seed_nonce = field(challenge, "nonce", str)
+    seed_wants_secret = challenge.get("auth") is True
+    if secret is None and seed_wants_secret:
+        raise AuthError("seed requires the shared secret, and this side has none")
+    if secret is not None and not seed_wants_secret:
+        raise AuthError("seed does not require the shared secret; not trusting it")
+    nonce = new_nonce()
+    request = {**request, "nonce": nonce}
+    if secret is not None:
+        request["proof"] = client_proof(secret, seed_nonce, nonce)
+    send_msg(conn, request)
+    reply = recv_msg(conn)
+    if secret is not None and reply["type"] != REFUSE:
+        if not proof_matches(seed_proof(secret, seed_nonce, request, reply), reply.get("proof")):
+            raise AuthError("seed's answer does not carry a valid proof of the shared secret")
+    return reply
+
+
+def query_seed(
+    address: str, timeout_s: float = 10.0, secret: bytes | None = None
+) -> dict[str, Any]:
     """Ask a seed what it serves (identity, size, value fingerprint, transfers)."""
     host, port = split_address(address)
     with socket.create_connection((host, port), timeout=timeout_s) as conn:
         conn.settimeout(timeout_s)
-        send_msg(conn, {"type": INFO})
-        return recv_msg(conn, expect=INFO)
+        reply = exchange(conn, {"type": INFO}, secret)
+    if reply["type"] != INFO:
+        detail = f": {reply.get('reason')}" if reply["type"] == REFUSE else ""
+        raise ProtocolError(f"expected '{INFO}', got '{reply['type']}'{detail}")
+    reply.pop("proof", None)
+    return reply

@@ -4,11 +4,14 @@ Every problem is raised as ``NetloaderConfigError`` naming the offending key, at
 start-up, so an operator never runs with a silently defaulted setting.
 """
 
+import functools
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
+
+from vllm_ascend.model_loader.netloader.auth import MIN_SECRET_BYTES, SECRET_ENV
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_BUCKET_MB = 64
@@ -34,42 +37,59 @@ class NetloaderConfig:
     bucket_mb: int = DEFAULT_BUCKET_MB
     # Cap on a seed's average send rate, to protect its own traffic; None = no cap.
     send_limit_mb_per_s: float | None = None
+    # Shared secret from SECRET_FILE or $NETLOADER_SECRET; kept out of repr and logs.
+    secret: bytes | None = field(default=None, repr=False)
+    # A speculative decoder's draft model has seeds and a listener of its own.
+    draft_sources: tuple[SourceEntry, ...] = ()
+    draft_listen_port: int | None = None
 
-    def sources_for_rank(self, rank: int) -> tuple[str, ...]:
-        """Seed addresses for global rank ``rank``, in the order to try them."""
+    def sources_for_rank(self, rank: int, draft: bool = False) -> tuple[str, ...]:
+        """Seed addresses for global rank ``rank`` (for its draft model if ``draft``),
+        in the order to try them."""
         found: list[str] = []
-        for entry in self.sources:
+        for entry in self.draft_sources if draft else self.sources:
             if entry.device_id == rank:
                 found.extend(entry.sources)
         return tuple(found)
 
-    def listen_port_for_rank(self, rank: int) -> int:
-        """Port for rank ``rank``'s seed listener; 0 asks the OS for a free one."""
-        if self.listen_port is None:
+    def listen_port_for_rank(self, rank: int, draft: bool = False) -> int:
+        """Port for rank ``rank``'s seed listener (its draft model's if ``draft``);
+        0 asks the OS for a free one."""
+        base = self.draft_listen_port if draft else self.listen_port
+        if base is None:
             return 0
-        port = self.listen_port + rank
+        port = base + rank
         if port > 65535:
-            raise NetloaderConfigError(
-                f"LISTEN_PORT {self.listen_port} + rank {rank} = {port} exceeds 65535"
-            )
+            key = "DRAFT_LISTEN_PORT" if draft else "LISTEN_PORT"
+            raise NetloaderConfigError(f"{key} {base} + rank {rank} = {port} exceeds 65535")
         return port
 
 
-def parse_config(extra: Any) -> NetloaderConfig:
-    """Build a ``NetloaderConfig``; ``CONFIG_FILE`` values win over inline keys."""
+def parse_config(extra: Any, environ: Mapping[str, str] = os.environ) -> NetloaderConfig:
+    """Build a ``NetloaderConfig``; ``CONFIG_FILE`` values win over inline keys, and
+    ``SECRET_FILE`` wins over ``$NETLOADER_SECRET``."""
     if extra is not None and not isinstance(extra, dict):
         raise NetloaderConfigError("model loader extra config must be a JSON object")
     raw = dict(extra or {})
     config_file = raw.pop("CONFIG_FILE", None)
     if config_file is not None:
         raw.update(_read_config_file(config_file))
+    if "SECRET" in raw:
+        # vLLM logs its whole config, the extra config included, at start-up.
+        raise NetloaderConfigError(
+            f"SECRET must not be given inline (vLLM logs the extra config); "
+            f"put it in a file named by SECRET_FILE or in ${SECRET_ENV}"
+        )
+    secret = _read_secret(raw.pop("SECRET_FILE")) if "SECRET_FILE" in raw else None
+    if secret is None and environ.get(SECRET_ENV) is not None:
+        secret = _checked_secret(environ[SECRET_ENV].strip().encode(), f"${SECRET_ENV}")
     unknown = sorted(set(raw) - _PARSERS.keys())
     if unknown:
         raise NetloaderConfigError(
             f"unknown key(s) {', '.join(unknown)}; "
-            f"allowed: {', '.join(sorted(_PARSERS) + ['CONFIG_FILE'])}"
+            f"allowed: {', '.join(sorted([*_PARSERS, 'CONFIG_FILE', 'SECRET_FILE']))}"
         )
-    fields: dict[str, Any] = {}
+    fields: dict[str, Any] = {"secret": secret}
     for key, value in raw.items():
         name, parse = _PARSERS[key]
         fields[name] = parse(value)
@@ -93,14 +113,14 @@ def _read_config_file(path: Any) -> dict[str, Any]:
     return data
 
 
-def _parse_sources(value: Any) -> tuple[SourceEntry, ...]:
+def _parse_sources(value: Any, key: str = "SOURCE") -> tuple[SourceEntry, ...]:
     if not isinstance(value, list):
         raise NetloaderConfigError(
-            'SOURCE must be a list of {"device_id": <rank>, "sources": ["ip:port", ...]}'
+            f'{key} must be a list of {{"device_id": <rank>, "sources": ["ip:port", ...]}}'
         )
     entries = []
     for i, item in enumerate(value):
-        where = f"SOURCE[{i}]"
+        where = f"{key}[{i}]"
         if not isinstance(item, dict) or set(item) != {"device_id", "sources"}:
             raise NetloaderConfigError(
                 f'{where} must be an object with exactly "device_id" and "sources"'
@@ -137,9 +157,9 @@ def _parse_model(value: Any) -> str:
     return value
 
 
-def _parse_listen_port(value: Any) -> int:
+def _parse_listen_port(value: Any, key: str = "LISTEN_PORT") -> int:
     if not _is_int(value) or not 1 <= value <= 65535:
-        raise NetloaderConfigError(f"LISTEN_PORT must be an integer in 1..65535, got {value!r}")
+        raise NetloaderConfigError(f"{key} must be an integer in 1..65535, got {value!r}")
     return int(value)
 
 
@@ -174,6 +194,26 @@ def _parse_send_limit(value: Any) -> float:
     return float(value)
 
 
+def _read_secret(path: Any) -> bytes:
+    if not isinstance(path, str) or not path:
+        raise NetloaderConfigError("SECRET_FILE must be a non-empty path string")
+    try:
+        with open(path, "rb") as f:
+            return _checked_secret(f.read().strip(), f"SECRET_FILE {path!r}")
+    except OSError as e:
+        raise NetloaderConfigError(f"SECRET_FILE {path!r} cannot be read: {e.strerror}") from e
+
+
+def _checked_secret(secret: bytes, where: str) -> bytes:
+    """Messages name where the secret came from, never its value."""
+    if len(secret) < MIN_SECRET_BYTES:
+        raise NetloaderConfigError(
+            f"the shared secret from {where} must be at least {MIN_SECRET_BYTES} bytes "
+            f"(got {len(secret)}); e.g. `openssl rand -hex 32`"
+        )
+    return secret
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -187,4 +227,8 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "TIMEOUT": ("timeout_s", _parse_timeout),
     "BUCKET_MB": ("bucket_mb", _parse_bucket_mb),
     "SEND_LIMIT_MB_PER_S": ("send_limit_mb_per_s", _parse_send_limit),
+    "DRAFT_SOURCE": ("draft_sources", functools.partial(_parse_sources, key="DRAFT_SOURCE")),
+    "DRAFT_LISTEN_PORT": (
+        "draft_listen_port", functools.partial(_parse_listen_port, key="DRAFT_LISTEN_PORT")
+    ),
 }

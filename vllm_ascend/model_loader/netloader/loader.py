@@ -21,8 +21,10 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.utils.network_utils import get_ip
 
 from vllm_ascend.model_loader.netloader.client import WeightFetch
-from vllm_ascend.model_loader.netloader.config import parse_config
+from vllm_ascend.model_loader.netloader.config import NetloaderConfig, parse_config
 from vllm_ascend.model_loader.netloader.manifest import (
+    DRAFT,
+    TARGET,
     LoadedWeights,
     model_identity,
     model_tensors,
@@ -30,7 +32,10 @@ from vllm_ascend.model_loader.netloader.manifest import (
 )
 from vllm_ascend.model_loader.netloader.server import SeedServer
 
-# The seed of each (global rank, model prefix) in this process; a reload replaces it.
+# The seed of each (global rank, role) in this process; a reload replaces it. A draft
+# model (role DRAFT) has a listener of its own (see ``listener_for``), its seeds in
+# DRAFT_SOURCE, and an identity no target listener accepts: it never collides with, or
+# is mistaken for, the target.
 _SEEDS: dict[tuple[int, str], SeedServer] = {}
 
 
@@ -42,12 +47,13 @@ class NetloaderModelLoader(BaseModelLoader):
             dataclasses.replace(load_config, load_format="auto", model_loader_extra_config={})
         )
         self._rank = 0
+        self._role = TARGET
         self._identity: dict[str, Any] | None = None
         self._loaded: LoadedWeights | None = None
         # Where the last load_weights got its weights from, and how long it took.
         self.weights_source = "disk"
         self.load_seconds = 0.0
-        # Why each seed could not serve, when this instance fell back to disk.
+        # Why each seed that was tried could not serve (before another one or the disk did).
         self.fallback_reasons: tuple[str, ...] = ()
 
     def download_model(self, model_config: ModelConfig) -> None:
@@ -57,11 +63,15 @@ class NetloaderModelLoader(BaseModelLoader):
         self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = ""
     ) -> nn.Module:
         self._rank = _global_rank()
+        self._role = model_role(model_config)
         self.fallback_reasons = ()
-        name = self.config.model or model_config.model
-        self._identity = model_identity(model_config, vllm_config.parallel_config, self._rank, name)
+        # MODEL names the served model; a draft is always named by its own path.
+        name = (self.config.model if self._role == TARGET else None) or model_config.model
+        self._identity = model_identity(
+            model_config, vllm_config.parallel_config, self._rank, name, self._role
+        )
         model = super().load_model(vllm_config, model_config, prefix)
-        self._start_seed(prefix)
+        self._start_seed()
         return model
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
@@ -73,16 +83,20 @@ class NetloaderModelLoader(BaseModelLoader):
         self._loaded = LoadedWeights.capture(model, digests)
         self.load_seconds = time.perf_counter() - start
         logger.info(
-            "Netloader rank %d loaded %d tensors (%.3f GB) from %s in %.3f s",
-            self._rank, len(self._loaded.specs), self._loaded.total_bytes / 1e9,
+            "Netloader rank %d %s loaded %d tensors (%.3f GB) from %s in %.3f s",
+            self._rank, self._role, len(self._loaded.specs), self._loaded.total_bytes / 1e9,
             self.weights_source, self.load_seconds,
         )
 
     def _fetch(self, model: nn.Module) -> list[str] | None:
         """Digests of what a seed delivered into ``model``, or None to load from disk."""
-        addresses = self.config.sources_for_rank(self._rank)
+        draft = self._role == DRAFT
+        addresses = self.config.sources_for_rank(self._rank, draft)
         if not addresses or self._identity is None:
-            logger.info("Netloader rank %d has no SOURCE: loading from disk", self._rank)
+            logger.info(
+                "Netloader rank %d %s has no %s: loading from disk",
+                self._rank, self._role, "DRAFT_SOURCE" if draft else "SOURCE",
+            )
             return None
         named = model_tensors(model)
         if not all(t.is_contiguous() for _, t in named):
@@ -96,48 +110,84 @@ class NetloaderModelLoader(BaseModelLoader):
             specs=[spec_of(n, t) for n, t in named],
             targets=[t for _, t in named],
             timeout_s=self.config.timeout_s,
+            secret=self.config.secret,
         )
         received = fetch.run(addresses)
+        # Also kept when a later source served: the operator sees every failed seed.
+        self.fallback_reasons = tuple(fetch.reasons)
         if received is None:
-            self.fallback_reasons = tuple(fetch.reasons)
             logger.warning(
-                "Netloader rank %d: no seed could serve this model (%s); loading from disk",
-                self._rank, "; ".join(fetch.reasons),
+                "Netloader rank %d %s: no seed could serve it (%s); loading from disk",
+                self._rank, self._role, "; ".join(fetch.reasons),
             )
             return None
+        if fetch.reasons:
+            logger.warning(
+                "Netloader rank %d %s: %d source(s) failed before %s served (%s)",
+                self._rank, self._role, len(fetch.reasons), received.source,
+                "; ".join(fetch.reasons),
+            )
         self.weights_source = f"seed {received.source}"
         return received.digests
 
-    def _start_seed(self, prefix: str) -> None:
+    def _start_seed(self) -> None:
         assert self._loaded is not None and self._identity is not None
-        key = (self._rank, prefix)
+        key = (self._rank, self._role)
         old = _SEEDS.pop(key, None)
         if old is not None:
             old.stop()
         host = get_ip()
-        port = self.config.listen_port_for_rank(self._rank)
+        port, output_prefix = listener_for(self.config, self._rank, self._role)
         try:
             limit = self.config.send_limit_mb_per_s
             seed = SeedServer(
                 self._loaded, self._identity, self._rank, host, port,
-                self.config.timeout_s, self.config.output_prefix,
+                self.config.timeout_s, output_prefix,
                 bucket_bytes=self.config.bucket_mb << 20,
                 send_limit_bytes_per_s=limit * 1e6 if limit is not None else None,
                 loaded_from=self.weights_source, load_seconds=self.load_seconds,
-                fallback_reasons=self.fallback_reasons,
+                fallback_reasons=self.fallback_reasons, secret=self.config.secret,
             )
         except OSError as e:
+            setting = (
+                f"DRAFT_LISTEN_PORT {self.config.draft_listen_port}" if self._role == DRAFT
+                else f"LISTEN_PORT {self.config.listen_port}"
+            )
             raise RuntimeError(
-                f"Netloader seed rank {self._rank} cannot listen on {host}:{port} "
-                f"(LISTEN_PORT {self.config.listen_port}): {e}"
+                f"Netloader {self._role} seed rank {self._rank} cannot listen on "
+                f"{host}:{port} ({setting}): {e}"
             ) from e
         _SEEDS[key] = seed.start()
         self._loaded = None
 
 
 def running_seeds() -> dict[tuple[int, str], SeedServer]:
-    """The seeds this process serves, keyed by (global rank, model prefix)."""
+    """The seeds this process serves, keyed by (global rank, role)."""
     return dict(_SEEDS)
+
+
+def listener_for(config: NetloaderConfig, rank: int, role: str) -> tuple[int, str | None]:
+    """(port, address-file prefix) of rank ``rank``'s listener for a ``role`` model.
+
+    The target listens on LISTEN_PORT + rank and writes {OUTPUT_PREFIX}{rank}.txt; a
+    draft on DRAFT_LISTEN_PORT + rank and writes {OUTPUT_PREFIX}draft{rank}.txt. Port 0
+    (the key unset) asks the OS for a free port."""
+    draft = role == DRAFT
+    prefix = config.output_prefix
+    return (
+        config.listen_port_for_rank(rank, draft),
+        prefix + DRAFT if draft and prefix is not None else prefix,
+    )
+
+
+def model_role(model_config: ModelConfig) -> str:
+    """DRAFT for a speculative decoder's draft model, TARGET for the served model.
+
+    vLLM loads the draft with the target's load config (so through this loader, with
+    the same extra config and in the same worker) but with the draft's own ModelConfig,
+    which ``SpeculativeConfig`` builds with ``runner="draft"``. The prefix vLLM passes
+    does not tell: an EAGLE head loads with the same empty prefix as the target."""
+    return DRAFT if model_config.runner_type == "draft" else TARGET
 
 
 def _global_rank() -> int:

@@ -38,7 +38,12 @@ IDENTITY_FIELDS = (
     "tensor_parallel_size",
     "pipeline_parallel_size",
     "rank",
+    "role",
 )
+# What a model is to its instance: the served model, or the draft a speculative decoder
+# loads beside it. Each has its own listener, and a listener only serves its own role.
+TARGET = "target"
+DRAFT = "draft"
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,9 @@ class LoadedWeights:
         return h.hexdigest()
 
 
-def model_identity(model_config: Any, parallel_config: Any, rank: int, name: str) -> dict[str, Any]:
+def model_identity(
+    model_config: Any, parallel_config: Any, rank: int, name: str, role: str = TARGET
+) -> dict[str, Any]:
     """What a client and seed must agree on before any weight moves."""
     hf_config = model_config.hf_config
     config = {
@@ -184,6 +191,7 @@ def model_identity(model_config: Any, parallel_config: Any, rank: int, name: str
         "tensor_parallel_size": parallel_config.tensor_parallel_size,
         "pipeline_parallel_size": parallel_config.pipeline_parallel_size,
         "rank": rank,
+        "role": role,
     }
 
 

@@ -6,17 +6,25 @@ refused with a readable message instead of misparsed. The length is capped befor
 anything is allocated, and every read runs under the socket's own timeout.
 """
 
+import contextlib
 import json
 import socket
 import struct
+import time
 from typing import Any
 
 MAGIC = b"NLDR"
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 _HEADER = struct.Struct("!4sBI")
+# How long, and how much, a last message waits for the peer to stop sending.
+_LINGER_S = 1.0
+_LINGER_BYTES = 1 << 20
 
-# Message types.
+# Message types. A connection opens with the seed's CHALLENGE (its nonce, and
+# whether it requires the shared secret); the client then sends HELLO (to receive
+# weights) or INFO (to ask what the seed serves).
+CHALLENGE = "challenge"
 HELLO = "hello"
 ACCEPT = "accept"
 REFUSE = "refuse"
@@ -33,6 +41,28 @@ def send_msg(sock: socket.socket, msg: dict[str, Any]) -> None:
     if len(payload) > MAX_FRAME_BYTES:
         raise ProtocolError(f"message of {len(payload)} bytes exceeds {MAX_FRAME_BYTES}")
     sock.sendall(_HEADER.pack(MAGIC, PROTOCOL_VERSION, len(payload)) + payload)
+
+
+def send_last(sock: socket.socket, msg: dict[str, Any]) -> None:
+    """Send ``msg`` as the last frame of a connection whose peer may have sent more.
+
+    Closing a socket with unread input makes the kernel answer with a reset, and a
+    reset can destroy the message before the peer reads it: a client that sent
+    garbage would see "connection reset" instead of the refusal. So this side stops
+    writing, then discards what still arrives until the peer closes, for at most
+    ``_LINGER_S`` and ``_LINGER_BYTES``; a peer that keeps sending gets the reset.
+    """
+    send_msg(sock, msg)
+    deadline = time.monotonic() + _LINGER_S
+    left = _LINGER_BYTES
+    with contextlib.suppress(OSError):  # the peer may be gone already; nothing to save
+        sock.shutdown(socket.SHUT_WR)
+        while left > 0 and (wait := deadline - time.monotonic()) > 0:
+            sock.settimeout(wait)
+            chunk = sock.recv(min(left, 65536))
+            if not chunk:
+                return
+            left -= len(chunk)
 
 
 def recv_msg(sock: socket.socket, expect: str | None = None) -> dict[str, Any]:

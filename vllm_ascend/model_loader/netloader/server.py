@@ -13,7 +13,16 @@ from typing import Any
 
 from vllm.logger import logger
 
+from vllm_ascend.model_loader.netloader.auth import (
+    SECRET_ENV,
+    AuthError,
+    client_proof,
+    new_nonce,
+    proof_matches,
+    seed_proof,
+)
 from vllm_ascend.model_loader.netloader.manifest import (
+    DRAFT,
     LoadedWeights,
     TensorSpec,
     first_difference,
@@ -21,6 +30,7 @@ from vllm_ascend.model_loader.netloader.manifest import (
 )
 from vllm_ascend.model_loader.netloader.protocol import (
     ACCEPT,
+    CHALLENGE,
     DONE,
     HELLO,
     INFO,
@@ -28,6 +38,7 @@ from vllm_ascend.model_loader.netloader.protocol import (
     ProtocolError,
     field,
     recv_msg,
+    send_last,
     send_msg,
 )
 from vllm_ascend.model_loader.netloader.transport import (
@@ -41,6 +52,8 @@ from vllm_ascend.model_loader.netloader.transport import (
 
 MAX_CONCURRENT_TRANSFERS = 4
 _ACCEPT_POLL_S = 0.5
+# An open seed (no shared secret) says so once per process, not once per rank or reload.
+_open_seed_warned = threading.Event()
 
 
 class SeedServer:
@@ -60,10 +73,13 @@ class SeedServer:
         loaded_from: str = "disk",
         load_seconds: float | None = None,
         fallback_reasons: tuple[str, ...] = (),
+        secret: bytes | None = None,
     ):
         self.weights = weights
         self.identity = identity
         self.rank = rank
+        # "rank 0", or "rank 0 draft" for a draft model's seed: every log line names it.
+        self._who = f"rank {rank}" + (" draft" if identity.get("role") == DRAFT else "")
         self.timeout_s = timeout_s
         self._host = host
         self._output_prefix = output_prefix
@@ -72,6 +88,7 @@ class SeedServer:
         self._loaded_from = loaded_from
         self._load_seconds = load_seconds
         self._fallback_reasons = list(fallback_reasons)
+        self._secret = secret
         self._counts_lock = threading.Lock()
         self._active = 0
         self._completed = 0
@@ -109,14 +126,20 @@ class SeedServer:
         try:
             self._write_address_file()
             logger.info(
-                "Netloader seed rank %d listening on %s: %d tensors, %.3f GB",
-                self.rank, self.address, len(self.weights.specs), self.weights.total_bytes / 1e9,
+                "Netloader seed %s listening on %s: %d tensors, %.3f GB",
+                self._who, self.address, len(self.weights.specs), self.weights.total_bytes / 1e9,
             )
+            if self._secret is None and not _open_seed_warned.is_set():
+                _open_seed_warned.set()
+                logger.warning(
+                    "Netloader seed has no shared secret (SECRET_FILE or $%s): any host "
+                    "that reaches %s can pull this model's weights", SECRET_ENV, self.address,
+                )
             self.ready.set()
             self._accept_loop()
         except Exception:  # noqa: BLE001 - thread top level, see above
             if not self._stopped.is_set():
-                logger.exception("Netloader seed rank %d stopped by an error", self.rank)
+                logger.exception("Netloader seed %s stopped by an error", self._who)
         finally:
             self._sock.close()
 
@@ -153,12 +176,16 @@ class SeedServer:
                 try:
                     self._serve(conn, peer)
                 except ProtocolError as e:
-                    send_msg(conn, {"type": REFUSE, "reason": f"bad request: {e}", "retry": False})
+                    send_last(conn, {"type": REFUSE, "reason": f"bad request: {e}", "retry": False})
                     raise
-        except (ProtocolError, TransferError, OSError, RuntimeError) as e:
-            logger.warning("Netloader seed rank %d: client %s failed: %s", self.rank, peer, e)
+                except AuthError as e:
+                    # Nothing but this fixed reason goes back: no identity, no manifest.
+                    send_last(conn, {"type": REFUSE, "reason": str(e), "retry": False})
+                    raise
+        except (ProtocolError, AuthError, TransferError, OSError, RuntimeError) as e:
+            logger.warning("Netloader seed %s: client %s failed: %s", self._who, peer, e)
         except Exception:  # noqa: BLE001 - connection thread top level, see above
-            logger.exception("Netloader seed rank %d: client %s hit an error", self.rank, peer)
+            logger.exception("Netloader seed %s: client %s hit an error", self._who, peer)
 
     def describe(self) -> dict[str, Any]:
         """What this seed serves, for operators and tests (the ``info`` request)."""
@@ -178,30 +205,51 @@ class SeedServer:
         }
 
     def _serve(self, conn: socket.socket, peer: str) -> None:
+        seed_nonce = new_nonce()
+        send_msg(conn, {"type": CHALLENGE, "nonce": seed_nonce, "auth": self._secret is not None})
         hello = recv_msg(conn)
-        if hello["type"] == INFO:
-            send_msg(conn, {"type": INFO, **self.describe()})
-            return
-        if hello["type"] != HELLO:
+        if hello["type"] not in (HELLO, INFO):
             raise ProtocolError(f"expected '{HELLO}' or '{INFO}', got '{hello['type']}'")
+        self._authenticate(hello, seed_nonce)
+        if hello["type"] == INFO:
+            self._answer(conn, {"type": INFO, **self.describe()}, seed_nonce, hello)
+            return
         reason = self._refusal(hello)
         if reason is not None:
-            logger.warning("Netloader seed rank %d refused %s: %s", self.rank, peer, reason)
-            send_msg(conn, {"type": REFUSE, "reason": reason, "retry": False})
+            logger.warning("Netloader seed %s refused %s: %s", self._who, peer, reason)
+            send_last(conn, {"type": REFUSE, "reason": reason, "retry": False})
             return
         if not self._slots.acquire(blocking=False):
-            send_msg(conn, {"type": REFUSE, "reason": "seed is busy", "retry": True})
+            send_last(conn, {"type": REFUSE, "reason": "seed is busy", "retry": True})
             return
         with self._counts_lock:
             self._active += 1
         try:
-            if self._send_weights(conn, peer):
+            if self._send_weights(conn, peer, seed_nonce, hello):
                 with self._counts_lock:
                     self._completed += 1
         finally:
             with self._counts_lock:
                 self._active -= 1
             self._slots.release()
+
+    def _authenticate(self, request: dict[str, Any], seed_nonce: str) -> None:
+        """Raise AuthError unless the client proved it knows the secret (if one is set)."""
+        if self._secret is None:
+            return
+        nonce, proof = request.get("nonce"), request.get("proof")
+        if not isinstance(nonce, str) or proof is None:
+            raise AuthError("authentication required: this seed needs the shared secret")
+        if not proof_matches(client_proof(self._secret, seed_nonce, nonce), proof):
+            raise AuthError("authentication failed: wrong shared secret")
+
+    def _answer(
+        self, conn: socket.socket, body: dict[str, Any], seed_nonce: str, request: dict[str, Any]
+    ) -> None:
+        """Send ``body``, with the seed's proof over it and ``request`` when a secret is set."""
+        if self._secret is not None:
+            body = {**body, "proof": seed_proof(self._secret, seed_nonce, request, body)}
+        send_msg(conn, body)
 
     def _refusal(self, hello: dict[str, Any]) -> str | None:
         difference = identity_difference(self.identity, hello.get("identity"))
@@ -216,34 +264,36 @@ class SeedServer:
             return f"tensor manifest differs: {difference}"
         return None
 
-    def _send_weights(self, conn: socket.socket, peer: str) -> bool:
+    def _send_weights(
+        self, conn: socket.socket, peer: str, seed_nonce: str, hello: dict[str, Any]
+    ) -> bool:
         """Send every tensor; True if the client verified them all."""
-        rendezvous = bind_rendezvous(self._host)
-        store_port = rendezvous.getsockname()[1]
-        send_msg(
-            conn,
-            {
+        # Closed here if the group never took it over (the group detaches its fd).
+        with bind_rendezvous(self._host) as rendezvous:
+            store_port = rendezvous.getsockname()[1]
+            accept = {
                 "type": ACCEPT,
                 "store_port": store_port,
                 "bucket_bytes": self._bucket_bytes,
                 "digests": self.weights.digests,
-            },
-        )
-        start = time.perf_counter()
-        group = data_group(
-            self._host, store_port, SEED_RANK, self.timeout_s, listen_socket=rendezvous
-        )
-        with group as pg:
-            sent = send_tensors(
-                pg, self.weights.tensors, self.weights.specs, self._bucket_bytes, self._send_limit
+            }
+            self._answer(conn, accept, seed_nonce, hello)
+            start = time.perf_counter()
+            group = data_group(
+                self._host, store_port, SEED_RANK, self.timeout_s, listen_socket=rendezvous
             )
+            with group as pg:
+                sent = send_tensors(
+                    pg, self.weights.tensors, self.weights.specs, self._bucket_bytes,
+                    self._send_limit,
+                )
         seconds = time.perf_counter() - start
         done = recv_msg(conn, expect=DONE)
         verified = done.get("ok") is True
         log = logger.info if verified else logger.warning
         log(
-            "Netloader seed rank %d sent to %s: %d bytes in %.3f s (%.2f GB/s), client %s",
-            self.rank, peer, sent, seconds, sent / seconds / 1e9,
+            "Netloader seed %s sent to %s: %d bytes in %.3f s (%.2f GB/s), client %s",
+            self._who, peer, sent, seconds, sent / seconds / 1e9,
             "verified all digests" if verified else f"rejected: {done.get('reason')}",
         )
         return verified

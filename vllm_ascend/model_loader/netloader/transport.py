@@ -6,13 +6,19 @@ nccl on CUDA, hccl on Ascend, all through vLLM's stateless-group helper and the
 platform's own hook for device backends. Everything else is shared.
 """
 
+import os
 import socket
+import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
+import numpy as np
 import torch
 from torch.distributed import ProcessGroup
 from vllm.distributed.utils import (
@@ -31,6 +37,19 @@ from vllm_ascend.model_loader.netloader.manifest import (
 SEED_RANK = 0
 CLIENT_RANK = 1
 BUCKET_BYTES = 64 * 1024 * 1024
+# Buckets in flight at once: the seed packs the next while one is sent, the client
+# verifies one while the next arrives. Each costs a staging buffer of a bucket
+# (or of the largest tensor, which travels alone) on the transfer device.
+SEND_DEPTH = 2
+RECV_DEPTH = 2
+# vLLM builds a gloo group inside ``suppress_stdout``, which points fd 1 at /dev/null and
+# back. Two threads doing that at once can leave fd 1 on /dev/null for good (a seed
+# serving concurrent clients lost every later log line of its worker). A lock around
+# setup would deadlock two processes that each set up several groups with the other,
+# so instead the first of overlapping setups keeps fd 1 and the last puts it back.
+_stdout_lock = threading.Lock()
+_setups_running = 0
+_kept_stdout = -1
 
 
 class TransferError(Exception):
@@ -58,21 +77,39 @@ def data_group(
 ) -> Iterator[ProcessGroup]:
     """Open the two-rank group (the seed passes its bound ``listen_socket``) and
     always destroy it on the way out."""
-    pg = stateless_init_torch_distributed_process_group(
-        host,
-        port,
-        rank,
-        2,
-        current_platform.dist_backend,
-        group_name=f"netloader-{uuid.uuid4().hex[:12]}",
-        listen_socket=listen_socket,
-        timeout=timedelta(seconds=timeout_s),
-    )
+    with _stdout_kept():
+        pg = stateless_init_torch_distributed_process_group(
+            host,
+            port,
+            rank,
+            2,
+            current_platform.dist_backend,
+            group_name=f"netloader-{uuid.uuid4().hex[:12]}",
+            listen_socket=listen_socket,
+            timeout=timedelta(seconds=timeout_s),
+        )
     assert isinstance(pg, ProcessGroup)
     try:
         yield pg
     finally:
         stateless_destroy_torch_distributed_process_group(pg)
+
+
+@contextmanager
+def _stdout_kept() -> Iterator[None]:
+    global _setups_running, _kept_stdout
+    with _stdout_lock:
+        if _setups_running == 0:
+            _kept_stdout = os.dup(1)
+        _setups_running += 1
+    try:
+        yield
+    finally:
+        with _stdout_lock:
+            _setups_running -= 1
+            if _setups_running == 0:
+                os.dup2(_kept_stdout, 1)
+                os.close(_kept_stdout)
 
 
 def send_tensors(
@@ -83,29 +120,62 @@ def send_tensors(
     max_bytes_per_s: float | None = None,
 ) -> int:
     """Send ``tensors`` in manifest order, at most ``max_bytes_per_s`` on average;
-    returns the bytes sent."""
+    returns the bytes sent.
+
+    Up to ``SEND_DEPTH`` buckets are in flight, so packing the next multi-tensor
+    bucket into its staging buffer overlaps the sending of the previous one.
+    """
     device = transfer_device()
     start = time.monotonic()
-    staging: torch.Tensor | None = None
+    free: list[torch.Tensor] = []
+    # (work, payload, staging buffer to give back): the payload stays referenced until sent.
+    in_flight: deque[tuple[Any, torch.Tensor, torch.Tensor | None]] = deque()
     sent = 0
     for bucket in plan_buckets(specs, bucket_bytes):
+        if len(in_flight) == SEND_DEPTH:
+            free.extend(_complete(in_flight.popleft()))
+        staging = None
         if len(bucket) == 1:
             payload = byte_view(tensors[bucket[0]]).to(device)
         else:
-            if staging is None:
-                staging = torch.empty(bucket_bytes, dtype=torch.uint8, device=device)
-            offset = 0
-            for i in bucket:
-                n = specs[i].nbytes
-                staging[offset : offset + n].copy_(byte_view(tensors[i]))
-                offset += n
-            payload = staging[:offset]
+            staging = free.pop() if free else _empty(bucket_bytes, device)
+            payload = _pack(staging, [tensors[i] for i in bucket])
         if payload.numel():
-            pg.send([payload], CLIENT_RANK, 0).wait()
+            in_flight.append((pg.send([payload], CLIENT_RANK, 0), payload, staging))
             sent += payload.numel()
+        elif staging is not None:
+            free.append(staging)
         if max_bytes_per_s is not None:
             time.sleep(max(0.0, start + sent / max_bytes_per_s - time.monotonic()))
+    while in_flight:
+        _complete(in_flight.popleft())
     return sent
+
+
+def _complete(entry: tuple[Any, torch.Tensor, torch.Tensor | None]) -> list[torch.Tensor]:
+    """Wait for one send; its staging buffer (if any) is free again."""
+    work, _, staging = entry
+    work.wait()
+    return [] if staging is None else [staging]
+
+
+def _pack(staging: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+    offset = 0
+    for t in tensors:
+        n = t.nbytes
+        _copy_bytes(staging[offset : offset + n], byte_view(t))
+        offset += n
+    return staging[:offset]
+
+
+@dataclass
+class TransferStats:
+    """Where ``recv_tensors`` spent its time on the receiving thread, in seconds."""
+
+    wait_s: float = 0.0  # blocked until the next bucket had arrived
+    verify_s: float = 0.0  # blake3 over received bytes
+    copy_s: float = 0.0  # verified bytes into the targets, first touch of their pages included
+    staging_bytes: int = 0
 
 
 def recv_tensors(
@@ -114,30 +184,77 @@ def recv_tensors(
     specs: list[TensorSpec],
     digests: list[str],
     bucket_bytes: int = BUCKET_BYTES,
+    stats: TransferStats | None = None,
 ) -> int:
     """Receive into ``targets`` in manifest order; returns the bytes received.
 
     Every bucket lands in a staging buffer first and each tensor is copied into its
     target only after its digest matched. So whenever this raises, each target holds
     either its old bytes or exactly the seed's: never partial or corrupted data.
+
+    ``RECV_DEPTH`` buckets are posted at once: while one is verified and copied,
+    the next is already arriving (gloo's own thread reads it, blake3 and the copy
+    release the GIL), so the link does not idle while the host verifies.
     """
+    stats = stats if stats is not None else TransferStats()
+    buckets = plan_buckets(specs, bucket_bytes)
+    sizes = [sum(specs[i].nbytes for i in bucket) for bucket in buckets]
+    depth = min(RECV_DEPTH, len(buckets))
     device = transfer_device()
-    largest = max((spec.nbytes for spec in specs), default=0)
-    staging = torch.empty(max(bucket_bytes, largest), dtype=torch.uint8, device=device)
-    received = 0
-    for bucket in plan_buckets(specs, bucket_bytes):
-        total = sum(specs[i].nbytes for i in bucket)
-        if total:
-            pg.recv([staging[:total]], SEED_RANK, 0).wait()
-        offset = 0
-        for i in bucket:
-            n = specs[i].nbytes
-            chunk = staging[offset : offset + n]
-            if digest(chunk) != digests[i]:
-                raise TransferError(f"digest mismatch for {specs[i].name} ({n} bytes)")
-            byte_view(targets[i]).copy_(chunk)
-            offset += n
-        received += total
-    return received
+    slots = [_empty(max(sizes, default=0), device) for _ in range(depth)]
+    stats.staging_bytes = sum(slot.numel() for slot in slots)
+
+    def post(k: int) -> Any:
+        if not sizes[k]:
+            return None
+        return pg.recv([slots[k % depth][: sizes[k]]], SEED_RANK, 0)
+
+    posted = deque(post(k) for k in range(depth))
+    for k, bucket in enumerate(buckets):
+        work = posted.popleft()
+        if work is not None:
+            t0 = time.perf_counter()
+            work.wait()
+            stats.wait_s += time.perf_counter() - t0
+        _deliver(slots[k % depth], bucket, targets, specs, digests, stats)
+        if k + depth < len(buckets):
+            posted.append(post(k + depth))
+    return sum(sizes)
 
 
+def _deliver(
+    staging: torch.Tensor,
+    bucket: list[int],
+    targets: list[torch.Tensor],
+    specs: list[TensorSpec],
+    digests: list[str],
+    stats: TransferStats,
+) -> None:
+    """Verify each tensor of a received bucket, then copy it into its target."""
+    offset = 0
+    for i in bucket:
+        n = specs[i].nbytes
+        chunk = staging[offset : offset + n]
+        t0 = time.perf_counter()
+        ok = digest(chunk) == digests[i]
+        t1 = time.perf_counter()
+        stats.verify_s += t1 - t0
+        if not ok:
+            raise TransferError(f"digest mismatch for {specs[i].name} ({n} bytes)")
+        _copy_bytes(byte_view(targets[i]), chunk)
+        stats.copy_s += time.perf_counter() - t1
+        offset += n
+
+
+def _empty(nbytes: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+def _copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)``, single-threaded between host tensors: torch's copy runs on
+    every intra-op thread, and their spin-wait afterwards takes the core that the
+    group's receiving (or a seed's serving) thread needs."""
+    if dst.device.type == "cpu" and src.device.type == "cpu":
+        np.copyto(dst.detach().numpy(), src.detach().numpy())
+    else:
+        dst.copy_(src)
