@@ -148,18 +148,31 @@ class VllmServer:
                            f"{self.log_tail()}")
 
     def complete(self, prompts: list[str], max_tokens: int = 32, timeout: float = 120) -> list[str]:
-        """Greedy completions, one text per prompt, in prompt order."""
-        body = json.dumps({"model": self.model_name, "prompt": prompts, "max_tokens": max_tokens,
-                           "temperature": 0, "seed": 0}).encode()
-        req = urllib.request.Request(f"{self.url}/v1/completions", data=body,
+        """Greedy completions, one text per prompt, in prompt order.
+
+        One request per prompt, one after another: how vLLM batches prompts that arrive
+        together depends on timing, and on a random-weight model the batch can change
+        the greedy text, so two servers are only comparable prompt by prompt."""
+        return [self.completion(p, max_tokens, timeout)["text"] for p in prompts]
+
+    def completion(
+        self, prompt: str, max_tokens: int = 32, timeout: float = 120, logprobs: int | None = None
+    ) -> dict:
+        """The one choice of a temperature-0 ``/v1/completions`` request for ``prompt``
+        (with ``logprobs`` per token if given)."""
+        request = {"model": self.model_name, "prompt": prompt, "max_tokens": max_tokens,
+                   "temperature": 0, "seed": 0}
+        if logprobs is not None:
+            request["logprobs"] = logprobs
+        req = urllib.request.Request(f"{self.url}/v1/completions",
+                                     data=json.dumps(request).encode(),
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
-                choices = json.load(resp)["choices"]
+                return json.load(resp)["choices"][0]
         except urllib.error.HTTPError as e:
             detail = e.read().decode(errors="replace")
             raise RuntimeError(f"completion failed: HTTP {e.code}: {detail}") from e
-        return [c["text"] for c in sorted(choices, key=lambda c: c["index"])]
 
     def log_text(self) -> str:
         if self.log_path is None or not self.log_path.exists():

@@ -6,78 +6,15 @@ every generated token must be identical, and where the weights came from is read
 from each instance's own seed ``info`` answer, not from its log.
 """
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from tests.e2e.helpers import address_of, dump, greedy, netloader_server, start_all
 from tools.make_tiny_model import main as make_tiny_model
-from tools.vllm_server import VllmServer
 from vllm_ascend.model_loader.netloader.client import query_seed
 
 pytestmark = pytest.mark.e2e
-
-PROMPTS = [
-    "The quickest way to start a new server is",
-    "Once upon a time, in a data center far away,",
-    "1, 2, 3, 4,",
-]
-REPO = Path(__file__).resolve().parents[2]
-# A repeated prompt would hit the prefix cache and take another numeric path; without
-# it, every request is computed the same way and logprobs can be compared exactly.
-SERVER_ARGS = ["--no-enable-prefix-caching"]
-
-
-def greedy(server: VllmServer) -> list[tuple[str, list[float]]]:
-    """Text and per-token logprobs of a temperature-0 completion per prompt."""
-    body = {
-        "model": server.model_name, "prompt": PROMPTS, "max_tokens": 24,
-        "temperature": 0, "logprobs": 1, "seed": 0,
-    }
-    req = urllib.request.Request(
-        f"{server.url}/v1/completions", data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        choices = sorted(json.load(resp)["choices"], key=lambda c: c["index"])
-    return [(c["text"], c["logprobs"]["token_logprobs"]) for c in choices]
-
-
-def start_all(*servers: VllmServer) -> None:
-    """Start servers together (one per core) and wait until all are healthy."""
-    for s in servers:
-        s.start()
-    with ThreadPoolExecutor(len(servers)) as pool:
-        list(pool.map(lambda s: s.wait_healthy(240), servers))
-
-
-def address_of(prefix: Path) -> str:
-    return Path(f"{prefix}0.txt").read_text().strip()
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("netloader-e2e")
-
-
-@pytest.fixture(scope="module")
-def model(workdir) -> str:
-    given = os.environ.get("NETLOADER_TEST_MODEL")
-    if given:
-        return given
-    path = workdir / "tiny-qwen2"
-    make_tiny_model([str(path)])
-    return str(path)
-
 
 @pytest.fixture(scope="module")
 def other_model(workdir) -> str:
@@ -85,36 +22,6 @@ def other_model(workdir) -> str:
     path = workdir / "other-qwen2"
     make_tiny_model([str(path), "--layers", "5", "--seed", "1"])
     return str(path)
-
-
-def netloader_server(
-    model: str, workdir: Path, name: str, cpu: str, sources: list[str] | None = None
-) -> VllmServer:
-    extra: dict = {"OUTPUT_PREFIX": f"{workdir}/{name}-"}
-    if sources is not None:
-        extra["SOURCE"] = [{"device_id": 0, "sources": sources}]
-    return VllmServer(
-        model, load_format="netloader", cpu_bind=cpu, extra_config=extra,
-        log_path=workdir / f"{name}.log", extra_args=SERVER_ARGS,
-    )
-
-
-@pytest.fixture(scope="module")
-def seed(model, workdir):
-    """A netloader seed (from disk) and the `auto` disk-load reference outputs."""
-    seed = netloader_server(model, workdir, "seed", "0")
-    disk = VllmServer(
-        model, load_format="auto", cpu_bind="1", log_path=workdir / "disk.log",
-        extra_args=SERVER_ARGS,
-    )
-    try:
-        start_all(seed, disk)
-        reference = greedy(disk)
-        disk.stop()
-        yield seed, address_of(workdir / "seed-"), reference
-    finally:
-        disk.stop()
-        seed.stop()
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +40,9 @@ def test_seed_from_disk_matches_auto_load(seed):
     info = query_seed(address)
     assert info["loaded_from"] == "disk"
     assert greedy(server) == reference
-    assert all(text for text, _ in reference)
+    # Not vacuous: every prompt generated tokens. A random-weight model may pick a
+    # special token first and then decode to "" (seen once), so not every text.
+    assert all(logprobs for _, logprobs in reference) and any(text for text, _ in reference)
 
 
 def test_client_loads_from_seed_and_matches_disk_load(seed, client):
@@ -192,22 +101,6 @@ def test_unreachable_source_and_other_models_seed_fall_back_to_disk(
     assert seed_server.health_ok()
 
 
-def dump(model: str, out: Path, load_format: str, extra: dict) -> tuple[dict, dict]:
-    """Runtime tensors of an in-process instance, and its report (tensor count, seeds)."""
-    env = {
-        **os.environ, "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_CPU_OMP_THREADS_BIND": "1",
-    }
-    cmd = [
-        sys.executable, "-m", "tests.e2e.dump_instance", model, str(out),
-        "--load-format", load_format, "--extra", json.dumps(extra),
-    ]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = [line for line in done.stdout.splitlines() if line.startswith("DUMP ")][-1]
-    return load_file(str(out)), json.loads(report.removeprefix("DUMP "))
-
-
 def test_client_runtime_tensors_equal_disk_load(model, workdir, seed):
     """Every tensor the processed model holds (params, buffers, attributes, kernel
     closures) equals a disk load's, bit for bit."""
@@ -223,38 +116,3 @@ def test_client_runtime_tensors_equal_disk_load(model, workdir, seed):
     for name, t in from_disk.items():
         assert received[name].dtype == t.dtype, name
         assert torch.equal(received[name], t), name
-
-
-def test_seed_killed_mid_transfer_client_loads_from_disk(
-    model, workdir, seed
-):
-    """A real seed, capped at 2 MB/s in 1 MiB buckets so the transfer lasts seconds,
-    is SIGKILLed while it sends; the client must still come up with the right model."""
-    _, _, reference = seed
-    doomed = VllmServer(
-        model, load_format="netloader", cpu_bind="0", log_path=workdir / "doomed.log",
-        extra_args=SERVER_ARGS,
-        extra_config={
-            "OUTPUT_PREFIX": f"{workdir}/doomed-", "BUCKET_MB": 1, "SEND_LIMIT_MB_PER_S": 2,
-        },
-    )
-    survivor = None
-    try:
-        start_all(doomed)
-        doomed_address = address_of(workdir / "doomed-")
-        survivor = netloader_server(model, workdir, "survivor", "1", [doomed_address])
-        survivor.start()
-        deadline = time.monotonic() + 240
-        while query_seed(doomed_address)["active_transfers"] == 0:
-            assert time.monotonic() < deadline and survivor.proc.poll() is None
-            time.sleep(0.05)
-        os.killpg(doomed.proc.pid, signal.SIGKILL)
-        survivor.wait_healthy(240)
-        info = query_seed(address_of(workdir / "survivor-"))
-        assert info["loaded_from"] == "disk"
-        assert len(info["fallback_reasons"]) == 1 and doomed_address in info["fallback_reasons"][0]
-        assert greedy(survivor) == reference
-    finally:
-        for server in (survivor, doomed):
-            if server is not None:
-                server.stop()

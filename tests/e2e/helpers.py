@@ -1,0 +1,85 @@
+"""Shared pieces of the end-to-end tests: real vLLM servers and in-process instances."""
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from tools.vllm_server import VllmServer
+
+PROMPTS = [
+    "The quickest way to start a new server is",
+    "Once upon a time, in a data center far away,",
+    "1, 2, 3, 4,",
+]
+REPO = Path(__file__).resolve().parents[2]
+# A repeated prompt would hit the prefix cache and take another numeric path; without
+# it, every request is computed the same way and logprobs can be compared exactly.
+SERVER_ARGS = ["--no-enable-prefix-caching"]
+
+
+def greedy(server: VllmServer, prompts: list[str] = PROMPTS) -> list[tuple[str, list[float]]]:
+    """Text and per-token logprobs of a temperature-0 completion per prompt.
+
+    One request per prompt, one after another: how vLLM batches prompts that arrive
+    together depends on timing, and the batch can change the numerics."""
+    choices = [server.completion(prompt, max_tokens=24, logprobs=1) for prompt in prompts]
+    return [(c["text"], c["logprobs"]["token_logprobs"]) for c in choices]
+
+
+def start_all(*servers: VllmServer) -> None:
+    """Start servers together (one per core) and wait until all are healthy."""
+    for s in servers:
+        s.start()
+    with ThreadPoolExecutor(len(servers)) as pool:
+        list(pool.map(lambda s: s.wait_healthy(240), servers))
+
+
+def address_of(prefix: Path | str, rank: int = 0) -> str:
+    """The ``ip:port`` that rank ``rank``'s seed wrote to ``{OUTPUT_PREFIX}{rank}.txt``."""
+    return Path(f"{prefix}{rank}.txt").read_text().strip()
+
+
+def netloader_server(
+    model: str, workdir: Path, name: str, cpu: str, sources: list[str] | None = None,
+    keys: dict | None = None, env: dict[str, str] | None = None,
+) -> VllmServer:
+    """A netloader server writing its address to ``{workdir}/{name}-0.txt``; ``keys``
+    adds extra-config keys."""
+    extra: dict = {"OUTPUT_PREFIX": f"{workdir}/{name}-", **(keys or {})}
+    if sources is not None:
+        extra["SOURCE"] = [{"device_id": 0, "sources": sources}]
+    return VllmServer(
+        model, load_format="netloader", cpu_bind=cpu, extra_config=extra,
+        log_path=workdir / f"{name}.log", extra_args=SERVER_ARGS, env=env,
+    )
+
+
+def dump_command(model: str, out: Path, load_format: str, extra: dict, *more: str) -> list[str]:
+    """The command line of an in-process instance (tests/e2e/dump_instance.py)."""
+    return [
+        sys.executable, "-m", "tests.e2e.dump_instance", model, str(out),
+        "--load-format", load_format, "--extra", json.dumps(extra), *more,
+    ]
+
+
+DUMP_ENV = {
+    "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "1",
+}
+
+
+def dump(
+    model: str, out: Path, load_format: str, extra: dict, *more: str
+) -> tuple[dict, dict]:
+    """Runtime tensors of an in-process instance, and its report (tensor count, seeds)."""
+    done = subprocess.run(
+        dump_command(model, out, load_format, extra, *more), cwd=REPO,
+        env={**os.environ, **DUMP_ENV}, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = [line for line in done.stdout.splitlines() if line.startswith("DUMP ")][-1]
+    return load_file(str(out)), json.loads(report.removeprefix("DUMP "))
