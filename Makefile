@@ -1,6 +1,7 @@
-# Two commands do all set-up on a fresh machine:
+# These commands do all set-up on a fresh machine:
 #   make demo   - set up, build the embedded tiny model, run seed + client, compare outputs
 #   make test   - set up, then lint, type-check and run every test (unit + end-to-end)
+#   make bench  - set up, build 0.1/1/3 GB models, run every benchmark (root; ~10 min)
 # `make demo MODEL=/path/to/hf/model` runs the demo on a real model instead.
 
 PYTHON ?= python3
@@ -10,8 +11,9 @@ STAMP := $(VENV)/.netloader-setup
 TINY_MODEL := .models/tiny-qwen2
 MODEL ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: setup model demo test lint ut e2e clean
+.PHONY: setup model demo docs-images test lint ut e2e bench clean
 
 setup: $(STAMP)
 
@@ -38,6 +40,13 @@ else
 	$(PY) -m examples.netloader.demo --model $(MODEL)
 endif
 
+# The user guide's two images: the demo on the tiny model records both servers' start-up
+# phases, then the flowchart and the measured timing diagram are drawn from them.
+DOCS_IMAGES := docs/source/user_guide/feature_guide/images
+docs-images: setup model
+	$(PY) -m examples.netloader.demo --model $(TINY_MODEL) --phases-out .demo/phases.json
+	$(PY) -m tools.netloader_diagrams --phases .demo/phases.json --out $(DOCS_IMAGES)
+
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m mypy
@@ -51,5 +60,9 @@ e2e: setup model
 test: setup model lint
 	NETLOADER_TEST_MODEL=$(abspath $(TINY_MODEL)) $(PY) -m pytest tests -v -rA $(PYTEST_ARGS)
 
+# Prints one JSON object last; writes the plot under docs/ (see benchmarks/run_all.py).
+bench: setup
+	$(PY) -m benchmarks.run_all $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) .models .demo .pytest_cache .ruff_cache .mypy_cache *.egg-info
+	rm -rf $(VENV) .models .demo .bench .pytest_cache .ruff_cache .mypy_cache *.egg-info

@@ -1,112 +1,264 @@
-"""Netloader transfer throughput against raw loopback TCP, in one run.
+"""Netloader transfer throughput against raw loopback TCP, in one run, with phases.
 
-    python -m benchmarks.netloader_transfer [--gb 1.0] [--tensor-mb 64]
+    python -m benchmarks.netloader_transfer [--gb 1.0] [--tensor-mb 64] [--repeat 3]
+                                            [--fresh-targets] [--pin]
 
 A seed process serves a synthetic bf16 model of ``--gb`` gigabytes; this process
 receives it the way a starting instance does (handshake, gloo group, staging,
-per-tensor blake3 check). The baseline streams the same number of bytes over one
-loopback TCP connection between two processes. Prints one JSON object last.
+per-tensor blake3 check). The baseline (``link``) streams the same number of bytes
+over one loopback TCP connection between two processes into a small reused buffer;
+``link_into_memory`` streams them into a buffer the size of the model instead, as
+any loader must (touched, or fresh with ``--fresh-targets``). Each repeat runs all
+three back to back, so they see the same machine; figures are medians over repeats.
+
+``--fresh-targets`` receives into never-touched memory, as into a model vLLM has
+just built (its weights are ``torch.empty``); by default the targets are zeroed
+first. ``--pin`` puts the seed (and the TCP sink) on CPU 0 and the client (and the
+TCP source) on CPU 1, as ``VLLM_CPU_OMP_THREADS_BIND`` does for two servers.
+
+Phases of a transfer, as the client sees them: ``handshake`` (connect, hello,
+accept), ``group_setup`` (the two-rank gloo group), ``transfer`` (receive, verify,
+copy: ``recv_tensors``; its ``wait_s``/``verify_s``/``copy_s`` say where the
+receiving thread spent it), ``teardown`` (group destroyed, 'done' sent).
+``overhead_s`` is the total minus the time the raw link needs for the same bytes.
+CPU seconds are per transfer, all threads of the process. Prints one JSON object last.
 """
 
 import argparse
+import dataclasses
 import json
+import mmap
 import multiprocessing as mp
+import os
+import resource
 import socket
+import statistics
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
 IDENTITY = {"model": "bench", "rank": 0, "tensor_parallel_size": 1, "pipeline_parallel_size": 1}
+SEED_CPU, CLIENT_CPU = 0, 1
 
 
-def synthetic_model(gb: float, tensor_mb: int) -> nn.Module:
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def pin(cpu: int | None) -> None:
+    if cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cpu % (os.cpu_count() or 1)})
+
+
+def synthetic_model(gb: float, tensor_mb: float, fill: bool = True) -> nn.Module:
     model = nn.Module()
-    per_tensor = tensor_mb * (1 << 20) // 2
+    per_tensor = int(tensor_mb * (1 << 20)) // 2
     for i in range(max(1, int(gb * 1e9 // (per_tensor * 2)))):
         t = torch.empty(per_tensor, dtype=torch.bfloat16)
-        t.view(torch.int16).random_(-(2**15), 2**15 - 1)
+        if fill:
+            t.view(torch.int16).random_(-(2**15), 2**15 - 1)
         model.register_parameter(f"w{i}", nn.Parameter(t, requires_grad=False))
     return model
 
 
-def _seed(ready: Any, stop: Any, gb: float, tensor_mb: int) -> None:
+def _seed(ready: Any, conn: Any, gb: float, tensor_mb: float, cpu: int | None) -> None:
     from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
     from vllm_ascend.model_loader.netloader.server import SeedServer
 
+    pin(cpu)
     weights = LoadedWeights.capture(synthetic_model(gb, tensor_mb))
     server = SeedServer(weights, IDENTITY, 0, "127.0.0.1", 0, 120.0).start()
     server.ready.wait(120)
     ready.put(server.address)
-    stop.recv()
+    while conn.recv() is not None:  # each request is answered with this process's CPU time
+        conn.send(cpu_seconds())
     server.stop()
 
 
-def netloader_gbps(gb: float, tensor_mb: int) -> dict[str, float]:
+@contextmanager
+def phase_clock(times: dict[str, float], stats: Any) -> Iterator[None]:
+    """Time the client's phases through the two transport calls it makes: the
+    group's setup and teardown around ``data_group``, the bulk in ``recv_tensors``."""
+    from vllm_ascend.model_loader.netloader import client
+
+    original_group, original_recv = client.data_group, client.recv_tensors
+
+    @contextmanager
+    def timed_group(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        times["group_called"] = time.perf_counter()
+        with original_group(*args, **kwargs) as pg:
+            times["group_ready"] = time.perf_counter()
+            yield pg
+            times["group_leaving"] = time.perf_counter()
+        times["group_closed"] = time.perf_counter()
+
+    def timed_recv(*args: Any, **kwargs: Any) -> int:
+        start = time.perf_counter()
+        try:
+            return original_recv(*args, stats=stats, **kwargs)
+        finally:
+            times["transfer"] = time.perf_counter() - start
+
+    client.data_group, client.recv_tensors = timed_group, timed_recv  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        client.data_group, client.recv_tensors = original_group, original_recv
+
+
+def netloader_once(address: str, gb: float, tensor_mb: float, fresh: bool) -> dict[str, Any]:
     from vllm_ascend.model_loader.netloader.client import WeightFetch
     from vllm_ascend.model_loader.netloader.manifest import model_tensors, spec_of
+    from vllm_ascend.model_loader.netloader.transport import TransferStats
 
-    ctx = mp.get_context("spawn")
-    ready, (stop_recv, stop_send) = ctx.Queue(), ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_seed, args=(ready, stop_recv, gb, tensor_mb), daemon=True)
-    proc.start()
-    try:
-        address = ready.get(timeout=600)
-        named = model_tensors(synthetic_model(gb, tensor_mb))
+    named = model_tensors(synthetic_model(gb, tensor_mb, fill=False))
+    if not fresh:
         for _, t in named:
             t.zero_()  # touch the client's memory, as an initialized model would be
-        fetch = WeightFetch(IDENTITY, [spec_of(n, t) for n, t in named], [t for _, t in named], 120)
+    fetch = WeightFetch(IDENTITY, [spec_of(n, t) for n, t in named], [t for _, t in named], 120)
+    times: dict[str, float] = {}
+    stats = TransferStats()
+    cpu0 = cpu_seconds()
+    with phase_clock(times, stats):
+        start = time.perf_counter()
         received = fetch.run((address,))
-        if received is None:
-            raise RuntimeError(f"transfer failed: {fetch.reasons}")
-        return {"bytes": received.nbytes, "seconds": received.seconds,
-                "gbps": received.nbytes / received.seconds / 1e9}
-    finally:
-        stop_send.send(None)
-        proc.join(30)
+        end = time.perf_counter()
+    if received is None:
+        raise RuntimeError(f"transfer failed: {fetch.reasons}")
+    phases = {
+        "handshake_s": times["group_called"] - start,
+        "group_setup_s": times["group_ready"] - times["group_called"],
+        "transfer_s": times["transfer"],
+        "teardown_s": end - times["group_leaving"],
+    }
+    return {"bytes": received.nbytes, "seconds": end - start, "phases": phases,
+            "transfer": dataclasses.asdict(stats), "client_cpu_s": cpu_seconds() - cpu0}
 
 
-def _tcp_sink(port_q: Any, nbytes: int) -> None:
+def _sink_buffer(nbytes: int, into: str) -> memoryview:
+    if into == "reused":  # one small buffer, over and over: what a raw link can do
+        return memoryview(bytearray(8 << 20))
+    buf = mmap.mmap(-1, nbytes)  # never-touched pages, like a model vLLM has just built
+    if into == "touched":
+        torch.frombuffer(buf, dtype=torch.uint8).fill_(1)  # write every page once
+    return memoryview(buf)
+
+
+def _tcp_sink(port_q: Any, nbytes: int, cpu: int | None, into: str) -> None:
+    pin(cpu)
     with socket.create_server(("127.0.0.1", 0)) as srv:
         port_q.put(srv.getsockname()[1])
         conn, _ = srv.accept()
-        buf = bytearray(8 << 20)
+        buf = _sink_buffer(nbytes, into)
+        cpu0 = cpu_seconds()
         got = 0
         while got < nbytes:
-            got += conn.recv_into(buf)
+            offset = got % len(buf)
+            got += conn.recv_into(buf[offset : offset + min(8 << 20, nbytes - got)])
+        port_q.put(cpu_seconds() - cpu0)
         conn.sendall(b"k")
 
 
-def tcp_gbps(nbytes: int) -> float:
+def tcp_once(nbytes: int, sink_cpu: int | None, into: str = "reused") -> dict[str, float]:
+    """Stream ``nbytes`` to a sink process that receives ``into`` a small reused
+    buffer (the link's own speed) or into a model-sized one, touched or fresh."""
     ctx = mp.get_context("spawn")
     port_q = ctx.Queue()
-    proc = ctx.Process(target=_tcp_sink, args=(port_q, nbytes), daemon=True)
+    proc = ctx.Process(target=_tcp_sink, args=(port_q, nbytes, sink_cpu, into), daemon=True)
     proc.start()
     payload = memoryview(bytearray(8 << 20))
-    with socket.create_connection(("127.0.0.1", port_q.get(timeout=60))) as conn:
-        start = time.perf_counter()
-        sent = 0
-        while sent < nbytes:
-            conn.sendall(payload[: min(len(payload), nbytes - sent)])
-            sent += min(len(payload), nbytes - sent)
-        conn.recv(1)
-        seconds = time.perf_counter() - start
-    proc.join(30)
-    return nbytes / seconds / 1e9
+    try:
+        with socket.create_connection(("127.0.0.1", port_q.get(timeout=60))) as conn:
+            cpu0, start = cpu_seconds(), time.perf_counter()
+            sent = 0
+            while sent < nbytes:
+                n = min(len(payload), nbytes - sent)
+                conn.sendall(payload[:n])
+                sent += n
+            conn.recv(1)
+            seconds, sender_cpu = time.perf_counter() - start, cpu_seconds() - cpu0
+        return {"gbps": nbytes / seconds / 1e9, "sender_cpu_s": sender_cpu,
+                "receiver_cpu_s": port_q.get(timeout=60)}
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+
+
+def median(runs: list[dict[str, Any]], key: Callable[[dict[str, Any]], float]) -> float:
+    return round(statistics.median(key(r) for r in runs), 3)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--gb", type=float, default=1.0)
-    parser.add_argument("--tensor-mb", type=int, default=64)
+    parser.add_argument("--tensor-mb", type=float, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--fresh-targets", action="store_true")
+    parser.add_argument("--pin", action="store_true")
     args = parser.parse_args()
-    result = netloader_gbps(args.gb, args.tensor_mb)
-    link = tcp_gbps(result["bytes"])
+    seed_cpu, client_cpu = (SEED_CPU, CLIENT_CPU) if args.pin else (None, None)
+
+    ctx = mp.get_context("spawn")
+    ready, (conn, child_conn) = ctx.Queue(), ctx.Pipe()
+    proc = ctx.Process(
+        target=_seed, args=(ready, child_conn, args.gb, args.tensor_mb, seed_cpu), daemon=True
+    )
+    proc.start()
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    runs = []
+    try:
+        address = ready.get(timeout=600)
+        pin(client_cpu)
+        for i in range(args.repeat):
+            conn.send("cpu")
+            seed_cpu0 = conn.recv()
+            run = netloader_once(address, args.gb, args.tensor_mb, args.fresh_targets)
+            conn.send("cpu")
+            run["seed_cpu_s"] = conn.recv() - seed_cpu0
+            run["tcp"] = tcp_once(run["bytes"], seed_cpu)
+            into = "fresh" if args.fresh_targets else "touched"
+            run["tcp_into_memory"] = tcp_once(run["bytes"], seed_cpu, into)
+            run["gbps"] = run["bytes"] / run["seconds"] / 1e9
+            run["overhead_s"] = run["seconds"] - run["bytes"] / (run["tcp"]["gbps"] * 1e9)
+            runs.append(run)
+            print(f"run {i}: netloader {run['gbps']:.3f} GB/s, link {run['tcp']['gbps']:.3f} "
+                  f"GB/s, link into memory {run['tcp_into_memory']['gbps']:.3f} GB/s, "
+                  f"{json.dumps(run)}", flush=True)
+    finally:
+        conn.send(None)
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)
+
+    phases = {k: median(runs, lambda r, k=k: r["phases"][k]) for k in runs[0]["phases"]}
+    transfer = {k: median(runs, lambda r, k=k: r["transfer"][k]) for k in runs[0]["transfer"]}
     print(json.dumps({
-        "bytes": result["bytes"], "netloader_seconds": round(result["seconds"], 3),
-        "netloader_gbps": round(result["gbps"], 3), "link_gbps": round(link, 3),
-        "ratio": round(result["gbps"] / link, 3),
+        "bytes": runs[0]["bytes"],
+        "netloader_seconds": median(runs, lambda r: r["seconds"]),
+        "netloader_gbps": median(runs, lambda r: r["gbps"]),
+        "link_gbps": median(runs, lambda r: r["tcp"]["gbps"]),
+        "ratio": median(runs, lambda r: r["gbps"] / r["tcp"]["gbps"]),
+        "link_into_memory_gbps": median(runs, lambda r: r["tcp_into_memory"]["gbps"]),
+        "ratio_vs_memory": median(runs, lambda r: r["gbps"] / r["tcp_into_memory"]["gbps"]),
+        "overhead_s": median(runs, lambda r: r["overhead_s"]),
+        "phases": phases,
+        "transfer": transfer,
+        "client_cpu_s": median(runs, lambda r: r["client_cpu_s"]),
+        "seed_cpu_s": median(runs, lambda r: r["seed_cpu_s"]),
+        "tcp_cpu_s": {k: median(runs, lambda r, k=k: r["tcp"][k])
+                      for k in ("sender_cpu_s", "receiver_cpu_s")},
+        "tcp_into_memory_cpu_s": {k: median(runs, lambda r, k=k: r["tcp_into_memory"][k])
+                                  for k in ("sender_cpu_s", "receiver_cpu_s")},
+        "repeat": args.repeat, "fresh_targets": args.fresh_targets, "pin": args.pin,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
     }))
 
 

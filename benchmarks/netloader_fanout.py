@@ -1,0 +1,176 @@
+"""Fan-out: N clients start fetching one seed's model together; how long until all N
+have received and verified it, with the links (not the CPUs) as the bottleneck.
+
+    python -m benchmarks.netloader_fanout [--clients 1,2,4] [--gb 0.25] [--rate-mbit 300]
+                                          [--mode direct] [--tcp-mb 64] [--repeat 1]
+
+Needs root: every process runs in a network namespace of its own (tools/netns.py), the
+seed in one and client i in another, every link shaped to ``--rate-mbit`` both ways
+(0: unshaped). The baseline is raw TCP on the same links: the seed's namespace streams
+``--tcp-mb`` to each of N sinks at once, which is what the links allow with no
+Netloader in the way.
+
+``--mode`` picks where each client fetches from (``SOURCE_PLANS``). ``direct``: every
+client from the seed, so the seed's uplink carries N copies and the time grows about
+N-fold. A relaying mode (a client passes on verified buckets while it still receives)
+is another plan here, plus whatever the client role needs to serve while receiving;
+the clock, the topology and the verification stay as they are.
+Prints one JSON object last.
+"""
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.netns_roles import Child
+from tools.netns import Topology, exit_on_sigterm
+
+# Where each of N clients fetches from, given the seed's address and the clients'
+# own addresses (in start order).
+SourcePlan = Callable[[str, list[str]], list[list[str]]]
+
+
+def direct(seed: str, clients: list[str]) -> list[list[str]]:
+    return [[seed] for _ in clients]
+
+
+SOURCE_PLANS: dict[str, SourcePlan] = {"direct": direct}
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        sys.exit("this benchmark creates network namespaces: run it as root")
+
+
+def fetch_together(
+    clients: list[Child], plans: list[list[str]], timeout: float
+) -> dict[str, Any]:
+    """Start every client's fetch at once; time until the last one has verified."""
+    start = time.monotonic()
+    for child, sources in zip(clients, plans, strict=True):
+        child.send(cmd="fetch", sources=sources)
+    results = [child.recv(timeout) for child in clients]
+    failed = [r["reasons"] for r in results if not r["ok"]]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(clients)} clients failed: {failed}")
+    return {
+        "seconds": max(r["end"] for r in results) - start,
+        "per_client_s": [round(r["end"] - r["start"], 3) for r in results],
+        "bytes": [r["bytes"] for r in results],
+    }
+
+
+def tcp_together(
+    source: Child, sinks: list[Child], addresses: list[str], nbytes: int, timeout: float
+) -> float:
+    """Raw TCP from the seed's namespace to every sink at once; seconds until the last
+    byte of the last stream arrived."""
+    for sink in sinks:
+        sink.send(cmd="accept")
+    sent = source.ask(timeout, cmd="send", to=addresses, bytes=nbytes)
+    ends = [sink.recv(timeout)["end"] for sink in sinks]
+    return float(max(ends) - sent["start"])
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    counts = sorted({int(n) for n in args.clients.split(",")})
+    plan = SOURCE_PLANS[args.mode]
+    rate = args.rate_mbit or None
+    names = [f"c{i}" for i in range(max(counts))]
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = ["--gb", str(args.gb), "--tensor-mb", str(args.tensor_mb)]
+    # Generous: the slowest plan at a tenth of the link rate, plus start-up.
+    slowest_s = max(counts) * args.gb * 1e9 * 8 / ((rate or 8000) * 1e6 * 0.1)
+    with Topology(["seed", *names], rate) as net:
+        def child(node: str, role: str, extra: list[str]) -> Child:
+            log = workdir / f"{node}-{role}.log"
+            log.unlink(missing_ok=True)
+            return Child(functools.partial(net.popen, node), role, extra, log)
+
+        seed_addr = net.address("seed")
+        seed = child("seed", "seed", ["--host", seed_addr, *model])
+        clients = [child(n, "client", model) for n in names]
+        sinks = [child(n, "tcp-sink", ["--host", net.address(n)]) for n in names]
+        source = child("seed", "tcp-source", [])
+        everyone = [seed, *clients, *sinks, source]
+        try:
+            address = seed.recv(600)["addresses"][0]
+            for c in clients:
+                c.recv(600)
+            sink_addrs = [f"{net.address(n)}:{s.recv(60)['port']}" for n, s in zip(
+                names, sinks, strict=True)]
+            tcp_bytes = int(args.tcp_mb * 1e6)
+            tcp = {n: statistics.median(
+                tcp_together(source, sinks[:n], sink_addrs[:n], tcp_bytes, slowest_s)
+                for _ in range(args.repeat)) for n in counts}
+            runs: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
+            for _ in range(args.repeat):
+                for n in counts:
+                    plans = plan(address, [net.address(c) for c in names[:n]])
+                    runs[n].append(fetch_together(clients[:n], plans, slowest_s + 120))
+                    print(f"fanout {args.mode} N={n}: {runs[n][-1]['seconds']:.2f} s "
+                          f"(load {os.getloadavg()[0]:.2f})", flush=True)
+            link_stats = net.link_stats() if rate else {}
+        finally:
+            for c in everyone:
+                c.quit()
+    return summarize(args, counts, rate, tcp, tcp_bytes, runs, link_stats)
+
+
+def summarize(
+    args: argparse.Namespace, counts: list[int], rate: float | None, tcp: dict[int, float],
+    tcp_bytes: int, runs: dict[int, list[dict[str, Any]]], link_stats: dict[str, Any],
+) -> dict[str, Any]:
+    nbytes = runs[counts[0]][0]["bytes"][0]
+    fanout = {n: statistics.median(r["seconds"] for r in runs[n]) for n in counts}
+    one = counts[0]
+    out: dict[str, Any] = {
+        "mode": args.mode,
+        "rate_mbit": rate,
+        "bytes": nbytes,
+        "clients": counts,
+        "fanout_s": {str(n): round(s, 3) for n, s in fanout.items()},
+        "per_client_s": {str(n): runs[n][len(runs[n]) // 2]["per_client_s"] for n in counts},
+        "aggregate_mbit": {str(n): round(n * nbytes * 8 / s / 1e6, 1)
+                           for n, s in fanout.items()},
+        "tcp_bytes_per_client": tcp_bytes,
+        "tcp_fanout_s": {str(n): round(s, 3) for n, s in tcp.items()},
+        "tcp_link_mbit": round(tcp_bytes * 8 / tcp[one] / 1e6, 1),
+        "netloader_mbit": round(nbytes * 8 / fanout[one] / 1e6, 1),
+        "link_stats": link_stats,
+        "repeat": args.repeat,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+    for n in counts:
+        if n != one:
+            out[f"fanout_{n}_over_{one}"] = round(fanout[n] / fanout[one], 3)
+            out[f"tcp_{n}_over_{one}"] = round(tcp[n] / tcp[one], 3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clients", default="1,2,4")
+    parser.add_argument("--gb", type=float, default=0.25)
+    parser.add_argument("--tensor-mb", type=float, default=16.0)
+    parser.add_argument("--rate-mbit", type=float, default=300.0)
+    parser.add_argument("--mode", choices=sorted(SOURCE_PLANS), default="direct")
+    parser.add_argument("--tcp-mb", type=float, default=64.0)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--workdir", default=".bench/fanout")
+    args = parser.parse_args()
+    require_root()
+    exit_on_sigterm()
+    print(json.dumps(measure(args)))
+
+
+if __name__ == "__main__":
+    main()

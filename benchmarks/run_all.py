@@ -1,0 +1,352 @@
+"""Every Netloader benchmark in one run (``make bench``); prints one JSON object last.
+
+    python -m benchmarks.run_all [--sizes 0.1,1,3] [--rate-mbit 300] [--skip-vllm]
+
+1. Random-weight Qwen2 models of ``--sizes`` GB (tools/make_tiny_model.py).
+2. ``benchmarks.netloader_transfer`` at the largest size: raw loopback TCP against a
+   Netloader transfer between two processes (``link_gbps``, ``netloader_gbps``, ``ratio``).
+3. Per size, inside real vLLM servers: the page cache dropped, the weight files read
+   once (the disk's sequential rate, and the cache is now warm); the demo (a seed loads
+   from the warm disk, a client from the seed; outputs must match); the page cache
+   dropped again and one ``--load-format auto`` server started. Reports the client's
+   Netloader load (``client_load_s``) against vLLM's default loader reading the same
+   files warm and cold (its own "Loading weights took" line).
+4. ``benchmarks.netloader_fanout`` (N = 1, 2, 4 clients, rate-limited namespaces) and
+   ``benchmarks.netloader_seed_latency`` on a shaped link and on an unshaped one.
+5. A plot for the docs: ``docs/source/user_guide/feature_guide/images/netloader_bench.png``.
+
+Steps 3 (cold) and 4 need root (page cache, namespaces); without it they are skipped.
+Each step's full output is in ``.bench/<step>.log``. A step that fails is listed under
+``errors`` and the rest still run (exit status 1); a demo whose texts differ although
+both instances hold the same weights (equal value fingerprints) is a ``warning``: a
+random-weight model's near-tied logits flip with how vLLM CPU happens to batch the
+prompts. Figures are noisy on a shared 2-core machine: steps record the load average.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tools.vllm_server import VllmServer
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE = REPO / "docs/source/user_guide/feature_guide/images/netloader_bench.png"
+LOADING_TOOK = re.compile(r"Loading weights took ([0-9.]+) seconds")
+
+
+class StepFailed(RuntimeError):
+    pass
+
+
+class Bench:
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.errors: dict[str, str] = {}
+        self.warnings: dict[str, str] = {}
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    def run(self, name: str, cmd: list[str], timeout: float = 900) -> dict[str, Any]:
+        """Run one benchmark module; its last stdout line is its JSON result."""
+        proc = self.call(name, cmd, timeout)
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            raise StepFailed(f"{name} exited {proc.returncode}; see {self.log(name)}")
+        result: dict[str, Any] = json.loads(lines[-1])
+        return result
+
+    def call(self, name: str, cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        """Run ``cmd``; stdout is returned and, after stderr, kept in .bench/<name>.log."""
+        start = time.monotonic()
+        print(f"[bench] {name}: {' '.join(cmd)} (load {load_avg()})", flush=True)
+        with open(self.log(name), "w", encoding="utf-8") as out:
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=out, text=True)
+            try:
+                stdout, _ = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                # SIGTERM first: the namespace benchmarks tear their namespaces down on it.
+                proc.terminate()
+                try:
+                    proc.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.communicate()
+                raise
+            out.write(stdout)
+        print(f"[bench] {name}: exit {proc.returncode} after {time.monotonic() - start:.0f} s",
+              flush=True)
+        return subprocess.CompletedProcess(cmd, proc.returncode, stdout)
+
+    def log(self, name: str) -> Path:
+        return self.workdir / f"{name}.log"
+
+    def attempt(self, name: str, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``, or None with the error recorded: one failed step keeps the rest."""
+        try:
+            return fn(*args)
+        except (RuntimeError, OSError, ValueError, KeyError, subprocess.TimeoutExpired) as e:
+            self.errors[name] = str(e)[-2000:]
+            print(f"[bench] {name} FAILED: {e}", flush=True)
+            return None
+
+
+def load_avg() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def model_dir(gb: float) -> Path:
+    return REPO / ".models" / f"bench-{gb:g}gb"
+
+
+def build_model(gb: float) -> None:
+    cmd = [sys.executable, "tools/make_tiny_model.py", str(model_dir(gb)), "--target-gb", str(gb)]
+    print(subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout,
+          end="", flush=True)
+
+
+def drop_page_cache() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def loading_took(log: Path) -> float:
+    found = LOADING_TOOK.findall(log.read_text(encoding="utf-8", errors="replace"))
+    if not found:
+        raise StepFailed(f"no 'Loading weights took' line in {log}")
+    return float(found[-1])
+
+
+def read_files(model: Path) -> float:
+    """Read every weight file once (sequentially); returns the seconds it took."""
+    start = time.monotonic()
+    for path in sorted(model.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            while f.read(16 << 20):
+                pass
+    return time.monotonic() - start
+
+
+def vllm_loads(bench: Bench, gb: float, cold: bool) -> dict[str, Any]:
+    """The demo (seed from a warm page cache, client from the seed), then a default
+    loader start with the page cache dropped (``cold``, needs root)."""
+    model, tag = model_dir(gb), f"{gb:g}gb"
+    if cold:
+        drop_page_cache()
+    # Cold when dropped just before: the disk's sequential rate. Either way it leaves
+    # the files in the page cache, so the seed's load below is the warm-disk figure.
+    read_s = read_files(model)
+    demo_dir = bench.workdir / f"demo-{tag}"
+    demo = bench.call(f"demo-{tag}", [
+        sys.executable, "-m", "examples.netloader.demo", "--model", str(model),
+        "--workdir", str(demo_dir),
+    ], timeout=900)
+    summary = _summary(demo.stdout, bench.log(f"demo-{tag}"))
+    if demo.returncode != 0:
+        note = f"demo exited {demo.returncode}: {summary}"
+        if summary["fingerprints_equal"] and summary["client_loaded_from"].startswith("seed"):
+            # Same weights, bit for bit; greedy text from a random-weight model still
+            # flips where vLLM CPU batches the prompts differently (timing under load).
+            bench.warnings[f"demo-{tag}"] = note
+        else:
+            bench.errors[f"demo-{tag}"] = note
+    row = {
+        "size_gb": gb,
+        "bytes": summary["bytes"],
+        "client_load_s": summary["client_load_s"],
+        "seed_disk_load_s": summary["seed_disk_load_s"],
+        "disk_warm_s": loading_took(demo_dir / "seed.log"),
+        ("disk_read_cold_s" if cold else "disk_read_s"): round(read_s, 3),
+        "seed_startup_s": summary["seed_startup_s"],
+        "client_startup_s": summary["client_startup_s"],
+        "identical_outputs": summary["identical_outputs"],
+        "fingerprints_equal": summary["fingerprints_equal"],
+        "client_loaded_from": summary["client_loaded_from"],
+        "load_avg_1m": load_avg(),
+    }
+    if cold:
+        drop_page_cache()
+        log = bench.workdir / f"disk-cold-{tag}.log"
+        log.unlink(missing_ok=True)
+        with VllmServer(str(model), load_format="auto", cpu_bind="0", log_path=log):
+            pass
+        row["disk_cold_s"] = loading_took(log)
+    print(f"[bench] vLLM {tag}: {json.dumps(row)}", flush=True)
+    return row
+
+
+def median_row(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One row per size: the median of each timing over the runs, every run's value kept."""
+    if len(runs) < 2:
+        return runs[0] if runs else None
+    row = dict(runs[0], runs=len(runs))
+    for key in list(runs[0]):
+        if key.endswith("_s") and all(isinstance(r.get(key), float) for r in runs):
+            row[key] = statistics.median(r[key] for r in runs)
+            row[f"{key}_all"] = [r[key] for r in runs]
+    row["identical_outputs"] = all(r["identical_outputs"] for r in runs)
+    return row
+
+
+def _summary(stdout: str, log: Path) -> dict[str, Any]:
+    """The demo's summary object (printed before its verdict line), and whether it
+    found the two instances' weight value fingerprints equal."""
+    equal = re.search(r"fingerprints equal: (True|False)", stdout)
+    healthy = {
+        f"{who}_startup_s": float(m[1]) if (m := re.search(rf"{who} healthy after ([0-9.]+) s",
+                                                           stdout)) else None
+        for who in ("seed", "client")
+    }
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("{") and "client_load_s" in line:
+            found: dict[str, Any] = json.loads(line)
+            return {**found, **healthy,
+                    "fingerprints_equal": equal is not None and equal[1] == "True"}
+    raise StepFailed(f"no demo summary; see {log}")
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    rows = result.get("load") or []
+    ax = axes[0]
+    sizes = [r["bytes"] / 1e9 for r in rows]
+    for key, label, style in (("client_load_s", "Netloader client (from seed)", "o-"),
+                              ("disk_warm_s", "disk, page cache warm", "s--"),
+                              ("disk_cold_s", "disk, page cache dropped", "^--")):
+        points = [(s, r[key]) for s, r in zip(sizes, rows, strict=True) if r.get(key)]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label)
+    for size, r in zip(sizes, rows, strict=True):
+        ax.annotate(f"load {r['load_avg_1m']:g}", (size, r["client_load_s"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=7, color="gray")
+    ax.set(title="Weight load inside vLLM (load_weights, one run each)",
+           xlabel="model size (GB)", ylabel="seconds")
+    ax.legend()
+    ax.grid(alpha=0.3)
+
+    fan = result.get("fanout")
+    ax = axes[1]
+    if fan:
+        counts = fan["clients"]
+        one = fan["fanout_s"][str(counts[0])]
+        scale = fan["bytes"] / fan["tcp_bytes_per_client"]
+        ax.plot(counts, [fan["fanout_s"][str(n)] for n in counts], "o-",
+                label=f"Netloader, {fan['mode']}")
+        ax.plot(counts, [fan["tcp_fanout_s"][str(n)] * scale for n in counts], "s--",
+                label="raw TCP, same bytes")
+        ax.plot(counts, [1.5 * one] * len(counts), ":", label="1.5 x one client")
+        ax.set(title=f"Fan-out: {fan['bytes'] / 1e9:.2f} GB, {fan['rate_mbit']:g} Mbit/s links",
+               xlabel="clients started together", ylabel="seconds until all verified",
+               xticks=counts, ylim=(0, None))
+        ax.legend()
+        ax.grid(alpha=0.3)
+
+    lat = (result.get("seed_latency") or {}).get("shaped")
+    ax = axes[2]
+    if lat:
+        names = list(lat["scenarios"])
+        x = range(len(names))
+        for offset, q in ((-0.2, "p50_ms"), (0.2, "p99_ms")):
+            ax.bar([i + offset for i in x],
+                   [lat["scenarios"][n]["probe"].get(q, 0) for n in names], width=0.4,
+                   label=f"info round trip {q[:3]}")
+        ax.set_xticks(list(x), [n if n != "capped" else f"capped {lat['cap_mb_s']:g} MB/s"
+                                for n in names])
+        ax.set(title=f"Seed: 'info' latency while sending ({lat['rate_mbit']:g} Mbit/s link)",
+               ylabel="ms")
+        ax.legend()
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def enough_memory(gb: float) -> bool:
+    """Two vLLM servers hold about three copies of the weights each, plus ~3 GB."""
+    with open("/proc/meminfo", encoding="utf-8") as f:
+        avail_kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
+    return avail_kb * 1024 > (6 * gb + 3) * 1e9
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="0.1,1,3", help="model sizes in GB")
+    parser.add_argument("--rate-mbit", type=float, default=300.0)
+    parser.add_argument("--fanout-gb", type=float, default=0.25)
+    parser.add_argument("--transfer-repeat", type=int, default=3)
+    parser.add_argument("--vllm-repeat", type=int, default=1,
+                        help="vLLM loads per size (about 50 s per GB-ish run); medians reported")
+    parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--workdir", type=Path, default=REPO / ".bench")
+    parser.add_argument("--plot", type=Path, default=IMAGE, help="where the PNG goes")
+    args = parser.parse_args()
+    start = time.monotonic()
+    root = os.geteuid() == 0
+    bench = Bench(args.workdir)
+    sizes = sorted(float(s) for s in args.sizes.split(","))
+    result: dict[str, Any] = {"load_avg_1m_start": load_avg(), "root": root}
+    py = sys.executable
+
+    for gb in sizes:
+        build_model(gb)
+    result["transfer"] = bench.attempt("transfer", bench.run, "transfer", [
+        py, "-m", "benchmarks.netloader_transfer", "--gb", str(sizes[-1]),
+        "--repeat", str(args.transfer_repeat)])
+    if not args.skip_vllm:
+        rows = []
+        for gb in sizes:
+            if not enough_memory(gb):
+                bench.errors[f"vllm-{gb:g}gb"] = "skipped: not enough free memory"
+                continue
+            runs = [bench.attempt(f"vllm-{gb:g}gb", vllm_loads, bench, gb, root)
+                    for _ in range(args.vllm_repeat)]
+            rows.append(median_row([r for r in runs if r is not None]))
+        result["load"] = [r for r in rows if r is not None]
+    if root:
+        rate = str(args.rate_mbit)
+        result["fanout"] = bench.attempt("fanout", bench.run, "fanout", [
+            py, "-m", "benchmarks.netloader_fanout", "--gb", str(args.fanout_gb),
+            "--rate-mbit", rate, "--workdir", str(args.workdir / "fanout")])
+        result["seed_latency"] = {
+            "shaped": bench.attempt("latency-shaped", bench.run, "latency-shaped", [
+                py, "-m", "benchmarks.netloader_seed_latency", "--rate-mbit", rate,
+                "--workdir", str(args.workdir / "latency-shaped")]),
+            "unshaped": bench.attempt("latency-unshaped", bench.run, "latency-unshaped", [
+                py, "-m", "benchmarks.netloader_seed_latency", "--rate-mbit", "0", "--gb", "1",
+                "--workdir", str(args.workdir / "latency-unshaped")]),
+        }
+    else:
+        bench.errors["fanout"] = "skipped: network namespaces need root"
+
+    transfer, fanout = result.get("transfer") or {}, result.get("fanout") or {}
+    head = {
+        "link_gbps": transfer.get("link_gbps"),
+        "netloader_gbps": transfer.get("netloader_gbps"),
+        "ratio": transfer.get("ratio"),
+        "transfer_gb": sizes[-1],
+        "fanout_2_over_1": fanout.get("fanout_2_over_1"),
+        "fanout_4_over_1": fanout.get("fanout_4_over_1"),
+    }
+    result = {**head, **result}
+    bench.attempt("plot", plot, result, args.plot)
+    result["plot"] = str(args.plot)
+    result["errors"] = bench.errors
+    result["warnings"] = bench.warnings
+    result["load_avg_1m_end"] = load_avg()
+    result["total_s"] = round(time.monotonic() - start, 1)
+    print(json.dumps(result))
+    return 1 if bench.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
