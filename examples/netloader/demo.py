@@ -3,7 +3,9 @@
 Run it with ``make demo`` (the embedded tiny model) or ``make demo MODEL=/path``.
 It starts two real vLLM servers on 127.0.0.1, sends the same prompts to both at
 temperature 0, reports where the client's weights came from and how long loading
-took, and exits 0 only if the outputs are identical.
+took, and exits 0 only if the outputs are identical. With ``--phases-out FILE`` it
+also writes the measured start-up phases of both servers there (see ``phases.py``),
+which ``tools/netloader_diagrams.py`` draws as the timing diagram of the user guide.
 """
 
 import argparse
@@ -13,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from examples.netloader.phases import demo_phases, write_logging_config
 from tools.vllm_server import VllmServer
 from vllm_ascend.model_loader.netloader.client import query_seed
 
@@ -43,17 +46,25 @@ def describe(info: dict) -> str:
     )
 
 
-def run(model: str, workdir: Path, max_tokens: int) -> bool:
+def run(model: str, workdir: Path, max_tokens: int, phases_out: Path | None = None) -> bool:
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
+    # With --phases-out, every log line carries its wall-clock time (see phases.py).
+    env = (
+        {"VLLM_LOGGING_CONFIG_PATH": str(write_logging_config(workdir / "logging.json"))}
+        if phases_out is not None else {}
+    )
+    clock: dict[str, float] = {}
     seed = VllmServer(
         model, load_format="netloader", cpu_bind="0", log_path=workdir / "seed.log",
-        extra_config={"OUTPUT_PREFIX": f"{workdir}/seed-"},
+        extra_config={"OUTPUT_PREFIX": f"{workdir}/seed-"}, env=env,
     )
     client = None
     try:
         print(f"[demo] starting seed server (loads {model} from disk) ...", flush=True)
+        clock["seed_start"] = time.time()
         seed.start().wait_healthy()
+        clock["seed_healthy"] = time.time()
         seed_address = wait_for_file(workdir / "seed-0.txt", seed)
         print(f"[demo] seed healthy after {seed.startup_seconds:.1f} s, "
               f"Netloader listening on {seed_address}", flush=True)
@@ -64,9 +75,12 @@ def run(model: str, workdir: Path, max_tokens: int) -> bool:
                 "SOURCE": [{"device_id": 0, "sources": [seed_address]}],
                 "OUTPUT_PREFIX": f"{workdir}/client-",
             },
+            env=env,
         )
         print("[demo] starting client server (SOURCE = the seed) ...", flush=True)
+        clock["client_start"] = time.time()
         client.start().wait_healthy()
+        clock["client_healthy"] = time.time()
         client_address = wait_for_file(workdir / "client-0.txt", client)
         seed_info, client_info = query_seed(seed_address), query_seed(client_address)
         print(f"[demo] client healthy after {client.startup_seconds:.1f} s; "
@@ -93,6 +107,11 @@ def run(model: str, workdir: Path, max_tokens: int) -> bool:
             "bytes": client_info["bytes"],
         }
         print(json.dumps(summary))
+        if phases_out is not None:
+            clock["end"] = time.time()
+            phases = demo_phases(seed.log_text(), client.log_text(), clock, model)
+            phases_out.write_text(json.dumps(phases, indent=1) + "\n")
+            print(f"[demo] start-up phases written to {phases_out}")
         print(
             f"netloader demo: {'PASS' if ok else 'FAIL'} - outputs "
             f"{'identical' if identical else 'DIFFER'} on {len(PROMPTS)} prompts; "
@@ -110,8 +129,11 @@ def main() -> int:
     parser.add_argument("--model", required=True, help="local Hugging Face model directory")
     parser.add_argument("--workdir", default=".demo", type=Path)
     parser.add_argument("--max-tokens", default=32, type=int)
+    parser.add_argument("--phases-out", type=Path,
+                        help="write both servers' measured start-up phases (JSON) here")
     args = parser.parse_args()
-    return 0 if run(args.model, args.workdir.resolve(), args.max_tokens) else 1
+    phases_out = args.phases_out.resolve() if args.phases_out else None
+    return 0 if run(args.model, args.workdir.resolve(), args.max_tokens, phases_out) else 1
 
 
 if __name__ == "__main__":
