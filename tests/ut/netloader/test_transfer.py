@@ -12,6 +12,7 @@ import torch
 
 from tests.ut.netloader.toy_seed import IDENTITY, fetch_forever, make_toy, toy_seed
 from tests.wire import connect, frame
+from vllm_ascend.model_loader.netloader import client as client_module
 from vllm_ascend.model_loader.netloader.client import Received, WeightFetch, query_seed
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, model_tensors, spec_of
 from vllm_ascend.model_loader.netloader.protocol import (
@@ -231,20 +232,56 @@ def test_corrupted_payload_fails_the_transfer_and_the_seed_serves_the_next_clien
 def test_client_killed_mid_transfer_frees_the_seed_for_others():
     # ~1.3 MB at 0.4 MB/s: the transfer takes ~3 s; the client process dies in it.
     with toy_seed(seed=6, send_limit=0.4e6) as (address, proc):
-        doomed = mp.get_context("spawn").Process(target=fetch_forever, args=(address,))
+        receiving, announce = mp.get_context("spawn").Pipe(duplex=False)
+        doomed = mp.get_context("spawn").Process(
+            target=fetch_forever, args=(address, announce)
+        )
         doomed.start()
         try:
-            wait_for(lambda: query_seed(address)["active_transfers"] == 1, 60, "no transfer")
+            assert receiving.poll(120), "the doomed client never started receiving"
         finally:
             doomed.kill()
             doomed.join(10)
-        wait_for(lambda: query_seed(address)["active_transfers"] == 0, 10, "seed still busy")
+        # The seed's next send fails at once ("Connection closed by peer"); the bound is
+        # loose because it is not what this test is about.
+        wait_for(lambda: query_seed(address)["active_transfers"] == 0, 60, "seed still busy")
         assert query_seed(address)["completed_transfers"] == 0
         client = make_toy(None)
         fetch, received = fetch_into(client, [address])
         assert received is not None, fetch.reasons
         assert_same_tensors(client, make_toy(6))
         assert proc.is_alive()
+
+
+def test_client_that_leaves_before_joining_the_group_costs_the_seed_one_timeout(monkeypatch):
+    # The client takes the accept and walks away without joining: the seed's store
+    # waits out its 5 s timeout, frees the slot and serves the next client.
+    def walk_away(*args, **kwargs):
+        raise OSError("client left before joining the group")
+
+    with toy_seed(seed=2) as (address, proc):
+        with monkeypatch.context() as m:
+            m.setattr(client_module, "data_group", walk_away)
+            fetch, received = fetch_into(make_toy(None), [address])
+        assert received is None and "left before joining" in fetch.reasons[0]
+        wait_for(lambda: query_seed(address)["active_transfers"] == 0, 60, "seed still busy")
+        assert query_seed(address)["completed_transfers"] == 0
+        client = make_toy(None)
+        fetch, received = fetch_into(client, [address])
+        assert received is not None, fetch.reasons
+        assert_same_tensors(client, make_toy(2))
+        assert proc.is_alive()
+
+
+def test_source_named_by_hostname_meets_a_seed_bound_to_an_ip():
+    # The seed binds 127.0.0.1 and the client names it "localhost", as a client names a
+    # seed by its DNS name. The group's store keys must not depend on that spelling.
+    with toy_seed(seed=9) as (address, _):
+        port = address.rsplit(":", 1)[1]
+        client = make_toy(None)
+        fetch, received = fetch_into(client, [f"localhost:{port}"])
+        assert received is not None, fetch.reasons
+        assert_same_tensors(client, make_toy(9))
 
 
 def test_eight_clients_at_once_are_all_served():

@@ -112,3 +112,17 @@ def test_digest_mismatch_mid_stream_leaves_only_verified_tensors(bad):
             assert torch.equal(a, b), i
         else:  # never delivered, though later buckets may already have arrived in staging
             assert torch.count_nonzero(b) == 0, i
+
+
+def test_a_client_that_never_joins_fails_the_seeds_group_with_a_timeout():
+    # The store owns the listening fd and closes it when it gives up. vLLM's helper
+    # closed that fd number again and raised EBADF (OSError) instead of the timeout,
+    # which in a threaded worker could close a file another thread had just opened.
+    rendezvous = bind_rendezvous("127.0.0.1")
+    start = time.monotonic()
+    with pytest.raises(torch.distributed.DistStoreError, match="waiting for clients"):
+        with data_group("127.0.0.1", rendezvous.getsockname()[1], SEED_RANK, 0.5,
+                        listen_socket=rendezvous):
+            pass
+    assert time.monotonic() - start < 30
+    assert rendezvous.fileno() == -1  # handed to the store, not closed a second time here

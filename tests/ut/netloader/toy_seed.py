@@ -124,12 +124,22 @@ def toy_seed(
             proc.kill()
 
 
-def fetch_forever(address: str) -> None:
-    """A client process that fetches the toy model from ``address`` (and gets killed)."""
-    from vllm_ascend.model_loader.netloader.client import WeightFetch
+def fetch_forever(address: str, receiving: Any) -> None:
+    """A client process that fetches the toy model from ``address`` (and gets killed).
+
+    It sends on the pipe ``receiving`` once its group is built and the transfer starts,
+    so the test kills it mid-transfer, not during the handshake or the group's setup."""
+    from vllm_ascend.model_loader.netloader import client
     from vllm_ascend.model_loader.netloader.manifest import model_tensors, spec_of
 
+    recv = client.recv_tensors
+
+    def announced(*args: Any, **kwargs: Any) -> int:
+        receiving.send(True)
+        return recv(*args, **kwargs)
+
+    client.recv_tensors = announced  # type: ignore[assignment]
     named = model_tensors(make_toy(None))
-    WeightFetch(IDENTITY, [spec_of(n, t) for n, t in named], [t for _, t in named], 60.0).run(
-        (address,)
-    )
+    client.WeightFetch(
+        IDENTITY, [spec_of(n, t) for n, t in named], [t for _, t in named], 60.0
+    ).run((address,))

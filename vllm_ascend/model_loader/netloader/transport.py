@@ -2,8 +2,8 @@
 bucketed send/receive of a manifest's tensors over it.
 
 Only ``transfer_device`` and the backend name depend on the device: gloo on CPU,
-nccl on CUDA, hccl on Ascend, all through vLLM's stateless-group helper and the
-platform's own hook for device backends. Everything else is shared.
+nccl on CUDA, hccl on Ascend, through vLLM's gloo helper and the platform's own
+hook for device backends, on a store of the group's own. Everything else is shared.
 """
 
 import os
@@ -20,10 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributed import ProcessGroup
+from torch._C._distributed_c10d import _register_process_group
+from torch.distributed import PrefixStore, ProcessGroup, TCPStore
+from torch.distributed.distributed_c10d import GroupName
 from vllm.distributed.utils import (
+    init_gloo_process_group,
     stateless_destroy_torch_distributed_process_group,
-    stateless_init_torch_distributed_process_group,
 )
 from vllm.platforms import current_platform
 
@@ -76,23 +78,49 @@ def data_group(
     listen_socket: socket.socket | None = None,
 ) -> Iterator[ProcessGroup]:
     """Open the two-rank group (the seed passes its bound ``listen_socket``) and
-    always destroy it on the way out."""
+    always destroy it on the way out.
+
+    The store is built here rather than by vLLM's stateless-group helper for two
+    reasons. Its keys then do not depend on how each side spells the seed's host
+    (the helper prefixes them with ``tcp://host:port``, so a client that named the
+    seed ``localhost`` or by a DNS name never met a seed bound to an IP). And a store
+    that times out waiting for its client closes the listening fd itself; the helper
+    then closed that fd number a second time, which could close a file another thread
+    of the worker had just opened.
+    """
+    timeout = timedelta(seconds=timeout_s)
+    store = _store(host, port, rank, timeout, listen_socket)
+    name = GroupName(f"netloader-{uuid.uuid4().hex[:12]}")
     with _stdout_kept():
-        pg = stateless_init_torch_distributed_process_group(
-            host,
-            port,
-            rank,
-            2,
-            current_platform.dist_backend,
-            group_name=f"netloader-{uuid.uuid4().hex[:12]}",
-            listen_socket=listen_socket,
-            timeout=timedelta(seconds=timeout_s),
-        )
-    assert isinstance(pg, ProcessGroup)
+        pg = _group_on(store, rank, timeout)
+    pg._set_group_name(name)
+    _register_process_group(name, pg)
     try:
         yield pg
     finally:
         stateless_destroy_torch_distributed_process_group(pg)
+
+
+def _store(
+    host: str, port: int, rank: int, timeout: timedelta, listen_socket: socket.socket | None
+) -> TCPStore:
+    if listen_socket is None:
+        return TCPStore(host, port, world_size=2, is_master=False, timeout=timeout)
+    # From here the store owns the fd: it closes it when done, and also when it fails.
+    fd = listen_socket.detach()
+    return TCPStore(
+        host, port, world_size=2, is_master=True, timeout=timeout, master_listen_fd=fd
+    )
+
+
+def _group_on(store: TCPStore, rank: int, timeout: timedelta) -> ProcessGroup:
+    prefixed = PrefixStore("netloader", store)
+    backend = current_platform.dist_backend
+    if backend == "gloo":
+        return init_gloo_process_group(prefixed, rank, 2, timeout)
+    return current_platform.stateless_init_device_torch_dist_pg(
+        backend, prefixed, rank, 2, timeout
+    )
 
 
 @contextmanager
