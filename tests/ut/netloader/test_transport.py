@@ -46,7 +46,7 @@ def _seed(port_q: Any, seed: int) -> None:
     tensors = tensors_of(seed)
     specs = [spec_of(f"t{i}", t) for i, t in enumerate(tensors)]
     try:
-        with data_group("127.0.0.1", rendezvous.getsockname()[1], SEED_RANK, 10.0,
+        with data_group("127.0.0.1", rendezvous.getsockname()[1], SEED_RANK, 10.0, "127.0.0.1",
                         listen_socket=rendezvous) as pg:
             send_tensors(pg, tensors, specs, BUCKET)
     except RuntimeError:
@@ -65,7 +65,7 @@ def receive(digests_for: Any) -> tuple[list[torch.Tensor], list[torch.Tensor], A
     stats = TransferStats()
     elapsed = 0.0
     try:
-        with data_group("127.0.0.1", port_q.get(timeout=60), CLIENT_RANK, 10.0) as pg:
+        with data_group("127.0.0.1", port_q.get(timeout=60), CLIENT_RANK, 10.0, "127.0.0.1") as pg:
             start = time.monotonic()
             try:
                 recv_tensors(pg, targets, specs, digests_for(expected), BUCKET, stats)
@@ -121,7 +121,7 @@ def test_a_client_that_never_joins_fails_the_seeds_group_with_a_timeout():
     rendezvous = bind_rendezvous("127.0.0.1")
     start = time.monotonic()
     with pytest.raises(torch.distributed.DistStoreError, match="waiting for clients"):
-        with data_group("127.0.0.1", rendezvous.getsockname()[1], SEED_RANK, 0.5,
+        with data_group("127.0.0.1", rendezvous.getsockname()[1], SEED_RANK, 0.5, "127.0.0.1",
                         listen_socket=rendezvous):
             pass
     assert time.monotonic() - start < 30

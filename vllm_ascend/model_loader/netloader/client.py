@@ -124,7 +124,8 @@ class WeightFetch:
             if not 0 < bucket_bytes <= _MAX_BUCKET_BYTES:
                 raise ProtocolError(f"accept carries a bucket size of {bucket_bytes} bytes")
             try:
-                with data_group(host, store_port, CLIENT_RANK, self.timeout_s) as pg:
+                local = conn.getsockname()[0]
+                with data_group(host, store_port, CLIENT_RANK, self.timeout_s, local) as pg:
                     nbytes = recv_tensors(pg, self.targets, self.specs, digests, bucket_bytes)
             except TransferError as e:
                 send_msg(conn, {"type": DONE, "ok": False, "reason": str(e)})

@@ -280,7 +280,8 @@ class SeedServer:
             self._answer(conn, accept, seed_nonce, hello)
             start = time.perf_counter()
             group = data_group(
-                self._host, store_port, SEED_RANK, self.timeout_s, listen_socket=rendezvous
+                self._host, store_port, SEED_RANK, self.timeout_s, conn.getsockname()[0],
+                listen_socket=rendezvous,
             )
             with group as pg:
                 sent = send_tensors(

@@ -1,9 +1,9 @@
 """The data plane: a two-rank stateless process group per transfer, and the
 bucketed send/receive of a manifest's tensors over it.
 
-Only ``transfer_device`` and the backend name depend on the device: gloo on CPU,
-nccl on CUDA, hccl on Ascend, through vLLM's gloo helper and the platform's own
-hook for device backends, on a store of the group's own. Everything else is shared.
+Only ``transfer_device`` and the group's backend depend on the device: gloo on CPU,
+built here; nccl on CUDA and hccl on Ascend, built by the platform's own hook for
+device groups. Everything else is shared, the group's store included.
 """
 
 import os
@@ -21,13 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch._C._distributed_c10d import _register_process_group
-from torch.distributed import PrefixStore, ProcessGroup, TCPStore
+from torch.distributed import PrefixStore, ProcessGroup, ProcessGroupGloo, TCPStore
 from torch.distributed.distributed_c10d import GroupName
-from vllm.distributed.utils import (
-    init_gloo_process_group,
-    stateless_destroy_torch_distributed_process_group,
-)
+from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
 from vllm.platforms import current_platform
+from vllm.utils.system_utils import suppress_stdout
 
 from vllm_ascend.model_loader.netloader.manifest import (
     TensorSpec,
@@ -44,8 +42,8 @@ BUCKET_BYTES = 64 * 1024 * 1024
 # (or of the largest tensor, which travels alone) on the transfer device.
 SEND_DEPTH = 2
 RECV_DEPTH = 2
-# vLLM builds a gloo group inside ``suppress_stdout``, which points fd 1 at /dev/null and
-# back. Two threads doing that at once can leave fd 1 on /dev/null for good (a seed
+# A gloo group is built inside vLLM's ``suppress_stdout``, which points fd 1 at /dev/null
+# and back. Two threads doing that at once can leave fd 1 on /dev/null for good (a seed
 # serving concurrent clients lost every later log line of its worker). A lock around
 # setup would deadlock two processes that each set up several groups with the other,
 # so instead the first of overlapping setups keeps fd 1 and the last puts it back.
@@ -75,10 +73,14 @@ def data_group(
     port: int,
     rank: int,
     timeout_s: float,
+    local_host: str,
     listen_socket: socket.socket | None = None,
 ) -> Iterator[ProcessGroup]:
-    """Open the two-rank group (the seed passes its bound ``listen_socket``) and
-    always destroy it on the way out.
+    """Open the two-rank group with the seed's store at ``host:port`` (the seed passes
+    its bound ``listen_socket``), and always destroy it on the way out.
+
+    ``local_host`` is this side's address on the handshake connection: a gloo group
+    binds its data connection there, which is an address the peer has just reached.
 
     The store is built here rather than by vLLM's stateless-group helper for two
     reasons. Its keys then do not depend on how each side spells the seed's host
@@ -92,7 +94,7 @@ def data_group(
     store = _store(host, port, rank, timeout, listen_socket)
     name = GroupName(f"netloader-{uuid.uuid4().hex[:12]}")
     with _stdout_kept():
-        pg = _group_on(store, rank, timeout)
+        pg = _group_on(PrefixStore("netloader", store), rank, timeout, local_host)
     pg._set_group_name(name)
     _register_process_group(name, pg)
     try:
@@ -113,14 +115,31 @@ def _store(
     )
 
 
-def _group_on(store: TCPStore, rank: int, timeout: timedelta) -> ProcessGroup:
-    prefixed = PrefixStore("netloader", store)
+def _group_on(
+    store: PrefixStore, rank: int, timeout: timedelta, local_host: str
+) -> ProcessGroup:
     backend = current_platform.dist_backend
-    if backend == "gloo":
-        return init_gloo_process_group(prefixed, rank, 2, timeout)
-    return current_platform.stateless_init_device_torch_dist_pg(
-        backend, prefixed, rank, 2, timeout
-    )
+    if backend != "gloo":
+        return current_platform.stateless_init_device_torch_dist_pg(
+            backend, store, rank, 2, timeout
+        )
+    # By default gloo binds to the address its hostname resolves to, often 127.0.0.1,
+    # which a peer on another host cannot reach. An operator's GLOO_SOCKET_IFNAME wins.
+    # The private options type is the constructor's only way to choose the device (torch's
+    # own gloo tests use it); the stubs know only the public one, which cannot.
+    options = ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+    options._timeout = timeout
+    interfaces = [i for i in os.environ.get("GLOO_SOCKET_IFNAME", "").split(",") if i]
+    options._devices = [
+        ProcessGroupGloo.create_device(interface=i) for i in interfaces
+    ] or [ProcessGroupGloo.create_device(hostname=local_host)]
+    with suppress_stdout():  # as vLLM's own gloo helper does
+        gloo = ProcessGroupGloo(store, rank, 2, options)
+    gloo._set_sequence_number_for_group()
+    pg = ProcessGroup(store, rank, 2)
+    pg._set_default_backend(ProcessGroup.BackendType.GLOO)
+    pg._register_backend(torch.device("cpu"), ProcessGroup.BackendType.GLOO, gloo)
+    return pg
 
 
 @contextmanager
