@@ -8,7 +8,6 @@ device groups. Everything else is shared, the group's store included.
 
 import os
 import socket
-import threading
 import time
 import uuid
 from collections import deque
@@ -25,7 +24,6 @@ from torch.distributed import PrefixStore, ProcessGroup, ProcessGroupGloo, TCPSt
 from torch.distributed.distributed_c10d import GroupName
 from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
 from vllm.platforms import current_platform
-from vllm.utils.system_utils import suppress_stdout
 
 from vllm_ascend.model_loader.netloader.manifest import (
     TensorSpec,
@@ -42,14 +40,6 @@ BUCKET_BYTES = 64 * 1024 * 1024
 # (or of the largest tensor, which travels alone) on the transfer device.
 SEND_DEPTH = 2
 RECV_DEPTH = 2
-# A gloo group is built inside vLLM's ``suppress_stdout``, which points fd 1 at /dev/null
-# and back. Two threads doing that at once can leave fd 1 on /dev/null for good (a seed
-# serving concurrent clients lost every later log line of its worker). A lock around
-# setup would deadlock two processes that each set up several groups with the other,
-# so instead the first of overlapping setups keeps fd 1 and the last puts it back.
-_stdout_lock = threading.Lock()
-_setups_running = 0
-_kept_stdout = -1
 
 
 class TransferError(Exception):
@@ -93,8 +83,7 @@ def data_group(
     timeout = timedelta(seconds=timeout_s)
     store = _store(host, port, rank, timeout, listen_socket)
     name = GroupName(f"netloader-{uuid.uuid4().hex[:12]}")
-    with _stdout_kept():
-        pg = _group_on(PrefixStore("netloader", store), rank, timeout, local_host)
+    pg = _group_on(PrefixStore("netloader", store), rank, timeout, local_host)
     pg._set_group_name(name)
     _register_process_group(name, pg)
     try:
@@ -133,30 +122,15 @@ def _group_on(
     options._devices = [
         ProcessGroupGloo.create_device(interface=i) for i in interfaces
     ] or [ProcessGroupGloo.create_device(hostname=local_host)]
-    with suppress_stdout():  # as vLLM's own gloo helper does
-        gloo = ProcessGroupGloo(store, rank, 2, options)
+    # No vLLM ``suppress_stdout`` around this (its helper has one): gloo prints nothing
+    # there, and that redirect is not thread-safe: overlapping setups for concurrent
+    # clients once left a seed worker's fd 1 on /dev/null for good.
+    gloo = ProcessGroupGloo(store, rank, 2, options)
     gloo._set_sequence_number_for_group()
     pg = ProcessGroup(store, rank, 2)
     pg._set_default_backend(ProcessGroup.BackendType.GLOO)
     pg._register_backend(torch.device("cpu"), ProcessGroup.BackendType.GLOO, gloo)
     return pg
-
-
-@contextmanager
-def _stdout_kept() -> Iterator[None]:
-    global _setups_running, _kept_stdout
-    with _stdout_lock:
-        if _setups_running == 0:
-            _kept_stdout = os.dup(1)
-        _setups_running += 1
-    try:
-        yield
-    finally:
-        with _stdout_lock:
-            _setups_running -= 1
-            if _setups_running == 0:
-                os.dup2(_kept_stdout, 1)
-                os.close(_kept_stdout)
 
 
 def send_tensors(
