@@ -40,6 +40,7 @@ def test_empty_config_gives_defaults(extra):
     assert config.sources == ()
     assert config.model is None and config.listen_port is None and config.output_prefix is None
     assert config.timeout_s == DEFAULT_TIMEOUT_S
+    assert config.relay is True
     assert config.sources_for_rank(0) == ()
     assert config.listen_port_for_rank(3) == 0
 
@@ -146,6 +147,15 @@ def test_unknown_key_is_named():
 )
 def test_bad_source_names_the_key(source, key):
     raises_naming(key, {"SOURCE": source})
+
+
+def test_relay_can_be_turned_off():
+    assert parse_config({"RELAY": False}).relay is False
+
+
+@pytest.mark.parametrize("relay", [0, 1, "false", None])
+def test_bad_relay(relay):
+    raises_naming("RELAY", {"RELAY": relay})
 
 
 @pytest.mark.parametrize("model", ["", None, 3])

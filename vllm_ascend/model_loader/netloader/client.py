@@ -7,7 +7,7 @@ import dataclasses
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from vllm.logger import logger
@@ -19,8 +19,12 @@ from vllm_ascend.model_loader.netloader.auth import (
     proof_matches,
     seed_proof,
 )
-from vllm_ascend.model_loader.netloader.config import split_address
-from vllm_ascend.model_loader.netloader.manifest import TensorSpec
+from vllm_ascend.model_loader.netloader.config import NetloaderConfigError, split_address
+from vllm_ascend.model_loader.netloader.manifest import (
+    LoadedWeights,
+    TensorSpec,
+    value_fingerprint,
+)
 from vllm_ascend.model_loader.netloader.protocol import (
     ACCEPT,
     CHALLENGE,
@@ -30,6 +34,7 @@ from vllm_ascend.model_loader.netloader.protocol import (
     REFUSE,
     ProtocolError,
     field,
+    optional_field,
     recv_msg,
     send_msg,
 )
@@ -40,16 +45,27 @@ from vllm_ascend.model_loader.netloader.transport import (
     recv_tensors,
 )
 
+if TYPE_CHECKING:
+    from vllm_ascend.model_loader.netloader.server import RelayListener
+
 _BUSY_RETRY_S = 0.5
 _MAX_BUCKET_BYTES = 1 << 30
+# A relay the seed named is a peer that may be gone: do not wait long to find out.
+_RELAY_CONNECT_S = 5.0
 
 
 class SourceRefused(Exception):
-    """The seed answered, but will not serve this client."""
+    """The seed answered, but will not serve this client (``redirect``: it sends it to
+    a relay, which must serve the weights of ``value_fingerprint``)."""
 
-    def __init__(self, reason: str, retry: bool):
+    def __init__(
+        self, reason: str, retry: bool, redirect: str | None = None,
+        value_fingerprint: str | None = None,
+    ):
         super().__init__(reason)
         self.retry = retry
+        self.redirect = redirect
+        self.value_fingerprint = value_fingerprint
 
 
 @dataclass
@@ -73,6 +89,9 @@ class WeightFetch:
     targets: list[torch.Tensor]
     timeout_s: float
     secret: bytes | None = dataclasses.field(default=None, repr=False)
+    # This instance's own listener: offered to the seed as a relay for the clients that
+    # come after it, and started by the first transfer a seed accepts.
+    relay: "RelayListener | None" = None
     reasons: list[str] = dataclasses.field(default_factory=list)
 
     def run(self, addresses: tuple[str, ...]) -> Received | None:
@@ -93,27 +112,60 @@ class WeightFetch:
 
     def _from_source(self, address: str) -> Received:
         deadline = time.monotonic() + self.timeout_s
+        direct = False
         while True:
             try:
-                return self._attempt(address)
+                return self._attempt(address, direct)
             except SourceRefused as e:
+                if e.redirect is not None and not direct:
+                    received = self._via_relay(e.redirect, e.value_fingerprint, address)
+                    if received is not None:
+                        return received
+                    direct = True  # the relay could not serve: ask the seed itself
+                    continue
                 if not e.retry or time.monotonic() + _BUSY_RETRY_S > deadline:
                     raise
                 time.sleep(_BUSY_RETRY_S)
 
-    def _attempt(self, address: str) -> Received:
+    def _via_relay(self, relay: str, fingerprint: str | None, seed: str) -> Received | None:
+        """One attempt at the relay ``seed`` sent us to; None (reason kept) if it failed."""
+        start = time.perf_counter()
+        try:
+            return self._attempt(relay, direct=True, fingerprint=fingerprint)
+        except SourceRefused as e:
+            reason = f"relay {relay} (named by {seed}) refused: {e}"
+        except (ProtocolError, AuthError, TransferError, OSError, RuntimeError) as e:
+            reason = f"relay {relay} (named by {seed}) failed: {type(e).__name__}: {e}"
+        self.reasons.append(reason)
+        logger.warning(
+            "Netloader rank %s: no verified model from %s after %.3f s (%s); asking %s "
+            "directly", self.identity.get("rank"), relay, time.perf_counter() - start,
+            reason, seed,
+        )
+        return None
+
+    def _attempt(
+        self, address: str, direct: bool = False, fingerprint: str | None = None
+    ) -> Received:
+        """One transfer from ``address``. ``direct`` asks it not to redirect; a
+        ``fingerprint`` (from the seed that redirected here) pins the digests a relay
+        may announce to the seed's."""
         host, port = split_address(address)
         start = time.perf_counter()
-        with socket.create_connection((host, port), timeout=self.timeout_s) as conn:
+        connect_s = self.timeout_s if fingerprint is None else min(self.timeout_s, _RELAY_CONNECT_S)
+        with socket.create_connection((host, port), timeout=connect_s) as conn:
             conn.settimeout(self.timeout_s)
-            hello = {
+            hello: dict[str, Any] = {
                 "type": HELLO,
                 "identity": self.identity,
                 "manifest": [spec.to_wire() for spec in self.specs],
+                "direct": direct,
             }
+            if self.relay is not None and self.relay.seed is None:
+                hello["relay_port"] = self.relay.port
             reply = exchange(conn, hello, self.secret)
             if reply["type"] == REFUSE:
-                raise SourceRefused(str(reply.get("reason")), reply.get("retry") is True)
+                raise _refusal(reply)
             if reply["type"] != ACCEPT:
                 raise ProtocolError(f"expected '{ACCEPT}', got '{reply['type']}'")
             digests = field(reply, "digests", list)
@@ -123,13 +175,23 @@ class WeightFetch:
             bucket_bytes = field(reply, "bucket_bytes", int)
             if not 0 < bucket_bytes <= _MAX_BUCKET_BYTES:
                 raise ProtocolError(f"accept carries a bucket size of {bucket_bytes} bytes")
+            if fingerprint is not None and value_fingerprint(self.specs, digests) != fingerprint:
+                raise ProtocolError("relay announces other weights than the seed that named it")
+            relayed = self._begin_relay(digests) if "relay_port" in hello else None
             try:
                 local = conn.getsockname()[0]
                 with data_group(host, store_port, CLIENT_RANK, self.timeout_s, local) as pg:
-                    nbytes = recv_tensors(pg, self.targets, self.specs, digests, bucket_bytes)
+                    nbytes = recv_tensors(
+                        pg, self.targets, self.specs, digests, bucket_bytes,
+                        on_verified=relayed.verified if relayed is not None else None,
+                    )
             except TransferError as e:
                 send_msg(conn, {"type": DONE, "ok": False, "reason": str(e)})
                 raise
+            finally:
+                if relayed is not None and not relayed.complete:
+                    # Its clients stop waiting for tensors this side will not verify.
+                    relayed.fail(f"its own transfer from {address} did not complete")
             send_msg(conn, {"type": DONE, "ok": True})
         seconds = time.perf_counter() - start
         logger.info(
@@ -139,6 +201,30 @@ class WeightFetch:
             len(digests),
         )
         return Received(address, nbytes, seconds, digests)
+
+
+    def _begin_relay(self, digests: list[str]) -> LoadedWeights:
+        assert self.relay is not None
+        weights = self.relay.begin(self.specs, self.targets, digests)
+        logger.info(
+            "Netloader rank %s relays on port %d: passes on each tensor once verified",
+            self.identity.get("rank"), self.relay.port,
+        )
+        return weights
+
+
+def _refusal(reply: dict[str, Any]) -> SourceRefused:
+    redirect = optional_field(reply, "redirect", str)
+    fingerprint = None
+    if redirect is not None:
+        try:
+            split_address(redirect, key="redirect")
+        except NetloaderConfigError as e:
+            raise ProtocolError(str(e)) from e
+        fingerprint = field(reply, "value_fingerprint", str)
+    return SourceRefused(
+        str(reply.get("reason")), reply.get("retry") is True, redirect, fingerprint
+    )
 
 
 def exchange(

@@ -42,6 +42,9 @@ class NetloaderConfig:
     # A speculative decoder's draft model has seeds and a listener of its own.
     draft_sources: tuple[SourceEntry, ...] = ()
     draft_listen_port: int | None = None
+    # Listen before the fetch and pass verified tensors on to the clients a busy seed
+    # sends here (see server.RelayListener).
+    relay: bool = True
 
     def sources_for_rank(self, rank: int, draft: bool = False) -> tuple[str, ...]:
         """Seed addresses for global rank ``rank`` (for its draft model if ``draft``),
@@ -194,6 +197,12 @@ def _parse_send_limit(value: Any) -> float:
     return float(value)
 
 
+def _parse_relay(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise NetloaderConfigError(f"RELAY must be true or false, got {value!r}")
+    return value
+
+
 def _read_secret(path: Any) -> bytes:
     if not isinstance(path, str) or not path:
         raise NetloaderConfigError("SECRET_FILE must be a non-empty path string")
@@ -228,6 +237,7 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "BUCKET_MB": ("bucket_mb", _parse_bucket_mb),
     "SEND_LIMIT_MB_PER_S": ("send_limit_mb_per_s", _parse_send_limit),
     "DRAFT_SOURCE": ("draft_sources", functools.partial(_parse_sources, key="DRAFT_SOURCE")),
+    "RELAY": ("relay", _parse_relay),
     "DRAFT_LISTEN_PORT": (
         "draft_listen_port", functools.partial(_parse_listen_port, key="DRAFT_LISTEN_PORT")
     ),

@@ -1,6 +1,10 @@
 """``--load-format netloader``: fill the model from a seed, else from disk, then
 serve it as a seed. This is the only place that decides to fall back to disk.
 
+With RELAY (the default) the listener opens before the fetch and already passes
+verified tensors on to clients the seed sends here; a fetch that fails closes it,
+and the seed started after the disk load takes its port.
+
 The template of ``BaseModelLoader.load_model`` is kept: build the model, fill its
 weights (``load_weights`` below), post-process. A failed transfer needs no rebuilt
 model: only digest-verified bytes ever reach it, so every tensor holds either its
@@ -8,8 +12,10 @@ initial value or exactly the seed's, and the disk loader then fills it as usual.
 """
 
 import dataclasses
+import socket
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -30,13 +36,14 @@ from vllm_ascend.model_loader.netloader.manifest import (
     model_tensors,
     spec_of,
 )
-from vllm_ascend.model_loader.netloader.server import SeedServer
+from vllm_ascend.model_loader.netloader.server import RelayListener, SeedServer
 
 # The seed of each (global rank, role) in this process; a reload replaces it. A draft
 # model (role DRAFT) has a listener of its own (see ``listener_for``), its seeds in
 # DRAFT_SOURCE, and an identity no target listener accepts: it never collides with, or
 # is mistaken for, the target.
 _SEEDS: dict[tuple[int, str], SeedServer] = {}
+_Listener = TypeVar("_Listener", SeedServer, RelayListener)
 
 
 class NetloaderModelLoader(BaseModelLoader):
@@ -50,6 +57,8 @@ class NetloaderModelLoader(BaseModelLoader):
         self._role = TARGET
         self._identity: dict[str, Any] | None = None
         self._loaded: LoadedWeights | None = None
+        # The relay whose fetch filled this model: it goes on as the seed.
+        self._relay_seed: SeedServer | None = None
         # Where the last load_weights got its weights from, and how long it took.
         self.weights_source = "disk"
         self.load_seconds = 0.0
@@ -65,6 +74,7 @@ class NetloaderModelLoader(BaseModelLoader):
         self._rank = _global_rank()
         self._role = model_role(model_config)
         self.fallback_reasons = ()
+        self._relay_seed = None
         # MODEL names the served model; a draft is always named by its own path.
         name = (self.config.model if self._role == TARGET else None) or model_config.model
         self._identity = model_identity(
@@ -105,14 +115,22 @@ class NetloaderModelLoader(BaseModelLoader):
                 self._rank,
             )
             return None
+        relay = self._open_relay() if self.config.relay else None
         fetch = WeightFetch(
             identity=self._identity,
             specs=[spec_of(n, t) for n, t in named],
             targets=[t for _, t in named],
             timeout_s=self.config.timeout_s,
             secret=self.config.secret,
+            relay=relay,
         )
-        received = fetch.run(addresses)
+        try:
+            received = fetch.run(addresses)
+        finally:
+            if relay is not None:
+                self._relay_seed = relay.serving_complete()
+                if self._relay_seed is None:
+                    relay.close()
         # Also kept when a later source served: the operator sees every failed seed.
         self.fallback_reasons = tuple(fetch.reasons)
         if received is None:
@@ -131,23 +149,51 @@ class NetloaderModelLoader(BaseModelLoader):
         return received.digests
 
     def _start_seed(self) -> None:
-        assert self._loaded is not None and self._identity is not None
+        loaded = self._loaded
+        assert loaded is not None and self._identity is not None
         key = (self._rank, self._role)
-        old = _SEEDS.pop(key, None)
-        if old is not None:
-            old.stop()
-        host = get_ip()
-        port, output_prefix = listener_for(self.config, self._rank, self._role)
-        try:
-            limit = self.config.send_limit_mb_per_s
-            seed = SeedServer(
-                self._loaded, self._identity, self._rank, host, port,
-                self.config.timeout_s, output_prefix,
-                bucket_bytes=self.config.bucket_mb << 20,
-                send_limit_bytes_per_s=limit * 1e6 if limit is not None else None,
-                loaded_from=self.weights_source, load_seconds=self.load_seconds,
-                fallback_reasons=self.fallback_reasons, secret=self.config.secret,
+        if self._relay_seed is not None:
+            self._relay_seed.promote(self.weights_source, self.load_seconds, self.fallback_reasons)
+            _SEEDS[key] = self._relay_seed
+        else:
+            _stop_seed(key)
+            _SEEDS[key] = self._listening(
+                lambda host, port: self._new_seed(loaded, host, port)
+            ).start()
+        self._relay_seed = None
+        self._loaded = None
+
+    def _open_relay(self) -> RelayListener:
+        # A reload's relay needs the port of the seed that served the model before.
+        _stop_seed((self._rank, self._role))
+        return self._listening(
+            lambda host, port: RelayListener(
+                host, port, lambda weights, sock: self._new_seed(weights, host, port, sock)
             )
+        )
+
+    def _new_seed(
+        self, weights: LoadedWeights, host: str, port: int, sock: socket.socket | None = None
+    ) -> SeedServer:
+        assert self._identity is not None
+        limit = self.config.send_limit_mb_per_s
+        return SeedServer(
+            weights, self._identity, self._rank, host, port, self.config.timeout_s,
+            listener_for(self.config, self._rank, self._role)[1],
+            bucket_bytes=self.config.bucket_mb << 20,
+            send_limit_bytes_per_s=limit * 1e6 if limit is not None else None,
+            loaded_from="relaying its fetch" if sock is not None else self.weights_source,
+            load_seconds=self.load_seconds, fallback_reasons=self.fallback_reasons,
+            secret=self.config.secret, listen_socket=sock,
+        )
+
+    def _listening(self, bind: Callable[[str, int], _Listener]) -> _Listener:
+        """``bind(host, port)`` on this rank's listener address; a port that is taken
+        fails start-up with a message naming the setting."""
+        host = get_ip()
+        port = listener_for(self.config, self._rank, self._role)[0]
+        try:
+            return bind(host, port)
         except OSError as e:
             setting = (
                 f"DRAFT_LISTEN_PORT {self.config.draft_listen_port}" if self._role == DRAFT
@@ -157,8 +203,12 @@ class NetloaderModelLoader(BaseModelLoader):
                 f"Netloader {self._role} seed rank {self._rank} cannot listen on "
                 f"{host}:{port} ({setting}): {e}"
             ) from e
-        _SEEDS[key] = seed.start()
-        self._loaded = None
+
+
+def _stop_seed(key: tuple[int, str]) -> None:
+    old = _SEEDS.pop(key, None)
+    if old is not None:
+        old.stop()
 
 
 def running_seeds() -> dict[tuple[int, str], SeedServer]:

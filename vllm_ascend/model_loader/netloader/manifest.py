@@ -19,6 +19,7 @@ tests and diagnosis.)
 import hashlib
 import itertools
 import json
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +131,10 @@ def plan_buckets(specs: list[TensorSpec], bucket_bytes: int) -> list[list[int]]:
     return buckets
 
 
+class RelayStalled(Exception):
+    """A relay cannot send what its own transfer has not (yet) verified."""
+
+
 class LoadedWeights:
     """A model's tensors as loaded, with their digests: what a seed sends.
 
@@ -143,12 +148,64 @@ class LoadedWeights:
         self.tensors = [t if t.is_contiguous() else t.contiguous() for _, t in named]
         self.specs = [spec_of(name, t) for name, t in named]
         self.digests = digests
+        # How many leading tensors (in manifest order) hold their final bytes. A relay's
+        # weights fill up while its own transfer runs; a captured model's are all there.
+        self._ready = len(named)
+        self._failure: str | None = None
+        self._progress = threading.Condition()
 
     @classmethod
     def capture(cls, model: nn.Module, digests: list[str] | None = None) -> "LoadedWeights":
         """Views of ``model``'s tensors now; digests computed unless already known."""
         named = model_tensors(model)
         return cls(named, digests if digests is not None else [digest(t) for _, t in named])
+
+    @classmethod
+    def receiving(
+        cls, named: list[tuple[str, torch.Tensor]], digests: list[str]
+    ) -> "LoadedWeights":
+        """A relay's weights: views of tensors its own transfer is still filling, to be
+        verified against ``digests``; ``verified`` reports its progress."""
+        weights = cls(named, digests)
+        weights._ready = 0
+        return weights
+
+    def verified(self, count: int) -> None:
+        """The first ``count`` tensors now hold bytes that matched their digests."""
+        with self._progress:
+            self._ready = max(self._ready, count)
+            self._progress.notify_all()
+
+    def fail(self, reason: str) -> None:
+        """The relay's own transfer failed: tensors not yet verified never will be."""
+        with self._progress:
+            self._failure = reason
+            self._progress.notify_all()
+
+    @property
+    def complete(self) -> bool:
+        with self._progress:
+            return self._ready == len(self.tensors)
+
+    @property
+    def failure(self) -> str | None:
+        with self._progress:
+            return self._failure
+
+    def wait_ready(self, count: int, timeout_s: float) -> None:
+        """Block until the first ``count`` tensors are verified. Raises ``RelayStalled``
+        if the relay's own transfer failed first, or made no progress for ``timeout_s``."""
+        with self._progress:
+            while self._ready < count:
+                if self._failure is not None:
+                    raise RelayStalled(f"relay's own transfer failed: {self._failure}")
+                before = self._ready
+                self._progress.wait(timeout_s)
+                if self._ready == before and self._failure is None:
+                    raise RelayStalled(
+                        f"relay's own transfer made no progress for {timeout_s:.0f} s "
+                        f"({self._ready} of {len(self.tensors)} tensors verified)"
+                    )
 
     @property
     def total_bytes(self) -> int:
@@ -164,10 +221,14 @@ class LoadedWeights:
 
     def value_fingerprint(self) -> str:
         """One digest over every tensor's name and value digest, comparable with a disk load."""
-        h = hashlib.sha256()
-        for spec, d in zip(self.specs, self.digests, strict=True):
-            h.update(f"{spec.name}:{d};".encode())
-        return h.hexdigest()
+        return value_fingerprint(self.specs, self.digests)
+
+
+def value_fingerprint(specs: list[TensorSpec], digests: list[str]) -> str:
+    h = hashlib.sha256()
+    for spec, d in zip(specs, digests, strict=True):
+        h.update(f"{spec.name}:{d};".encode())
+    return h.hexdigest()
 
 
 def model_identity(

@@ -98,6 +98,11 @@ def field(msg: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     return value
 
 
+def optional_field(msg: dict[str, Any], name: str, kind: type) -> Any:
+    """``msg[name]`` checked against ``kind`` if present, else None."""
+    return None if msg.get(name) is None else field(msg, name, kind)
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray(n)
     view = memoryview(buf)

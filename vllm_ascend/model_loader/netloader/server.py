@@ -3,12 +3,18 @@
 It never takes the worker down: each connection runs in its own thread with a
 timeout on every socket and group operation, and whatever a client does costs
 the seed at most that timeout.
+
+Fan-out: a starting instance listens before its own fetch (``RelayListener``) and
+names that port in its hello. While a seed is sending, it sends the next client
+to the last such relay instead of splitting its uplink, so N clients form a chain
+in which each passes on the tensors it has verified while it still receives.
 """
 
 import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from vllm.logger import logger
@@ -24,6 +30,7 @@ from vllm_ascend.model_loader.netloader.auth import (
 from vllm_ascend.model_loader.netloader.manifest import (
     DRAFT,
     LoadedWeights,
+    RelayStalled,
     TensorSpec,
     first_difference,
     identity_difference,
@@ -37,6 +44,7 @@ from vllm_ascend.model_loader.netloader.protocol import (
     REFUSE,
     ProtocolError,
     field,
+    optional_field,
     recv_msg,
     send_last,
     send_msg,
@@ -74,6 +82,7 @@ class SeedServer:
         load_seconds: float | None = None,
         fallback_reasons: tuple[str, ...] = (),
         secret: bytes | None = None,
+        listen_socket: socket.socket | None = None,
     ):
         self.weights = weights
         self.identity = identity
@@ -92,10 +101,14 @@ class SeedServer:
         self._counts_lock = threading.Lock()
         self._active = 0
         self._completed = 0
+        # The relay of the client that joined the chain last: where the next client goes
+        # while this seed is sending.
+        self._tail: str | None = None
         self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_TRANSFERS)
         self._stopped = threading.Event()
-        # Bound here, in the caller's thread, so a taken port fails start-up loudly.
-        self._sock = socket.create_server((host, port))
+        # Bound here, in the caller's thread, so a taken port fails start-up loudly
+        # (a relay's was bound before its fetch began: see RelayListener).
+        self._sock = listen_socket or socket.create_server((host, port))
         self.port = self._sock.getsockname()[1]
         self._thread = threading.Thread(
             target=self._run, name=f"netloader-seed-rank{rank}", daemon=True
@@ -182,7 +195,9 @@ class SeedServer:
                     # Nothing but this fixed reason goes back: no identity, no manifest.
                     send_last(conn, {"type": REFUSE, "reason": str(e), "retry": False})
                     raise
-        except (ProtocolError, AuthError, TransferError, OSError, RuntimeError) as e:
+        except (
+            ProtocolError, AuthError, TransferError, RelayStalled, OSError, RuntimeError
+        ) as e:
             logger.warning("Netloader seed %s: client %s failed: %s", self._who, peer, e)
         except Exception:  # noqa: BLE001 - connection thread top level, see above
             logger.exception("Netloader seed %s: client %s hit an error", self._who, peer)
@@ -200,6 +215,7 @@ class SeedServer:
             "loaded_from": self._loaded_from,
             "load_seconds": self._load_seconds,
             "fallback_reasons": self._fallback_reasons,
+            "relaying": not self.weights.complete,
             "active_transfers": active,
             "completed_transfers": completed,
         }
@@ -219,19 +235,51 @@ class SeedServer:
             logger.warning("Netloader seed %s refused %s: %s", self._who, peer, reason)
             send_last(conn, {"type": REFUSE, "reason": reason, "retry": False})
             return
-        if not self._slots.acquire(blocking=False):
+        relay = _relay_address(conn, hello)
+        direct = optional_field(hello, "direct", bool) is True
+        with self._counts_lock:
+            tail = self._tail
+            if tail is not None and self._active and not direct:
+                route = "redirect"
+            elif self._slots.acquire(blocking=False):
+                route = "serve"
+                self._active += 1
+            else:
+                route = "busy"
+            if relay is not None and route != "busy":
+                self._tail = relay
+        if route == "redirect":
+            logger.info("Netloader seed %s sends %s to relay %s", self._who, peer, tail)
+            body = {
+                "type": REFUSE, "reason": f"seed is sending; relay {tail} passes it on",
+                "retry": True, "redirect": tail,
+                "value_fingerprint": self.weights.value_fingerprint(),
+            }
+            self._answer(conn, body, seed_nonce, hello)
+            return
+        if route == "busy":
             send_last(conn, {"type": REFUSE, "reason": "seed is busy", "retry": True})
             return
-        with self._counts_lock:
-            self._active += 1
+        verified = False
         try:
-            if self._send_weights(conn, peer, seed_nonce, hello):
-                with self._counts_lock:
-                    self._completed += 1
+            verified = self._send_weights(conn, peer, seed_nonce, hello)
         finally:
             with self._counts_lock:
                 self._active -= 1
+                if verified:
+                    self._completed += 1
+                if not verified and relay is not None and self._tail == relay:
+                    self._tail = None  # a relay that did not get the model cannot pass it on
             self._slots.release()
+
+    def promote(
+        self, loaded_from: str, load_seconds: float, fallback_reasons: tuple[str, ...]
+    ) -> None:
+        """A relay whose own fetch completed goes on as this instance's seed."""
+        with self._counts_lock:
+            self._loaded_from = loaded_from
+            self._load_seconds = load_seconds
+            self._fallback_reasons = list(fallback_reasons)
 
     def _authenticate(self, request: dict[str, Any], seed_nonce: str) -> None:
         """Raise AuthError unless the client proved it knows the secret (if one is set)."""
@@ -262,6 +310,9 @@ class SeedServer:
         difference = first_difference(self.weights.specs, theirs)
         if difference is not None:
             return f"tensor manifest differs: {difference}"
+        failure = self.weights.failure
+        if failure is not None:
+            return f"this relay's own transfer failed ({failure})"
         return None
 
     def _send_weights(
@@ -287,6 +338,7 @@ class SeedServer:
                 sent = send_tensors(
                     pg, self.weights.tensors, self.weights.specs, self._bucket_bytes,
                     self._send_limit,
+                    wait_ready=None if self.weights.complete else self._wait_ready,
                 )
         seconds = time.perf_counter() - start
         done = recv_msg(conn, expect=DONE)
@@ -298,3 +350,58 @@ class SeedServer:
             "verified all digests" if verified else f"rejected: {done.get('reason')}",
         )
         return verified
+
+    def _wait_ready(self, count: int) -> None:
+        self.weights.wait_ready(count, self.timeout_s)
+
+
+def _relay_address(conn: socket.socket, hello: dict[str, Any]) -> str | None:
+    """Where the client's relay listens: its port from the hello, on the address the
+    client came from (never a host the client names, so no one can make this seed
+    send other clients to a third party)."""
+    port = optional_field(hello, "relay_port", int)
+    if port is None:
+        return None
+    if not 1 <= port <= 65535:
+        raise ProtocolError(f"relay_port {port} is not a port")
+    host = conn.getpeername()[0]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class RelayListener:
+    """A starting instance's listener, bound before its own fetch so that its port can
+    go into the hello. Once the fetch is accepted (the digests are known), ``begin``
+    starts a seed over the fetch's targets that sends each tensor as soon as the fetch
+    has verified it; after the load that seed goes on serving (``SeedServer.promote``).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        make_seed: Callable[[LoadedWeights, socket.socket], SeedServer],
+    ):
+        self._sock = socket.create_server((host, port))
+        self.port: int = self._sock.getsockname()[1]
+        self._make_seed = make_seed
+        self.seed: SeedServer | None = None
+
+    def begin(
+        self, specs: list[TensorSpec], targets: list[Any], digests: list[str]
+    ) -> LoadedWeights:
+        named = [(spec.name, t) for spec, t in zip(specs, targets, strict=True)]
+        weights = LoadedWeights.receiving(named, digests)
+        self.seed = self._make_seed(weights, self._sock).start()
+        return weights
+
+    def serving_complete(self) -> SeedServer | None:
+        """The relay's seed if its fetch delivered every tensor, else None."""
+        if self.seed is not None and self.seed.weights.complete:
+            return self.seed
+        return None
+
+    def close(self) -> None:
+        if self.seed is not None:
+            self.seed.stop()
+        else:
+            self._sock.close()

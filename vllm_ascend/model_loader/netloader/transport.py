@@ -11,7 +11,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -139,12 +139,15 @@ def send_tensors(
     specs: list[TensorSpec],
     bucket_bytes: int = BUCKET_BYTES,
     max_bytes_per_s: float | None = None,
+    wait_ready: Callable[[int], None] | None = None,
 ) -> int:
     """Send ``tensors`` in manifest order, at most ``max_bytes_per_s`` on average;
     returns the bytes sent.
 
     Up to ``SEND_DEPTH`` buckets are in flight, so packing the next multi-tensor
     bucket into its staging buffer overlaps the sending of the previous one.
+    A relay passes ``wait_ready(n)``, which returns once its first ``n`` tensors hold
+    verified bytes (or raises): each bucket leaves as soon as its own transfer has it.
     """
     device = transfer_device()
     start = time.monotonic()
@@ -155,6 +158,8 @@ def send_tensors(
     for bucket in plan_buckets(specs, bucket_bytes):
         if len(in_flight) == SEND_DEPTH:
             free.extend(_complete(in_flight.popleft()))
+        if wait_ready is not None:
+            wait_ready(bucket[-1] + 1)
         staging = None
         if len(bucket) == 1:
             payload = byte_view(tensors[bucket[0]]).to(device)
@@ -206,6 +211,7 @@ def recv_tensors(
     digests: list[str],
     bucket_bytes: int = BUCKET_BYTES,
     stats: TransferStats | None = None,
+    on_verified: Callable[[int], None] | None = None,
 ) -> int:
     """Receive into ``targets`` in manifest order; returns the bytes received.
 
@@ -216,6 +222,7 @@ def recv_tensors(
     ``RECV_DEPTH`` buckets are posted at once: while one is verified and copied,
     the next is already arriving (gloo's own thread reads it, blake3 and the copy
     release the GIL), so the link does not idle while the host verifies.
+    ``on_verified(n)`` hears after each bucket that the first ``n`` targets are done.
     """
     stats = stats if stats is not None else TransferStats()
     buckets = plan_buckets(specs, bucket_bytes)
@@ -238,6 +245,8 @@ def recv_tensors(
             work.wait()
             stats.wait_s += time.perf_counter() - t0
         _deliver(slots[k % depth], bucket, targets, specs, digests, stats)
+        if on_verified is not None:
+            on_verified(bucket[-1] + 1)
         if k + depth < len(buckets):
             posted.append(post(k + depth))
     return sum(sizes)

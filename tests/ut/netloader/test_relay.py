@@ -1,0 +1,190 @@
+"""Fan-out through relays: clients that arrive while a seed sends are passed down a
+chain of clients that are still receiving. A real seed process, real relays (each a
+SeedServer over a fetching client's own targets), real sockets and gloo groups."""
+
+import socket
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+from tests.ut.netloader.test_transfer import assert_same_tensors, fetch_for, wait_for
+from tests.ut.netloader.toy_seed import IDENTITY, SMALL_BUCKET, make_toy, toy_seed
+from tests.wire import connect, frame
+from vllm_ascend.model_loader.netloader.client import Received, WeightFetch, query_seed
+from vllm_ascend.model_loader.netloader.manifest import (
+    LoadedWeights,
+    model_tensors,
+    plan_buckets,
+    spec_of,
+)
+from vllm_ascend.model_loader.netloader.protocol import (
+    ACCEPT,
+    CHALLENGE,
+    HELLO,
+    REFUSE,
+    recv_msg,
+)
+from vllm_ascend.model_loader.netloader.server import RelayListener, SeedServer
+
+# The toy model is about 1.3 MB: at this cap a transfer from the seed lasts about 3 s,
+# so the clients a test starts meanwhile find the seed still sending.
+SLOW_SEED = 0.5e6
+
+
+def relay_listener(timeout_s: float = 10.0) -> RelayListener:
+    def make_seed(weights: LoadedWeights, sock: socket.socket) -> SeedServer:
+        return SeedServer(
+            weights, IDENTITY, 0, "127.0.0.1", 0, timeout_s, bucket_bytes=SMALL_BUCKET,
+            listen_socket=sock,
+        )
+
+    return RelayListener("127.0.0.1", 0, make_seed)
+
+
+class Starting:
+    """A starting instance in a thread: a zeroed toy model, its relay, its fetch."""
+
+    def __init__(self, sources: list[str]):
+        self.model = make_toy(None)
+        self.relay = relay_listener()
+        self.address = f"127.0.0.1:{self.relay.port}"
+        self.fetch: WeightFetch = fetch_for(self.model, timeout_s=30.0)
+        self.fetch.relay = self.relay
+        self.received: Received | None = None
+        self._thread = threading.Thread(target=self._run, args=(tuple(sources),), daemon=True)
+        self._thread.start()
+
+    def _run(self, sources: tuple[str, ...]) -> None:
+        self.received = self.fetch.run(sources)
+
+    def join(self) -> Received | None:
+        self._thread.join(60)
+        assert not self._thread.is_alive(), "a client hangs"
+        return self.received
+
+    def info(self) -> dict[str, Any]:
+        return query_seed(self.address)
+
+
+def test_clients_arriving_while_the_seed_sends_are_chained_through_relays():
+    with toy_seed(seed=5, send_limit=SLOW_SEED, timeout_s=10.0) as (seed, proc):
+        a = Starting([seed])
+        wait_for(lambda: query_seed(seed)["active_transfers"] == 1, 10, "seed never sent to a")
+        b = Starting([seed])  # the seed is busy with a: it sends b to a's relay
+        wait_for(lambda: a.relay.seed is not None and a.info()["active_transfers"] == 1,
+                 10, "a's relay never sent to b")
+        # b's transfer began while a was still receiving (a relay, not a finished seed).
+        assert a.info()["relaying"] is True
+        c = Starting([seed])  # b is now the chain's tail
+        try:
+            results = [s.join() for s in (a, b, c)]
+            assert all(r is not None for r in results), [s.fetch.reasons for s in (a, b, c)]
+            assert [r.source for r in results] == [seed, a.address, b.address]  # type: ignore[union-attr]
+            for s in (a, b, c):
+                assert_same_tensors(s.model, make_toy(5))
+                assert s.fetch.reasons == []
+            # The seed sent the model once; each relay passed it on once and is now a seed.
+            # (A seed counts a transfer once it has read the client's 'done'.)
+            wait_for(lambda: query_seed(seed)["completed_transfers"] == 1, 10, "seed count")
+            wait_for(lambda: [s.info()["completed_transfers"] for s in (a, b, c)] == [1, 1, 0],
+                     10, "relay counts")
+            assert query_seed(seed)["completed_transfers"] == 1
+            assert all(s.info()["relaying"] is False for s in (a, b, c))
+            assert proc.is_alive()
+        finally:
+            for s in (a, b, c):
+                s.relay.close()
+
+
+def test_a_relay_whose_own_transfer_fails_sends_its_client_back_to_the_seed():
+    # The seed's first transfer (to a) carries a flipped bit in its largest tensor, which
+    # comes after smaller ones: a's relay has passed those on to b when a's check fails.
+    with toy_seed(seed=6, send_limit=SLOW_SEED, timeout_s=10.0, corrupt_first=True) as (
+        seed, _,
+    ):
+        a = Starting([seed])
+        wait_for(lambda: query_seed(seed)["active_transfers"] == 1, 10, "seed never sent to a")
+        b = Starting([seed])
+        try:
+            assert a.join() is None
+            assert "digest mismatch" in a.fetch.reasons[0], a.fetch.reasons
+            received = b.join()
+            assert received is not None and received.source == seed, b.fetch.reasons
+            assert len(b.fetch.reasons) == 1, b.fetch.reasons
+            assert f"relay {a.address} (named by {seed})" in b.fetch.reasons[0]
+            assert_same_tensors(b.model, make_toy(6))
+            # a's relay refuses anyone else now: it will never hold the model.
+            fetch = fetch_for(make_toy(None))
+            assert fetch.run((a.address,)) is None
+            assert "own transfer failed" in fetch.reasons[0], fetch.reasons
+        finally:
+            a.relay.close()
+            b.relay.close()
+
+
+def test_a_redirect_to_a_relay_with_other_weights_is_not_followed():
+    # A peer of the seed names, as its relay port, a seed of other weights on its own
+    # host, then stalls so the seed stays busy. The next client is sent there, finds
+    # digests that do not fit the fingerprint the seed gave it, and asks the seed itself.
+    with toy_seed(seed=7, timeout_s=5.0) as (seed, proc), toy_seed(seed=8) as (other, _):
+        manifest = [spec_of(n, t).to_wire() for n, t in model_tensors(make_toy(None))]
+        with connect(seed) as stalling:
+            recv_msg(stalling, expect=CHALLENGE)
+            stalling.sendall(frame({
+                "type": HELLO, "identity": IDENTITY, "manifest": manifest,
+                "relay_port": int(other.rsplit(":", 1)[1]),
+            }))
+            assert recv_msg(stalling)["type"] == ACCEPT  # and never joins the group
+            client = make_toy(None)
+            fetch = fetch_for(client)
+            received = fetch.run((seed,))
+        assert received is not None and received.source == seed, fetch.reasons
+        assert len(fetch.reasons) == 1 and "other weights than the seed" in fetch.reasons[0]
+        assert_same_tensors(client, make_toy(7))
+        assert proc.is_alive()
+
+
+@pytest.fixture(scope="module")
+def plain_seed():
+    with toy_seed(seed=7) as (address, proc):
+        yield address, proc
+
+
+@pytest.mark.parametrize("relay_port", [0, 70000, "80", 1.5])
+def test_a_hello_with_a_bad_relay_port_is_refused(plain_seed, relay_port):
+    seed, proc = plain_seed
+    manifest = [spec_of(n, t).to_wire() for n, t in model_tensors(make_toy(None))]
+    with connect(seed) as s:
+        recv_msg(s, expect=CHALLENGE)
+        s.sendall(frame({"type": HELLO, "identity": IDENTITY, "manifest": manifest,
+                         "relay_port": relay_port}))
+        reply = recv_msg(s)
+    assert reply["type"] == REFUSE and reply["reason"].startswith("bad request"), reply
+    assert proc.is_alive()
+
+
+def test_a_relay_sends_only_what_its_fetch_verified():
+    # A relay whose fetch has verified the first bucket's tensors and then stalls: its
+    # client gets that bucket, then its transfer fails; nothing unverified leaves.
+    model = make_toy(3)
+    named = model_tensors(model)
+    specs = [spec_of(n, t) for n, t in named]
+    first_bucket = plan_buckets(specs, SMALL_BUCKET)[0]
+    relay = relay_listener(timeout_s=1.0)
+    weights = relay.begin(specs, [t for _, t in named], LoadedWeights.capture(model).digests)
+    weights.verified(len(first_bucket))
+    try:
+        client = make_toy(None)
+        fetch = fetch_for(client, timeout_s=5.0)
+        assert fetch.run((f"127.0.0.1:{relay.port}",)) is None
+        got = model_tensors(client)
+        for i, ((name, t), (_, sent)) in enumerate(zip(got, named, strict=True)):
+            if i < len(first_bucket):
+                assert torch.equal(t, sent), f"verified {name} did not arrive"
+            else:
+                assert not t.any(), f"unverified {name} reached the client"
+        assert not weights.complete
+    finally:
+        relay.close()
