@@ -2,7 +2,8 @@
 have received and verified it, with the links (not the CPUs) as the bottleneck.
 
     python -m benchmarks.netloader_fanout [--clients 1,2,4] [--gb 0.25] [--rate-mbit 300]
-                                          [--mode direct] [--tcp-mb 64] [--repeat 1]
+                                          [--mode relay] [--bucket-mb 16] [--tcp-mb 64]
+                                          [--repeat 1]
 
 Needs root: every process runs in a network namespace of its own (tools/netns.py), the
 seed in one and client i in another, every link shaped to ``--rate-mbit`` both ways
@@ -10,12 +11,12 @@ seed in one and client i in another, every link shaped to ``--rate-mbit`` both w
 ``--tcp-mb`` to each of N sinks at once, which is what the links allow with no
 Netloader in the way.
 
-``--mode`` picks where each client fetches from (``SOURCE_PLANS``). ``direct``: every
-client from the seed, so the seed's uplink carries N copies and the time grows about
-N-fold. A relaying mode (a client passes on verified buckets while it still receives)
-is another plan here, plus whatever the client role needs to serve while receiving;
-the clock, the topology and the verification stay as they are.
-Prints one JSON object last.
+Every client names only the seed as its source. ``--mode relay``: each client offers a
+relay (RELAY, the default of the loader), so the seed sends to the first and chains
+the others to the client before them, each passing on verified buckets while it still
+receives. ``--mode direct``: no relays, the seed's uplink carries N copies and the time
+grows about N-fold. ``--bucket-mb`` is the seed's and the relays' bucket: a chain adds
+about one bucket's time on the link per hop. Prints one JSON object last.
 """
 
 import argparse
@@ -25,23 +26,14 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from benchmarks.netns_roles import Child
 from tools.netns import Topology, exit_on_sigterm
 
-# Where each of N clients fetches from, given the seed's address and the clients'
-# own addresses (in start order).
-SourcePlan = Callable[[str, list[str]], list[list[str]]]
-
-
-def direct(seed: str, clients: list[str]) -> list[list[str]]:
-    return [[seed] for _ in clients]
-
-
-SOURCE_PLANS: dict[str, SourcePlan] = {"direct": direct}
+# The client role's flags per mode.
+MODES = {"direct": [], "relay": ["--relay"]}
 
 
 def require_root() -> None:
@@ -64,6 +56,7 @@ def fetch_together(
         "seconds": max(r["end"] for r in results) - start,
         "per_client_s": [round(r["end"] - r["start"], 3) for r in results],
         "bytes": [r["bytes"] for r in results],
+        "sources": [r["source"] for r in results],
     }
 
 
@@ -81,7 +74,6 @@ def tcp_together(
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     counts = sorted({int(n) for n in args.clients.split(",")})
-    plan = SOURCE_PLANS[args.mode]
     rate = args.rate_mbit or None
     names = [f"c{i}" for i in range(max(counts))]
     workdir = Path(args.workdir)
@@ -96,8 +88,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             return Child(functools.partial(net.popen, node), role, extra, log)
 
         seed_addr = net.address("seed")
-        seed = child("seed", "seed", ["--host", seed_addr, *model])
-        clients = [child(n, "client", model) for n in names]
+        bucket = str(args.bucket_mb)
+        seed = child("seed", "seed", ["--host", seed_addr, "--servers", f"none:{bucket}", *model])
+        clients = [child(n, "client", ["--host", net.address(n), "--bucket-mb", bucket,
+                                       *MODES[args.mode], *model]) for n in names]
         sinks = [child(n, "tcp-sink", ["--host", net.address(n)]) for n in names]
         source = child("seed", "tcp-source", [])
         everyone = [seed, *clients, *sinks, source]
@@ -114,7 +108,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             runs: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
             for _ in range(args.repeat):
                 for n in counts:
-                    plans = plan(address, [net.address(c) for c in names[:n]])
+                    plans = [[address]] * n
                     runs[n].append(fetch_together(clients[:n], plans, slowest_s + 120))
                     print(f"fanout {args.mode} N={n}: {runs[n][-1]['seconds']:.2f} s "
                           f"(load {os.getloadavg()[0]:.2f})", flush=True)
@@ -134,11 +128,13 @@ def summarize(
     one = counts[0]
     out: dict[str, Any] = {
         "mode": args.mode,
+        "bucket_mb": args.bucket_mb,
         "rate_mbit": rate,
         "bytes": nbytes,
         "clients": counts,
         "fanout_s": {str(n): round(s, 3) for n, s in fanout.items()},
         "per_client_s": {str(n): runs[n][len(runs[n]) // 2]["per_client_s"] for n in counts},
+        "sources": {str(n): runs[n][len(runs[n]) // 2]["sources"] for n in counts},
         "aggregate_mbit": {str(n): round(n * nbytes * 8 / s / 1e6, 1)
                            for n, s in fanout.items()},
         "tcp_bytes_per_client": tcp_bytes,
@@ -162,7 +158,8 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=0.25)
     parser.add_argument("--tensor-mb", type=float, default=16.0)
     parser.add_argument("--rate-mbit", type=float, default=300.0)
-    parser.add_argument("--mode", choices=sorted(SOURCE_PLANS), default="direct")
+    parser.add_argument("--mode", choices=sorted(MODES), default="relay")
+    parser.add_argument("--bucket-mb", type=float, default=16.0)
     parser.add_argument("--tcp-mb", type=float, default=64.0)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--workdir", default=".bench/fanout")

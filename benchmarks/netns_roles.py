@@ -1,7 +1,7 @@
 """The processes a namespace benchmark starts, one role each, driven over stdin/stdout.
 
     python -m benchmarks.netns_roles seed   --host A --gb G [--servers none:64,20:64] [--steps]
-    python -m benchmarks.netns_roles client --gb G
+    python -m benchmarks.netns_roles client --host A --gb G [--relay] [--bucket-mb 64]
     python -m benchmarks.netns_roles prober
     python -m benchmarks.netns_roles tcp-sink --host A
     python -m benchmarks.netns_roles tcp-source
@@ -113,23 +113,43 @@ def role_seed(args: argparse.Namespace) -> None:
 
 
 def role_client(args: argparse.Namespace) -> None:
-    """Targets shaped like the seed's model, filled by one WeightFetch per 'fetch'."""
+    """Targets shaped like the seed's model, filled by one WeightFetch per 'fetch'.
+
+    With ``--relay`` each fetch offers a relay (as a starting instance does with
+    RELAY): it serves until the next fetch or 'quit', so later clients can finish."""
+    import socket as socket_
+
     from vllm_ascend.model_loader.netloader.client import WeightFetch
-    from vllm_ascend.model_loader.netloader.manifest import model_tensors, spec_of
+    from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, model_tensors, spec_of
+    from vllm_ascend.model_loader.netloader.server import RelayListener, SeedServer
 
     named = model_tensors(build_model(args.gb, args.tensor_mb, fill=False))
     for _, t in named:
         t.zero_()  # touched once here, so page faults stay out of the timed transfer
     specs, targets = [spec_of(n, t) for n, t in named], [t for _, t in named]
+
+    def relay_seed(weights: LoadedWeights, sock: socket_.socket) -> SeedServer:
+        return SeedServer(weights, IDENTITY, 0, args.host, 0, args.timeout,
+                          bucket_bytes=int(args.bucket_mb * (1 << 20)), listen_socket=sock)
+
+    relay: RelayListener | None = None
     emit(ready=True, bytes=sum(s.nbytes for s in specs))
-    for msg in commands():
-        if msg["cmd"] == "fetch":
-            fetch = WeightFetch(IDENTITY, specs, targets, args.timeout)
-            start = time.monotonic()
-            received = fetch.run(tuple(msg["sources"]))
-            emit(ok=received is not None, start=start, end=time.monotonic(),
-                 bytes=received.nbytes if received else 0,
-                 source=received.source if received else None, reasons=fetch.reasons)
+    try:
+        for msg in commands():
+            if msg["cmd"] == "fetch":
+                if relay is not None:
+                    relay.close()
+                relay = RelayListener(args.host, 0, relay_seed) if args.relay else None
+                fetch = WeightFetch(IDENTITY, specs, targets, args.timeout, relay=relay)
+                start = time.monotonic()
+                received = fetch.run(tuple(msg["sources"]))
+                emit(ok=received is not None, start=start, end=time.monotonic(),
+                     bytes=received.nbytes if received else 0,
+                     source=received.source if received else None, reasons=fetch.reasons,
+                     relay=f"{args.host}:{relay.port}" if relay is not None else None)
+    finally:
+        if relay is not None:
+            relay.close()
 
 
 def role_prober(args: argparse.Namespace) -> None:
@@ -223,6 +243,8 @@ def main() -> None:
     parser.add_argument("--servers", default="none:64",
                         help="seed: one listener per LIMIT:BUCKET_MB (LIMIT in MB/s or none)")
     parser.add_argument("--steps", action="store_true", help="seed: run the step clock")
+    parser.add_argument("--relay", action="store_true", help="client: relay while fetching")
+    parser.add_argument("--bucket-mb", type=float, default=64.0, help="client: relay's bucket")
     parser.add_argument("--timeout", type=float, default=300.0)
     args = parser.parse_args()
     ROLES[args.role](args)

@@ -11,7 +11,8 @@
    dropped again and one ``--load-format auto`` server started. Reports the client's
    Netloader load (``client_load_s``) against vLLM's default loader reading the same
    files warm and cold (its own "Loading weights took" line).
-4. ``benchmarks.netloader_fanout`` (N = 1, 2, 4 clients, rate-limited namespaces) and
+4. ``benchmarks.netloader_fanout`` (N = 1, 2, 4 clients, rate-limited namespaces; with
+   relays, the default, and with every client fetching from the seed) and
    ``benchmarks.netloader_seed_latency`` on a shaped link and on an unshaped one.
 5. A plot for the docs: ``docs/source/user_guide/feature_guide/images/netloader_bench.png``.
 
@@ -241,7 +242,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
         one = fan["fanout_s"][str(counts[0])]
         scale = fan["bytes"] / fan["tcp_bytes_per_client"]
         ax.plot(counts, [fan["fanout_s"][str(n)] for n in counts], "o-",
-                label=f"Netloader, {fan['mode']}")
+                label=f"Netloader, {fan['mode']} ({fan['bucket_mb']:g} MB buckets)")
+        direct = result.get("fanout_direct")
+        if direct:
+            ax.plot(counts, [direct["fanout_s"][str(n)] for n in counts], "^-",
+                    label="Netloader, every client from the seed")
         ax.plot(counts, [fan["tcp_fanout_s"][str(n)] * scale for n in counts], "s--",
                 label="raw TCP, same bytes")
         ax.plot(counts, [1.5 * one] * len(counts), ":", label="1.5 x one client")
@@ -314,9 +319,10 @@ def main() -> int:
         result["load"] = [r for r in rows if r is not None]
     if root:
         rate = str(args.rate_mbit)
-        result["fanout"] = bench.attempt("fanout", bench.run, "fanout", [
-            py, "-m", "benchmarks.netloader_fanout", "--gb", str(args.fanout_gb),
-            "--rate-mbit", rate, "--workdir", str(args.workdir / "fanout")])
+        for mode, key in (("relay", "fanout"), ("direct", "fanout_direct")):
+            result[key] = bench.attempt(key, bench.run, key, [
+                py, "-m", "benchmarks.netloader_fanout", "--gb", str(args.fanout_gb),
+                "--rate-mbit", rate, "--mode", mode, "--workdir", str(args.workdir / key)])
         result["seed_latency"] = {
             "shaped": bench.attempt("latency-shaped", bench.run, "latency-shaped", [
                 py, "-m", "benchmarks.netloader_seed_latency", "--rate-mbit", rate,
