@@ -20,6 +20,8 @@ Phases of a transfer, as the client sees them: ``handshake`` (connect, hello,
 accept), ``group_setup`` (the two-rank gloo group), ``transfer`` (receive, verify,
 copy: ``recv_tensors``; its ``wait_s``/``verify_s``/``copy_s`` say where the
 receiving thread spent it), ``teardown`` (group destroyed, 'done' sent).
+``gloo`` sends the same bytes over the transport's gloo group alone (no staging,
+digest or copy): the gap splits into gloo's part (link vs gloo) and Netloader's own.
 ``overhead_s`` is the total minus the time the raw link needs for the same bytes.
 CPU seconds are per transfer, all threads of the process. Prints one JSON object last.
 """
@@ -190,6 +192,65 @@ def tcp_once(nbytes: int, sink_cpu: int | None, into: str = "reused") -> dict[st
             proc.kill()
 
 
+GLOO_CHUNK = 64 << 20
+
+
+def _gloo_sender(port_q: Any, nbytes: int, cpu: int | None) -> None:
+    from vllm_ascend.model_loader.netloader.transport import (
+        CLIENT_RANK,
+        SEED_RANK,
+        bind_rendezvous,
+        data_group,
+    )
+
+    pin(cpu)
+    rendezvous = bind_rendezvous("127.0.0.1")
+    port_q.put(rendezvous.getsockname()[1])
+    payload = torch.ones(GLOO_CHUNK, dtype=torch.uint8)
+    with data_group("127.0.0.1", rendezvous.getsockname()[1], SEED_RANK, 120, "127.0.0.1",
+                    listen_socket=rendezvous) as pg:
+        cpu0 = cpu_seconds()
+        works: list[Any] = []
+        for offset in range(0, nbytes, GLOO_CHUNK):
+            works.append(pg.send([payload[: min(GLOO_CHUNK, nbytes - offset)]], CLIENT_RANK, 0))
+            if len(works) == 2:
+                works.pop(0).wait()
+        for work in works:
+            work.wait()
+        port_q.put(cpu_seconds() - cpu0)
+
+
+def gloo_once(nbytes: int, sender_cpu: int | None) -> dict[str, float]:
+    """The same bytes over the transport's gloo group alone: two 64 MB chunks in flight
+    into two reused, touched buffers; no staging, digest or copy. What is left between
+    this and ``netloader`` is Netloader's own work; between this and ``link``, gloo's."""
+    from vllm_ascend.model_loader.netloader.transport import CLIENT_RANK, SEED_RANK, data_group
+
+    ctx = mp.get_context("spawn")
+    port_q = ctx.Queue()
+    proc = ctx.Process(target=_gloo_sender, args=(port_q, nbytes, sender_cpu), daemon=True)
+    proc.start()
+    try:
+        port = port_q.get(timeout=60)
+        with data_group("127.0.0.1", port, CLIENT_RANK, 120, "127.0.0.1") as pg:
+            slots = [torch.zeros(GLOO_CHUNK, dtype=torch.uint8) for _ in range(2)]
+            sizes = [min(GLOO_CHUNK, nbytes - o) for o in range(0, nbytes, GLOO_CHUNK)]
+            cpu0, start = cpu_seconds(), time.perf_counter()
+            posted = [pg.recv([slots[k % 2][: sizes[k]]], SEED_RANK, 0)
+                      for k in range(min(2, len(sizes)))]
+            for k in range(len(sizes)):
+                posted.pop(0).wait()
+                if k + 2 < len(sizes):
+                    posted.append(pg.recv([slots[k % 2][: sizes[k + 2]]], SEED_RANK, 0))
+            seconds, receiver_cpu = time.perf_counter() - start, cpu_seconds() - cpu0
+        return {"gbps": nbytes / seconds / 1e9, "receiver_cpu_s": receiver_cpu,
+                "sender_cpu_s": port_q.get(timeout=60)}
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+
+
 def median(runs: list[dict[str, Any]], key: Callable[[dict[str, Any]], float]) -> float:
     return round(statistics.median(key(r) for r in runs), 3)
 
@@ -224,11 +285,13 @@ def main() -> None:
             run["tcp"] = tcp_once(run["bytes"], seed_cpu)
             into = "fresh" if args.fresh_targets else "touched"
             run["tcp_into_memory"] = tcp_once(run["bytes"], seed_cpu, into)
+            run["gloo"] = gloo_once(run["bytes"], seed_cpu)
             run["gbps"] = run["bytes"] / run["seconds"] / 1e9
             run["overhead_s"] = run["seconds"] - run["bytes"] / (run["tcp"]["gbps"] * 1e9)
             runs.append(run)
             print(f"run {i}: netloader {run['gbps']:.3f} GB/s, link {run['tcp']['gbps']:.3f} "
                   f"GB/s, link into memory {run['tcp_into_memory']['gbps']:.3f} GB/s, "
+                  f"gloo alone {run['gloo']['gbps']:.3f} GB/s, "
                   f"{json.dumps(run)}", flush=True)
     finally:
         conn.send(None)
@@ -248,6 +311,10 @@ def main() -> None:
         "ratio": median(runs, lambda r: r["gbps"] / r["tcp"]["gbps"]),
         "link_into_memory_gbps": median(runs, lambda r: r["tcp_into_memory"]["gbps"]),
         "ratio_vs_memory": median(runs, lambda r: r["gbps"] / r["tcp_into_memory"]["gbps"]),
+        "gloo_gbps": median(runs, lambda r: r["gloo"]["gbps"]),
+        "gloo_ratio": median(runs, lambda r: r["gloo"]["gbps"] / r["tcp"]["gbps"]),
+        "gloo_cpu_s": {k: median(runs, lambda r, k=k: r["gloo"][k])
+                       for k in ("sender_cpu_s", "receiver_cpu_s")},
         "overhead_s": median(runs, lambda r: r["overhead_s"]),
         "phases": phases,
         "transfer": transfer,

@@ -3,9 +3,11 @@
     python -m examples.netloader.scale_out --model .models/tiny-qwen2 --clients 2
 
 The seed loads the model from disk. Then N clients start at the same time, all with
-the seed as their SOURCE. Each client is checked the way an operator would: its own
-seed answers ``info`` with ``loaded_from: "seed <seed address>"`` and the seed's value
-fingerprint, and its greedy outputs equal the seed's. Prints a JSON summary last (per
+the seed as their SOURCE. A client that asks while the seed is sending is sent on to
+the relay of one that is still receiving (RELAY, on by default), so ``loaded_from``
+names the seed or another client of this run. Each client is checked the way an
+operator would: its own seed answers ``info`` with that ``loaded_from`` and the seed's
+value fingerprint, and its greedy outputs equal the seed's. Prints a JSON summary last (per
 client: where its weights came from, load seconds, seconds to healthy) and exits 0
 only if every client passed. With ``$NETLOADER_SECRET`` set (or ``--secret-file``),
 every instance and every ``info`` query uses the shared secret.
@@ -38,20 +40,22 @@ def netloader_server(
 
 
 def check_client(
-    server: VllmServer, address: str, seed_address: str, seed_info: dict[str, Any],
+    server: VllmServer, address: str, sources: list[str], seed_info: dict[str, Any],
     seed_outputs: list[str], secret: bytes | None,
 ) -> dict[str, Any]:
+    """``sources``: the seed's address and the other clients' (their relays)."""
     info = query_seed(address, secret=secret)
     result = {
         "address": address,
         "loaded_from": info["loaded_from"],
         "load_s": round(info["load_seconds"], 3),
+        "completed_transfers": info["completed_transfers"],
         "healthy_after_s": round(server.startup_seconds or 0.0, 1),
         "same_fingerprint": info["value_fingerprint"] == seed_info["value_fingerprint"],
         "identical_outputs": server.complete(PROMPTS) == seed_outputs,
     }
     result["ok"] = (
-        result["loaded_from"] == f"seed {seed_address}"
+        result["loaded_from"] in [f"seed {a}" for a in sources if a != address]
         and result["same_fingerprint"] and result["identical_outputs"]
     )
     return result
@@ -88,10 +92,12 @@ def run(model: str, clients: int, workdir: Path, secret_file: str | None) -> dic
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         seed_info = query_seed(seed_address, secret=secret)
+        addresses = [wait_for_file(workdir / f"client{i}-0.txt", server)
+                     for i, server in enumerate(group)]
         results = [
-            check_client(server, wait_for_file(workdir / f"client{i}-0.txt", server),
-                         seed_address, seed_info, seed_outputs, secret)
-            for i, server in enumerate(group)
+            check_client(server, address, [seed_address, *addresses], seed_info,
+                         seed_outputs, secret)
+            for server, address in zip(group, addresses, strict=True)
         ]
         return {
             "model": model,

@@ -137,7 +137,8 @@ def test_seed_and_client_scripts_with_failover_and_secret(model, tmp_path):
 
 
 def test_scale_out_script(model, tmp_path):
-    """scale_out.py with two clients: every client from the seed, outputs identical."""
+    """scale_out.py with two clients: each from the seed or through the other's relay,
+    the model sent once per client, outputs identical."""
     workdir = tmp_path / "scale-out"
     proc = subprocess.Popen(
         ["bash", "-c", f"python -m examples.netloader.scale_out --model {model} --clients 2 "
@@ -155,10 +156,12 @@ def test_scale_out_script(model, tmp_path):
     assert proc.returncode == 0, out[-5000:]
     summary = json.loads(out.strip().splitlines()[-1])
     seed = summary["seed"]
-    assert seed["loaded_from"] == "disk" and seed["completed_transfers"] == 2
-    assert len(summary["clients"]) == 2
-    for client in summary["clients"]:
-        assert client["loaded_from"] == f"seed {seed['address']}"
+    clients = summary["clients"]
+    assert seed["loaded_from"] == "disk" and len(clients) == 2
+    assert seed["completed_transfers"] + sum(c["completed_transfers"] for c in clients) == 2
+    for client in clients:
+        others = [seed["address"], *(c["address"] for c in clients if c is not client)]
+        assert client["loaded_from"] in [f"seed {a}" for a in others]
         assert client["identical_outputs"] and client["same_fingerprint"]
         assert client["load_s"] > 0
 
