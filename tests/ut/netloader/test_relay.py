@@ -33,11 +33,11 @@ from vllm_ascend.model_loader.netloader.server import RelayListener, SeedServer
 SLOW_SEED = 0.5e6
 
 
-def relay_listener(timeout_s: float = 10.0) -> RelayListener:
+def relay_listener(timeout_s: float = 10.0, secret: bytes | None = None) -> RelayListener:
     def make_seed(weights: LoadedWeights, sock: socket.socket) -> SeedServer:
         return SeedServer(
             weights, IDENTITY, 0, "127.0.0.1", 0, timeout_s, bucket_bytes=SMALL_BUCKET,
-            listen_socket=sock,
+            secret=secret, listen_socket=sock,
         )
 
     return RelayListener("127.0.0.1", 0, make_seed)
@@ -46,11 +46,12 @@ def relay_listener(timeout_s: float = 10.0) -> RelayListener:
 class Starting:
     """A starting instance in a thread: a zeroed toy model, its relay, its fetch."""
 
-    def __init__(self, sources: list[str]):
+    def __init__(self, sources: list[str], secret: bytes | None = None):
         self.model = make_toy(None)
-        self.relay = relay_listener()
+        self.secret = secret
+        self.relay = relay_listener(secret=secret)
         self.address = f"127.0.0.1:{self.relay.port}"
-        self.fetch: WeightFetch = fetch_for(self.model, timeout_s=30.0)
+        self.fetch: WeightFetch = fetch_for(self.model, timeout_s=30.0, secret=secret)
         self.fetch.relay = self.relay
         self.received: Received | None = None
         self._thread = threading.Thread(target=self._run, args=(tuple(sources),), daemon=True)
@@ -65,7 +66,7 @@ class Starting:
         return self.received
 
     def info(self) -> dict[str, Any]:
-        return query_seed(self.address)
+        return query_seed(self.address, secret=self.secret)
 
 
 def test_clients_arriving_while_the_seed_sends_are_chained_through_relays():
@@ -96,6 +97,74 @@ def test_clients_arriving_while_the_seed_sends_are_chained_through_relays():
         finally:
             for s in (a, b, c):
                 s.relay.close()
+
+
+def test_an_idle_seed_forgets_its_chain():
+    # a (a relay) is served and gone. Later the seed sends to x, which offers no relay:
+    # y, arriving meanwhile, must not be sent to a's closed relay.
+    with toy_seed(seed=2, send_limit=SLOW_SEED, timeout_s=10.0) as (seed, _):
+        a = Starting([seed])
+        assert a.join() is not None, a.fetch.reasons
+        a.relay.close()
+        wait_for(lambda: query_seed(seed)["active_transfers"] == 0, 10, "a still counted")
+        x_model = make_toy(None)
+        x = threading.Thread(target=fetch_for(x_model, timeout_s=30.0).run, args=((seed,),))
+        x.start()
+        wait_for(lambda: query_seed(seed)["active_transfers"] == 1, 10, "seed never sent to x")
+        y = Starting([seed])
+        try:
+            received = y.join()
+            assert received is not None and received.source == seed, y.fetch.reasons
+            assert y.fetch.reasons == []
+            x.join(60)
+            assert_same_tensors(x_model, make_toy(2))
+        finally:
+            y.relay.close()
+
+
+def test_with_a_shared_secret_the_redirect_and_the_relay_prove_it():
+    secret = b"relay-test-secret-0123456789"
+    with toy_seed(seed=4, send_limit=SLOW_SEED, timeout_s=10.0, secret=secret) as (seed, _):
+        a = Starting([seed], secret)
+        wait_for(lambda: query_seed(seed, secret=secret)["active_transfers"] == 1, 10,
+                 "seed never sent to a")
+        b = Starting([seed], secret)
+        try:
+            results = [a.join(), b.join()]
+            assert all(r is not None for r in results), [a.fetch.reasons, b.fetch.reasons]
+            assert [r.source for r in results] == [seed, a.address]  # type: ignore[union-attr]
+            for s in (a, b):
+                assert_same_tensors(s.model, make_toy(4))
+            # Without the secret, the relay (now a seed) serves nothing.
+            fetch = fetch_for(make_toy(None))
+            assert fetch.run((a.address,)) is None
+            assert "requires the shared secret" in fetch.reasons[0], fetch.reasons
+        finally:
+            a.relay.close()
+            b.relay.close()
+
+
+def test_a_redirect_without_the_seeds_proof_is_not_followed():
+    # Something that answers like a seed with the secret, but sends a redirect without
+    # the proof: the client does not go there.
+    secret = b"relay-test-secret-0123456789"
+    with socket.create_server(("127.0.0.1", 0)) as fake:
+        address = f"127.0.0.1:{fake.getsockname()[1]}"
+
+        def answer() -> None:
+            conn, _ = fake.accept()
+            with conn:
+                conn.sendall(frame({"type": CHALLENGE, "nonce": "ab" * 16, "auth": True}))
+                recv_msg(conn)
+                conn.sendall(frame({"type": REFUSE, "reason": "go", "retry": True,
+                                    "redirect": "127.0.0.1:9", "value_fingerprint": "0"}))
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        fetch = fetch_for(make_toy(None), secret=secret)
+        assert fetch.run((address,)) is None
+        thread.join(10)
+    assert len(fetch.reasons) == 1 and "valid proof" in fetch.reasons[0], fetch.reasons
 
 
 def test_a_relay_whose_own_transfer_fails_sends_its_client_back_to_the_seed():

@@ -233,7 +233,7 @@ def exchange(
     """Answer the seed's challenge with ``request`` and return the seed's reply.
 
     With a secret, the request carries this side's proof and every reply but a
-    refusal must carry the seed's proof over its body; a seed that does not ask for
+    plain refusal must carry the seed's proof over its body; a seed that does not ask for
     the secret is not trusted at all. Without one, a seed that asks for it is
     refused here, before the request (and its manifest) leaves this host."""
     challenge = recv_msg(conn, expect=CHALLENGE)
@@ -249,7 +249,9 @@ def exchange(
         request["proof"] = client_proof(secret, seed_nonce, nonce)
     send_msg(conn, request)
     reply = recv_msg(conn)
-    if secret is not None and reply["type"] != REFUSE:
+    # A plain refusal may come without a proof (the seed refuses a wrong secret without
+    # one); a redirect sends this client elsewhere, so it must carry one.
+    if secret is not None and (reply["type"] != REFUSE or "redirect" in reply):
         if not proof_matches(seed_proof(secret, seed_nonce, request, reply), reply.get("proof")):
             raise AuthError("seed's answer does not carry a valid proof of the shared secret")
     return reply

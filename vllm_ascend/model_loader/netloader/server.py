@@ -102,7 +102,7 @@ class SeedServer:
         self._active = 0
         self._completed = 0
         # The relay of the client that joined the chain last: where the next client goes
-        # while this seed is sending.
+        # while this seed is sending. Reset when it stops sending.
         self._tail: str | None = None
         self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_TRANSFERS)
         self._stopped = threading.Event()
@@ -268,8 +268,10 @@ class SeedServer:
                 self._active -= 1
                 if verified:
                     self._completed += 1
-                if not verified and relay is not None and self._tail == relay:
-                    self._tail = None  # a relay that did not get the model cannot pass it on
+                # A relay that did not get the model cannot pass it on; and once this seed
+                # is idle, the next client starts a new chain (the old one may be gone).
+                if not self._active or not verified and self._tail == relay:
+                    self._tail = None
             self._slots.release()
 
     def promote(
