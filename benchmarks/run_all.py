@@ -248,7 +248,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.plot(counts, [direct["fanout_s"][str(n)] for n in counts], "^-",
                     label="Netloader, every client from the seed")
         ax.plot(counts, [fan["tcp_fanout_s"][str(n)] * scale for n in counts], "s--",
-                label="raw TCP, same bytes")
+                label="raw TCP from the seed to each, same bytes")
         ax.plot(counts, [1.5 * one] * len(counts), ":", label="1.5 x one client")
         ax.set(title=f"Fan-out: {fan['bytes'] / 1e9:.2f} GB, {fan['rate_mbit']:g} Mbit/s links",
                xlabel="clients started together", ylabel="seconds until all verified",
