@@ -169,23 +169,30 @@ def _tcp_sink(port_q: Any, nbytes: int, cpu: int | None, into: str) -> None:
 def tcp_once(nbytes: int, sink_cpu: int | None, into: str = "reused") -> dict[str, float]:
     """Stream ``nbytes`` to a sink process that receives ``into`` a small reused
     buffer (the link's own speed) or into a model-sized one, touched or fresh."""
-    ctx = mp.get_context("spawn")
-    port_q = ctx.Queue()
-    proc = ctx.Process(target=_tcp_sink, args=(port_q, nbytes, sink_cpu, into), daemon=True)
-    proc.start()
     payload = memoryview(bytearray(8 << 20))
-    try:
-        with socket.create_connection(("127.0.0.1", port_q.get(timeout=60))) as conn:
-            cpu0, start = cpu_seconds(), time.perf_counter()
-            sent = 0
-            while sent < nbytes:
-                n = min(len(payload), nbytes - sent)
-                conn.sendall(payload[:n])
-                sent += n
-            conn.recv(1)
-            seconds, sender_cpu = time.perf_counter() - start, cpu_seconds() - cpu0
+    with peer_process(_tcp_sink, nbytes, sink_cpu, into) as port_q, \
+            socket.create_connection(("127.0.0.1", port_q.get(timeout=60))) as conn:
+        cpu0, start = cpu_seconds(), time.perf_counter()
+        sent = 0
+        while sent < nbytes:
+            n = min(len(payload), nbytes - sent)
+            conn.sendall(payload[:n])
+            sent += n
+        conn.recv(1)
+        seconds, sender_cpu = time.perf_counter() - start, cpu_seconds() - cpu0
         return {"gbps": nbytes / seconds / 1e9, "sender_cpu_s": sender_cpu,
                 "receiver_cpu_s": port_q.get(timeout=60)}
+
+
+@contextmanager
+def peer_process(target: Callable[..., None], *args: Any) -> Iterator[Any]:
+    """``target(queue, *args)`` in a spawned process; yields the queue it answers on."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(queue, *args), daemon=True)
+    proc.start()
+    try:
+        yield queue
     finally:
         proc.join(30)
         if proc.is_alive():
@@ -226,11 +233,7 @@ def gloo_once(nbytes: int, sender_cpu: int | None) -> dict[str, float]:
     this and ``netloader`` is Netloader's own work; between this and ``link``, gloo's."""
     from vllm_ascend.model_loader.netloader.transport import CLIENT_RANK, SEED_RANK, data_group
 
-    ctx = mp.get_context("spawn")
-    port_q = ctx.Queue()
-    proc = ctx.Process(target=_gloo_sender, args=(port_q, nbytes, sender_cpu), daemon=True)
-    proc.start()
-    try:
+    with peer_process(_gloo_sender, nbytes, sender_cpu) as port_q:
         port = port_q.get(timeout=60)
         with data_group("127.0.0.1", port, CLIENT_RANK, 120, "127.0.0.1") as pg:
             slots = [torch.zeros(GLOO_CHUNK, dtype=torch.uint8) for _ in range(2)]
@@ -245,10 +248,6 @@ def gloo_once(nbytes: int, sender_cpu: int | None) -> dict[str, float]:
             seconds, receiver_cpu = time.perf_counter() - start, cpu_seconds() - cpu0
         return {"gbps": nbytes / seconds / 1e9, "receiver_cpu_s": receiver_cpu,
                 "sender_cpu_s": port_q.get(timeout=60)}
-    finally:
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
 
 
 def median(runs: list[dict[str, Any]], key: Callable[[dict[str, Any]], float]) -> float:

@@ -69,6 +69,14 @@ class Starting:
         return query_seed(self.address, secret=self.secret)
 
 
+def why_not_served_by(address: str) -> str:
+    """The reason a fresh client (no secret) got nothing from ``address``."""
+    fetch = fetch_for(make_toy(None))
+    assert fetch.run((address,)) is None
+    (reason,) = fetch.reasons
+    return reason
+
+
 def test_clients_arriving_while_the_seed_sends_are_chained_through_relays():
     with toy_seed(seed=5, send_limit=SLOW_SEED, timeout_s=10.0) as (seed, proc):
         a = Starting([seed])
@@ -136,9 +144,7 @@ def test_with_a_shared_secret_the_redirect_and_the_relay_prove_it():
             for s in (a, b):
                 assert_same_tensors(s.model, make_toy(4))
             # Without the secret, the relay (now a seed) serves nothing.
-            fetch = fetch_for(make_toy(None))
-            assert fetch.run((a.address,)) is None
-            assert "requires the shared secret" in fetch.reasons[0], fetch.reasons
+            assert "requires the shared secret" in why_not_served_by(a.address)
         finally:
             a.relay.close()
             b.relay.close()
@@ -185,9 +191,7 @@ def test_a_relay_whose_own_transfer_fails_sends_its_client_back_to_the_seed():
             assert f"relay {a.address} (named by {seed})" in b.fetch.reasons[0]
             assert_same_tensors(b.model, make_toy(6))
             # a's relay refuses anyone else now: it will never hold the model.
-            fetch = fetch_for(make_toy(None))
-            assert fetch.run((a.address,)) is None
-            assert "own transfer failed" in fetch.reasons[0], fetch.reasons
+            assert "own transfer failed" in why_not_served_by(a.address)
         finally:
             a.relay.close()
             b.relay.close()

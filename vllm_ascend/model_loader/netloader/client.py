@@ -4,8 +4,10 @@ It only reports; whether to fall back to disk is the loader's decision.
 """
 
 import dataclasses
+import functools
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -96,18 +98,27 @@ class WeightFetch:
 
     def run(self, addresses: tuple[str, ...]) -> Received | None:
         for address in addresses:
-            start = time.perf_counter()
-            try:
-                return self._from_source(address)
-            except SourceRefused as e:
-                reason = f"{address} refused: {e}"
-            except (ProtocolError, AuthError, TransferError, OSError, RuntimeError) as e:
-                reason = f"{address} failed: {type(e).__name__}: {e}"
-            self.reasons.append(reason)
-            logger.warning(
-                "Netloader rank %s: no verified model from %s after %.3f s (%s)",
-                self.identity.get("rank"), address, time.perf_counter() - start, reason,
-            )
+            received = self._tried(address, address, functools.partial(self._from_source, address))
+            if received is not None:
+                return received
+        return None
+
+    def _tried(
+        self, address: str, label: str, attempt: Callable[[], Received], then: str = ""
+    ) -> Received | None:
+        """``attempt()``'s result, or None with why it failed kept and logged."""
+        start = time.perf_counter()
+        try:
+            return attempt()
+        except SourceRefused as e:
+            reason = f"{label} refused: {e}"
+        except (ProtocolError, AuthError, TransferError, OSError, RuntimeError) as e:
+            reason = f"{label} failed: {type(e).__name__}: {e}"
+        self.reasons.append(reason)
+        logger.warning(
+            "Netloader rank %s: no verified model from %s after %.3f s (%s)%s",
+            self.identity.get("rank"), address, time.perf_counter() - start, reason, then,
+        )
         return None
 
     def _from_source(self, address: str) -> Received:
@@ -129,20 +140,11 @@ class WeightFetch:
 
     def _via_relay(self, relay: str, fingerprint: str | None, seed: str) -> Received | None:
         """One attempt at the relay ``seed`` sent us to; None (reason kept) if it failed."""
-        start = time.perf_counter()
-        try:
-            return self._attempt(relay, direct=True, fingerprint=fingerprint)
-        except SourceRefused as e:
-            reason = f"relay {relay} (named by {seed}) refused: {e}"
-        except (ProtocolError, AuthError, TransferError, OSError, RuntimeError) as e:
-            reason = f"relay {relay} (named by {seed}) failed: {type(e).__name__}: {e}"
-        self.reasons.append(reason)
-        logger.warning(
-            "Netloader rank %s: no verified model from %s after %.3f s (%s); asking %s "
-            "directly", self.identity.get("rank"), relay, time.perf_counter() - start,
-            reason, seed,
+        return self._tried(
+            relay, f"relay {relay} (named by {seed})",
+            lambda: self._attempt(relay, direct=True, fingerprint=fingerprint),
+            then=f"; asking {seed} directly",
         )
-        return None
 
     def _attempt(
         self, address: str, direct: bool = False, fingerprint: str | None = None
