@@ -4,6 +4,8 @@ SeedServer over a fetching client's own targets), real sockets and gloo groups."
 
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -69,6 +71,23 @@ class Starting:
         return query_seed(self.address, secret=self.secret)
 
 
+@contextmanager
+def a_then_b(seed: str, secret: bytes | None = None) -> Iterator[tuple[Starting, Starting]]:
+    """a starts; once the seed sends to it, b starts (so the seed sends b to a's relay).
+    Both relays are closed on the way out."""
+    a = Starting([seed], secret)
+    try:
+        wait_for(lambda: query_seed(seed, secret=secret)["active_transfers"] == 1, 10,
+                 "seed never sent to a")
+        b = Starting([seed], secret)
+        try:
+            yield a, b
+        finally:
+            b.relay.close()
+    finally:
+        a.relay.close()
+
+
 def why_not_served_by(address: str) -> str:
     """The reason a fresh client (no secret) got nothing from ``address``."""
     fetch = fetch_for(make_toy(None))
@@ -78,10 +97,8 @@ def why_not_served_by(address: str) -> str:
 
 
 def test_clients_arriving_while_the_seed_sends_are_chained_through_relays():
-    with toy_seed(seed=5, send_limit=SLOW_SEED, timeout_s=10.0) as (seed, proc):
-        a = Starting([seed])
-        wait_for(lambda: query_seed(seed)["active_transfers"] == 1, 10, "seed never sent to a")
-        b = Starting([seed])  # the seed is busy with a: it sends b to a's relay
+    with toy_seed(seed=5, send_limit=SLOW_SEED, timeout_s=10.0) as (seed, proc), \
+            a_then_b(seed) as (a, b):
         wait_for(lambda: a.relay.seed is not None and a.info()["active_transfers"] == 1,
                  10, "a's relay never sent to b")
         # b's transfer began while a was still receiving (a relay, not a finished seed).
@@ -103,8 +120,7 @@ def test_clients_arriving_while_the_seed_sends_are_chained_through_relays():
             assert all(s.info()["relaying"] is False for s in (a, b, c))
             assert proc.is_alive()
         finally:
-            for s in (a, b, c):
-                s.relay.close()
+            c.relay.close()
 
 
 def test_an_idle_seed_forgets_its_chain():
@@ -132,22 +148,15 @@ def test_an_idle_seed_forgets_its_chain():
 
 def test_with_a_shared_secret_the_redirect_and_the_relay_prove_it():
     secret = b"relay-test-secret-0123456789"
-    with toy_seed(seed=4, send_limit=SLOW_SEED, timeout_s=10.0, secret=secret) as (seed, _):
-        a = Starting([seed], secret)
-        wait_for(lambda: query_seed(seed, secret=secret)["active_transfers"] == 1, 10,
-                 "seed never sent to a")
-        b = Starting([seed], secret)
-        try:
-            results = [a.join(), b.join()]
-            assert all(r is not None for r in results), [a.fetch.reasons, b.fetch.reasons]
-            assert [r.source for r in results] == [seed, a.address]  # type: ignore[union-attr]
-            for s in (a, b):
-                assert_same_tensors(s.model, make_toy(4))
-            # Without the secret, the relay (now a seed) serves nothing.
-            assert "requires the shared secret" in why_not_served_by(a.address)
-        finally:
-            a.relay.close()
-            b.relay.close()
+    with toy_seed(seed=4, send_limit=SLOW_SEED, timeout_s=10.0, secret=secret) as (seed, _), \
+            a_then_b(seed, secret) as (a, b):
+        results = [a.join(), b.join()]
+        assert all(r is not None for r in results), [a.fetch.reasons, b.fetch.reasons]
+        assert [r.source for r in results] == [seed, a.address]  # type: ignore[union-attr]
+        for s in (a, b):
+            assert_same_tensors(s.model, make_toy(4))
+        # Without the secret, the relay (now a seed) serves nothing.
+        assert "requires the shared secret" in why_not_served_by(a.address)
 
 
 def test_a_redirect_without_the_seeds_proof_is_not_followed():
@@ -178,23 +187,16 @@ def test_a_relay_whose_own_transfer_fails_sends_its_client_back_to_the_seed():
     # comes after smaller ones: a's relay has passed those on to b when a's check fails.
     with toy_seed(seed=6, send_limit=SLOW_SEED, timeout_s=10.0, corrupt_first=True) as (
         seed, _,
-    ):
-        a = Starting([seed])
-        wait_for(lambda: query_seed(seed)["active_transfers"] == 1, 10, "seed never sent to a")
-        b = Starting([seed])
-        try:
-            assert a.join() is None
-            assert "digest mismatch" in a.fetch.reasons[0], a.fetch.reasons
-            received = b.join()
-            assert received is not None and received.source == seed, b.fetch.reasons
-            assert len(b.fetch.reasons) == 1, b.fetch.reasons
-            assert f"relay {a.address} (named by {seed})" in b.fetch.reasons[0]
-            assert_same_tensors(b.model, make_toy(6))
-            # a's relay refuses anyone else now: it will never hold the model.
-            assert "own transfer failed" in why_not_served_by(a.address)
-        finally:
-            a.relay.close()
-            b.relay.close()
+    ), a_then_b(seed) as (a, b):
+        assert a.join() is None
+        assert "digest mismatch" in a.fetch.reasons[0], a.fetch.reasons
+        received = b.join()
+        assert received is not None and received.source == seed, b.fetch.reasons
+        assert len(b.fetch.reasons) == 1, b.fetch.reasons
+        assert f"relay {a.address} (named by {seed})" in b.fetch.reasons[0]
+        assert_same_tensors(b.model, make_toy(6))
+        # a's relay refuses anyone else now: it will never hold the model.
+        assert "own transfer failed" in why_not_served_by(a.address)
 
 
 def test_a_redirect_to_a_relay_with_other_weights_is_not_followed():
