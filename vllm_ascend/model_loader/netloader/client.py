@@ -204,7 +204,6 @@ class WeightFetch:
         )
         return Received(address, nbytes, seconds, digests)
 
-
     def _begin_relay(self, digests: list[str]) -> LoadedWeights:
         assert self.relay is not None
         weights = self.relay.begin(self.specs, self.targets, digests)

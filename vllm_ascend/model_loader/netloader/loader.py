@@ -90,7 +90,9 @@ class NetloaderModelLoader(BaseModelLoader):
         if digests is None:
             self._disk.load_weights(model, model_config)
             self.weights_source = "disk"
-        self._loaded = LoadedWeights.capture(model, digests)
+        # The relay whose fetch filled the model already holds its weights and digests.
+        relay = self._relay_seed
+        self._loaded = relay.weights if relay is not None else LoadedWeights.capture(model, digests)
         self.load_seconds = time.perf_counter() - start
         logger.info(
             "Netloader rank %d %s loaded %d tensors (%.3f GB) from %s in %.3f s",
