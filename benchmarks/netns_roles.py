@@ -117,8 +117,6 @@ def role_client(args: argparse.Namespace) -> None:
 
     With ``--relay`` each fetch offers a relay (as a starting instance does with
     RELAY): it serves until the next fetch or 'quit', so later clients can finish."""
-    import socket as socket_
-
     from vllm_ascend.model_loader.netloader.client import WeightFetch
     from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, model_tensors, spec_of
     from vllm_ascend.model_loader.netloader.server import RelayListener, SeedServer
@@ -128,7 +126,7 @@ def role_client(args: argparse.Namespace) -> None:
         t.zero_()  # touched once here, so page faults stay out of the timed transfer
     specs, targets = [spec_of(n, t) for n, t in named], [t for _, t in named]
 
-    def relay_seed(weights: LoadedWeights, sock: socket_.socket) -> SeedServer:
+    def relay_seed(weights: LoadedWeights, sock: socket.socket) -> SeedServer:
         return SeedServer(weights, IDENTITY, 0, args.host, 0, args.timeout,
                           bucket_bytes=int(args.bucket_mb * (1 << 20)), listen_socket=sock)
 
