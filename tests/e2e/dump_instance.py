@@ -6,22 +6,26 @@ as plain module attributes, and tensors captured by per-layer kernels' closures
 (the CPU GEMM dispatch keeps packed weights there). Opaque kernel handles (oneDNN)
 cannot be read; greedy outputs and logprobs cover those. The KV cache is skipped.
 
-Test seams (faults injected at the client -> transport boundary):
+Test seams (faults injected at the client -> data plane boundary):
   --fault corrupt   flip one bit of the first bucket received, after the network and
                     before the digest check
-  --fault stall     print STALLED once the first bucket is on its way, then hang
+  --fault stall     print STALLED once the first bucket has arrived, then hang
                     (the test kills the process mid-transfer)
   --swarm N --swarm-from ADDR
                     after loading, fetch this model from ADDR N times at once and
                     compare every copy with this instance's own loaded weights
+  --serve-tampered  after loading, serve a hostile seed of this model: the first
+                    buffer (rotary cache) holds other values under a matching digest,
+                    and the last tensor's digest is wrong, so a client's transfer fails
+                    at its very end; prints TAMPERED <address> and serves until stdin ends
 
     python -m tests.e2e.dump_instance MODEL OUT.safetensors [--load-format F] [--extra JSON]
 """
 
 import argparse
-import contextlib
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -48,51 +52,50 @@ def runtime_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in found.items()}
 
 
-class _FaultyGroup:
-    """Wraps the client's process group; every other call goes to the real one."""
-
-    def __init__(self, pg: Any, fault: str):
-        self._pg = pg
-        self._fault = fault
-        self._first = True
-
-    def recv(self, tensors: list[torch.Tensor], src: int, tag: int) -> Any:
-        work = self._pg.recv(tensors, src, tag)
-        first, self._first = self._first, False
-        if first and self._fault == "stall":
-            print("STALLED", flush=True)
-            time.sleep(3600)
-        work.wait()
-        if first and self._fault == "corrupt":
-            flat = tensors[0].view(-1).view(torch.uint8)
-            flat[flat.numel() // 2] ^= 1
-        return _Done()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._pg, name)
-
-
-class _Done:
-    def wait(self) -> bool:
-        return True
-
-
 def install_fault(fault: str) -> None:
+    """Wrap the client's host data plane (``client.StreamLink``): the module seam."""
     from vllm_ascend.model_loader.netloader import client
+    from vllm_ascend.model_loader.netloader.stream import StreamLink
 
-    real = client.data_group
+    class FaultyLink(StreamLink):
+        def receive(self, sizes: Any) -> Iterator[torch.Tensor]:
+            for k, bucket in enumerate(super().receive(sizes)):
+                if k == 0 and fault == "stall":
+                    print("STALLED", flush=True)
+                    time.sleep(3600)
+                if k == 0 and fault == "corrupt":
+                    bucket[bucket.numel() // 2] ^= 1
+                yield bucket
 
-    @contextlib.contextmanager
-    def faulty(*args: Any, **kwargs: Any) -> Iterator[Any]:
-        with real(*args, **kwargs) as pg:
-            yield _FaultyGroup(pg, fault)
+    client.StreamLink = FaultyLink  # type: ignore[misc]
 
-    client.data_group = faulty  # type: ignore[assignment]
+
+def serve_tampered() -> str:
+    """Replace this process's seed with a hostile one (see the module doc)."""
+    from vllm_ascend.model_loader.netloader.addresses import listen
+    from vllm_ascend.model_loader.netloader.loader import running_seeds
+    from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, digest
+    from vllm_ascend.model_loader.netloader.seed import SeedServer
+
+    (own,) = running_seeds().values()
+    weights = own.weights
+    named = [(spec.name, t) for spec, t in zip(weights.specs, weights.tensors, strict=True)]
+    digests = list(weights.digests)
+    first_buffer = next(i for i, (name, _) in enumerate(named) if name.endswith("cos_sin_cache"))
+    name, cache = named[first_buffer]
+    named[first_buffer] = (name, cache + 1)
+    digests[first_buffer] = digest(named[first_buffer][1])
+    digests[-1] = "0" * 64
+    assert first_buffer < len(named) - 1, "the failure must come after the buffer"
+    own.stop()
+    settings = own.settings
+    hostile = SeedServer(LoadedWeights(named, digests), settings, listen(settings.host, 0))
+    return hostile.start().address
 
 
 def swarm(n: int, address: str) -> dict[str, Any]:
     """N concurrent fetches of this instance's own model from ``address``."""
-    from vllm_ascend.model_loader.netloader.client import WeightFetch
+    from vllm_ascend.model_loader.netloader.client import ClientSettings, WeightFetch
     from vllm_ascend.model_loader.netloader.loader import running_seeds
     from vllm_ascend.model_loader.netloader.manifest import byte_view
 
@@ -100,9 +103,8 @@ def swarm(n: int, address: str) -> dict[str, Any]:
     weights = own.weights
     fetches = [
         WeightFetch(
-            own.identity, weights.specs,
+            ClientSettings(own.identity, timeout_s=120.0), weights.specs,
             [torch.empty_like(t) for t in weights.tensors],
-            timeout_s=120.0,
         )
         for _ in range(n)
     ]
@@ -141,6 +143,7 @@ def main() -> None:
     parser.add_argument("--fault", choices=["corrupt", "stall"])
     parser.add_argument("--swarm", type=int, default=0)
     parser.add_argument("--swarm-from")
+    parser.add_argument("--serve-tampered", action="store_true")
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from safetensors.torch import save_file
@@ -163,6 +166,9 @@ def main() -> None:
     if args.swarm:
         report["swarm"] = swarm(args.swarm, args.swarm_from)
     print("DUMP " + json.dumps(report), flush=True)
+    if args.serve_tampered:
+        print("TAMPERED " + serve_tampered(), flush=True)
+        sys.stdin.read()
 
 
 if __name__ == "__main__":

@@ -26,16 +26,14 @@ from tests.e2e.helpers import (
     netloader_server,
     start_all,
 )
-from tests.wire import frame
-from vllm_ascend.model_loader.netloader.auth import AuthError
+from tests.wire import challenge_of, frame, read
+from vllm_ascend.model_loader.netloader.auth import AuthError, new_nonce
 from vllm_ascend.model_loader.netloader.client import query_seed
 from vllm_ascend.model_loader.netloader.protocol import (
-    CHALLENGE,
     HELLO,
     MAGIC,
     PROTOCOL_VERSION,
     REFUSE,
-    recv_msg,
 )
 
 pytestmark = pytest.mark.e2e
@@ -72,6 +70,25 @@ def identity_of(address: str) -> dict:
     return query_seed(address)["identity"]
 
 
+def seed_hello(address: str, **fields) -> dict:
+    """A hello that matches the seed at ``address`` exactly (what an attacker with no
+    secret learns from ``info`` and ``manifest``), with ``fields`` replaced."""
+    from vllm_ascend.model_loader.netloader.client import _ask
+    from vllm_ascend.model_loader.netloader.manifest import TensorSpec, manifest_sha256
+    from vllm_ascend.model_loader.netloader.protocol import (
+        TCP,
+        ManifestSummary,
+        hello,
+        manifest_request,
+    )
+
+    entries = _ask(address, manifest_request(), None, 30, 1 << 24)["tensors"]
+    specs = [TensorSpec.from_wire(e) for e in entries]
+    summary = ManifestSummary(len(specs), sum(s.nbytes for s in specs), manifest_sha256(specs))
+    body = hello(identity_of(address), summary, None, False, (TCP,))
+    return {**body, "nonce": new_nonce(), **fields}
+
+
 BAD_REQUESTS = {
     "garbage": lambda _: b"\x00\xffGET / HTTP/1.1\r\n\r\n" * 3,
     "truncated frame": lambda _: frame({"type": HELLO})[:-3],
@@ -79,10 +96,14 @@ BAD_REQUESTS = {
     "wrong protocol version": lambda _: frame({"type": HELLO}, version=PROTOCOL_VERSION + 1),
     "valid frame, wrong type": lambda _: frame({"type": "done", "ok": True}),
     "not an object": lambda _: frame(["hello"]),
-    "hello without manifest": lambda ident: frame({"type": HELLO, "identity": ident}),
+    "hello without manifest": lambda address: frame(
+        {k: v for k, v in seed_hello(address).items() if k != "manifest"}
+    ),
 }
 MISMATCHES = {
     "other model": {"config_sha256": "0" * 64},
+    "other checkpoint": {"checkpoint": "0" * 64},
+    "other vLLM": {"vllm_version": "0.31.0"},
     "other TP size": {"tensor_parallel_size": 2},
     "other rank": {"rank": 1},
     "other dtype": {"dtype": "float32"},
@@ -92,11 +113,12 @@ MISMATCHES = {
 @pytest.mark.parametrize("name", BAD_REQUESTS)
 def test_bad_request_is_refused_and_seed_keeps_serving(seed, name):
     _, address, _ = seed
+    junk = BAD_REQUESTS[name](address)
     with connect(address) as s:
-        assert recv_msg(s, expect=CHALLENGE)["auth"] is False
-        s.sendall(BAD_REQUESTS[name](identity_of(address)))
+        assert challenge_of(s)["auth"] is False
+        s.sendall(junk)
         s.shutdown(socket.SHUT_WR)  # a truncated frame ends in EOF instead of a wait
-        reply = recv_msg(s)
+        reply = read(s)
     assert reply["type"] == REFUSE and reply["reason"].startswith("bad request"), reply
     assert_seed_serves_correctly(seed)
 
@@ -106,13 +128,14 @@ def test_mismatched_identity_is_refused_before_any_collective(seed, name):
     _, address, _ = seed
     identity = {**identity_of(address), **MISMATCHES[name]}
     before = query_seed(address)["completed_transfers"]
+    request = seed_hello(address, identity=identity)
     with connect(address) as s:
-        recv_msg(s, expect=CHALLENGE)
-        s.sendall(frame({"type": HELLO, "identity": identity, "manifest": []}))
-        reply = recv_msg(s)
+        challenge_of(s)
+        s.sendall(frame(request))
+        reply = read(s)
     field = next(iter(MISMATCHES[name]))
     assert reply["type"] == REFUSE and field in reply["reason"], reply
-    assert "store_port" not in reply and "digests" not in reply
+    assert "digests" not in reply
     assert query_seed(address)["completed_transfers"] == before
     assert_seed_serves_correctly(seed)
 
@@ -120,7 +143,7 @@ def test_mismatched_identity_is_refused_before_any_collective(seed, name):
 def test_silent_client_costs_the_seed_one_timeout(seed):
     _, address, _ = seed
     with connect(address) as s:
-        recv_msg(s, expect=CHALLENGE)
+        challenge_of(s)
         start = time.monotonic()
         assert_seed_serves_correctly(seed)  # while the silent client holds its connection
         s.settimeout(SEED_TIMEOUT_S + 30)

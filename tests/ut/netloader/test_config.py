@@ -143,10 +143,54 @@ def test_unknown_key_is_named():
         ([entry(sources=["10.0.0.1:-5"])], "SOURCE[0].sources[0]"),
         ([entry(sources=[5000])], "SOURCE[0].sources[0]"),
         ([entry(), entry(1, ["b:1", "c:99999"])], "SOURCE[1].sources[1]"),
+        # Each of these passed before and failed later as a name lookup.
+        ([entry(sources=["fe80::1"])], "SOURCE[0].sources[0]"),  # IPv6 without brackets
+        ([entry(sources=["::1"])], "SOURCE[0].sources[0]"),
+        ([entry(sources=["[::1:7000"])], "SOURCE[0].sources[0]"),
+        ([entry(sources=["[::1]7000"])], "SOURCE[0].sources[0]"),
+        ([entry(sources=["[10.0.0.1]:7000"])], "SOURCE[0].sources[0]"),  # v4 in brackets
+        ([entry(sources=["tcp://h:7000"])], "SOURCE[0].sources[0]"),
+        ([entry(sources=[" h:7000"])], "SOURCE[0].sources[0]"),
+        ([entry(sources=["h:7000 "])], "SOURCE[0].sources[0]"),
+        ([entry(sources=["h_1:7000"])], "SOURCE[0].sources[0]"),
+        ([entry(sources=["-h:7000"])], "SOURCE[0].sources[0]"),
+        ([entry(sources=["a" * 64 + ".example:7000"])], "SOURCE[0].sources[0]"),
+        ([entry(sources=["exämple.com:7000"])], "SOURCE[0].sources[0]"),
+        ([entry(sources=["h:007000"])], "SOURCE[0].sources[0]"),
     ],
 )
 def test_bad_source_names_the_key(source, key):
     raises_naming(key, {"SOURCE": source})
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["10.0.0.1:7000", "seed-0.netloader.svc.cluster.local:7000", "localhost:1",
+     "[::1]:7000", "[fe80::1%eth0]:7000", "[2001:db8::5]:65535", "a" * 63 + ".b:7000"],
+)
+def test_good_sources_are_accepted(address):
+    assert parse_config({"SOURCE": [entry(sources=[address])]}).sources_for_rank(0) == (address,)
+
+
+@pytest.mark.parametrize("plane", ["tcp", "collective"])
+def test_data_plane(plane):
+    assert parse_config({"DATA_PLANE": plane}).data_plane == plane
+    assert parse_config({}).data_plane is None
+
+
+@pytest.mark.parametrize("plane", ["gloo", "TCP", "", None, 1])
+def test_bad_data_plane_names_the_key(plane):
+    raises_naming("DATA_PLANE", {"DATA_PLANE": plane})
+
+
+def test_expected_fingerprint():
+    assert parse_config({"EXPECTED_FINGERPRINT": "ab" * 32}).expected_fingerprint == "ab" * 32
+    assert parse_config({}).expected_fingerprint is None
+
+
+@pytest.mark.parametrize("value", ["AB" * 32, "ab" * 31, "ab" * 33, "z" * 64, 5, None])
+def test_bad_expected_fingerprint_names_the_key(value):
+    raises_naming("EXPECTED_FINGERPRINT", {"EXPECTED_FINGERPRINT": value})
 
 
 def test_relay_can_be_turned_off():

@@ -8,21 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.ut.netloader.toy_seed import IDENTITY, make_toy, toy_seed
+from tests.toy import IDENTITY, fetch_for, make_toy, serving
 from tools.make_tiny_model import main as make_tiny_model
+from vllm_ascend.model_loader.netloader.addresses import listen
 from vllm_ascend.model_loader.netloader.client import WeightFetch
 from vllm_ascend.model_loader.netloader.config import NetloaderConfigError, parse_config
+from vllm_ascend.model_loader.netloader.identity import identity_difference, model_identity
 from vllm_ascend.model_loader.netloader.loader import listener_for, model_role
 from vllm_ascend.model_loader.netloader.manifest import (
     DRAFT,
     TARGET,
     LoadedWeights,
-    identity_difference,
-    model_identity,
     model_tensors,
-    spec_of,
 )
-from vllm_ascend.model_loader.netloader.server import SeedServer
+from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
 
 # --- config: DRAFT_SOURCE and DRAFT_LISTEN_PORT ------------------------------------------
 
@@ -129,7 +128,11 @@ def test_target_and_draft_listeners_bind_apart_on_fixed_ports(tmp_path):
     }
     weights = LoadedWeights.capture(make_toy(0))
     seeds = [
-        SeedServer(weights, dict(IDENTITY, role=role), rank, "127.0.0.1", port, 5.0, prefix)
+        SeedServer(
+            weights,
+            SeedSettings(dict(IDENTITY, role=role), rank, "127.0.0.1", 5.0, output_prefix=prefix),
+            listen("127.0.0.1", port),
+        )
         for role, (port, prefix) in plans.items()
     ]
     try:
@@ -153,10 +156,7 @@ def test_draft_without_draft_listen_port_takes_a_free_port_beside_a_fixed_target
 
 def fetch_toy(address: str, role: str) -> tuple[WeightFetch, torch.nn.Module, bool]:
     model = make_toy(None)
-    named = model_tensors(model)
-    fetch = WeightFetch(
-        dict(IDENTITY, role=role), [spec_of(n, t) for n, t in named], [t for _, t in named], 5.0
-    )
+    fetch = fetch_for(model, dict(IDENTITY, role=role))
     return fetch, model, fetch.run((address,)) is not None
 
 
@@ -168,6 +168,7 @@ def test_model_identity_carries_the_role():
     parallel = types.SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1)
     target = model_identity(model_config, parallel, 0, "m")
     draft = model_identity(model_config, parallel, 0, "m", DRAFT)
+    assert target["checkpoint"] is None
     assert (target["role"], draft["role"]) == (TARGET, DRAFT)
     assert identity_difference(target, draft) == "role: 'target' here vs 'draft' there"
 
@@ -175,7 +176,8 @@ def test_model_identity_carries_the_role():
 @pytest.mark.parametrize("seed_role", [TARGET, DRAFT])
 def test_seed_serves_only_its_own_role(seed_role):
     other = DRAFT if seed_role == TARGET else TARGET
-    with toy_seed(seed=3, identity=dict(IDENTITY, role=seed_role)) as (address, _):
+    with serving(seed=3, identity=dict(IDENTITY, role=seed_role)) as server:
+        address = server.address
         fetch, model, ok = fetch_toy(address, other)
         assert not ok
         (reason,) = fetch.reasons

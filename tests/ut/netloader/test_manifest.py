@@ -2,7 +2,6 @@
 
 import json
 import random
-import types
 
 import blake3
 import pytest
@@ -10,14 +9,12 @@ import torch
 from torch import nn
 
 from vllm_ascend.model_loader.netloader.manifest import (
-    IDENTITY_FIELDS,
     LoadedWeights,
     TensorSpec,
     byte_view,
     digest,
     first_difference,
-    identity_difference,
-    model_identity,
+    manifest_sha256,
     model_tensors,
     plan_buckets,
     spec_of,
@@ -315,8 +312,8 @@ def test_capture_matches_model_tensors():
     model = make_tiny(0)
     weights = LoadedWeights.capture(model)
     named = model_tensors(model)
-    assert weights.specs == [spec_of(n, t) for n, t in named]
-    assert weights.digests == [host_digest(t) for _, t in named]
+    assert list(weights.specs) == [spec_of(n, t) for n, t in named]
+    assert list(weights.digests) == [host_digest(t) for _, t in named]
     assert weights.total_bytes == sum(t.nbytes for _, t in named)
 
 
@@ -324,7 +321,7 @@ def test_capture_uses_given_digests_and_checks_their_count():
     model = make_tiny(0)
     n = len(model_tensors(model))
     weights = LoadedWeights.capture(model, ["x"] * n)
-    assert weights.digests == ["x"] * n
+    assert list(weights.digests) == ["x"] * n
     assert weights.changed() == [spec.name for spec in weights.specs]
     with pytest.raises(ValueError):
         LoadedWeights.capture(model, ["x"] * (n - 1))
@@ -381,93 +378,19 @@ def test_value_fingerprint():
     assert LoadedWeights.capture(make_tiny(1)).value_fingerprint() != a
 
 
-# --- model_identity / identity_difference --------------------------------------------
+# --- manifest_sha256: what a hello carries instead of the manifest --------------------
 
 
-class FakeHFConfig:
-    def __init__(self, values: dict, architectures=None) -> None:
-        self._values = values
-        self.architectures = architectures
-
-    def to_dict(self) -> dict:
-        return dict(self._values)
-
-
-HF = {"hidden_size": 64, "num_layers": 2, "rope": {"theta": 1e4}, "torch_dtype": torch.float16}
-
-
-def identity(hf_values=None, architectures=("ToyForCausalLM",), **overrides):
-    hf = FakeHFConfig(dict(HF if hf_values is None else hf_values), architectures)
-    model_config = types.SimpleNamespace(
-        hf_config=hf,
-        dtype=overrides.pop("dtype", torch.bfloat16),
-        quantization=overrides.pop("quantization", None),
-        revision=overrides.pop("revision", "main"),
-    )
-    parallel_config = types.SimpleNamespace(
-        tensor_parallel_size=overrides.pop("tp", 2), pipeline_parallel_size=overrides.pop("pp", 1)
-    )
-    return model_identity(
-        model_config, parallel_config, overrides.pop("rank", 1), overrides.pop("name", "toy")
-    )
-
-
-def test_model_identity_fields():
-    ident = identity()
-    assert set(ident) == set(IDENTITY_FIELDS)
-    assert ident["model"] == "toy"
-    assert ident["architectures"] == ["ToyForCausalLM"]
-    assert ident["dtype"] == "bfloat16"
-    assert ident["quantization"] is None and ident["revision"] == "main"
-    assert (ident["tensor_parallel_size"], ident["pipeline_parallel_size"]) == (2, 1)
-    assert ident["rank"] == 1
-    assert len(ident["config_sha256"]) == 64
-    json.dumps(ident)  # it travels in a hello message
-
-
-def test_model_identity_without_architectures():
-    assert identity(architectures=None)["architectures"] == []
-
-
-def test_config_sha_ignores_private_keys_transformers_version_and_order():
-    base = identity()["config_sha256"]
-    noisy = dict(HF, _name_or_path="/some/path", _commit_hash="abc", transformers_version="9.9")
-    assert identity(noisy)["config_sha256"] == base
-    assert identity(dict(reversed(list(HF.items()))))["config_sha256"] == base
-
-
-@pytest.mark.parametrize(
-    "change",
-    [{"hidden_size": 65}, {"rope": {"theta": 1e6}}, {"extra_key": 1}, {"num_layers": "2"}],
-)
-def test_config_sha_changes_with_the_config(change):
-    assert identity(dict(HF, **change))["config_sha256"] != identity()["config_sha256"]
-
-
-def test_identity_difference_equal():
-    assert identity_difference(identity(), identity()) is None
-    # Keys outside the identity fields do not matter.
-    assert identity_difference(identity(), dict(identity(), note="x")) is None
-
-
-def test_identity_difference_names_every_differing_field():
-    mine = identity()
-    theirs = identity(dtype=torch.float16, rank=0, tp=4, hf_values=dict(HF, hidden_size=1))
-    reason = identity_difference(mine, theirs)
-    assert reason is not None
-    for key in ("dtype", "rank", "tensor_parallel_size", "config_sha256"):
-        assert key in reason
-    for key in ("architectures", "revision", "quantization", "pipeline_parallel_size"):
-        assert key not in reason
-
-
-def test_identity_difference_missing_field():
-    theirs = identity()
-    del theirs["revision"]
-    reason = identity_difference(identity(), theirs)
-    assert reason is not None and "revision" in reason
-
-
-@pytest.mark.parametrize("theirs", [None, [], "toy", 1])
-def test_identity_difference_non_dict(theirs):
-    assert identity_difference(identity(), theirs) is not None
+def test_manifest_sha256_is_stable_and_names_every_field():
+    specs = [spec_of(n, t) for n, t in model_tensors(make_tiny(0))]
+    assert manifest_sha256(specs) == manifest_sha256([spec_of(n, t) for n, t in
+                                                      model_tensors(make_tiny(1))])
+    base = manifest_sha256(specs)
+    for i, change in enumerate([
+        {"name": "other"}, {"shape": (99,)}, {"dtype": "float64"}, {"nbytes": 1},
+    ]):
+        changed = list(specs)
+        changed[i % len(specs)] = TensorSpec(**{**vars(specs[i % len(specs)]), **change})
+        assert manifest_sha256(changed) != base, change
+    assert manifest_sha256(specs[:-1]) != base
+    assert manifest_sha256(list(reversed(specs))) != base

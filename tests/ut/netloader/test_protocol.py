@@ -1,8 +1,9 @@
-"""Framing over a real socket pair and over real TCP on 127.0.0.1."""
+"""Framing and deadlines over a real socket pair and over real TCP on 127.0.0.1."""
 
 import json
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -10,14 +11,23 @@ import pytest
 from vllm_ascend.model_loader.netloader import protocol
 from vllm_ascend.model_loader.netloader.protocol import (
     MAGIC,
-    MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     REFUSE,
+    Deadline,
+    DeadlineExceeded,
     ProtocolError,
     field,
-    recv_msg,
-    send_msg,
 )
+
+CAP = 1 << 20
+
+
+def recv_msg(sock, expect=None, cap=CAP, seconds=5.0):
+    return protocol.recv_msg(sock, Deadline(seconds, "test"), cap, expect)
+
+
+def send_msg(sock, msg):
+    protocol.send_msg(sock, msg, Deadline(5.0, "test"))
 
 # Built here, not taken from the module, so the tests pin the wire format.
 HEADER = struct.Struct("!4sBI")
@@ -135,26 +145,29 @@ def test_bad_header(pair, data):
 def test_oversized_length_refused_without_reading_payload(pair):
     a, b = pair
     # Only the header and a few more bytes: reading the announced payload would block
-    # until the timeout (TimeoutError, not ProtocolError) or swallow the tail.
-    a.sendall(frame(b"", length=MAX_FRAME_BYTES + 1) + b"tail")
+    # until the deadline (DeadlineExceeded) or swallow the tail.
+    a.sendall(frame(b"", length=CAP + 1) + b"tail")
     start = time.monotonic()
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="exceeds the 1048576-byte cap"):
         recv_msg(b)
     assert time.monotonic() - start < RECV_TIMEOUT_S / 2
     assert b.recv(4) == b"tail"
 
 
-def test_length_at_the_cap_is_read(pair, monkeypatch):
-    monkeypatch.setattr(protocol, "MAX_FRAME_BYTES", 64)
+def test_length_at_the_cap_is_read(pair):
     a, b = pair
     pad = "p" * (64 - len(b'{"type":"x","pad":""}'))
     payload = json.dumps({"type": "x", "pad": pad}, separators=(",", ":")).encode()
     assert len(payload) == 64
     a.sendall(frame(payload))
-    assert recv_msg(b) == {"type": "x", "pad": pad}
+    assert recv_msg(b, cap=64) == {"type": "x", "pad": pad}
     a.sendall(frame(payload + b" "))
     with pytest.raises(ProtocolError):
-        recv_msg(b)
+        recv_msg(b, cap=64)
+
+
+def test_a_seed_reads_at_most_a_few_kib_from_any_peer():
+    assert protocol.MAX_REQUEST_BYTES <= 16 * 1024
 
 
 @pytest.mark.parametrize(
@@ -211,7 +224,7 @@ def test_bad_frame_does_not_desynchronise_a_sender_that_continues(pair):
 
 def test_huge_json_integer_is_a_protocol_error(pair):
     a, b = pair
-    a.sendall(frame(b'{"type":"accept","store_port":' + b"9" * 5000 + b"}"))
+    a.sendall(frame(b'{"type":"accept","bucket_bytes":' + b"9" * 5000 + b"}"))
     with pytest.raises(ProtocolError):
         recv_msg(b)
 
@@ -226,23 +239,48 @@ def test_deeply_nested_json_is_a_protocol_error(pair):
 @pytest.mark.parametrize(
     "partial", [b"", frame(b'{"type":"hello"}')[:10]], ids=["nothing", "half-frame"]
 )
-def test_silent_peer_hits_the_socket_timeout(pair, partial):
+def test_silent_peer_hits_the_deadline(pair, partial):
     a, b = pair
     a.sendall(partial)
-    b.settimeout(0.2)
     start = time.monotonic()
-    with pytest.raises(OSError):  # TimeoutError is an OSError
-        recv_msg(b)
+    with pytest.raises(DeadlineExceeded, match="took longer than 0.2 s"):
+        recv_msg(b, seconds=0.2)
     assert time.monotonic() - start < 2.0
 
 
-def test_send_over_the_cap_sends_nothing(pair, monkeypatch):
-    monkeypatch.setattr(protocol, "MAX_FRAME_BYTES", 64)
+def test_a_dripping_peer_does_not_stretch_the_deadline(pair):
+    # One byte every 0.2 s: each recv returns well inside any per-call timeout, so a
+    # per-call timeout never fires; the exchange's deadline still does.
     a, b = pair
-    with pytest.raises(ProtocolError):
-        send_msg(a, {"type": "hello", "pad": "x" * 100})
-    send_msg(a, {"type": "small"})  # the stream is still usable
-    assert recv_msg(b) == {"type": "small"}
+    data = frame(b'{"type":"hello","pad":"' + b"x" * 200 + b'"}')
+    stop = threading.Event()
+
+    def drip() -> None:
+        for byte in data:
+            if stop.wait(0.2):
+                return
+            try:
+                a.sendall(bytes([byte]))
+            except OSError:
+                return
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    start = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        recv_msg(b, seconds=1.0)
+    assert time.monotonic() - start < 1.5
+    stop.set()
+    thread.join(5)
+
+
+def test_an_expired_deadline_fails_before_any_io(pair):
+    a, b = pair
+    deadline = Deadline(0.01, "late")
+    time.sleep(0.05)
+    a.sendall(frame(b'{"type":"done"}'))
+    with pytest.raises(DeadlineExceeded):
+        protocol.recv_msg(b, deadline, CAP)
 
 
 def test_send_to_closed_peer_raises_oserror():
@@ -304,7 +342,7 @@ def test_send_last_waits_for_a_peer_that_is_done_sending():
     with sender, peer:
         sender.sendall(b"x" * 100_000)  # more than the other side will ever read
         sender.shutdown(socket.SHUT_WR)
-        protocol.send_last(peer, {"type": REFUSE, "reason": "bad request"})
+        protocol.send_last(peer, {"type": REFUSE, "reason": "bad request"}, Deadline(5, "t"))
         peer.close()
         got = b""
         while chunk := sender.recv(4096):  # a reset here would raise and lose the refusal
@@ -319,7 +357,154 @@ def test_send_last_gives_up_on_a_peer_that_keeps_sending(monkeypatch):
         sender.setblocking(False)
         sender.send(b"x" * (1 << 18))  # fills buffers past the linger budget; never closes
         begun = time.monotonic()
-        protocol.send_last(peer, {"type": REFUSE, "reason": "bad request"})
+        protocol.send_last(peer, {"type": REFUSE, "reason": "bad request"}, Deadline(5, "t"))
         # Bounded by the byte budget, not by the peer: it returns although data still flows.
         assert time.monotonic() - begun < protocol._LINGER_S + 1.0
         assert sender.recv(1 << 16)[:4] == MAGIC
+
+
+# --- messages: every hostile field is a ProtocolError ------------------------------------
+
+NONCE = "0123456789abcdef" * 2
+GOOD_HELLO = {
+    **protocol.hello(
+        {"model": "m"}, protocol.ManifestSummary(3, 30, "a" * 64), 7001, False, ("tcp",)
+    ),
+    "nonce": NONCE,
+}
+
+
+def test_a_hello_parses_into_its_request():
+    request = protocol.parse_request(GOOD_HELLO)
+    assert (request.kind, request.relay_port, request.direct) == ("hello", 7001, False)
+    assert request.manifest == protocol.ManifestSummary(3, 30, "a" * 64)
+    assert request.data_planes == ("tcp",) and request.wire is GOOD_HELLO
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"type": "accept"},
+        {"nonce": "x"},
+        {"nonce": NONCE.upper()},
+        {"nonce": 12},
+        {"proof": 12},
+        {"identity": "m"},
+        {"manifest": [["a", [1], "f", 4]]},
+        {"manifest": {"tensors": -1, "bytes": 0, "sha256": "a" * 64}},
+        {"manifest": {"tensors": 1, "bytes": 0, "sha256": "A" * 64}},
+        {"manifest": {"tensors": True, "bytes": 0, "sha256": "a" * 64}},
+        {"relay_port": 0},
+        {"relay_port": 70000},
+        {"relay_port": "80"},
+        {"relay_port": 1.5},
+        {"direct": "yes"},
+        {"data_planes": []},
+        {"data_planes": "tcp"},
+        {"data_planes": [1]},
+        {"expect": "not a digest"},
+    ],
+)
+def test_a_hostile_hello_is_a_protocol_error(change):
+    with pytest.raises(ProtocolError):
+        protocol.parse_request({**GOOD_HELLO, **change})
+
+
+def accept_of(**change):
+    return {**protocol.accept(["d" * 64] * 3, 1 << 20, "tcp", "c" * 64), **change}
+
+
+def test_an_accept_parses_against_what_was_asked():
+    got = protocol.parse_accept(accept_of(), 3, ("tcp",), 1 << 30)
+    assert got == protocol.Accept(["d" * 64] * 3, 1 << 20, "tcp", "c" * 64)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"digests": ["d" * 64] * 2},  # one short
+        {"digests": ["d" * 64] * 4},  # one too many
+        {"digests": ["d" * 63] * 3},
+        {"digests": [1, 2, 3]},
+        {"digests": "ddd"},
+        {"bucket_bytes": 0},
+        {"bucket_bytes": -1},
+        {"bucket_bytes": 2**40},
+        {"bucket_bytes": "64"},
+        {"data_plane": "collective"},  # not offered
+        {"data_plane": "x" * 10_000},
+        {"checkpoint": "not hex"},
+        {"checkpoint": 5},
+    ],
+)
+def test_a_hostile_accept_is_a_protocol_error(change):
+    with pytest.raises(ProtocolError):
+        protocol.parse_accept(accept_of(**change), 3, ("tcp",), 1 << 30)
+
+
+@pytest.mark.parametrize(
+    "relay",
+    [
+        "a" * 64 + ".example:7000",  # a 64-character label (the IDNA codec's UnicodeError)
+        "tcp://h:7000",
+        "::1:7000",
+        "[::1:7000",
+        " h:7000",
+        "h:70000",
+        "h:0",
+        "h",
+        "",
+        "exämple.com:7000",
+        7000,
+    ],
+)
+def test_a_hostile_redirect_is_a_protocol_error(relay):
+    with pytest.raises(ProtocolError):
+        protocol.parse_redirect(protocol.redirect(relay, "f" * 64))  # type: ignore[arg-type]
+
+
+def test_a_redirect_must_name_the_value_fingerprint():
+    assert protocol.parse_redirect(protocol.redirect("[::1]:7000", "f" * 64)) == (
+        "[::1]:7000", "f" * 64
+    )
+    with pytest.raises(ProtocolError):
+        protocol.parse_redirect({"type": "redirect", "relay": "h:1", "value_fingerprint": "0"})
+
+
+@pytest.mark.parametrize("nonce", ["", "g" * 32, NONCE + "0", None, 5])
+def test_a_hostile_challenge_is_a_protocol_error(nonce):
+    with pytest.raises(ProtocolError):
+        protocol.parse_challenge({"type": "challenge", "nonce": nonce, "auth": False})
+
+
+# --- bulk-data headers ---------------------------------------------------------------------
+
+
+def test_a_bucket_header_must_match_the_plan(pair):
+    a, b = pair
+    header = protocol.data_header(3, 1000)
+    protocol.parse_data_header(header, 3, 1000, b, Deadline(1, "t"))
+    for index, length in [(4, 1000), (3, 1001), (3, 2**63)]:
+        with pytest.raises(ProtocolError, match="where the plan has bucket 3 of 1000 bytes"):
+            protocol.parse_data_header(
+                protocol.data_header(index, length), 3, 1000, b, Deadline(1, "t")
+            )
+    with pytest.raises(ProtocolError, match="bad data magic"):
+        protocol.parse_data_header(b"XXXX" + header[4:], 3, 1000, b, Deadline(1, "t"))
+
+
+def test_an_abort_frame_carries_the_senders_reason(pair):
+    a, b = pair
+    frame_ = protocol.abort_frame("relay stalled")
+    a.sendall(frame_[protocol.DATA_HEADER_BYTES:])
+    with pytest.raises(ProtocolError, match="sender aborted at bucket 2: relay stalled"):
+        protocol.parse_data_header(
+            frame_[: protocol.DATA_HEADER_BYTES], 2, 10, b, Deadline(1, "t")
+        )
+
+
+def test_an_abort_frame_with_an_overlong_reason_is_not_read(pair):
+    a, b = pair
+    header = struct.pack("!4sIQ", protocol.DATA_MAGIC, protocol.ABORT, 2**40)
+    with pytest.raises(ProtocolError, match="over-long reason"):
+        protocol.parse_data_header(header, 0, 10, b, Deadline(1, "t"))

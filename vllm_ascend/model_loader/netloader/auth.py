@@ -25,10 +25,12 @@ class AuthError(Exception):
 
 
 def new_nonce() -> str:
+    """A fresh 128-bit nonce as 32 hex digits."""
     return secrets.token_hex(16)
 
 
 def client_proof(secret: bytes, seed_nonce: str, client_nonce: str) -> str:
+    """The client's proof: HMAC-SHA256 over both nonces, as 64 hex digits."""
     return _mac(secret, _CLIENT, seed_nonce, client_nonce)
 
 
@@ -43,6 +45,7 @@ def seed_proof(
 
 
 def proof_matches(expected: str, given: Any) -> bool:
+    """Constant-time comparison; anything but a string never matches."""
     return isinstance(given, str) and hmac.compare_digest(expected.encode(), given.encode())
 
 

@@ -1,73 +1,97 @@
 """The client: try each seed address in order and collect why each one failed.
 
-It only reports; whether to fall back to disk is the loader's decision.
+It only reports; whether to fall back to disk is the loader's decision. Whatever a
+seed or relay answers (malformed, out of range, hostile, dripping, closing early,
+sending extra bytes) ends as a reason in ``WeightFetch.reasons``, within a bounded
+time: ``TIMEOUT`` for the handshake, the no-progress limit for the bulk data
+(``transfer.Progress``), and ``TIMEOUT`` for the closing ``done``.
 """
 
 import dataclasses
 import functools
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from vllm.logger import logger
 
-from vllm_ascend.model_loader.netloader.auth import (
-    AuthError,
-    client_proof,
-    new_nonce,
-    proof_matches,
-    seed_proof,
-)
-from vllm_ascend.model_loader.netloader.config import NetloaderConfigError, split_address
+from vllm_ascend.model_loader.netloader.addresses import AddressError, parse_address
+from vllm_ascend.model_loader.netloader.auth import AuthError
+from vllm_ascend.model_loader.netloader.collective import CLIENT_RANK, group_link
+from vllm_ascend.model_loader.netloader.handshake import ask_seed
 from vllm_ascend.model_loader.netloader.manifest import (
-    LoadedWeights,
     TensorSpec,
+    first_difference,
+    manifest_sha256,
     value_fingerprint,
 )
 from vllm_ascend.model_loader.netloader.protocol import (
     ACCEPT,
-    CHALLENGE,
-    DONE,
-    HELLO,
-    INFO,
+    REDIRECT,
     REFUSE,
+    TCP,
+    Accept,
+    Deadline,
+    ManifestSummary,
     ProtocolError,
+    done,
     field,
-    optional_field,
-    recv_msg,
+    hello,
+    info_request,
+    manifest_request,
+    parse_accept,
+    parse_redirect,
+    parse_refuse,
+    reply_cap,
     send_msg,
+    text,
 )
-from vllm_ascend.model_loader.netloader.transport import (
-    CLIENT_RANK,
+from vllm_ascend.model_loader.netloader.relay import RelayListener, RelayProgress
+from vllm_ascend.model_loader.netloader.stream import StreamLink
+from vllm_ascend.model_loader.netloader.transfer import (
     TransferError,
-    data_group,
-    recv_tensors,
+    recv_weights,
 )
-
-if TYPE_CHECKING:
-    from vllm_ascend.model_loader.netloader.server import RelayListener
 
 _BUSY_RETRY_S = 0.5
 _MAX_BUCKET_BYTES = 1 << 30
 # A relay the seed named is a peer that may be gone: do not wait long to find out.
 _RELAY_CONNECT_S = 5.0
+# Everything that can go wrong with one source, as this client sees it.
+SOURCE_ERRORS = (ProtocolError, AuthError, TransferError, OSError, AddressError)
 
 
 class SourceRefused(Exception):
-    """The seed answered, but will not serve this client (``redirect``: it sends it to
-    a relay, which must serve the weights of ``value_fingerprint``)."""
+    """The seed answered, but will not serve this client (``retry``: not now)."""
 
-    def __init__(
-        self, reason: str, retry: bool, redirect: str | None = None,
-        value_fingerprint: str | None = None,
-    ):
+    def __init__(self, reason: str, retry: bool = False):
         super().__init__(reason)
         self.retry = retry
-        self.redirect = redirect
+
+
+class Redirected(Exception):
+    """The seed is sending and names a relay that must serve ``value_fingerprint``."""
+
+    def __init__(self, relay: str, value_fingerprint: str):
+        super().__init__(f"redirected to relay {relay}")
+        self.relay = relay
         self.value_fingerprint = value_fingerprint
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """How a client fetches, built once from the config (``loader``)."""
+
+    identity: dict[str, Any]
+    timeout_s: float
+    secret: bytes | None = dataclasses.field(default=None, repr=False)
+    # A checkpoint or value fingerprint the seed's weights must have (EXPECTED_FINGERPRINT).
+    expected_fingerprint: str | None = None
+    data_plane: str = TCP
+    device: torch.device = torch.device("cpu")
 
 
 @dataclass
@@ -76,6 +100,8 @@ class Received:
     nbytes: int
     seconds: float
     digests: list[str]
+    # The seed's checkpoint fingerprint (what this instance now holds).
+    checkpoint: str | None
 
 
 @dataclass
@@ -83,20 +109,27 @@ class WeightFetch:
     """One attempt to fill ``targets`` (in manifest order) from a list of seeds.
 
     A failed attempt leaves each target untouched or holding exactly the seed's
-    verified bytes (see ``recv_tensors``), so the next seed or the disk loader can
-    fill the same model."""
+    verified bytes (see ``transfer.recv_weights``), so the next seed or the disk
+    loader can fill the same model."""
 
-    identity: dict[str, Any]
-    specs: list[TensorSpec]
-    targets: list[torch.Tensor]
-    timeout_s: float
-    secret: bytes | None = dataclasses.field(default=None, repr=False)
+    settings: ClientSettings
+    specs: Sequence[TensorSpec]
+    targets: Sequence[torch.Tensor]
     # This instance's own listener: offered to the seed as a relay for the clients that
     # come after it, and started by the first transfer a seed accepts.
-    relay: "RelayListener | None" = None
+    relay: RelayListener | None = None
     reasons: list[str] = dataclasses.field(default_factory=list)
 
-    def run(self, addresses: tuple[str, ...]) -> Received | None:
+    def __post_init__(self) -> None:
+        self._summary = ManifestSummary(
+            len(self.specs), sum(s.nbytes for s in self.specs), manifest_sha256(self.specs)
+        )
+
+    @property
+    def _rank(self) -> Any:
+        return self.settings.identity.get("rank")
+
+    def run(self, addresses: Sequence[str]) -> Received | None:
         for address in addresses:
             received = self._tried(address, address, functools.partial(self._from_source, address))
             if received is not None:
@@ -112,38 +145,44 @@ class WeightFetch:
             return attempt()
         except SourceRefused as e:
             reason = f"{label} refused: {e}"
-        except (ProtocolError, AuthError, TransferError, OSError, RuntimeError) as e:
+        except SOURCE_ERRORS as e:
             reason = f"{label} failed: {type(e).__name__}: {e}"
         self.reasons.append(reason)
         logger.warning(
             "Netloader rank %s: no verified model from %s after %.3f s (%s)%s",
-            self.identity.get("rank"), address, time.perf_counter() - start, reason, then,
+            self._rank, address, time.perf_counter() - start, reason, then,
         )
         return None
 
     def _from_source(self, address: str) -> Received:
-        deadline = time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + self.settings.timeout_s
         direct = False
         while True:
             try:
                 return self._attempt(address, direct)
+            except Redirected as e:
+                if direct:
+                    raise ProtocolError("seed redirected a request that asked it not to") from e
+                received = self._via_relay(e.relay, e.value_fingerprint, address)
+                if received is not None:
+                    return received
+                direct = True  # the relay could not serve: ask the seed itself
             except SourceRefused as e:
-                if e.redirect is not None and not direct:
-                    received = self._via_relay(e.redirect, e.value_fingerprint, address)
-                    if received is not None:
-                        return received
-                    direct = True  # the relay could not serve: ask the seed itself
-                    continue
                 if not e.retry or time.monotonic() + _BUSY_RETRY_S > deadline:
                     raise
                 time.sleep(_BUSY_RETRY_S)
 
-    def _via_relay(self, relay: str, fingerprint: str | None, seed: str) -> Received | None:
+    def _via_relay(self, relay: str, fingerprint: str, seed: str) -> Received | None:
         """One attempt at the relay ``seed`` sent us to; None (reason kept) if it failed."""
+
+        def attempt() -> Received:
+            try:
+                return self._attempt(relay, direct=True, fingerprint=fingerprint)
+            except Redirected as e:
+                raise ProtocolError("relay redirected a request that asked it not to") from e
+
         return self._tried(
-            relay, f"relay {relay} (named by {seed})",
-            lambda: self._attempt(relay, direct=True, fingerprint=fingerprint),
-            then=f"; asking {seed} directly",
+            relay, f"relay {relay} (named by {seed})", attempt, then=f"; asking {seed} directly"
         )
 
     def _attempt(
@@ -152,122 +191,132 @@ class WeightFetch:
         """One transfer from ``address``. ``direct`` asks it not to redirect; a
         ``fingerprint`` (from the seed that redirected here) pins the digests a relay
         may announce to the seed's."""
-        host, port = split_address(address)
+        host, port = parse_address(address, key="source")
+        timeout_s = self.settings.timeout_s
+        connect_s = timeout_s if fingerprint is None else min(timeout_s, _RELAY_CONNECT_S)
         start = time.perf_counter()
-        connect_s = self.timeout_s if fingerprint is None else min(self.timeout_s, _RELAY_CONNECT_S)
         with socket.create_connection((host, port), timeout=connect_s) as conn:
-            conn.settimeout(self.timeout_s)
-            hello: dict[str, Any] = {
-                "type": HELLO,
-                "identity": self.identity,
-                "manifest": [spec.to_wire() for spec in self.specs],
-                "direct": direct,
-            }
-            if self.relay is not None and self.relay.seed is None:
-                hello["relay_port"] = self.relay.port
-            reply = exchange(conn, hello, self.secret)
-            if reply["type"] == REFUSE:
-                raise _refusal(reply)
-            if reply["type"] != ACCEPT:
-                raise ProtocolError(f"expected '{ACCEPT}', got '{reply['type']}'")
-            digests = field(reply, "digests", list)
-            if len(digests) != len(self.specs) or not all(isinstance(d, str) for d in digests):
-                raise ProtocolError("accept carries a digest list that does not fit the manifest")
-            store_port = field(reply, "store_port", int)
-            bucket_bytes = field(reply, "bucket_bytes", int)
-            if not 0 < bucket_bytes <= _MAX_BUCKET_BYTES:
-                raise ProtocolError(f"accept carries a bucket size of {bucket_bytes} bytes")
-            if fingerprint is not None and value_fingerprint(self.specs, digests) != fingerprint:
-                raise ProtocolError("relay announces other weights than the seed that named it")
-            relayed = self._begin_relay(digests) if "relay_port" in hello else None
+            offer_relay = self.relay is not None and self.relay.seed is None
+            body = hello(
+                self.settings.identity, self._summary,
+                self.relay.port if offer_relay and self.relay is not None else None,
+                direct, (self.settings.data_plane,), self.settings.expected_fingerprint,
+            )
+            reply = ask_seed(
+                conn, body, self.settings.secret, Deadline(timeout_s, f"handshake with {address}"),
+                reply_cap(len(self.specs)),
+            )
+            accepted = self._accepted(address, reply, fingerprint)
+            progress = self._begin_relay(accepted.digests) if offer_relay else None
             try:
-                local = conn.getsockname()[0]
-                with data_group(host, store_port, CLIENT_RANK, self.timeout_s, local) as pg:
-                    nbytes = recv_tensors(
-                        pg, self.targets, self.specs, digests, bucket_bytes,
-                        on_verified=relayed.verified if relayed is not None else None,
-                    )
-            except TransferError as e:
-                send_msg(conn, {"type": DONE, "ok": False, "reason": str(e)})
+                nbytes = self._receive(conn, accepted, progress)
+            except SOURCE_ERRORS as e:
+                with_done = Deadline(1.0, "sending 'done'")
+                try:
+                    send_msg(conn, done(False, f"{type(e).__name__}: {e}"), with_done)
+                except SOURCE_ERRORS:
+                    pass  # the seed may be gone: the reason stays on this side
                 raise
             finally:
-                if relayed is not None and not relayed.complete:
+                if progress is not None and not progress.complete:
                     # Its clients stop waiting for tensors this side will not verify.
-                    relayed.fail(f"its own transfer from {address} did not complete")
-            send_msg(conn, {"type": DONE, "ok": True})
+                    progress.fail(f"its own transfer from {address} did not complete")
+            try:
+                send_msg(conn, done(True), Deadline(timeout_s, f"'done' to {address}"))
+            except SOURCE_ERRORS as e:
+                # Every tensor is verified: only the seed's count of transfers misses it.
+                logger.warning("Netloader rank %s: 'done' to %s failed: %s", self._rank, address, e)
         seconds = time.perf_counter() - start
         logger.info(
-            "Netloader rank %s received %d bytes from %s in %.3f s (%.2f GB/s), "
+            "Netloader rank %s received %d bytes from %s over %s in %.3f s (%.2f GB/s), "
             "all %d digests verified",
-            self.identity.get("rank"), nbytes, address, seconds, nbytes / seconds / 1e9,
-            len(digests),
+            self._rank, nbytes, address, accepted.data_plane, seconds,
+            nbytes / max(seconds, 1e-9) / 1e9, len(accepted.digests),
         )
-        return Received(address, nbytes, seconds, digests)
+        return Received(address, nbytes, seconds, accepted.digests, accepted.checkpoint)
 
-    def _begin_relay(self, digests: list[str]) -> LoadedWeights:
+    def _accepted(self, address: str, reply: dict[str, Any], fingerprint: str | None) -> Accept:
+        """The seed's accept, checked; every other answer raises."""
+        kind = reply["type"]
+        if kind == REFUSE:
+            reason, retry = parse_refuse(reply)
+            if reason.startswith("tensor manifest differs"):
+                reason += self._manifest_detail(address)
+            raise SourceRefused(reason, retry)
+        if kind == REDIRECT:
+            raise Redirected(*parse_redirect(reply))
+        if kind != ACCEPT:
+            raise ProtocolError(f"expected '{ACCEPT}', got '{kind[:40]}'")
+        accepted = parse_accept(reply, len(self.specs), (self.settings.data_plane,),
+                                _MAX_BUCKET_BYTES)
+        values = value_fingerprint(self.specs, accepted.digests)
+        if fingerprint is not None and values != fingerprint:
+            raise ProtocolError("relay announces other weights than the seed that named it")
+        expected = self.settings.expected_fingerprint
+        if expected is not None and expected not in (accepted.checkpoint, values):
+            raise SourceRefused(
+                f"seed serves checkpoint {accepted.checkpoint} with values {values}, "
+                f"not EXPECTED_FINGERPRINT {expected}"
+            )
+        mine = self.settings.identity.get("checkpoint")
+        if mine is not None and accepted.checkpoint != mine:
+            raise SourceRefused(f"seed serves checkpoint {accepted.checkpoint}, this side {mine}")
+        return accepted
+
+    def _receive(
+        self, conn: socket.socket, accepted: Accept, progress: RelayProgress | None
+    ) -> int:
+        settings = self.settings
+        on_verified = progress.verified if progress is not None else None
+        total = self._summary.nbytes
+        if accepted.data_plane == TCP:
+            link = StreamLink(conn, settings.timeout_s, total)
+            return recv_weights(link, self.targets, self.specs, accepted.digests,
+                                accepted.bucket_bytes, on_verified=on_verified)
+        setup = Deadline(settings.timeout_s, "group set-up")
+        with group_link(conn, CLIENT_RANK, settings.timeout_s, settings.device, setup) as group:
+            return recv_weights(group, self.targets, self.specs, accepted.digests,
+                                accepted.bucket_bytes, on_verified=on_verified)
+
+    def _manifest_detail(self, address: str) -> str:
+        """The first difference between this side's manifest and the seed's (asked
+        for on a second connection), or "" if the seed cannot tell."""
+        try:
+            reply = _ask(address, manifest_request(), self.settings.secret,
+                         min(self.settings.timeout_s, 10.0), reply_cap(len(self.specs)))
+            entries = field(reply, "tensors", list)
+            theirs = [TensorSpec.from_wire(item) for item in entries]
+        except (*SOURCE_ERRORS, ValueError) as e:
+            return f" (its manifest could not be read: {type(e).__name__})"
+        difference = first_difference(self.specs, theirs)
+        return f"; first difference: {difference}" if difference else ""
+
+    def _begin_relay(self, digests: list[str]) -> RelayProgress:
         assert self.relay is not None
-        weights = self.relay.begin(self.specs, self.targets, digests)
+        progress = self.relay.begin(self.specs, self.targets, digests)
         logger.info(
             "Netloader rank %s relays on port %d: passes on each tensor once verified",
-            self.identity.get("rank"), self.relay.port,
+            self._rank, self.relay.port,
         )
-        return weights
+        return progress
 
 
-def _refusal(reply: dict[str, Any]) -> SourceRefused:
-    redirect = optional_field(reply, "redirect", str)
-    fingerprint = None
-    if redirect is not None:
-        try:
-            split_address(redirect, key="redirect")
-        except NetloaderConfigError as e:
-            raise ProtocolError(str(e)) from e
-        fingerprint = field(reply, "value_fingerprint", str)
-    return SourceRefused(
-        str(reply.get("reason")), reply.get("retry") is True, redirect, fingerprint
-    )
-
-
-def exchange(
-    conn: socket.socket, request: dict[str, Any], secret: bytes | None
+def _ask(
+    address: str, body: dict[str, Any], secret: bytes | None, timeout_s: float, cap: int
 ) -> dict[str, Any]:
-    """Answer the seed's challenge with ``request`` and return the seed's reply.
-
-    With a secret, the request carries this side's proof and every reply but a
-    plain refusal must carry the seed's proof over its body; a seed that does not ask for
-    the secret is not trusted at all. Without one, a seed that asks for it is
-    refused here, before the request (and its manifest) leaves this host."""
-    challenge = recv_msg(conn, expect=CHALLENGE)
-    seed_nonce = field(challenge, "nonce", str)
-    seed_wants_secret = challenge.get("auth") is True
-    if secret is None and seed_wants_secret:
-        raise AuthError("seed requires the shared secret, and this side has none")
-    if secret is not None and not seed_wants_secret:
-        raise AuthError("seed does not require the shared secret; not trusting it")
-    nonce = new_nonce()
-    request = {**request, "nonce": nonce}
-    if secret is not None:
-        request["proof"] = client_proof(secret, seed_nonce, nonce)
-    send_msg(conn, request)
-    reply = recv_msg(conn)
-    # A plain refusal may come without a proof (the seed refuses a wrong secret without
-    # one); a redirect sends this client elsewhere, so it must carry one.
-    if secret is not None and (reply["type"] != REFUSE or "redirect" in reply):
-        if not proof_matches(seed_proof(secret, seed_nonce, request, reply), reply.get("proof")):
-            raise AuthError("seed's answer does not carry a valid proof of the shared secret")
+    host, port = parse_address(address)
+    with socket.create_connection((host, port), timeout=timeout_s) as conn:
+        reply = ask_seed(conn, body, secret, Deadline(timeout_s, f"request to {address}"), cap)
+    if reply["type"] == REFUSE:
+        raise ProtocolError(f"refused: {text(reply, 'reason')}")
+    if reply["type"] != body["type"]:
+        raise ProtocolError(f"expected '{body['type']}', got '{reply['type'][:40]}'")
     return reply
 
 
 def query_seed(
     address: str, timeout_s: float = 10.0, secret: bytes | None = None
 ) -> dict[str, Any]:
-    """Ask a seed what it serves (identity, size, value fingerprint, transfers)."""
-    host, port = split_address(address)
-    with socket.create_connection((host, port), timeout=timeout_s) as conn:
-        conn.settimeout(timeout_s)
-        reply = exchange(conn, {"type": INFO}, secret)
-    if reply["type"] != INFO:
-        detail = f": {reply.get('reason')}" if reply["type"] == REFUSE else ""
-        raise ProtocolError(f"expected '{INFO}', got '{reply['type']}'{detail}")
-    reply.pop("proof", None)
-    return reply
+    """Ask a seed what it serves (identity, size, value fingerprint, transfers).
+    Raises ``ProtocolError``, ``AuthError``, ``OSError`` or ``AddressError``."""
+    return _ask(address, info_request(), secret, timeout_s, reply_cap(0))

@@ -7,11 +7,14 @@ start-up, so an operator never runs with a silently defaulted setting.
 import functools
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from vllm_ascend.model_loader.netloader.addresses import AddressError, parse_address
 from vllm_ascend.model_loader.netloader.auth import MIN_SECRET_BYTES, SECRET_ENV
+from vllm_ascend.model_loader.netloader.protocol import DATA_PLANES
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_BUCKET_MB = 64
@@ -23,12 +26,16 @@ class NetloaderConfigError(ValueError):
 
 @dataclass(frozen=True)
 class SourceEntry:
+    """The seed addresses (``host:port`` / ``[v6]:port``) of one global rank."""
+
     device_id: int
     sources: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class NetloaderConfig:
+    """The extra config, parsed; see the user guide's key table for each field."""
+
     sources: tuple[SourceEntry, ...] = ()
     model: str | None = None
     listen_port: int | None = None
@@ -43,8 +50,14 @@ class NetloaderConfig:
     draft_sources: tuple[SourceEntry, ...] = ()
     draft_listen_port: int | None = None
     # Listen before the fetch and pass verified tensors on to the clients a busy seed
-    # sends here (see server.RelayListener).
+    # sends here (see relay.RelayListener).
     relay: bool = True
+    # "tcp" (bulk data on the handshake connection) or "collective" (a two-rank group);
+    # None: tcp for host memory, collective for device memory.
+    data_plane: str | None = None
+    # The checkpoint or value fingerprint a seed's weights must have (a node without
+    # weight files names the weights it accepts this way).
+    expected_fingerprint: str | None = None
 
     def sources_for_rank(self, rank: int, draft: bool = False) -> tuple[str, ...]:
         """Seed addresses for global rank ``rank`` (for its draft model if ``draft``),
@@ -135,23 +148,12 @@ def _parse_sources(value: Any, key: str = "SOURCE") -> tuple[SourceEntry, ...]:
         if not isinstance(addrs, list) or not addrs:
             raise NetloaderConfigError(f"{where}.sources must be a non-empty list")
         for j, addr in enumerate(addrs):
-            split_address(addr, key=f"{where}.sources[{j}]")
+            try:
+                parse_address(addr, key=f"{where}.sources[{j}]")
+            except AddressError as e:
+                raise NetloaderConfigError(str(e)) from e
         entries.append(SourceEntry(device_id, tuple(addrs)))
     return tuple(entries)
-
-
-def split_address(addr: Any, key: str = "address") -> tuple[str, int]:
-    """``"host:port"`` or ``"[v6]:port"`` -> (host, port); errors name ``key``."""
-    if not isinstance(addr, str):
-        raise NetloaderConfigError(f"{key} must be a string 'ip:port', got {addr!r}")
-    host, sep, port_text = addr.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not (port_text.isascii() and port_text.isdigit()):
-        raise NetloaderConfigError(f"{key} must look like 'ip:port', got {addr!r}")
-    port = int(port_text)
-    if not 1 <= port <= 65535:
-        raise NetloaderConfigError(f"{key} port must be in 1..65535, got {port}")
-    return host, port
 
 
 def _parse_model(value: Any) -> str:
@@ -203,6 +205,23 @@ def _parse_relay(value: Any) -> bool:
     return value
 
 
+def _parse_data_plane(value: Any) -> str:
+    if value not in DATA_PLANES:
+        raise NetloaderConfigError(
+            f"DATA_PLANE must be one of {', '.join(map(repr, DATA_PLANES))}, got {value!r}"
+        )
+    return str(value)
+
+
+def _parse_fingerprint(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise NetloaderConfigError(
+            "EXPECTED_FINGERPRINT must be 64 lowercase hex digits (a seed's "
+            f"checkpoint or value fingerprint, from netloader-query), got {value!r}"
+        )
+    return value
+
+
 def _read_secret(path: Any) -> bytes:
     if not isinstance(path, str) or not path:
         raise NetloaderConfigError("SECRET_FILE must be a non-empty path string")
@@ -238,6 +257,8 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "SEND_LIMIT_MB_PER_S": ("send_limit_mb_per_s", _parse_send_limit),
     "DRAFT_SOURCE": ("draft_sources", functools.partial(_parse_sources, key="DRAFT_SOURCE")),
     "RELAY": ("relay", _parse_relay),
+    "DATA_PLANE": ("data_plane", _parse_data_plane),
+    "EXPECTED_FINGERPRINT": ("expected_fingerprint", _parse_fingerprint),
     "DRAFT_LISTEN_PORT": (
         "draft_listen_port", functools.partial(_parse_listen_port, key="DRAFT_LISTEN_PORT")
     ),

@@ -1,14 +1,17 @@
 """``--load-format netloader``: fill the model from a seed, else from disk, then
 serve it as a seed. This is the only place that decides to fall back to disk.
 
+The template of ``BaseModelLoader.load_model`` is kept: build the model, fill its
+weights (``load_weights`` below), post-process. A failed fetch needs no rebuilt
+model: only digest-verified bytes ever reach it, so every parameter holds either
+its initial value or exactly the seed's, and the disk loader then writes every
+parameter (vLLM's own check: "Following weights were not initialized from
+checkpoint"). Buffers the disk loader never writes (rotary caches) are restored from
+a copy taken before the fetch, so the model equals a fresh disk load bit for bit.
+
 With RELAY (the default) the listener opens before the fetch and already passes
 verified tensors on to clients the seed sends here; a fetch that fails closes it,
 and the seed started after the disk load takes its port.
-
-The template of ``BaseModelLoader.load_model`` is kept: build the model, fill its
-weights (``load_weights`` below), post-process. A failed transfer needs no rebuilt
-model: only digest-verified bytes ever reach it, so every tensor holds either its
-initial value or exactly the seed's, and the disk loader then fills it as usual.
 """
 
 import dataclasses
@@ -24,29 +27,41 @@ from vllm.config.load import LoadConfig
 from vllm.logger import logger
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+from vllm.platforms import current_platform
 from vllm.utils.network_utils import get_ip
 
-from vllm_ascend.model_loader.netloader.client import WeightFetch
+from vllm_ascend.model_loader.netloader.addresses import listen
+from vllm_ascend.model_loader.netloader.client import ClientSettings, Received, WeightFetch
 from vllm_ascend.model_loader.netloader.config import NetloaderConfig, parse_config
+from vllm_ascend.model_loader.netloader.identity import (
+    CheckpointError,
+    checkpoint_fingerprint,
+    model_identity,
+    weight_files,
+)
 from vllm_ascend.model_loader.netloader.manifest import (
     DRAFT,
     TARGET,
     LoadedWeights,
-    model_identity,
     model_tensors,
     spec_of,
 )
-from vllm_ascend.model_loader.netloader.server import RelayListener, SeedServer
+from vllm_ascend.model_loader.netloader.protocol import COLLECTIVE, TCP
+from vllm_ascend.model_loader.netloader.relay import RelayListener, RelayProgress
+from vllm_ascend.model_loader.netloader.seed import Provenance, SeedServer, SeedSettings
 
 # The seed of each (global rank, role) in this process; a reload replaces it. A draft
 # model (role DRAFT) has a listener of its own (see ``listener_for``), its seeds in
 # DRAFT_SOURCE, and an identity no target listener accepts: it never collides with, or
 # is mistaken for, the target.
 _SEEDS: dict[tuple[int, str], SeedServer] = {}
-_Listener = TypeVar("_Listener", SeedServer, RelayListener)
+_Bound = TypeVar("_Bound", SeedServer, RelayListener)
 
 
 class NetloaderModelLoader(BaseModelLoader):
+    """Loads from the seeds in SOURCE (DRAFT_SOURCE for a draft model), else from disk,
+    then serves the loaded weights as a seed; see the user guide for every key."""
+
     def __init__(self, load_config: LoadConfig):
         super().__init__(load_config)
         self.config = parse_config(load_config.model_loader_extra_config)
@@ -55,7 +70,9 @@ class NetloaderModelLoader(BaseModelLoader):
         )
         self._rank = 0
         self._role = TARGET
+        self._parallel_config: Any = None
         self._identity: dict[str, Any] | None = None
+        self._device = torch.device("cpu")
         self._loaded: LoadedWeights | None = None
         # The relay whose fetch filled this model: it goes on as the seed.
         self._relay_seed: SeedServer | None = None
@@ -73,23 +90,28 @@ class NetloaderModelLoader(BaseModelLoader):
     ) -> nn.Module:
         self._rank = _global_rank()
         self._role = model_role(model_config)
+        self._parallel_config = vllm_config.parallel_config
+        self._device = _worker_device()
         self.fallback_reasons = ()
         self._relay_seed = None
-        # MODEL names the served model; a draft is always named by its own path.
-        name = (self.config.model if self._role == TARGET else None) or model_config.model
-        self._identity = model_identity(
-            model_config, vllm_config.parallel_config, self._rank, name, self._role
-        )
         model = super().load_model(vllm_config, model_config, prefix)
         self._start_seed()
         return model
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         start = time.perf_counter()
-        digests = self._fetch(model)
-        if digests is None:
+        self._identity = self._identity_of(model_config)
+        received = self._fetch(model)
+        if received is None:
             self._disk.load_weights(model, model_config)
             self.weights_source = "disk"
+            digests = None
+        else:
+            self.weights_source = f"seed {received.source}"
+            digests = received.digests
+            if self._identity["checkpoint"] is None:
+                # A node without weight files now holds the seed's checkpoint.
+                self._identity = {**self._identity, "checkpoint": received.checkpoint}
         # The relay whose fetch filled the model already holds its weights and digests.
         relay = self._relay_seed
         self._loaded = relay.weights if relay is not None else LoadedWeights.capture(model, digests)
@@ -100,14 +122,43 @@ class NetloaderModelLoader(BaseModelLoader):
             self.weights_source, self.load_seconds,
         )
 
-    def _fetch(self, model: nn.Module) -> list[str] | None:
-        """Digests of what a seed delivered into ``model``, or None to load from disk."""
+    def _identity_of(self, model_config: ModelConfig) -> dict[str, Any]:
+        # MODEL names the served model; a draft is always named by its own path.
+        name = (self.config.model if self._role == TARGET else None) or model_config.model
+        files = weight_files(model_config.model, model_config.revision)
+        checkpoint = None
+        if files:
+            t0 = time.perf_counter()
+            try:
+                checkpoint = checkpoint_fingerprint(files)
+            except CheckpointError as e:
+                # The disk loader will say what is wrong with the file, if it is used.
+                logger.warning("Netloader rank %d: no checkpoint fingerprint: %s", self._rank, e)
+            logger.info(
+                "Netloader rank %d %s checkpoint fingerprint %s (%d files, %.3f s)",
+                self._rank, self._role, checkpoint, len(files), time.perf_counter() - t0,
+            )
+        return model_identity(
+            model_config, self._parallel_config, self._rank, name, self._role, checkpoint
+        )
+
+    def _fetch(self, model: nn.Module) -> Received | None:
+        """What a seed delivered into ``model``, or None to load from disk (the model
+        then holds exactly what it held before, buffers included)."""
+        assert self._identity is not None
         draft = self._role == DRAFT
         addresses = self.config.sources_for_rank(self._rank, draft)
-        if not addresses or self._identity is None:
+        if not addresses:
             logger.info(
                 "Netloader rank %d %s has no %s: loading from disk",
                 self._rank, self._role, "DRAFT_SOURCE" if draft else "SOURCE",
+            )
+            return None
+        if self._identity["checkpoint"] is None and self.config.expected_fingerprint is None:
+            logger.warning(
+                "Netloader rank %d %s: no weight files on this node and no "
+                "EXPECTED_FINGERPRINT, so no seed's weights can be told to be this model's; "
+                "loading from disk", self._rank, self._role,
             )
             return None
         named = model_tensors(model)
@@ -117,17 +168,20 @@ class NetloaderModelLoader(BaseModelLoader):
                 self._rank,
             )
             return None
+        buffers = [(t, t.clone()) for _, t in model.named_buffers() if not t.is_meta]
         relay = self._open_relay() if self.config.relay else None
         fetch = WeightFetch(
-            identity=self._identity,
+            settings=self._client_settings(),
             specs=[spec_of(n, t) for n, t in named],
             targets=[t for _, t in named],
-            timeout_s=self.config.timeout_s,
-            secret=self.config.secret,
             relay=relay,
         )
         try:
             received = fetch.run(addresses)
+        except Exception as e:  # noqa: BLE001 - a peer's answer must never keep the instance from starting: disk is always right
+            logger.exception("Netloader rank %d: fetch failed with an unexpected error", self._rank)
+            fetch.reasons.append(f"unexpected error: {type(e).__name__}: {e}")
+            received = None
         finally:
             if relay is not None:
                 self._relay_seed = relay.serving_complete()
@@ -136,6 +190,8 @@ class NetloaderModelLoader(BaseModelLoader):
         # Also kept when a later source served: the operator sees every failed seed.
         self.fallback_reasons = tuple(fetch.reasons)
         if received is None:
+            for buffer, before in buffers:
+                buffer.copy_(before)
             logger.warning(
                 "Netloader rank %d %s: no seed could serve it (%s); loading from disk",
                 self._rank, self._role, "; ".join(fetch.reasons),
@@ -147,20 +203,54 @@ class NetloaderModelLoader(BaseModelLoader):
                 self._rank, self._role, len(fetch.reasons), received.source,
                 "; ".join(fetch.reasons),
             )
-        self.weights_source = f"seed {received.source}"
-        return received.digests
+        return received
+
+    def _client_settings(self) -> ClientSettings:
+        assert self._identity is not None
+        return ClientSettings(
+            identity=self._identity,
+            timeout_s=self.config.timeout_s,
+            secret=self.config.secret,
+            expected_fingerprint=self.config.expected_fingerprint,
+            data_plane=self._data_plane(),
+            device=self._device,
+        )
+
+    def _seed_settings(self, host: str) -> SeedSettings:
+        assert self._identity is not None
+        limit = self.config.send_limit_mb_per_s
+        return SeedSettings(
+            identity=self._identity,
+            rank=self._rank,
+            host=host,
+            timeout_s=self.config.timeout_s,
+            bucket_bytes=self.config.bucket_mb << 20,
+            send_limit_bytes_per_s=limit * 1e6 if limit is not None else None,
+            secret=self.config.secret,
+            output_prefix=listener_for(self.config, self._rank, self._role)[1],
+            data_plane=self._data_plane(),
+            device=self._device,
+        )
+
+    def _data_plane(self) -> str:
+        """DATA_PLANE, else bulk data on the connection for host memory (CPU) and a
+        collective group for device memory."""
+        if self.config.data_plane is not None:
+            return self.config.data_plane
+        return TCP if current_platform.device_type == "cpu" else COLLECTIVE
 
     def _start_seed(self) -> None:
         loaded = self._loaded
         assert loaded is not None and self._identity is not None
         key = (self._rank, self._role)
+        provenance = Provenance(self.weights_source, self.load_seconds, self.fallback_reasons)
         if self._relay_seed is not None:
-            self._relay_seed.promote(self.weights_source, self.load_seconds, self.fallback_reasons)
+            self._relay_seed.promote(provenance)
             _SEEDS[key] = self._relay_seed
         else:
             _stop_seed(key)
-            _SEEDS[key] = self._listening(
-                lambda host, port: self._new_seed(loaded, host, port)
+            _SEEDS[key] = self._bound(
+                lambda host, sock: SeedServer(loaded, self._seed_settings(host), sock, provenance)
             ).start()
         self._relay_seed = None
         self._loaded = None
@@ -168,34 +258,23 @@ class NetloaderModelLoader(BaseModelLoader):
     def _open_relay(self) -> RelayListener:
         # A reload's relay needs the port of the seed that served the model before.
         _stop_seed((self._rank, self._role))
-        return self._listening(
-            lambda host, port: RelayListener(
-                host, port, lambda weights, sock: self._new_seed(weights, host, port, sock)
-            )
-        )
 
-    def _new_seed(
-        self, weights: LoadedWeights, host: str, port: int, sock: socket.socket | None = None
-    ) -> SeedServer:
-        assert self._identity is not None
-        limit = self.config.send_limit_mb_per_s
-        return SeedServer(
-            weights, self._identity, self._rank, host, port, self.config.timeout_s,
-            listener_for(self.config, self._rank, self._role)[1],
-            bucket_bytes=self.config.bucket_mb << 20,
-            send_limit_bytes_per_s=limit * 1e6 if limit is not None else None,
-            loaded_from="relaying its fetch" if sock is not None else self.weights_source,
-            load_seconds=self.load_seconds, fallback_reasons=self.fallback_reasons,
-            secret=self.config.secret, listen_socket=sock,
-        )
+        def make_seed(host: str, sock: socket.socket) -> RelayListener:
+            def start(w: LoadedWeights, p: RelayProgress, s: socket.socket) -> SeedServer:
+                relaying = Provenance("relaying its fetch", None, ())
+                return SeedServer(w, self._seed_settings(host), s, relaying, p).start()
 
-    def _listening(self, bind: Callable[[str, int], _Listener]) -> _Listener:
-        """``bind(host, port)`` on this rank's listener address; a port that is taken
-        fails start-up with a message naming the setting."""
+            return RelayListener(sock, start)
+
+        return self._bound(make_seed)
+
+    def _bound(self, make: Callable[[str, socket.socket], _Bound]) -> _Bound:
+        """``make(host, sock)`` with a socket bound on this rank's listener address; a
+        port that is taken fails start-up with a message naming the setting."""
         host = get_ip()
         port = listener_for(self.config, self._rank, self._role)[0]
         try:
-            return bind(host, port)
+            sock = listen(host, port)
         except OSError as e:
             setting = (
                 f"DRAFT_LISTEN_PORT {self.config.draft_listen_port}" if self._role == DRAFT
@@ -205,6 +284,7 @@ class NetloaderModelLoader(BaseModelLoader):
                 f"Netloader {self._role} seed rank {self._rank} cannot listen on "
                 f"{host}:{port} ({setting}): {e}"
             ) from e
+        return make(host, sock)
 
 
 def _stop_seed(key: tuple[int, str]) -> None:
@@ -240,6 +320,14 @@ def model_role(model_config: ModelConfig) -> str:
     which ``SpeculativeConfig`` builds with ``runner="draft"``. The prefix vLLM passes
     does not tell: an EAGLE head loads with the same empty prefix as the target."""
     return DRAFT if model_config.runner_type == "draft" else TARGET
+
+
+def _worker_device() -> torch.device:
+    """The device this worker runs on, read in the worker's own thread (where vLLM set
+    it); seed threads are handed this, never read it themselves."""
+    if current_platform.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(current_platform.device_type, torch.accelerator.current_device_index())
 
 
 def _global_rank() -> int:

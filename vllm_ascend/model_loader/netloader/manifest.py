@@ -19,7 +19,7 @@ tests and diagnosis.)
 import hashlib
 import itertools
 import json
-import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,19 +28,6 @@ import torch
 from torch import nn
 
 _THREADED_DIGEST_BYTES = 1 << 20
-# Identity fields a client and its seed must agree on, in the order they are reported.
-IDENTITY_FIELDS = (
-    "model",
-    "architectures",
-    "config_sha256",
-    "dtype",
-    "quantization",
-    "revision",
-    "tensor_parallel_size",
-    "pipeline_parallel_size",
-    "rank",
-    "role",
-)
 # What a model is to its instance: the served model, or the draft a speculative decoder
 # loads beside it. Each has its own listener, and a listener only serves its own role.
 TARGET = "target"
@@ -49,6 +36,8 @@ DRAFT = "draft"
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """One tensor of a manifest: its name, shape, dtype name and size in bytes."""
+
     name: str
     shape: tuple[int, ...]
     dtype: str
@@ -59,6 +48,7 @@ class TensorSpec:
 
     @classmethod
     def from_wire(cls, item: Any) -> "TensorSpec":
+        """Parse a peer's manifest entry; raises ValueError if it is malformed."""
         ok = (
             isinstance(item, list)
             and len(item) == 4
@@ -98,7 +88,16 @@ def digest(t: torch.Tensor) -> str:
     return blake3.blake3(data.data, max_threads=threads).hexdigest()
 
 
-def first_difference(mine: list[TensorSpec], theirs: list[TensorSpec]) -> str | None:
+def manifest_sha256(specs: Sequence[TensorSpec]) -> str:
+    """sha256 of the manifest's canonical wire form: a client sends this instead of
+    the manifest itself, so a seed never parses a peer's tensor list."""
+    wire = json.dumps([spec.to_wire() for spec in specs], separators=(",", ":"))
+    return hashlib.sha256(wire.encode()).hexdigest()
+
+
+def first_difference(
+    mine: Sequence[TensorSpec], theirs: Sequence[TensorSpec]
+) -> str | None:
     """Why two manifests differ (the first difference), or None if they are equal."""
     for a, b in zip(mine, theirs, strict=False):
         if a != b:
@@ -108,7 +107,7 @@ def first_difference(mine: list[TensorSpec], theirs: list[TensorSpec]) -> str | 
     return None
 
 
-def plan_buckets(specs: list[TensorSpec], bucket_bytes: int) -> list[list[int]]:
+def plan_buckets(specs: Sequence[TensorSpec], bucket_bytes: int) -> list[list[int]]:
     """Group consecutive tensors into buckets of at most ``bucket_bytes``;
     a tensor of that size or more travels alone."""
     buckets: list[list[int]] = []
@@ -131,12 +130,9 @@ def plan_buckets(specs: list[TensorSpec], bucket_bytes: int) -> list[list[int]]:
     return buckets
 
 
-class RelayStalled(Exception):
-    """A relay cannot send what its own transfer has not (yet) verified."""
-
-
 class LoadedWeights:
-    """A model's tensors as loaded, with their digests: what a seed sends.
+    """A model's tensors as loaded, with their digests: what a seed sends. Immutable
+    once built; a relay's progress through them lives in ``relay.RelayProgress``.
 
     A non-contiguous tensor is kept as a contiguous copy (so it can be sent as bytes),
     which an in-place change to the model's original no longer reaches. vLLM's loaded
@@ -145,71 +141,19 @@ class LoadedWeights:
     def __init__(self, named: list[tuple[str, torch.Tensor]], digests: list[str]):
         if len(named) != len(digests):
             raise ValueError("one digest per tensor is needed")
-        self.tensors = [t if t.is_contiguous() else t.contiguous() for _, t in named]
-        self.specs = [spec_of(name, t) for name, t in named]
-        self.digests = digests
-        # How many leading tensors (in manifest order) hold their final bytes. A relay's
-        # weights fill up while its own transfer runs; a captured model's are all there.
-        self._ready = len(named)
-        self._failure: str | None = None
-        self._progress = threading.Condition()
+        self.tensors: tuple[torch.Tensor, ...] = tuple(
+            t if t.is_contiguous() else t.contiguous() for _, t in named
+        )
+        self.specs: tuple[TensorSpec, ...] = tuple(spec_of(name, t) for name, t in named)
+        self.digests: tuple[str, ...] = tuple(digests)
+        self.total_bytes = sum(spec.nbytes for spec in self.specs)
+        self._fingerprint = value_fingerprint(self.specs, self.digests)
 
     @classmethod
     def capture(cls, model: nn.Module, digests: list[str] | None = None) -> "LoadedWeights":
         """Views of ``model``'s tensors now; digests computed unless already known."""
         named = model_tensors(model)
         return cls(named, digests if digests is not None else [digest(t) for _, t in named])
-
-    @classmethod
-    def receiving(
-        cls, named: list[tuple[str, torch.Tensor]], digests: list[str]
-    ) -> "LoadedWeights":
-        """A relay's weights: views of tensors its own transfer is still filling, to be
-        verified against ``digests``; ``verified`` reports its progress."""
-        weights = cls(named, digests)
-        weights._ready = 0
-        return weights
-
-    def verified(self, count: int) -> None:
-        """The first ``count`` tensors now hold bytes that matched their digests."""
-        with self._progress:
-            self._ready = max(self._ready, count)
-            self._progress.notify_all()
-
-    def fail(self, reason: str) -> None:
-        """The relay's own transfer failed: tensors not yet verified never will be."""
-        with self._progress:
-            self._failure = reason
-            self._progress.notify_all()
-
-    @property
-    def complete(self) -> bool:
-        with self._progress:
-            return self._ready == len(self.tensors)
-
-    @property
-    def failure(self) -> str | None:
-        with self._progress:
-            return self._failure
-
-    def wait_ready(self, count: int, timeout_s: float) -> None:
-        """Block until the first ``count`` tensors are verified. Raises ``RelayStalled``
-        if the relay's own transfer failed first, or made no progress for ``timeout_s``."""
-        with self._progress:
-            while self._ready < count:
-                if self._failure is not None:
-                    raise RelayStalled(f"relay's own transfer failed: {self._failure}")
-                before = self._ready
-                self._progress.wait(timeout_s)
-                if self._ready == before and self._failure is None:
-                    raise RelayStalled(
-                        f"relay's own transfer made no progress for {timeout_s:.0f} s "
-                        f"({self._ready} of {len(self.tensors)} tensors verified)"
-                    )
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(spec.nbytes for spec in self.specs)
 
     def changed(self) -> list[str]:
         """Names of tensors whose bytes no longer match the digest taken at load."""
@@ -221,48 +165,13 @@ class LoadedWeights:
 
     def value_fingerprint(self) -> str:
         """One digest over every tensor's name and value digest, comparable with a disk load."""
-        return value_fingerprint(self.specs, self.digests)
+        return self._fingerprint
 
 
-def value_fingerprint(specs: list[TensorSpec], digests: list[str]) -> str:
+def value_fingerprint(specs: Sequence[TensorSpec], digests: Sequence[str]) -> str:
+    """sha256 over every tensor's name and value digest, in manifest order (64 hex
+    digits): equal fingerprints mean equal loaded weights, byte for byte."""
     h = hashlib.sha256()
     for spec, d in zip(specs, digests, strict=True):
         h.update(f"{spec.name}:{d};".encode())
     return h.hexdigest()
-
-
-def model_identity(
-    model_config: Any, parallel_config: Any, rank: int, name: str, role: str = TARGET
-) -> dict[str, Any]:
-    """What a client and seed must agree on before any weight moves."""
-    hf_config = model_config.hf_config
-    config = {
-        k: v
-        for k, v in hf_config.to_dict().items()
-        if not k.startswith("_") and k != "transformers_version"
-    }
-    canonical = json.dumps(config, sort_keys=True, default=str)
-    return {
-        "model": name,
-        "architectures": list(getattr(hf_config, "architectures", None) or []),
-        "config_sha256": hashlib.sha256(canonical.encode()).hexdigest(),
-        "dtype": str(model_config.dtype).removeprefix("torch."),
-        "quantization": model_config.quantization,
-        "revision": model_config.revision,
-        "tensor_parallel_size": parallel_config.tensor_parallel_size,
-        "pipeline_parallel_size": parallel_config.pipeline_parallel_size,
-        "rank": rank,
-        "role": role,
-    }
-
-
-def identity_difference(mine: dict[str, Any], theirs: Any) -> str | None:
-    """Why two identities differ (every differing field), or None if they match."""
-    if not isinstance(theirs, dict):
-        return "identity is not an object"
-    diffs = [
-        f"{key}: {mine.get(key)!r} here vs {theirs.get(key)!r} there"
-        for key in IDENTITY_FIELDS
-        if mine.get(key) != theirs.get(key)
-    ]
-    return "; ".join(diffs) or None

@@ -1,83 +1,152 @@
-"""Control-plane framing: one JSON object per frame. No torch, no model.
+"""The wire: control frames, bulk-data frames, and every message type. No torch.
 
-A frame is ``MAGIC | version (u8) | length (u32, big endian) | JSON object``.
-The version travels in every header so that a peer speaking another version is
-refused with a readable message instead of misparsed. The length is capped before
-anything is allocated, and every read runs under the socket's own timeout.
+Control frame: ``MAGIC | version (u8) | length (u32, big endian) | JSON object``.
+The reader passes the most it will accept (``max_bytes``): the header is checked
+against it before anything is allocated, so a peer cannot make this side read or
+parse more than the exchange needs. A seed never reads more than
+``MAX_REQUEST_BYTES`` from a client, before authentication or after.
+
+Every read and write runs under a ``Deadline`` (wall clock for the whole exchange),
+not a per-call timeout, so a peer that sends one byte just before each timeout
+does not keep a connection for ever.
+
+Bulk data (the host data plane) follows an ``accept`` on the same connection: each
+bucket is ``DATA_MAGIC | index (u32) | length (u64)`` then ``length`` bytes, and both
+sides know the plan, so the receiver checks index and length before it reads a byte
+of payload. A sender that cannot go on sends an abort header (index ``ABORT``) and a
+short UTF-8 reason.
+
+Each message type is built by one function and parsed by one function below; the
+parsers turn every malformed, mistyped or out-of-range field into ``ProtocolError``.
 """
 
 import contextlib
 import json
+import re
 import socket
 import struct
 import time
+from dataclasses import dataclass
 from typing import Any
 
+from vllm_ascend.model_loader.netloader.addresses import AddressError, parse_address
+
 MAGIC = b"NLDR"
-PROTOCOL_VERSION = 1
-MAX_FRAME_BYTES = 64 * 1024 * 1024
+PROTOCOL_VERSION = 2
 _HEADER = struct.Struct("!4sBI")
+# Everything a seed reads from a peer: the request, the 'done', rendezvous records.
+MAX_REQUEST_BYTES = 8 * 1024
+# A seed's answers that grow with the model: per tensor, room for a digest or a
+# manifest entry, plus a fixed part.
+REPLY_BYTES_PER_TENSOR = 512
+REPLY_FIXED_BYTES = 1 << 20
+DATA_MAGIC = b"NLDB"
+_DATA_HEADER = struct.Struct("!4sIQ")
+ABORT = 0xFFFFFFFF
+MAX_ABORT_REASON_BYTES = 1024
 # How long, and how much, a last message waits for the peer to stop sending.
 _LINGER_S = 1.0
 _LINGER_BYTES = 1 << 20
+_NONCE = re.compile(r"^[0-9a-f]{32}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MAX_REASON_CHARS = 2000
 
-# Message types. A connection opens with the seed's CHALLENGE (its nonce, and
-# whether it requires the shared secret); the client then sends HELLO (to receive
-# weights) or INFO (to ask what the seed serves).
+# Message types. A connection opens with the seed's CHALLENGE; the client then sends
+# HELLO (to receive weights), INFO (what the seed serves) or MANIFEST (the seed's
+# tensor list, to explain a manifest refusal). The seed answers HELLO with ACCEPT,
+# REDIRECT (to a relay) or REFUSE; after the bulk data the client sends DONE.
+# STORE carries a collective group's rendezvous records (see ``collective``).
 CHALLENGE = "challenge"
 HELLO = "hello"
+INFO = "info"
+MANIFEST = "manifest"
 ACCEPT = "accept"
+REDIRECT = "redirect"
 REFUSE = "refuse"
 DONE = "done"
-INFO = "info"
+STORE = "store"
+REQUESTS = (HELLO, INFO, MANIFEST)
+# Data planes a seed can use: bulk data on this connection, or a two-rank collective
+# group (gloo on CPU, nccl on CUDA, hccl on Ascend).
+TCP = "tcp"
+COLLECTIVE = "collective"
+DATA_PLANES = (TCP, COLLECTIVE)
 
 
 class ProtocolError(Exception):
     """The peer sent something this side cannot accept, or went away."""
 
 
-def send_msg(sock: socket.socket, msg: dict[str, Any]) -> None:
+class DeadlineExceeded(ProtocolError):
+    """An exchange did not finish within its wall-clock deadline."""
+
+
+class Deadline:
+    """A wall-clock deadline for one exchange, ``seconds`` from now."""
+
+    def __init__(self, seconds: float, what: str):
+        self.seconds = seconds
+        self.what = what
+        self._at = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        """Seconds left; raises ``DeadlineExceeded`` once there are none."""
+        left = self._at - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(f"{self.what} took longer than {self.seconds:g} s")
+        return left
+
+
+# --- framing ---------------------------------------------------------------------
+
+
+def send_msg(sock: socket.socket, msg: dict[str, Any], deadline: Deadline) -> None:
     payload = json.dumps(msg, separators=(",", ":")).encode()
-    if len(payload) > MAX_FRAME_BYTES:
-        raise ProtocolError(f"message of {len(payload)} bytes exceeds {MAX_FRAME_BYTES}")
-    sock.sendall(_HEADER.pack(MAGIC, PROTOCOL_VERSION, len(payload)) + payload)
+    sock.settimeout(deadline.remaining())
+    try:
+        sock.sendall(_HEADER.pack(MAGIC, PROTOCOL_VERSION, len(payload)) + payload)
+    except TimeoutError as e:
+        raise DeadlineExceeded(
+            f"{deadline.what} took longer than {deadline.seconds:g} s (the peer does not read)"
+        ) from e
 
 
-def send_last(sock: socket.socket, msg: dict[str, Any]) -> None:
+def send_last(sock: socket.socket, msg: dict[str, Any], deadline: Deadline) -> None:
     """Send ``msg`` as the last frame of a connection whose peer may have sent more.
 
-    Closing a socket with unread input makes the kernel answer with a reset, and a
-    reset can destroy the message before the peer reads it: a client that sent
-    garbage would see "connection reset" instead of the refusal. So this side stops
-    writing, then discards what still arrives until the peer closes, for at most
-    ``_LINGER_S`` and ``_LINGER_BYTES``; a peer that keeps sending gets the reset.
-    """
-    send_msg(sock, msg)
-    deadline = time.monotonic() + _LINGER_S
-    left = _LINGER_BYTES
-    with contextlib.suppress(OSError):  # the peer may be gone already; nothing to save
+    Closing a socket with unread input makes the kernel answer with a reset, which
+    can destroy the message before the peer reads it. So this side stops writing,
+    then discards what still arrives until the peer closes, for at most ``_LINGER_S``
+    and ``_LINGER_BYTES``; a peer that keeps sending gets the reset."""
+    with contextlib.suppress(OSError, ProtocolError):  # the peer may be gone; nothing to save
+        send_msg(sock, msg, deadline)
+        linger = Deadline(_LINGER_S, "linger")
         sock.shutdown(socket.SHUT_WR)
-        while left > 0 and (wait := deadline - time.monotonic()) > 0:
-            sock.settimeout(wait)
+        left = _LINGER_BYTES
+        while left > 0:
+            sock.settimeout(linger.remaining())
             chunk = sock.recv(min(left, 65536))
             if not chunk:
                 return
             left -= len(chunk)
 
 
-def recv_msg(sock: socket.socket, expect: str | None = None) -> dict[str, Any]:
-    """Read one frame; if ``expect`` is given, the message must be of that type."""
-    magic, version, length = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+def recv_msg(
+    sock: socket.socket, deadline: Deadline, max_bytes: int, expect: str | None = None
+) -> dict[str, Any]:
+    """Read one frame of at most ``max_bytes`` payload; if ``expect`` is given, the
+    message must be of that type (a REFUSE raises with its reason)."""
+    magic, version, length = _HEADER.unpack(recv_exact(sock, _HEADER.size, deadline))
     if magic != MAGIC:
         raise ProtocolError(f"not a Netloader peer (bad magic {magic!r})")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
             f"peer speaks protocol version {version}, this side speaks {PROTOCOL_VERSION}"
         )
-    if length > MAX_FRAME_BYTES:
-        raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES} cap")
+    if length > max_bytes:
+        raise ProtocolError(f"frame of {length} bytes exceeds the {max_bytes}-byte cap")
     try:
-        msg = json.loads(_recv_exact(sock, length))
+        msg = json.loads(recv_exact(sock, length, deadline))
     except (ValueError, RecursionError) as e:
         # ValueError covers bad UTF-8, bad JSON and over-long integers; deep nesting
         # exhausts the parser's recursion.
@@ -85,9 +154,75 @@ def recv_msg(sock: socket.socket, expect: str | None = None) -> dict[str, Any]:
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ProtocolError("frame is not a JSON object with a string 'type'")
     if expect is not None and msg["type"] != expect:
-        detail = f": {msg.get('reason')}" if msg["type"] == REFUSE else ""
-        raise ProtocolError(f"expected '{expect}', got '{msg['type']}'{detail}")
+        detail = f": {text(msg, 'reason')}" if msg["type"] == REFUSE else ""
+        raise ProtocolError(f"expected '{expect}', got '{msg['type'][:40]}'{detail}")
     return msg
+
+
+def recv_exact(sock: socket.socket, n: int, deadline: Deadline) -> bytes:
+    buf = bytearray(n)
+    recv_into(sock, memoryview(buf), deadline)
+    return bytes(buf)
+
+
+def recv_into(sock: socket.socket, view: memoryview, deadline: Deadline) -> None:
+    """Fill ``view`` from ``sock`` before ``deadline``."""
+    got, n = 0, len(view)
+    while got < n:
+        sock.settimeout(deadline.remaining())
+        try:
+            k = sock.recv_into(view[got:], n - got)
+        except TimeoutError as e:
+            raise DeadlineExceeded(
+                f"{deadline.what} took longer than {deadline.seconds:g} s "
+                f"(got {got} of {n} bytes)"
+            ) from e
+        if k == 0:
+            raise ProtocolError(f"peer closed the connection after {got} of {n} bytes")
+        got += k
+
+
+def reply_cap(tensors: int) -> int:
+    """The most a client reads for a seed's answer about a model of ``tensors`` tensors."""
+    return REPLY_FIXED_BYTES + REPLY_BYTES_PER_TENSOR * tensors
+
+
+# --- bulk-data frames ------------------------------------------------------------
+
+
+def data_header(index: int, length: int) -> bytes:
+    return _DATA_HEADER.pack(DATA_MAGIC, index, length)
+
+
+def abort_frame(reason: str) -> bytes:
+    payload = reason.encode()[:MAX_ABORT_REASON_BYTES]
+    return _DATA_HEADER.pack(DATA_MAGIC, ABORT, len(payload)) + payload
+
+
+DATA_HEADER_BYTES = _DATA_HEADER.size
+
+
+def parse_data_header(
+    header: bytes, index: int, length: int, sock: socket.socket, deadline: Deadline
+) -> None:
+    """Check a bucket header against the plan (bucket ``index`` of ``length`` bytes).
+    An abort frame raises ``ProtocolError`` with the sender's reason."""
+    magic, got_index, got_length = _DATA_HEADER.unpack(header)
+    if magic != DATA_MAGIC:
+        raise ProtocolError(f"bucket {index}: bad data magic {magic!r}")
+    if got_index == ABORT:
+        if got_length > MAX_ABORT_REASON_BYTES:
+            raise ProtocolError(f"bucket {index}: sender aborted with an over-long reason")
+        reason = recv_exact(sock, got_length, deadline).decode(errors="replace")
+        raise ProtocolError(f"sender aborted at bucket {index}: {reason}")
+    if (got_index, got_length) != (index, length):
+        raise ProtocolError(
+            f"bucket {got_index} of {got_length} bytes where the plan has bucket {index} "
+            f"of {length} bytes"
+        )
+
+
+# --- field checks ------------------------------------------------------------------
 
 
 def field(msg: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
@@ -103,13 +238,215 @@ def optional_field(msg: dict[str, Any], name: str, kind: type) -> Any:
     return None if msg.get(name) is None else field(msg, name, kind)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise ProtocolError(f"peer closed the connection after {got} of {n} bytes")
-        got += k
-    return bytes(buf)
+def text(msg: dict[str, Any], name: str) -> str:
+    """A free-text field (a reason) for logs: any type, shortened."""
+    return str(msg.get(name))[:_MAX_REASON_CHARS]
+
+
+def port_field(msg: dict[str, Any], name: str) -> int | None:
+    port = optional_field(msg, name, int)
+    if port is not None and not 1 <= port <= 65535:
+        raise ProtocolError(f"'{msg.get('type')}' field '{name}' {port} is not a port")
+    return port
+
+
+def sha256_field(msg: dict[str, Any], name: str, optional: bool = False) -> str | None:
+    value = optional_field(msg, name, str) if optional else field(msg, name, str)
+    if value is not None and not _SHA256.match(value):
+        raise ProtocolError(f"'{msg.get('type')}' field '{name}' is not a sha256 hex digest")
+    return value
+
+
+# --- messages ------------------------------------------------------------------------
+
+
+def challenge(nonce: str, auth: bool) -> dict[str, Any]:
+    return {"type": CHALLENGE, "nonce": nonce, "auth": auth}
+
+
+def parse_challenge(msg: dict[str, Any]) -> tuple[str, bool]:
+    """(seed nonce, whether the seed requires the shared secret)."""
+    nonce = field(msg, "nonce", str)
+    if not _NONCE.match(nonce):
+        raise ProtocolError("challenge nonce is not 32 hex digits")
+    return nonce, msg.get("auth") is True
+
+
+@dataclass(frozen=True)
+class ManifestSummary:
+    """What a client's tensor manifest is, in a few bytes: count, total size, and
+    the sha256 of its canonical wire form (``manifest.manifest_sha256``)."""
+
+    tensors: int
+    nbytes: int
+    sha256: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"tensors": self.tensors, "bytes": self.nbytes, "sha256": self.sha256}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> "ManifestSummary":
+        if not isinstance(value, dict):
+            raise ProtocolError("hello field 'manifest' is not an object")
+        tensors, nbytes = field(value, "tensors", int), field(value, "bytes", int)
+        if tensors < 0 or nbytes < 0:
+            raise ProtocolError("hello manifest has a negative count or size")
+        return cls(tensors, nbytes, sha256_field(value, "sha256") or "")
+
+
+@dataclass(frozen=True)
+class Request:
+    """A client's request as the seed read it. ``wire`` is the message itself, which
+    the seed's proof covers."""
+
+    kind: str
+    nonce: str
+    proof: str | None
+    identity: dict[str, Any] | None
+    manifest: ManifestSummary | None
+    relay_port: int | None
+    direct: bool
+    data_planes: tuple[str, ...]
+    # The checkpoint or value fingerprint the client will accept (None: its identity's).
+    expect: str | None
+    wire: dict[str, Any]
+
+
+def hello(
+    identity: dict[str, Any], manifest: ManifestSummary, relay_port: int | None,
+    direct: bool, data_planes: tuple[str, ...], expect: str | None = None,
+) -> dict[str, Any]:
+    msg: dict[str, Any] = {
+        "type": HELLO, "identity": identity, "manifest": manifest.to_wire(),
+        "direct": direct, "data_planes": list(data_planes),
+    }
+    if relay_port is not None:
+        msg["relay_port"] = relay_port
+    if expect is not None:
+        msg["expect"] = expect
+    return msg
+
+
+def info_request() -> dict[str, Any]:
+    return {"type": INFO}
+
+
+def manifest_request() -> dict[str, Any]:
+    return {"type": MANIFEST}
+
+
+def parse_request(msg: dict[str, Any]) -> Request:
+    kind = msg["type"]
+    if kind not in REQUESTS:
+        raise ProtocolError(f"expected one of {', '.join(REQUESTS)}, got '{kind[:40]}'")
+    nonce = field(msg, "nonce", str)
+    if not _NONCE.match(nonce):
+        raise ProtocolError("request nonce is not 32 hex digits")
+    proof = optional_field(msg, "proof", str)
+    identity = manifest = None
+    planes: tuple[str, ...] = ()
+    if kind == HELLO:
+        identity = field(msg, "identity", dict)
+        manifest = ManifestSummary.from_wire(msg.get("manifest"))
+        planes = tuple(field(msg, "data_planes", list))
+        if not planes or not all(isinstance(p, str) for p in planes):
+            raise ProtocolError("hello field 'data_planes' is not a non-empty list of names")
+    return Request(
+        kind=kind, nonce=nonce, proof=proof, identity=identity, manifest=manifest,
+        relay_port=port_field(msg, "relay_port"),
+        direct=optional_field(msg, "direct", bool) is True,
+        data_planes=planes, expect=sha256_field(msg, "expect", optional=True), wire=msg,
+    )
+
+
+def refuse(reason: str, retry: bool) -> dict[str, Any]:
+    return {"type": REFUSE, "reason": reason, "retry": retry}
+
+
+def redirect(relay: str, value_fingerprint: str) -> dict[str, Any]:
+    return {"type": REDIRECT, "relay": relay, "value_fingerprint": value_fingerprint}
+
+
+def parse_redirect(msg: dict[str, Any]) -> tuple[str, str]:
+    """(relay address, the value fingerprint the relay must serve); the address is
+    checked as strictly as a SOURCE entry."""
+    relay = field(msg, "relay", str)
+    try:
+        parse_address(relay, key="redirect")
+    except AddressError as e:
+        raise ProtocolError(str(e)) from e
+    return relay, sha256_field(msg, "value_fingerprint") or ""
+
+
+def parse_refuse(msg: dict[str, Any]) -> tuple[str, bool]:
+    """(reason, whether the seed asks the client to try again later)."""
+    return text(msg, "reason"), msg.get("retry") is True
+
+
+@dataclass(frozen=True)
+class Accept:
+    digests: list[str]
+    bucket_bytes: int
+    data_plane: str
+    checkpoint: str | None
+
+
+def accept(
+    digests: list[str], bucket_bytes: int, data_plane: str, checkpoint: str | None
+) -> dict[str, Any]:
+    return {
+        "type": ACCEPT, "digests": digests, "bucket_bytes": bucket_bytes,
+        "data_plane": data_plane, "checkpoint": checkpoint,
+    }
+
+
+def parse_accept(
+    msg: dict[str, Any], tensors: int, offered: tuple[str, ...], max_bucket_bytes: int
+) -> Accept:
+    """Check an accept against what this client asked for: one digest per tensor of
+    its manifest, a bucket size in (0, max_bucket_bytes], a data plane it offered."""
+    digests = field(msg, "digests", list)
+    if len(digests) != tensors or not all(isinstance(d, str) and len(d) == 64 for d in digests):
+        raise ProtocolError(
+            f"accept carries {len(digests)} digests (or malformed ones) for {tensors} tensors"
+        )
+    bucket_bytes = field(msg, "bucket_bytes", int)
+    if not 0 < bucket_bytes <= max_bucket_bytes:
+        raise ProtocolError(f"accept carries a bucket size of {bucket_bytes} bytes")
+    plane = field(msg, "data_plane", str)
+    if plane not in offered:
+        raise ProtocolError(f"accept names data plane {plane[:40]!r}, not one offered")
+    return Accept(digests, bucket_bytes, plane, sha256_field(msg, "checkpoint", optional=True))
+
+
+def info(description: dict[str, Any]) -> dict[str, Any]:
+    return {"type": INFO, **description}
+
+
+def manifest_reply(entries: list[Any]) -> dict[str, Any]:
+    return {"type": MANIFEST, "tensors": entries}
+
+
+def done(ok: bool, reason: str | None = None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"type": DONE, "ok": ok}
+    if reason is not None:
+        msg["reason"] = reason[:_MAX_REASON_CHARS]
+    return msg
+
+
+def parse_done(msg: dict[str, Any]) -> tuple[bool, str]:
+    """(whether the client verified every tensor, its reason if not)."""
+    return msg.get("ok") is True, text(msg, "reason")
+
+
+def store_record(key: str, value: bytes) -> dict[str, Any]:
+    return {"type": STORE, "key": key, "value": value.hex()}
+
+
+def parse_store_record(msg: dict[str, Any]) -> tuple[str, bytes]:
+    key = field(msg, "key", str)
+    try:
+        value = bytes.fromhex(field(msg, "value", str))
+    except ValueError as e:
+        raise ProtocolError("store record value is not hex") from e
+    return key, value

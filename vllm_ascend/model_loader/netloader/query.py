@@ -11,14 +11,9 @@ import json
 import os
 import sys
 
-from vllm_ascend.model_loader.netloader.auth import AuthError
-from vllm_ascend.model_loader.netloader.client import query_seed
-from vllm_ascend.model_loader.netloader.config import (
-    NetloaderConfigError,
-    parse_config,
-    split_address,
-)
-from vllm_ascend.model_loader.netloader.protocol import ProtocolError
+from vllm_ascend.model_loader.netloader.addresses import AddressError, parse_address
+from vllm_ascend.model_loader.netloader.client import SOURCE_ERRORS, query_seed
+from vllm_ascend.model_loader.netloader.config import NetloaderConfigError, parse_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,17 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         for address in args.addresses:
-            split_address(address, key=address)
+            parse_address(address, key=address)
         extra = {"SECRET_FILE": args.secret_file} if args.secret_file else {}
         secret = parse_config(extra, os.environ).secret
-    except NetloaderConfigError as e:
+    except (NetloaderConfigError, AddressError) as e:
         parser.error(str(e))
     failed = 0
     for address in args.addresses:
         try:
             info = query_seed(address, args.timeout, secret)
             print(json.dumps({"address": address, **info}, sort_keys=True))
-        except (OSError, ProtocolError, AuthError) as e:
+        except SOURCE_ERRORS as e:
             failed += 1
             print(json.dumps({"address": address, "error": f"{type(e).__name__}: {e}"}))
     return 1 if failed else 0

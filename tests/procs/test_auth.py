@@ -5,23 +5,25 @@ import socket
 import threading
 
 import pytest
-import torch
 
-from tests.ut.netloader.test_transfer import assert_same_tensors, fetch_for
-from tests.ut.netloader.toy_seed import IDENTITY, make_toy, toy_seed
-from tests.wire import connect, frame
-from vllm_ascend.model_loader.netloader.auth import AuthError, client_proof, seed_proof
+from tests.procs.toy_seed import toy_seed
+from tests.toy import IDENTITY, assert_same_tensors, fetch_for, make_toy, untouched
+from tests.wire import challenge_of, connect, frame, hello_for, read
+from vllm_ascend.model_loader.netloader.auth import (
+    AuthError,
+    client_proof,
+    new_nonce,
+    seed_proof,
+)
 from vllm_ascend.model_loader.netloader.client import query_seed
-from vllm_ascend.model_loader.netloader.manifest import model_tensors, spec_of
 from vllm_ascend.model_loader.netloader.protocol import (
     ACCEPT,
-    CHALLENGE,
     HELLO,
     INFO,
     REFUSE,
     ProtocolError,
-    recv_msg,
-    send_msg,
+    accept,
+    challenge,
 )
 
 SECRET = b"correct horse battery staple 42"
@@ -32,18 +34,6 @@ WRONG = b"incorrect horse battery staple 4"
 def guarded():
     with toy_seed(seed=9, secret=SECRET) as (address, proc):
         yield address, proc
-
-
-def untouched(model: torch.nn.Module) -> bool:
-    return all(torch.count_nonzero(t) == 0 for _, t in model_tensors(model))
-
-
-def hello_of(model: torch.nn.Module) -> dict:
-    return {
-        "type": HELLO,
-        "identity": IDENTITY,
-        "manifest": [spec_of(n, t).to_wire() for n, t in model_tensors(model)],
-    }
 
 
 def test_client_with_the_secret_is_served_bit_for_bit(guarded):
@@ -72,18 +62,17 @@ def test_client_without_the_right_secret_gets_nothing(guarded, secret):
     assert proc.is_alive()
 
 
-@pytest.mark.parametrize("proof", [None, "0" * 64, 12, client_proof(WRONG, "n", "m")])
+@pytest.mark.parametrize("proof", [None, "0" * 64, client_proof(WRONG, "n", "m")])
 def test_seed_answers_a_bad_proof_with_a_bare_refusal(guarded, proof):
     """No identity, manifest, digest or rendezvous port goes back, only the refusal."""
     address, _ = guarded
     with connect(address) as s:
-        challenge = recv_msg(s, expect=CHALLENGE)
-        assert challenge["auth"] is True
-        request = {**hello_of(make_toy(None)), "nonce": "m"}
+        assert challenge_of(s)["auth"] is True
+        request = hello_for(IDENTITY, make_toy(None))
         if proof is not None:
             request["proof"] = proof
         s.sendall(frame(request))
-        reply = recv_msg(s)
+        reply = read(s)
     assert reply["type"] == REFUSE and set(reply) == {"type", "reason", "retry"}
     assert "authentication" in reply["reason"]
 
@@ -91,13 +80,14 @@ def test_seed_answers_a_bad_proof_with_a_bare_refusal(guarded, proof):
 def test_a_proof_from_another_connection_is_refused(guarded):
     """Proofs cover the seed's fresh nonce, so a recorded one cannot be replayed."""
     address, _ = guarded
+    nonce = new_nonce()
     with connect(address) as first:
-        old_nonce = recv_msg(first, expect=CHALLENGE)["nonce"]
-    replayed = client_proof(SECRET, old_nonce, "m")
+        old_nonce = challenge_of(first)["nonce"]
+    replayed = client_proof(SECRET, old_nonce, nonce)
     with connect(address) as s:
-        assert recv_msg(s, expect=CHALLENGE)["nonce"] != old_nonce
-        send_msg(s, {"type": INFO, "nonce": "m", "proof": replayed})
-        reply = recv_msg(s)
+        assert challenge_of(s)["nonce"] != old_nonce
+        s.sendall(frame({"type": INFO, "nonce": nonce, "proof": replayed}))
+        reply = read(s)
     assert reply["type"] == REFUSE and "authentication failed" in reply["reason"]
 
 
@@ -116,17 +106,18 @@ def test_tampered_accept_is_rejected_before_any_byte_moves():
     fetch = fetch_for(client, secret=SECRET)
     with socket.create_server(("127.0.0.1", 0)) as fake:
         address = f"127.0.0.1:{fake.getsockname()[1]}"
+        nonce = new_nonce()
 
         def serve() -> None:
             conn, _ = fake.accept()
             with conn:
-                send_msg(conn, {"type": CHALLENGE, "nonce": "n", "auth": True})
-                hello = recv_msg(conn)
-                body = {"type": ACCEPT, "store_port": 1, "bucket_bytes": 1 << 20,
-                        "digests": ["0" * 64] * len(hello["manifest"])}
-                proof = seed_proof(SECRET, "n", hello, body)
-                body["digests"] = ["1" * 64] * len(hello["manifest"])
-                send_msg(conn, {**body, "proof": proof})
+                conn.sendall(frame(challenge(nonce, True)))
+                hello = read(conn)
+                tensors = hello["manifest"]["tensors"]
+                body = accept(["0" * 64] * tensors, 1 << 20, "tcp", IDENTITY["checkpoint"])
+                proof = seed_proof(SECRET, nonce, hello, body)
+                body["digests"] = ["1" * 64] * tensors
+                conn.sendall(frame({**body, "proof": proof}))
                 conn.recv(1)
 
         thread = threading.Thread(target=serve, daemon=True)
@@ -151,12 +142,13 @@ def test_rewritten_identity_breaks_the_seeds_proof(guarded):
         def serve() -> None:
             conn, _ = mitm.accept()
             with conn, socket.create_connection((host, int(port)), timeout=5) as upstream:
-                send_msg(conn, recv_msg(upstream, expect=CHALLENGE))
-                hello = recv_msg(conn, expect=HELLO)
-                send_msg(upstream, {**hello, "identity": IDENTITY})
-                reply = recv_msg(upstream)
+                conn.sendall(frame(challenge_of(upstream)))
+                hello = read(conn)
+                assert hello["type"] == HELLO
+                upstream.sendall(frame({**hello, "identity": IDENTITY}))
+                reply = read(upstream)
                 seen.append(reply)
-                send_msg(conn, reply)
+                conn.sendall(frame(reply))
                 conn.recv(1)
 
         thread = threading.Thread(target=serve, daemon=True)
@@ -171,7 +163,8 @@ def test_rewritten_identity_breaks_the_seeds_proof(guarded):
 
 
 def test_secret_never_crosses_the_wire(guarded):
-    """Every control-plane byte between client and seed, through a recording relay."""
+    """Every byte between client and seed (handshake and bulk data), through a recording
+    relay."""
     address, _ = guarded
     host, port = address.rsplit(":", 1)
     recorded = bytearray()
@@ -200,7 +193,7 @@ def test_secret_never_crosses_the_wire(guarded):
         thread.join(10)
     assert received is not None, fetch.reasons
     assert_same_tensors(client, make_toy(9))
-    assert b'"proof"' in recorded and len(recorded) > 1000
+    assert b'"proof"' in recorded and len(recorded) > 1_000_000  # the bulk data too
     assert SECRET not in recorded and SECRET.hex().encode() not in recorded
     assert json.dumps(SECRET.decode()).encode() not in recorded
 

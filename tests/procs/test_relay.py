@@ -1,9 +1,10 @@
 """Fan-out through relays: clients that arrive while a seed sends are passed down a
 chain of clients that are still receiving. A real seed process, real relays (each a
-SeedServer over a fetching client's own targets), real sockets and gloo groups."""
+SeedServer over a fetching client's own targets), real sockets."""
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -11,9 +12,18 @@ from typing import Any
 import pytest
 import torch
 
-from tests.ut.netloader.test_transfer import assert_same_tensors, fetch_for, wait_for
-from tests.ut.netloader.toy_seed import IDENTITY, SMALL_BUCKET, make_toy, toy_seed
-from tests.wire import connect, frame
+from tests.procs.toy_seed import toy_seed
+from tests.toy import (
+    IDENTITY,
+    SMALL_BUCKET,
+    assert_same_tensors,
+    fetch_for,
+    make_toy,
+    wait_for,
+)
+from tests.wire import challenge_of, connect, frame, hello_for, read
+from vllm_ascend.model_loader.netloader.addresses import listen
+from vllm_ascend.model_loader.netloader.auth import new_nonce
 from vllm_ascend.model_loader.netloader.client import Received, WeightFetch, query_seed
 from vllm_ascend.model_loader.netloader.manifest import (
     LoadedWeights,
@@ -21,14 +31,9 @@ from vllm_ascend.model_loader.netloader.manifest import (
     plan_buckets,
     spec_of,
 )
-from vllm_ascend.model_loader.netloader.protocol import (
-    ACCEPT,
-    CHALLENGE,
-    HELLO,
-    REFUSE,
-    recv_msg,
-)
-from vllm_ascend.model_loader.netloader.server import RelayListener, SeedServer
+from vllm_ascend.model_loader.netloader.protocol import ACCEPT, REFUSE, challenge, redirect
+from vllm_ascend.model_loader.netloader.relay import RelayListener, RelayProgress
+from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
 
 # The toy model is about 1.3 MB: at this cap a transfer from the seed lasts about 3 s,
 # so the clients a test starts meanwhile find the seed still sending.
@@ -36,13 +41,14 @@ SLOW_SEED = 0.5e6
 
 
 def relay_listener(timeout_s: float = 10.0, secret: bytes | None = None) -> RelayListener:
-    def make_seed(weights: LoadedWeights, sock: socket.socket) -> SeedServer:
-        return SeedServer(
-            weights, IDENTITY, 0, "127.0.0.1", 0, timeout_s, bucket_bytes=SMALL_BUCKET,
-            secret=secret, listen_socket=sock,
-        )
+    settings = SeedSettings(
+        IDENTITY, 0, "127.0.0.1", timeout_s, bucket_bytes=SMALL_BUCKET, secret=secret
+    )
 
-    return RelayListener("127.0.0.1", 0, make_seed)
+    def make_seed(weights: LoadedWeights, progress: RelayProgress, sock: socket.socket):
+        return SeedServer(weights, settings, sock, progress=progress).start()
+
+    return RelayListener(listen("127.0.0.1", 0), make_seed)
 
 
 class Starting:
@@ -169,10 +175,9 @@ def test_a_redirect_without_the_seeds_proof_is_not_followed():
         def answer() -> None:
             conn, _ = fake.accept()
             with conn:
-                conn.sendall(frame({"type": CHALLENGE, "nonce": "ab" * 16, "auth": True}))
-                recv_msg(conn)
-                conn.sendall(frame({"type": REFUSE, "reason": "go", "retry": True,
-                                    "redirect": "127.0.0.1:9", "value_fingerprint": "0"}))
+                conn.sendall(frame(challenge(new_nonce(), True)))
+                read(conn)
+                conn.sendall(frame(redirect("127.0.0.1:9", "0" * 64)))
 
         thread = threading.Thread(target=answer, daemon=True)
         thread.start()
@@ -204,14 +209,12 @@ def test_a_redirect_to_a_relay_with_other_weights_is_not_followed():
     # host, then stalls so the seed stays busy. The next client is sent there, finds
     # digests that do not fit the fingerprint the seed gave it, and asks the seed itself.
     with toy_seed(seed=7, timeout_s=5.0) as (seed, proc), toy_seed(seed=8) as (other, _):
-        manifest = [spec_of(n, t).to_wire() for n, t in model_tensors(make_toy(None))]
         with connect(seed) as stalling:
-            recv_msg(stalling, expect=CHALLENGE)
-            stalling.sendall(frame({
-                "type": HELLO, "identity": IDENTITY, "manifest": manifest,
-                "relay_port": int(other.rsplit(":", 1)[1]),
-            }))
-            assert recv_msg(stalling)["type"] == ACCEPT  # and never joins the group
+            challenge_of(stalling)
+            stalling.sendall(frame(hello_for(
+                IDENTITY, make_toy(None), relay_port=int(other.rsplit(":", 1)[1])
+            )))
+            assert read(stalling)["type"] == ACCEPT  # and reads no bulk data
             client = make_toy(None)
             fetch = fetch_for(client)
             received = fetch.run((seed,))
@@ -219,6 +222,35 @@ def test_a_redirect_to_a_relay_with_other_weights_is_not_followed():
         assert len(fetch.reasons) == 1 and "other weights than the seed" in fetch.reasons[0]
         assert_same_tensors(client, make_toy(7))
         assert proc.is_alive()
+
+
+def test_a_client_sent_to_a_relay_that_stalls_is_back_on_the_seed_in_bounded_time():
+    # The relay's own fetch verified the first bucket, then stops: its client (TIMEOUT
+    # 2 s) gets that bucket, no more, and must be back on the seed within a few
+    # timeouts (it was still fetching after 20 s before no-progress limits).
+    model = make_toy(5)
+    named = model_tensors(model)
+    specs = [spec_of(n, t) for n, t in named]
+    relay = relay_listener(timeout_s=30.0)
+    progress = relay.begin(specs, [t for _, t in named], list(LoadedWeights.capture(model).digests))
+    progress.verified(len(plan_buckets(specs, SMALL_BUCKET)[0]))
+    try:
+        with toy_seed(seed=5, send_limit=0.3e6, timeout_s=10.0) as (seed, _):
+            with connect(seed) as busy:  # keeps the seed sending while the client asks
+                challenge_of(busy)
+                busy.sendall(frame(hello_for(IDENTITY, make_toy(None), relay_port=relay.port)))
+                assert read(busy)["type"] == ACCEPT
+                client = make_toy(None)
+                fetch = fetch_for(client, timeout_s=2.0)
+                start = time.monotonic()
+                received = fetch.run((seed,))
+                elapsed = time.monotonic() - start
+        assert received is not None and received.source == seed, fetch.reasons
+        assert len(fetch.reasons) == 1 and "no progress for 2 s" in fetch.reasons[0]
+        assert_same_tensors(client, make_toy(5))
+        assert elapsed < 20, elapsed
+    finally:
+        relay.close()
 
 
 @pytest.fixture(scope="module")
@@ -230,12 +262,10 @@ def plain_seed():
 @pytest.mark.parametrize("relay_port", [0, 70000, "80", 1.5])
 def test_a_hello_with_a_bad_relay_port_is_refused(plain_seed, relay_port):
     seed, proc = plain_seed
-    manifest = [spec_of(n, t).to_wire() for n, t in model_tensors(make_toy(None))]
     with connect(seed) as s:
-        recv_msg(s, expect=CHALLENGE)
-        s.sendall(frame({"type": HELLO, "identity": IDENTITY, "manifest": manifest,
-                         "relay_port": relay_port}))
-        reply = recv_msg(s)
+        challenge_of(s)
+        s.sendall(frame(hello_for(IDENTITY, make_toy(None), relay_port=relay_port)))
+        reply = read(s)
     assert reply["type"] == REFUSE and reply["reason"].startswith("bad request"), reply
     assert proc.is_alive()
 
@@ -248,8 +278,10 @@ def test_a_relay_sends_only_what_its_fetch_verified():
     specs = [spec_of(n, t) for n, t in named]
     first_bucket = plan_buckets(specs, SMALL_BUCKET)[0]
     relay = relay_listener(timeout_s=1.0)
-    weights = relay.begin(specs, [t for _, t in named], LoadedWeights.capture(model).digests)
-    weights.verified(len(first_bucket))
+    progress = relay.begin(
+        specs, [t for _, t in named], list(LoadedWeights.capture(model).digests)
+    )
+    progress.verified(len(first_bucket))
     try:
         client = make_toy(None)
         fetch = fetch_for(client, timeout_s=5.0)
@@ -260,6 +292,6 @@ def test_a_relay_sends_only_what_its_fetch_verified():
                 assert torch.equal(t, sent), f"verified {name} did not arrive"
             else:
                 assert not t.any(), f"unverified {name} reached the client"
-        assert not weights.complete
+        assert not progress.complete
     finally:
         relay.close()

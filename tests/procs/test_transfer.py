@@ -1,4 +1,4 @@
-"""Seed and client in two processes, over real sockets and a real gloo group."""
+"""Seed and client in two processes, over real sockets, on both data planes."""
 
 import multiprocessing as mp
 import os
@@ -10,47 +10,29 @@ import time
 import pytest
 import torch
 
-from tests.ut.netloader.toy_seed import IDENTITY, fetch_forever, make_toy, toy_seed
-from tests.wire import connect, frame
-from vllm_ascend.model_loader.netloader import client as client_module
-from vllm_ascend.model_loader.netloader.client import Received, WeightFetch, query_seed
-from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, model_tensors, spec_of
-from vllm_ascend.model_loader.netloader.protocol import (
-    ACCEPT,
-    CHALLENGE,
-    HELLO,
-    REFUSE,
-    recv_msg,
+from tests.procs.toy_seed import fetch_forever, toy_seed
+from tests.toy import (
+    IDENTITY,
+    assert_same_tensors,
+    fetch_for,
+    make_toy,
+    only_verified,
+    untouched,
+    wait_for,
 )
+from tests.wire import challenge_of, connect, frame, hello_for, read
+from vllm_ascend.model_loader.netloader.client import Received, WeightFetch, query_seed
+from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, model_tensors
+from vllm_ascend.model_loader.netloader.protocol import ACCEPT, HELLO, REFUSE
 
-
-def fetch_for(
-    model: torch.nn.Module, identity=None, timeout_s: float = 5.0, secret: bytes | None = None
-) -> WeightFetch:
-    """A client's fetch that fills ``model``'s tensors."""
-    named = model_tensors(model)
-    return WeightFetch(
-        identity=identity or IDENTITY,
-        specs=[spec_of(n, t) for n, t in named],
-        targets=[t for _, t in named],
-        timeout_s=timeout_s,
-        secret=secret,
-    )
+PLANES = ["tcp", "collective"]
 
 
 def fetch_into(
-    model: torch.nn.Module, addresses: list[str], identity=None
+    model: torch.nn.Module, addresses: list[str], identity=None, **settings
 ) -> tuple[WeightFetch, Received | None]:
-    fetch = fetch_for(model, identity)
+    fetch = fetch_for(model, identity, **settings)
     return fetch, fetch.run(tuple(addresses))
-
-
-def assert_same_tensors(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    ta, tb = dict(model_tensors(a)), dict(model_tensors(b))
-    assert ta.keys() == tb.keys()
-    for name in ta:
-        assert ta[name].dtype == tb[name].dtype, name
-        assert torch.equal(ta[name], tb[name]), name
 
 
 @pytest.fixture(scope="module")
@@ -59,35 +41,45 @@ def seed():
         yield address, proc
 
 
-def test_client_receives_every_tensor_bit_for_bit(seed):
+@pytest.mark.parametrize("plane", PLANES)
+def test_client_receives_every_tensor_bit_for_bit(plane):
+    with toy_seed(seed=7, data_plane=plane) as (address, _):
+        client = make_toy(None)
+        fetch, received = fetch_into(client, [address], data_plane=plane)
+        assert received is not None, fetch.reasons
+        assert received.source == address
+        assert received.nbytes == sum(t.nbytes for _, t in model_tensors(client))
+        assert_same_tensors(client, make_toy(7))
+        # The tie survives: one storage, so both names see the received values.
+        assert client.head.weight.data_ptr() == client.embed.weight.data_ptr()
+
+
+def test_a_client_of_the_other_data_plane_is_refused_before_any_byte(seed):
     address, _ = seed
     client = make_toy(None)
-    fetch, received = fetch_into(client, [address])
-    assert received is not None, fetch.reasons
-    assert received.source == address
-    assert received.nbytes == sum(t.nbytes for _, t in model_tensors(client))
-    assert_same_tensors(client, make_toy(7))
-    # The tie survives: one storage, so both names see the received values.
-    assert client.head.weight.data_ptr() == client.embed.weight.data_ptr()
+    fetch, received = fetch_into(client, [address], data_plane="collective")
+    assert received is None
+    assert "tcp data plane; the client offers collective" in fetch.reasons[0]
+    assert untouched(client)
 
 
 def test_seed_refuses_other_model_before_any_byte_moves(seed):
     address, _ = seed
     client = make_toy(None)
-    other = dict(IDENTITY, config_sha256="1" * 64)
-    fetch, received = fetch_into(client, [address], identity=other)
+    fetch, received = fetch_into(client, [address], identity=dict(IDENTITY, config_sha256="1" * 64))
     assert received is None
     assert "config_sha256" in fetch.reasons[0] and "refused" in fetch.reasons[0]
-    assert all(torch.count_nonzero(t) == 0 for _, t in model_tensors(client))
+    assert untouched(client)
 
 
-def test_seed_refuses_other_layout(seed):
+def test_seed_refuses_other_layout_and_the_client_names_the_first_difference(seed):
     address, _ = seed
     client = make_toy(None, vocab=301)
     fetch, received = fetch_into(client, [address])
     assert received is None
     assert "manifest differs" in fetch.reasons[0]
-    assert all(torch.count_nonzero(t) == 0 for _, t in model_tensors(client))
+    assert "first difference: tensor differs: ['embed.weight', [301, 64]" in fetch.reasons[0]
+    assert untouched(client)
 
 
 def test_seed_refuses_other_rank(seed):
@@ -111,12 +103,15 @@ def test_unreachable_source_then_good_one(seed):
     "junk",
     [
         b"GET / HTTP/1.0\r\n\r\n",
-        struct.pack("!4sBI", b"NLDR", 1, 2**31),  # oversized length prefix
+        struct.pack("!4sBI", b"NLDR", 2, 2**31),  # oversized length prefix
+        struct.pack("!4sBI", b"NLDR", 2, 9000),  # just over the request cap
         struct.pack("!4sBI", b"NLDR", 9, 2) + b"{}",  # unknown protocol version
-        struct.pack("!4sBI", b"NLDR", 1, 10) + b"{",  # truncated frame
-        struct.pack("!4sBI", b"NLDR", 1, 2) + b"[]",  # valid JSON, not a message
-        frame({"type": ACCEPT, "store_port": 1}),  # a valid frame of the wrong type
-        frame({"type": HELLO, "identity": IDENTITY, "manifest": "all"}),  # mistyped field
+        struct.pack("!4sBI", b"NLDR", 2, 10) + b"{",  # truncated frame
+        struct.pack("!4sBI", b"NLDR", 2, 2) + b"[]",  # valid JSON, not a message
+        frame({"type": ACCEPT, "digests": []}),  # a valid frame of the wrong type
+        frame(hello_for(IDENTITY, make_toy(None), manifest="all")),  # mistyped field
+        frame(hello_for(IDENTITY, make_toy(None), nonce="short")),  # malformed nonce
+        frame(hello_for(IDENTITY, make_toy(None), data_planes=[])),  # no data plane
     ],
 )
 def test_seed_survives_bad_input_and_still_serves(seed, junk):
@@ -124,9 +119,9 @@ def test_seed_survives_bad_input_and_still_serves(seed, junk):
     with connect(address) as s:
         s.sendall(junk)
         s.shutdown(socket.SHUT_WR)  # a truncated frame then ends in EOF, not a wait
-        assert recv_msg(s, expect=CHALLENGE)["auth"] is False
-        reply = recv_msg(s)
-    assert reply["type"] == REFUSE and reply["reason"].startswith("bad request")
+        assert challenge_of(s)["auth"] is False
+        reply = read(s)
+    assert reply["type"] == REFUSE and reply["reason"].startswith("bad request"), reply
     assert proc.is_alive()
     client = make_toy(None)
     fetch, received = fetch_into(client, [address])
@@ -141,10 +136,10 @@ def test_refusal_reaches_a_client_that_sent_more_than_the_seed_read(seed):
     address, _ = seed
     for _ in range(40):
         with connect(address) as s:
-            recv_msg(s, expect=CHALLENGE)
+            challenge_of(s)
             s.sendall(b"\x00\xffGET / HTTP/1.1\r\n\r\n" * 3)
             s.shutdown(socket.SHUT_WR)
-            reply = recv_msg(s)
+            reply = read(s)
         assert reply["type"] == REFUSE and "bad magic" in reply["reason"], reply
 
 
@@ -156,16 +151,14 @@ def test_info_reports_identity_size_and_completed_transfers():
         assert received is not None
         # The seed counts a transfer once it has read the client's 'done', which
         # may be a moment after the client returns.
-        deadline = time.monotonic() + 10
-        while (info := query_seed(address))["completed_transfers"] == 0:
-            assert time.monotonic() < deadline, "transfer never counted as completed"
-            time.sleep(0.05)
-    assert info["completed_transfers"] == 1
+        wait_for(lambda: query_seed(address)["completed_transfers"] == 1, 10, "not counted")
+        info = query_seed(address)
     assert info["active_transfers"] == 0
     assert info["identity"] == IDENTITY
     assert info["address"] == address
     assert info["bytes"] == received.nbytes
     assert info["loaded_from"] == "disk"
+    assert info["data_plane"] == "tcp"
     assert info["value_fingerprint"] == LoadedWeights.capture(make_toy(5)).value_fingerprint()
 
 
@@ -174,55 +167,45 @@ def test_silent_seed_costs_the_client_one_timeout_and_leaves_model_clean():
         address = f"127.0.0.1:{silent.getsockname()[1]}"
         client = make_toy(None)
         fetch = fetch_for(client, timeout_s=1.0)
+        start = time.monotonic()
         assert fetch.run((address,)) is None
-    assert "timed out" in fetch.reasons[0]
-    assert all(torch.count_nonzero(t) == 0 for _, t in model_tensors(client))
+        assert time.monotonic() - start < 5
+    assert "took longer than 1 s" in fetch.reasons[0]
+    assert untouched(client)
 
 
-def test_seed_killed_mid_transfer_leaves_only_verified_tensors():
+@pytest.mark.parametrize("plane", PLANES)
+def test_seed_killed_mid_transfer_leaves_only_verified_tensors(plane):
     # ~1.3 MB in 1 MiB buckets at 0.4 MB/s: the transfer takes ~3 s, the kill comes first.
-    # Afterwards every client tensor is untouched (zero) or exactly the seed's value.
-    with toy_seed(seed=3, send_limit=0.4e6) as (address, proc):
+    with toy_seed(seed=3, send_limit=0.4e6, data_plane=plane) as (address, proc):
         client = make_toy(None)
-        fetch = fetch_for(client, timeout_s=10.0)
+        fetch = fetch_for(client, timeout_s=10.0, data_plane=plane)
         done = threading.Event()
         result = []
         worker = threading.Thread(
             target=lambda: (result.append(fetch.run((address,))), done.set()), daemon=True
         )
         worker.start()
-        deadline = time.monotonic() + 30
-        while query_seed(address)["active_transfers"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: query_seed(address)["active_transfers"] == 1, 30, "never sent")
         proc.kill()
         assert done.wait(30), "client did not notice the dead seed"
     assert result == [None]
     assert address in fetch.reasons[0]
-    seed_tensors = dict(model_tensors(make_toy(3)))
-    for name, t in model_tensors(client):
-        assert torch.count_nonzero(t) == 0 or torch.equal(t, seed_tensors[name]), name
+    only_verified(client, 3)
     assert any(torch.count_nonzero(t) == 0 for _, t in model_tensors(client) if t.numel())
 
 
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
-def test_corrupted_payload_fails_the_transfer_and_the_seed_serves_the_next_client():
+@pytest.mark.parametrize("plane", PLANES)
+def test_corrupted_payload_fails_the_transfer_and_the_seed_serves_the_next_client(plane):
     # The seam flips one bit of the largest tensor in the seed's first transfer only.
-    with toy_seed(seed=4, corrupt_first=True) as (address, proc):
+    with toy_seed(seed=4, corrupt_first=True, data_plane=plane) as (address, proc):
         client = make_toy(None)
-        fetch, received = fetch_into(client, [address])
+        fetch, received = fetch_into(client, [address], data_plane=plane)
         assert received is None
         assert "digest mismatch for big" in fetch.reasons[0]
-        seed_tensors = dict(model_tensors(make_toy(4)))
-        for name, t in model_tensors(client):
-            assert torch.count_nonzero(t) == 0 or torch.equal(t, seed_tensors[name]), name
+        only_verified(client, 4)
         assert torch.count_nonzero(client.big) == 0  # the corrupted tensor never landed
-        again, received = fetch_into(client, [address])
+        again, received = fetch_into(client, [address], data_plane=plane)
         assert received is not None, again.reasons
         assert_same_tensors(client, make_toy(4))
         assert proc.is_alive()
@@ -246,36 +229,26 @@ def test_client_killed_mid_transfer_frees_the_seed_for_others():
     # ~1.3 MB at 0.4 MB/s: the transfer takes ~3 s; the client process dies in it.
     with toy_seed(seed=6, send_limit=0.4e6) as (address, proc):
         receiving, announce = mp.get_context("spawn").Pipe(duplex=False)
-        doomed = mp.get_context("spawn").Process(
-            target=fetch_forever, args=(address, announce)
-        )
+        doomed = mp.get_context("spawn").Process(target=fetch_forever, args=(address, announce))
         doomed.start()
         try:
             assert receiving.poll(120), "the doomed client never started receiving"
         finally:
             doomed.kill()
             doomed.join(10)
-        # The seed's next send fails at once ("Connection closed by peer").
         assert_seed_freed_and_serves_next(address, proc, 6)
 
 
-def test_client_that_leaves_before_joining_the_group_costs_the_seed_one_timeout(monkeypatch):
-    # The client takes the accept and walks away without joining: the seed's store
-    # waits out its 5 s timeout, frees the slot and serves the next client.
-    def walk_away(*args, **kwargs):
-        raise OSError("client left before joining the group")
-
+def test_client_that_walks_away_after_the_accept_frees_the_seed():
     with toy_seed(seed=2) as (address, proc):
-        with monkeypatch.context() as m:
-            m.setattr(client_module, "data_group", walk_away)
-            fetch, received = fetch_into(make_toy(None), [address])
-        assert received is None and "left before joining" in fetch.reasons[0]
+        with connect(address) as s:
+            challenge_of(s)
+            s.sendall(frame(hello_for(IDENTITY, make_toy(None))))
+            assert read(s)["type"] == ACCEPT
         assert_seed_freed_and_serves_next(address, proc, 2)
 
 
 def test_source_named_by_hostname_meets_a_seed_bound_to_an_ip():
-    # The seed binds 127.0.0.1 and the client names it "localhost", as a client names a
-    # seed by its DNS name. The group's store keys must not depend on that spelling.
     with toy_seed(seed=9) as (address, _):
         port = address.rsplit(":", 1)[1]
         client = make_toy(None)
@@ -305,5 +278,13 @@ def test_eight_clients_at_once_are_all_served():
             assert_same_tensors(client, make_toy(8))
         wait_for(lambda: query_seed(address)["completed_transfers"] == 8, 10, "not counted")
         assert proc.is_alive()
-    # Concurrent group setups once left this process's fd 1 on /dev/null (see transport).
     assert (os.fstat(1).st_dev, os.fstat(1).st_ino) == (stdout.st_dev, stdout.st_ino)
+
+
+def test_a_hello_frame_is_all_the_seed_reads_and_it_has_no_manifest(seed):
+    """The client names its manifest by count, size and sha256; the seed never parses
+    a peer's tensor list."""
+    address, _ = seed
+    body = hello_for(IDENTITY, make_toy(None))
+    assert set(body["manifest"]) == {"tensors", "bytes", "sha256"}
+    assert body["type"] == HELLO and len(frame(body)) < 2048

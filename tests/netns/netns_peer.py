@@ -1,0 +1,37 @@
+"""A toy seed or client as its own process, for tests that put the two in separate
+network namespaces (``python -m tests.netns.netns_peer seed|client ...``)."""
+
+import json
+import sys
+
+from tests.toy import make_toy
+
+
+def seed(host: str, seed_value: int, plane: str) -> None:
+    """Serve make_toy(seed_value) on ``host``; print the address; stop at stdin's EOF."""
+    from tests.toy import serving
+
+    with serving(seed_value, host=host, timeout_s=20.0, data_plane=plane) as server:
+        print(server.address, flush=True)
+        sys.stdin.read()
+
+
+def client(address: str, seed_value: int, plane: str) -> None:
+    """Fetch from ``address``; print whether every tensor equals make_toy(seed_value)."""
+    import torch
+
+    from tests.toy import fetch_for
+    from vllm_ascend.model_loader.netloader.manifest import model_tensors
+
+    model = make_toy(None)
+    fetch = fetch_for(model, timeout_s=20.0, data_plane=plane)
+    received = fetch.run((address,))
+    want = dict(model_tensors(make_toy(seed_value)))
+    equal = all(torch.equal(t, want[n]) for n, t in model_tensors(model))
+    print(json.dumps({"received": received is not None, "equal": equal,
+                      "reasons": fetch.reasons}), flush=True)
+
+
+if __name__ == "__main__":
+    role, where, value, plane = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    {"seed": seed, "client": client}[role](where, value, plane)

@@ -1,0 +1,111 @@
+"""A real SeedServer of the toy model in a child process, for tests that kill it,
+limit its descriptors or watch its memory."""
+
+import contextlib
+import multiprocessing as mp
+import os
+import resource
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from tests.toy import IDENTITY, SMALL_BUCKET, make_toy
+
+
+def flip_one_byte_in_first_transfer() -> None:
+    """Test seam at seed -> transfer: the first transfer sends a copy of the largest
+    tensor with a single flipped bit, under the digests of the true values."""
+    from vllm_ascend.model_loader.netloader import seed
+    from vllm_ascend.model_loader.netloader.manifest import byte_view
+
+    send = seed.send_weights
+    done: list[bool] = []
+
+    def corrupted(link: Any, tensors: Any, *args: Any, **kwargs: Any) -> int:
+        if not done:
+            done.append(True)
+            i = max(range(len(tensors)), key=lambda k: tensors[k].nbytes)
+            bad = tensors[i].clone()
+            byte_view(bad)[12345] ^= 1
+            tensors = [*tensors[:i], bad, *tensors[i + 1 :]]
+        return send(link, tensors, *args, **kwargs)
+
+    seed.send_weights = corrupted  # type: ignore[assignment]
+
+
+def _serve(ready: Any, stop: Any, seed_value: int, options: dict[str, Any]) -> None:
+    from vllm_ascend.model_loader.netloader.addresses import listen
+    from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
+    from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
+
+    if options.pop("corrupt_first"):
+        flip_one_byte_in_first_transfer()
+    nofile = options.pop("nofile")
+    host = options.pop("host")
+    identity = options.pop("identity")
+    weights = LoadedWeights.capture(make_toy(seed_value))
+    server = SeedServer(
+        weights, SeedSettings(identity, 0, host, **options), listen(host, 0)
+    ).start()
+    if nofile is not None:
+        # From here on the worker is short of descriptors, as one that holds many files:
+        # ``nofile`` more than it has open now.
+        limit = len(os.listdir("/proc/self/fd")) + nofile
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    ready.put(server.address)
+    stop.poll(600)
+    server.stop()
+
+
+@contextmanager
+def toy_seed(
+    seed: int = 0,
+    identity: dict[str, Any] | None = None,
+    timeout_s: float = 5.0,
+    send_limit: float | None = None,
+    secret: bytes | None = None,
+    corrupt_first: bool = False,
+    data_plane: str = "tcp",
+    nofile: int | None = None,
+    host: str = "127.0.0.1",
+) -> Iterator[tuple[str, mp.Process]]:
+    """A seed process serving ``make_toy(seed)``; yields (address, process).
+    ``nofile`` lowers its descriptor limit, once it listens, to that many more than it
+    has open."""
+    ctx = mp.get_context("spawn")
+    # A pipe, not an Event: setting an Event deadlocks once a waiter was SIGKILLed.
+    ready, (stop_recv, stop_send) = ctx.Queue(), ctx.Pipe(duplex=False)
+    options = {
+        "identity": identity or IDENTITY, "timeout_s": timeout_s, "bucket_bytes": SMALL_BUCKET,
+        "send_limit_bytes_per_s": send_limit, "secret": secret, "corrupt_first": corrupt_first,
+        "data_plane": data_plane, "nofile": nofile, "host": host,
+    }
+    proc = ctx.Process(target=_serve, args=(ready, stop_recv, seed, options), daemon=True)
+    proc.start()
+    try:
+        yield ready.get(timeout=120), proc
+    finally:
+        with contextlib.suppress(OSError):
+            stop_send.send(None)
+        proc.join(15)
+        if proc.is_alive():
+            proc.kill()
+
+
+def fetch_forever(address: str, receiving: Any) -> None:
+    """A client process that fetches the toy model from ``address`` (and gets killed).
+
+    It sends on the pipe ``receiving`` once the transfer starts, so the test kills it
+    mid-transfer, not during the handshake."""
+    from tests.toy import fetch_for
+    from vllm_ascend.model_loader.netloader import client
+
+    recv = client.recv_weights
+
+    def announced(*args: Any, **kwargs: Any) -> int:
+        receiving.send(True)
+        return recv(*args, **kwargs)
+
+    client.recv_weights = announced  # type: ignore[assignment]
+    fetch_for(make_toy(None), timeout_s=60.0).run((address,))
+

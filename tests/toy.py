@@ -1,0 +1,130 @@
+"""A toy model, its identity, and in-process seeds and clients of it, for tests.
+
+Seeds made here run in this process (threads, real sockets on 127.0.0.1); tests that
+need a seed in another process (to kill it, limit its descriptors, watch its memory)
+use ``tests.procs.toy_seed``.
+"""
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from vllm_ascend.model_loader.netloader.addresses import listen
+from vllm_ascend.model_loader.netloader.client import ClientSettings, WeightFetch
+from vllm_ascend.model_loader.netloader.identity import LAYOUT_VERSION
+from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, model_tensors, spec_of
+from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
+
+IDENTITY: dict[str, Any] = {
+    "model": "toy",
+    "architectures": ["Toy"],
+    "config_sha256": "0" * 64,
+    "dtype": "bfloat16",
+    "quantization": None,
+    "revision": None,
+    "checkpoint": "c" * 64,
+    "tensor_parallel_size": 1,
+    "pipeline_parallel_size": 1,
+    "rank": 0,
+    "role": "target",
+    "vllm_version": "0.0.0-test",
+    "torch_version": torch.__version__,
+    "layout": LAYOUT_VERSION,
+}
+SMALL_BUCKET = 1 << 20
+
+
+class Toy(nn.Module):
+    """Mixed dtypes, a tied weight, buffers (one floating point, after the parameters),
+    an empty tensor and one tensor larger than SMALL_BUCKET, so every path of the
+    bucket plan is taken."""
+
+    def __init__(self, vocab: int = 300) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 64, dtype=torch.bfloat16)
+        self.proj = nn.Linear(64, 128)
+        self.big = nn.Parameter(torch.empty(300_000, dtype=torch.float32), requires_grad=False)
+        self.head = nn.Linear(64, vocab, bias=False, dtype=torch.bfloat16)
+        self.head.weight = self.embed.weight
+        self.register_buffer("cache", torch.empty(1000, dtype=torch.float32))
+        self.register_buffer("steps", torch.arange(10))
+        self.register_buffer("nothing", torch.empty(0))
+
+
+def make_toy(seed: int | None, vocab: int = 300) -> Toy:
+    """Random values from ``seed``; ``None`` gives an all-zero model (a fresh client)."""
+    model = Toy(vocab)
+    gen = torch.Generator().manual_seed(seed or 0)
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if seed is None:
+                t.zero_()
+            elif t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype))
+    return model
+
+
+def fetch_for(
+    model: nn.Module,
+    identity: dict[str, Any] | None = None,
+    timeout_s: float = 5.0,
+    secret: bytes | None = None,
+    **settings: Any,
+) -> WeightFetch:
+    """A client's fetch that fills ``model``'s tensors."""
+    named = model_tensors(model)
+    return WeightFetch(
+        ClientSettings(identity or IDENTITY, timeout_s, secret=secret, **settings),
+        [spec_of(n, t) for n, t in named],
+        [t for _, t in named],
+    )
+
+
+@contextmanager
+def serving(
+    seed: int = 0, identity: dict[str, Any] | None = None, host: str = "127.0.0.1",
+    **settings: Any,
+) -> Iterator[SeedServer]:
+    """An in-process seed of ``make_toy(seed)`` on ``host``, stopped on the way out."""
+    settings.setdefault("bucket_bytes", SMALL_BUCKET)
+    timeout_s = settings.pop("timeout_s", 5.0)
+    server = SeedServer(
+        LoadedWeights.capture(make_toy(seed)),
+        SeedSettings(identity or IDENTITY, 0, host, timeout_s, **settings),
+        listen(host, 0),
+    ).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def assert_same_tensors(a: nn.Module, b: nn.Module) -> None:
+    ta, tb = dict(model_tensors(a)), dict(model_tensors(b))
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype, name
+        assert torch.equal(ta[name], tb[name]), name
+
+
+def untouched(model: nn.Module) -> bool:
+    """Every tensor still all zero (nothing a fetch received reached it)."""
+    return all(torch.count_nonzero(t) == 0 for _, t in model_tensors(model))
+
+
+def only_verified(client: nn.Module, seed: int) -> None:
+    """Every client tensor is untouched (zero) or exactly ``make_toy(seed)``'s."""
+    want = dict(model_tensors(make_toy(seed)))
+    for name, t in model_tensors(client):
+        assert torch.count_nonzero(t) == 0 or torch.equal(t, want[name]), name
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)

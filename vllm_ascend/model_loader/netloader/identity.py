@@ -1,0 +1,220 @@
+"""What a model is, for a seed and a client that must agree before any weight moves.
+
+The identity names the model (config fingerprint, dtype, quantization, layout of
+ranks and role), *what its weights are* (a fingerprint of the checkpoint files'
+content), and the software that laid the tensors out (vLLM, torch, Netloader's
+layout version): the seed sends vLLM's internal post-``load_weights`` layout,
+which may change between versions.
+
+The checkpoint fingerprint reads little: each file's name and size, a safetensors
+file's whole header (every tensor's name, dtype, shape and offsets), and three
+``SAMPLE_BYTES`` samples (start, middle, end) of every tensor's data; files of other
+formats are sampled every ``_STRIDE_BYTES``. Two fine-tunes of one base have
+equal headers and sizes but differ in every sampled tensor, so they differ here.
+Two checkpoints that differ only in bytes no sample covers would fingerprint the
+same; the value fingerprint (``manifest.value_fingerprint``, every byte) is what
+pins a model exactly, and a client may require it (``EXPECTED_FINGERPRINT``).
+"""
+
+import glob
+import json
+import os
+import struct
+from typing import Any
+
+import blake3
+
+from vllm_ascend.model_loader.netloader.manifest import TARGET
+
+# Version of what Netloader sends: the model as loaded, before post-processing, in
+# ``manifest.model_tensors`` order. Bump it when that changes.
+LAYOUT_VERSION = 1
+SAMPLE_BYTES = 4096
+_STRIDE_BYTES = 64 << 20
+_MAX_SAFETENSORS_HEADER = 100 << 20
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
+_NOT_WEIGHTS = ("training_args.bin", "optimizer.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
+
+# Fields a client and its seed must agree on, in the order they are reported.
+# ``checkpoint`` is compared only when both sides have one (see ``identity_difference``).
+IDENTITY_FIELDS = (
+    "model",
+    "architectures",
+    "config_sha256",
+    "dtype",
+    "quantization",
+    "revision",
+    "checkpoint",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "rank",
+    "role",
+    "vllm_version",
+    "torch_version",
+    "layout",
+)
+
+
+class CheckpointError(Exception):
+    """A checkpoint file cannot be read or is not what its name says."""
+
+
+def model_identity(
+    model_config: Any,
+    parallel_config: Any,
+    rank: int,
+    name: str,
+    role: str = TARGET,
+    checkpoint: str | None = None,
+) -> dict[str, Any]:
+    """The identity of rank ``rank``'s shard; ``checkpoint`` is
+    ``checkpoint_fingerprint`` of its weight files (None: this node has none)."""
+    import torch
+    import vllm
+
+    return {
+        "model": name,
+        "architectures": list(getattr(model_config.hf_config, "architectures", None) or []),
+        "config_sha256": config_sha256(model_config.hf_config.to_dict()),
+        "dtype": str(model_config.dtype).removeprefix("torch."),
+        "quantization": model_config.quantization,
+        "revision": model_config.revision,
+        "checkpoint": checkpoint,
+        "tensor_parallel_size": parallel_config.tensor_parallel_size,
+        "pipeline_parallel_size": parallel_config.pipeline_parallel_size,
+        "rank": rank,
+        "role": role,
+        "vllm_version": vllm.__version__,
+        "torch_version": torch.__version__,
+        "layout": LAYOUT_VERSION,
+    }
+
+
+def config_sha256(config: dict[str, Any]) -> str:
+    """sha256 of an HF config as a dict, without private keys and the transformers
+    version that wrote it (neither changes the model)."""
+    import hashlib
+
+    kept = {
+        k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"
+    }
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def identity_difference(mine: dict[str, Any], theirs: Any) -> str | None:
+    """Why two identities differ (every differing field), or None if they match.
+
+    A side without a checkpoint fingerprint (no weight files on its node) does not
+    compare it: such a client names the weights it accepts by ``EXPECTED_FINGERPRINT``
+    and checks the seed's answer itself."""
+    if not isinstance(theirs, dict):
+        return "identity is not an object"
+    diffs = []
+    for key in IDENTITY_FIELDS:
+        a, b = mine.get(key), theirs.get(key)
+        if key == "checkpoint" and (a is None or b is None):
+            continue
+        if a != b:
+            diffs.append(f"{key}: {str(a)[:100]!r} here vs {str(b)[:100]!r} there")
+    return "; ".join(diffs) or None
+
+
+def weight_files(model_path: str, revision: str | None = None) -> list[str]:
+    """The checkpoint files vLLM's default loader would read for ``model_path``, found
+    on this node only (never downloaded); [] when there are none.
+
+    A local directory is searched as vLLM does (safetensors first, filtered by the
+    index; else .bin/.pt without training state); a hub id is looked up in the local
+    hub cache."""
+    folder = model_path if os.path.isdir(model_path) else _cached_snapshot(model_path, revision)
+    if folder is None:
+        return []
+    for pattern in _WEIGHT_PATTERNS:
+        files = sorted(glob.glob(os.path.join(folder, pattern)))
+        if not files:
+            continue
+        if pattern == "*.safetensors":
+            return _in_safetensors_index(files, folder)
+        return [f for f in files if not f.endswith(_NOT_WEIGHTS)]
+    return []
+
+
+def checkpoint_fingerprint(files: list[str]) -> str:
+    """blake3 over each file's name, size and sampled content (see the module doc),
+    as 64 hex digits. Raises ``CheckpointError`` for an unreadable or malformed file."""
+    h = blake3.blake3(b"netloader-checkpoint-v1\0")
+    for path in sorted(files, key=os.path.basename):
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                h.update(f"{os.path.basename(path)}\0{size}\0".encode())
+                if path.endswith(".safetensors"):
+                    _hash_safetensors(f.fileno(), size, h, path)
+                else:
+                    for start in range(0, size, _STRIDE_BYTES):
+                        _hash_range(f.fileno(), start, min(size, start + SAMPLE_BYTES), h)
+                    _hash_range(f.fileno(), max(0, size - SAMPLE_BYTES), size, h)
+        except OSError as e:
+            raise CheckpointError(f"cannot read {path}: {e}") from e
+    return h.hexdigest()
+
+
+def _hash_safetensors(fd: int, size: int, h: Any, path: str) -> None:
+    if size < 8:
+        raise CheckpointError(f"{path} is too short for a safetensors file")
+    (header_len,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    if header_len > min(_MAX_SAFETENSORS_HEADER, size - 8):
+        raise CheckpointError(f"{path} has a safetensors header of {header_len} bytes")
+    header = os.pread(fd, header_len, 8)
+    h.update(header)
+    try:
+        entries = json.loads(header)
+        ranges = sorted(
+            tuple(info["data_offsets"]) for key, info in entries.items() if key != "__metadata__"
+        )
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{path} has a malformed safetensors header: {e}") from e
+    base = 8 + header_len
+    for begin, end in ranges:
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+            raise CheckpointError(f"{path} has malformed data offsets {begin}, {end}")
+        _sample_tensor(fd, base + begin, min(size, base + end), h)
+
+
+def _sample_tensor(fd: int, begin: int, end: int, h: Any) -> None:
+    length = end - begin
+    if length <= 3 * SAMPLE_BYTES:
+        _hash_range(fd, begin, end, h)
+        return
+    middle = begin + (length - SAMPLE_BYTES) // 2
+    for start in (begin, middle, end - SAMPLE_BYTES):
+        _hash_range(fd, start, start + SAMPLE_BYTES, h)
+
+
+def _hash_range(fd: int, begin: int, end: int, h: Any) -> None:
+    if end > begin:
+        h.update(os.pread(fd, end - begin, begin))
+
+
+def _in_safetensors_index(files: list[str], folder: str) -> list[str]:
+    """Only the files the index names, when there is an index (vLLM's rule: a folder
+    may also hold a consolidated copy of the same weights)."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        return files
+    try:
+        with open(index, encoding="utf-8") as f:
+            named = {os.path.join(folder, v) for v in json.load(f)["weight_map"].values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"cannot read {index}: {e}") from e
+    return [f for f in files if f in named]
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> str | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return str(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except (ImportError, OSError, ValueError):
+        # Not in the local cache (LocalEntryNotFoundError is both), or not a hub id.
+        return None

@@ -1,0 +1,114 @@
+"""Fan-out: a starting instance passes on what it has verified while it still receives.
+
+A starting instance binds its listener before its own fetch (``RelayListener``) and
+names that port in its hello. While a seed is sending, it sends the next client to
+the last such relay instead of splitting its uplink, so N clients form a chain
+seed -> 1st -> 2nd -> ... Once the fetch is accepted, ``begin`` starts a seed over
+the fetch's own targets that sends each bucket only after the fetch has verified
+every tensor in it (``RelayProgress``); after the load that seed goes on as the
+instance's seed (``SeedServer.promote``).
+"""
+
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, TensorSpec
+
+if TYPE_CHECKING:
+    from vllm_ascend.model_loader.netloader.seed import SeedServer
+
+
+class RelayStalled(Exception):
+    """A relay cannot send what its own transfer has not (yet) verified."""
+
+
+class RelayProgress:
+    """How many leading tensors (in manifest order) a relay's own fetch has verified,
+    or why it failed; what the relay's senders wait on."""
+
+    def __init__(self, total: int):
+        self._total = total
+        self._ready = 0
+        self._failure: str | None = None
+        self._cond = threading.Condition()
+
+    def verified(self, count: int) -> None:
+        """The first ``count`` tensors now hold bytes that matched their digests."""
+        with self._cond:
+            self._ready = max(self._ready, count)
+            self._cond.notify_all()
+
+    def fail(self, reason: str) -> None:
+        """The relay's own fetch failed: tensors not yet verified never will be."""
+        with self._cond:
+            self._failure = reason
+            self._cond.notify_all()
+
+    @property
+    def complete(self) -> bool:
+        with self._cond:
+            return self._ready == self._total
+
+    @property
+    def failure(self) -> str | None:
+        with self._cond:
+            return self._failure
+
+    def wait_ready(self, count: int, timeout_s: float) -> None:
+        """Block until the first ``count`` tensors are verified. Raises ``RelayStalled``
+        if the fetch failed first, or made no progress for ``timeout_s``."""
+        with self._cond:
+            while self._ready < count:
+                if self._failure is not None:
+                    raise RelayStalled(f"relay's own transfer failed: {self._failure}")
+                before = self._ready
+                self._cond.wait(timeout_s)
+                if self._ready == before and self._failure is None:
+                    raise RelayStalled(
+                        f"relay's own transfer made no progress for {timeout_s:g} s "
+                        f"({self._ready} of {self._total} tensors verified)"
+                    )
+
+
+# (weights, progress, bound listening socket) -> a started seed over them
+MakeRelaySeed = Callable[[LoadedWeights, RelayProgress, socket.socket], "SeedServer"]
+
+
+class RelayListener:
+    """A starting instance's listening socket, bound before its fetch so that its port
+    can go in the hello, and the relay seed that ``begin`` starts on it."""
+
+    def __init__(self, sock: socket.socket, make_seed: MakeRelaySeed):
+        self._sock = sock
+        self.port: int = sock.getsockname()[1]
+        self._make_seed = make_seed
+        self.seed: SeedServer | None = None
+        self.progress: RelayProgress | None = None
+
+    def begin(
+        self, specs: Sequence[TensorSpec], targets: Sequence[torch.Tensor], digests: list[str]
+    ) -> RelayProgress:
+        """Serve ``targets`` (views the fetch is filling) as they are verified."""
+        weights = LoadedWeights([(s.name, t) for s, t in zip(specs, targets, strict=True)],
+                                digests)
+        self.progress = RelayProgress(len(specs))
+        self.seed = self._make_seed(weights, self.progress, self._sock)
+        return self.progress
+
+    def serving_complete(self) -> "SeedServer | None":
+        """The relay's seed if its fetch delivered every tensor, else None."""
+        if self.seed is not None and self.progress is not None and self.progress.complete:
+            return self.seed
+        return None
+
+    def close(self) -> None:
+        if self.progress is not None and not self.progress.complete:
+            self.progress.fail("the relay closed")
+        if self.seed is not None:
+            self.seed.stop()
+        else:
+            self._sock.close()

@@ -1,0 +1,357 @@
+"""The seed: a listener in a worker that sends its loaded weights to clients.
+
+Nothing a peer does takes the worker down or holds it up: connections are bounded
+and accepted by ``listener.Listener``; a peer proves the secret (or, without one,
+sends its small request) before the seed looks at anything it sent, and never sends
+more than ``protocol.MAX_REQUEST_BYTES`` at a time; every exchange has a deadline
+and bulk data a no-progress limit; at most ``SeedSettings.max_transfers`` transfers
+run at once. Whatever one connection does ends as a logged failure of that
+connection.
+"""
+
+import dataclasses
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from vllm.logger import logger
+
+from vllm_ascend.model_loader.netloader.addresses import format_address
+from vllm_ascend.model_loader.netloader.auth import SECRET_ENV, AuthError
+from vllm_ascend.model_loader.netloader.collective import SEED_RANK, group_link
+from vllm_ascend.model_loader.netloader.handshake import SeedSide, open_as_seed
+from vllm_ascend.model_loader.netloader.identity import identity_difference
+from vllm_ascend.model_loader.netloader.listener import Connection, Listener
+from vllm_ascend.model_loader.netloader.manifest import (
+    DRAFT,
+    LoadedWeights,
+    manifest_sha256,
+)
+from vllm_ascend.model_loader.netloader.protocol import (
+    DONE,
+    HELLO,
+    INFO,
+    MAX_REQUEST_BYTES,
+    TCP,
+    Deadline,
+    ProtocolError,
+    Request,
+    accept,
+    info,
+    manifest_reply,
+    parse_done,
+    recv_msg,
+    redirect,
+    refuse,
+    send_last,
+)
+from vllm_ascend.model_loader.netloader.relay import RelayProgress, RelayStalled
+from vllm_ascend.model_loader.netloader.stream import StreamLink
+from vllm_ascend.model_loader.netloader.transfer import (
+    BUCKET_BYTES,
+    Link,
+    Pacer,
+    TransferError,
+    send_weights,
+    use_device,
+)
+
+MAX_CONCURRENT_TRANSFERS = 4
+# The most a handshake may take, whatever TIMEOUT says: a few small frames.
+HANDSHAKE_S = 10.0
+# An open seed (no shared secret) says so once per process, not once per rank or reload.
+_open_seed_warned = threading.Event()
+
+
+@dataclass(frozen=True)
+class SeedSettings:
+    """How a seed serves, built once from the config (``loader``)."""
+
+    identity: dict[str, Any]
+    rank: int
+    host: str
+    timeout_s: float
+    bucket_bytes: int = BUCKET_BYTES
+    send_limit_bytes_per_s: float | None = None
+    secret: bytes | None = dataclasses.field(default=None, repr=False)
+    output_prefix: str | None = None
+    data_plane: str = TCP
+    # The worker's device, captured where the seed is created: a fresh thread's
+    # current device is device 0, whatever the worker uses.
+    device: torch.device = torch.device("cpu")
+    max_transfers: int = MAX_CONCURRENT_TRANSFERS
+
+    @property
+    def who(self) -> str:
+        """"rank 0", or "rank 0 draft" for a draft model's seed: every log line names it."""
+        return f"rank {self.rank}" + (" draft" if self.identity.get("role") == DRAFT else "")
+
+    @property
+    def handshake_s(self) -> float:
+        return min(self.timeout_s, HANDSHAKE_S)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a seed's weights came from, for ``info``."""
+
+    loaded_from: str = "disk"
+    load_seconds: float | None = None
+    fallback_reasons: tuple[str, ...] = ()
+
+
+class SeedServer:
+    """Serves one rank's loaded weights on the bound ``sock`` until stopped.
+
+    A relay's seed passes ``progress``: it sends each bucket once its own fetch has
+    verified it, and refuses new clients once that fetch failed."""
+
+    def __init__(
+        self,
+        weights: LoadedWeights,
+        settings: SeedSettings,
+        sock: socket.socket,
+        provenance: Provenance | None = None,
+        progress: RelayProgress | None = None,
+    ):
+        self.weights = weights
+        self.settings = settings
+        self._provenance = provenance or Provenance()
+        self._progress = progress
+        self._manifest_sha = manifest_sha256(weights.specs)
+        self._manifest_wire = [spec.to_wire() for spec in weights.specs]
+        self._lock = threading.Lock()
+        self._active = 0
+        self._completed = 0
+        # The relay of the client that joined the chain last: where the next client goes
+        # while this seed is sending. Reset when it stops sending.
+        self._tail: str | None = None
+        self.port: int = sock.getsockname()[1]
+        self.address = format_address(settings.host, self.port)
+        self._listener = Listener(sock, self._handle, f"netloader-seed-{settings.who}")
+        self.ready = threading.Event()
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return self.settings.identity
+
+    def start(self) -> "SeedServer":
+        self._write_address_file()
+        logger.info(
+            "Netloader seed %s listening on %s: %d tensors, %.3f GB, %s data plane",
+            self.settings.who, self.address, len(self.weights.specs),
+            self.weights.total_bytes / 1e9, self.settings.data_plane,
+        )
+        if self.settings.secret is None and not _open_seed_warned.is_set():
+            _open_seed_warned.set()
+            logger.warning(
+                "Netloader seed has no shared secret (SECRET_FILE or $%s): any host "
+                "that reaches %s can pull this model's weights", SECRET_ENV, self.address,
+            )
+        self._listener.start()
+        self.ready.set()
+        return self
+
+    def stop(self) -> None:
+        self._listener.stop()
+
+    def promote(self, provenance: Provenance) -> None:
+        """A relay whose own fetch completed goes on as this instance's seed."""
+        with self._lock:
+            self._provenance = provenance
+            self._progress = None
+
+    def describe(self) -> dict[str, Any]:
+        """What this seed serves, for operators and tests (the ``info`` request)."""
+        with self._lock:
+            active, completed, provenance = self._active, self._completed, self._provenance
+            progress = self._progress
+        return {
+            "identity": self.identity,
+            "address": self.address,
+            "tensors": len(self.weights.specs),
+            "bytes": self.weights.total_bytes,
+            "value_fingerprint": self.weights.value_fingerprint(),
+            "data_plane": self.settings.data_plane,
+            "loaded_from": provenance.loaded_from,
+            "load_seconds": provenance.load_seconds,
+            "fallback_reasons": list(provenance.fallback_reasons),
+            "relaying": progress is not None and not progress.complete,
+            "active_transfers": active,
+            "completed_transfers": completed,
+            "open_connections": self._listener.open_connections,
+            "evicted_connections": self._listener.evicted,
+        }
+
+    # --- one connection ------------------------------------------------------------------
+
+    def _handle(self, conn: Connection) -> None:
+        # Broad at the top of the connection thread: a seed bug must never reach the
+        # worker that serves users. The traceback is logged.
+        who, peer = self.settings.who, conn.peer
+        try:
+            use_device(self.settings.device)
+            self._serve(conn)
+        except (ProtocolError, AuthError, TransferError, RelayStalled, OSError) as e:
+            logger.warning("Netloader seed %s: client %s failed: %s", who, peer, e)
+        except Exception:  # noqa: BLE001 - connection thread top level, see above
+            logger.exception("Netloader seed %s: client %s hit an error", who, peer)
+
+    def _serve(self, conn: Connection) -> None:
+        deadline = Deadline(self.settings.handshake_s, f"handshake with {conn.peer}")
+        try:
+            side = open_as_seed(conn.sock, self.settings.secret, deadline)
+        except ProtocolError as e:
+            send_last(conn.sock, refuse(f"bad request: {e}", retry=False), deadline)
+            raise
+        except AuthError as e:
+            # Nothing but this fixed reason goes back: no identity, no manifest.
+            send_last(conn.sock, refuse(str(e), retry=False), deadline)
+            raise
+        conn.settle()
+        request = side.request
+        if request.kind == INFO:
+            side.answer_last(info(self.describe()), deadline)
+        elif request.kind == HELLO:
+            self._hello(conn, side, deadline)
+        else:
+            side.answer_last(manifest_reply(self._manifest_wire), deadline)
+
+    def _hello(self, conn: Connection, side: SeedSide, deadline: Deadline) -> None:
+        reason = self._refusal(side.request)
+        if reason is not None:
+            logger.warning("Netloader seed %s refused %s: %s", self.settings.who, conn.peer, reason)
+            side.refuse(reason, retry=False, deadline=deadline)
+            return
+        relay = self._relay_address(conn, side.request)
+        route, tail = self._route(relay, side.request.direct)
+        if route == "redirect":
+            assert tail is not None
+            logger.info(
+                "Netloader seed %s sends %s to relay %s", self.settings.who, conn.peer, tail
+            )
+            side.answer_last(redirect(tail, self.weights.value_fingerprint()), deadline)
+            return
+        if route == "busy":
+            side.refuse("seed is busy", retry=True, deadline=deadline)
+            return
+        verified = False
+        try:
+            verified = self._send(conn, side, deadline)
+        finally:
+            with self._lock:
+                self._active -= 1
+                if verified:
+                    self._completed += 1
+                # A relay that did not get the model cannot pass it on; and once this seed
+                # is idle, the next client starts a new chain (the old one may be gone).
+                if not self._active or not verified and self._tail == relay:
+                    self._tail = None
+
+    def _route(self, relay: str | None, direct: bool) -> tuple[str, str | None]:
+        """("redirect", the chain's tail), ("serve", None) with a transfer slot taken,
+        or ("busy", None)."""
+        with self._lock:
+            tail = self._tail
+            if tail is not None and self._active and not direct:
+                route = "redirect"
+            elif self._active < self.settings.max_transfers:
+                route = "serve"
+                self._active += 1
+            else:
+                return "busy", None
+            if relay is not None:
+                self._tail = relay
+            return route, tail
+
+    def _refusal(self, request: Request) -> str | None:
+        difference = identity_difference(self.identity, request.identity)
+        if difference is not None:
+            return f"model identity differs: {difference}"
+        theirs = request.manifest
+        assert theirs is not None  # a parsed hello has one
+        if theirs.sha256 != self._manifest_sha:
+            return (
+                f"tensor manifest differs: {theirs.tensors} tensors of {theirs.nbytes} bytes "
+                f"there vs {len(self.weights.specs)} of {self.weights.total_bytes} here "
+                f"(sha256 {theirs.sha256[:12]} vs {self._manifest_sha[:12]})"
+            )
+        with self._lock:
+            progress = self._progress
+        if progress is not None and progress.failure is not None:
+            return f"this relay's own transfer failed ({progress.failure})"
+        if self.settings.data_plane not in request.data_planes:
+            return (
+                f"this seed sends over the {self.settings.data_plane} data plane; the client "
+                f"offers {', '.join(request.data_planes)[:100]}"
+            )
+        return None
+
+    def _relay_address(self, conn: Connection, request: Request) -> str | None:
+        """Where the client's relay listens: its port from the hello, on the address the
+        client came from (never a host the client names, so no one can make this seed
+        send other clients to a third party)."""
+        if request.relay_port is None:
+            return None
+        host = conn.sock.getpeername()[0]
+        return format_address(host, request.relay_port)
+
+    def _send(self, conn: Connection, side: SeedSide, deadline: Deadline) -> bool:
+        """Send every tensor; True if the client verified them all."""
+        settings, weights = self.settings, self.weights
+        plane = settings.data_plane
+        side.answer(
+            accept(list(weights.digests), settings.bucket_bytes, plane,
+                   self.identity.get("checkpoint")),
+            deadline,
+        )
+        pacer = Pacer(settings.send_limit_bytes_per_s)
+        wait_ready = None
+        with self._lock:
+            progress = self._progress
+        if progress is not None:
+            wait_ready = lambda n: progress.wait_ready(n, settings.timeout_s)  # noqa: E731
+        start = time.perf_counter()
+        if plane == TCP:
+            sent = self._send_on(StreamLink(conn.sock, settings.timeout_s, weights.total_bytes,
+                                            pacer), wait_ready)
+        else:
+            setup = Deadline(settings.handshake_s, f"group set-up with {conn.peer}")
+            with group_link(conn.sock, SEED_RANK, settings.timeout_s, settings.device, setup,
+                            pacer) as link:
+                sent = self._send_on(link, wait_ready)
+        seconds = time.perf_counter() - start
+        done = recv_msg(conn.sock, Deadline(settings.timeout_s, f"'done' from {conn.peer}"),
+                        MAX_REQUEST_BYTES, expect=DONE)
+        verified, reason = parse_done(done)
+        log = logger.info if verified else logger.warning
+        log(
+            "Netloader seed %s sent to %s over %s: %d bytes in %.3f s (%.2f GB/s), client %s",
+            settings.who, conn.peer, plane, sent, seconds, sent / max(seconds, 1e-9) / 1e9,
+            "verified all digests" if verified else f"rejected: {reason}",
+        )
+        return verified
+
+    def _send_on(self, link: Link, wait_ready: Any) -> int:
+        try:
+            return send_weights(
+                link, self.weights.tensors, self.weights.specs, self.settings.bucket_bytes,
+                wait_ready,
+            )
+        except RelayStalled as e:
+            link.abort(str(e))
+            raise
+
+    def _write_address_file(self) -> None:
+        prefix = self.settings.output_prefix
+        if prefix is None:
+            return
+        path = f"{prefix}{self.settings.rank}.txt"
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(self.address + "\n")
+        os.replace(tmp, path)

@@ -1,0 +1,176 @@
+"""The host data plane: buckets on the handshake connection, parsed only by this code.
+
+After an ``accept`` the seed writes, for each bucket of the agreed plan, a header
+(``protocol.data_header``: index and length) and the bucket's bytes, straight from
+the tensors' memory. The client checks each header against the plan before it reads
+a byte of payload into a staging buffer of exactly that size, so whatever a peer
+sends costs the other side at most the plan's own buffers; a violation is an
+exception in this one transfer. There is no second port: the connection is the one
+the client just authenticated on.
+
+The receiver reads the next bucket on a thread of its own while the caller verifies
+and copies the previous one (``RECV_DEPTH`` staging buffers), so the link does not
+idle while the host hashes. Device tensors go through host memory on both sides.
+"""
+
+import queue
+import socket
+import threading
+from collections.abc import Generator, Sequence
+
+import torch
+
+from vllm_ascend.model_loader.netloader.manifest import byte_view
+from vllm_ascend.model_loader.netloader.protocol import (
+    DATA_HEADER_BYTES,
+    Deadline,
+    ProtocolError,
+    abort_frame,
+    data_header,
+    parse_data_header,
+)
+from vllm_ascend.model_loader.netloader.transfer import (
+    Pacer,
+    Progress,
+    TransferError,
+    empty_bytes,
+)
+
+RECV_DEPTH = 2
+# The most one send or receive call moves, so pacing and progress checks stay fine-grained.
+_CHUNK = 1 << 20
+_CPU = torch.device("cpu")
+
+
+class StreamLink:
+    """One transfer's bulk data on ``sock``; ``timeout_s`` is the no-progress limit
+    (see ``transfer.Progress``) and ``pacer`` caps the sender's rate."""
+
+    def __init__(self, sock: socket.socket, timeout_s: float, total_bytes: int,
+                 pacer: Pacer | None = None):
+        self._sock = sock
+        self._timeout_s = timeout_s
+        self._total = total_bytes
+        self._pacer = pacer or Pacer(None)
+        self._send_progress: Progress | None = None
+
+    # --- sending ---------------------------------------------------------------------
+
+    def send_bucket(self, index: int, tensors: Sequence[torch.Tensor], nbytes: int) -> None:
+        if self._send_progress is None:
+            self._send_progress = Progress(self._timeout_s, self._total, "sending")
+        progress = self._send_progress
+        progress.restart()  # time spent waiting for the bucket (a relay) is not the peer's
+        self._send(memoryview(data_header(index, nbytes)), progress, count=False)
+        for t in tensors:
+            data = byte_view(t)
+            if data.device.type != "cpu":
+                data = data.to(_CPU)
+            view = _buffer(data)
+            for start in range(0, len(view), _CHUNK):
+                chunk = view[start : start + _CHUNK]
+                self._send(chunk, progress)
+                self._pacer.sent(len(chunk))
+                progress.restart()  # a paced sender's sleep is its own
+
+    def flush(self) -> None:
+        pass  # send_bucket returns once the kernel has every byte
+
+    def abort(self, reason: str) -> None:
+        """Tell the receiver this sender cannot go on (best effort, short deadline)."""
+        try:
+            self._sock.settimeout(1.0)
+            self._sock.sendall(abort_frame(reason))
+        except OSError:
+            pass  # the receiver will see the connection end instead
+
+    def _send(self, view: memoryview, progress: Progress, count: bool = True) -> None:
+        sent = 0
+        while sent < len(view):
+            self._sock.settimeout(progress.time_left())
+            try:
+                k = self._sock.send(view[sent:])
+            except TimeoutError:
+                continue  # time_left() decides whether the window moved enough
+            sent += k
+            if count:
+                progress.moved(k)
+
+    # --- receiving ---------------------------------------------------------------------
+
+    def receive(self, sizes: Sequence[int]) -> Generator[torch.Tensor, None, None]:
+        """Yield each bucket of ``sizes`` bytes, checked against its header; a reader
+        thread fills the next buffer meanwhile. Closing the generator (or an error)
+        stops the reader and shuts this side's reading down."""
+        depth = min(RECV_DEPTH, len(sizes))
+        largest = max(sizes, default=0)
+        free: queue.Queue[torch.Tensor] = queue.Queue()
+        for _ in range(depth):
+            free.put(empty_bytes(largest, _CPU))
+        filled: queue.Queue[tuple[torch.Tensor, int] | BaseException] = queue.Queue()
+        stop = threading.Event()
+        reader = threading.Thread(
+            target=self._read_all, args=(sizes, free, filled, stop),
+            name="netloader-stream-recv", daemon=True,
+        )
+        reader.start()
+        try:
+            for _ in sizes:
+                item = filled.get()
+                if isinstance(item, BaseException):
+                    raise item
+                slot, size = item
+                yield slot[:size]
+                free.put(slot)
+        finally:
+            stop.set()
+            free.put(empty_bytes(0, _CPU))  # wakes a reader waiting for a buffer
+            if reader.is_alive():
+                try:
+                    self._sock.shutdown(socket.SHUT_RD)  # wakes a reader blocked in recv
+                except OSError:
+                    pass
+            reader.join(30)
+
+    def _read_all(
+        self,
+        sizes: Sequence[int],
+        free: "queue.Queue[torch.Tensor]",
+        filled: "queue.Queue[tuple[torch.Tensor, int] | BaseException]",
+        stop: threading.Event,
+    ) -> None:
+        progress = Progress(self._timeout_s, self._total, "receiving")
+        try:
+            for index, size in enumerate(sizes):
+                slot = free.get()
+                if stop.is_set():
+                    return
+                progress.restart()  # waiting for a free buffer is this side's own time
+                header = bytearray(DATA_HEADER_BYTES)
+                self._recv_into(memoryview(header), progress, count=False)
+                parse_data_header(
+                    bytes(header), index, size, self._sock, Deadline(self._timeout_s, "abort")
+                )
+                self._recv_into(_buffer(slot[:size]), progress)
+                filled.put((slot, size))
+        except Exception as e:  # noqa: BLE001 - thread top level: every failure reaches the caller
+            filled.put(e if not stop.is_set() else TransferError("stopped"))
+
+    def _recv_into(self, view: memoryview, progress: Progress, count: bool = True) -> None:
+        got = 0
+        while got < len(view):
+            self._sock.settimeout(progress.time_left())
+            try:
+                k = self._sock.recv_into(view[got:], min(len(view) - got, _CHUNK))
+            except TimeoutError:
+                continue  # time_left() decides whether the window moved enough
+            if k == 0:
+                raise ProtocolError(f"peer closed the connection after {got} of {len(view)} bytes")
+            got += k
+            if count:
+                progress.moved(k)
+
+
+def _buffer(t: torch.Tensor) -> memoryview:
+    """The bytes of a flat uint8 host tensor, shared with it (no copy)."""
+    return memoryview(t.numpy())  # type: ignore[arg-type]  # ndarray is a buffer

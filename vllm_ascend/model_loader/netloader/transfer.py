@@ -1,0 +1,214 @@
+"""Moving a manifest's tensors over a data plane, the same for both planes.
+
+A *link* (``stream.StreamLink`` for bulk data on the handshake connection,
+``collective.GroupLink`` for a two-rank process group) moves whole buckets; this
+module decides what goes in each bucket, paces the sender, and on the receiving
+side checks every tensor's digest before a byte of it reaches the model.
+
+"No progress" is the bulk data's timeout: a transfer fails once ``timeout_s``
+passes without ``PROGRESS_BYTES`` moving (or the rest of the transfer, if less is
+left). A slow link with a huge tensor keeps going; a peer that drips is cut off.
+"""
+
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from vllm_ascend.model_loader.netloader.manifest import (
+    TensorSpec,
+    byte_view,
+    digest,
+    plan_buckets,
+)
+
+BUCKET_BYTES = 64 * 1024 * 1024
+PROGRESS_BYTES = 1 << 20
+
+
+class TransferError(Exception):
+    """The bulk transfer failed, stalled, or delivered bytes that do not match their digest."""
+
+
+class Link(Protocol):
+    """One transfer's data plane, as the two sides of ``transfer`` see it."""
+
+    def send_bucket(self, index: int, tensors: Sequence[torch.Tensor], nbytes: int) -> None:
+        """Send bucket ``index``: the bytes of ``tensors`` back to back (``nbytes`` in all)."""
+
+    def flush(self) -> None:
+        """Return once every bucket handed to ``send_bucket`` has left this side."""
+
+    def abort(self, reason: str) -> None:
+        """Tell the receiver, if the plane can, that this sender cannot go on."""
+
+    def receive(self, sizes: Sequence[int]) -> Generator[torch.Tensor, None, None]:
+        """Yield each bucket's bytes as a flat uint8 tensor, in order; a yielded tensor
+        is valid until the next one is asked for."""
+        ...  # pragma: no cover
+
+
+@dataclass
+class TransferStats:
+    """Where ``recv_weights`` spent its time on the receiving thread, in seconds."""
+
+    wait_s: float = 0.0  # blocked until the next bucket had arrived
+    verify_s: float = 0.0  # blake3 over received bytes
+    copy_s: float = 0.0  # verified bytes into the targets, first touch of their pages included
+
+
+class Pacer:
+    """Keeps a sender at or below ``bytes_per_s`` on average (None: no cap); callers
+    report each chunk sent, and ``sent`` sleeps as long as the sender is ahead."""
+
+    def __init__(self, bytes_per_s: float | None):
+        self._rate = bytes_per_s
+        self._start = time.monotonic()
+        self._sent = 0
+
+    def sent(self, nbytes: int) -> None:
+        self._sent += nbytes
+        if self._rate is not None:
+            time.sleep(max(0.0, self._start + self._sent / self._rate - time.monotonic()))
+
+
+class Progress:
+    """The "no progress for ``timeout_s``" rule for one direction of one transfer.
+
+    Time is cut into windows of ``timeout_s``; each must move ``PROGRESS_BYTES`` or
+    everything still left. ``restart`` opens a fresh window after this side waited on
+    itself (a relay waiting for its own fetch, a paced sender sleeping)."""
+
+    def __init__(self, timeout_s: float, total_bytes: int, what: str):
+        self.timeout_s = timeout_s
+        self._left = total_bytes
+        self._what = what
+        self.restart()
+
+    def restart(self) -> None:
+        self._window_end = time.monotonic() + self.timeout_s
+        self._needed = min(PROGRESS_BYTES, self._left)
+
+    def time_left(self) -> float:
+        """Seconds until the current window ends (> 0); raises ``TransferError`` at the
+        end of a window that moved too little, else opens the next one."""
+        now = time.monotonic()
+        if now >= self._window_end:
+            if self._needed > 0:
+                raise TransferError(
+                    f"{self._what}: no progress for {self.timeout_s:g} s "
+                    f"({self._left} bytes still to move)"
+                )
+            self.restart()
+        return max(self._window_end - now, 1e-3)
+
+    def moved(self, nbytes: int) -> None:
+        self._left -= nbytes
+        self._needed -= nbytes
+
+
+def bucket_sizes(specs: Sequence[TensorSpec], bucket_bytes: int) -> list[int]:
+    """Bytes of each bucket of the plan (``plan_buckets``)."""
+    return [sum(specs[i].nbytes for i in b) for b in plan_buckets(specs, bucket_bytes)]
+
+
+def send_weights(
+    link: Link,
+    tensors: Sequence[torch.Tensor],
+    specs: Sequence[TensorSpec],
+    bucket_bytes: int,
+    wait_ready: Callable[[int], None] | None = None,
+) -> int:
+    """Send ``tensors`` in manifest order, bucket by bucket; returns the bytes sent.
+
+    A relay passes ``wait_ready(n)``, which returns once its first ``n`` tensors hold
+    verified bytes (or raises): each bucket leaves as soon as its own transfer has it."""
+    sent = 0
+    for index, bucket in enumerate(plan_buckets(specs, bucket_bytes)):
+        if wait_ready is not None:
+            wait_ready(bucket[-1] + 1)
+        nbytes = sum(specs[i].nbytes for i in bucket)
+        link.send_bucket(index, [tensors[i] for i in bucket], nbytes)
+        sent += nbytes
+    link.flush()
+    return sent
+
+
+def recv_weights(
+    link: Link,
+    targets: Sequence[torch.Tensor],
+    specs: Sequence[TensorSpec],
+    digests: Sequence[str],
+    bucket_bytes: int,
+    stats: TransferStats | None = None,
+    on_verified: Callable[[int], None] | None = None,
+) -> int:
+    """Receive into ``targets`` in manifest order; returns the bytes received.
+
+    Each bucket arrives in the link's staging buffer, and each tensor is copied into
+    its target only after its digest matched. So whenever this raises, each target
+    holds either its old bytes or exactly the seed's: never partial or corrupted data.
+    ``on_verified(n)`` hears after each bucket that the first ``n`` targets are done."""
+    stats = stats if stats is not None else TransferStats()
+    buckets = plan_buckets(specs, bucket_bytes)
+    sizes = [sum(specs[i].nbytes for i in b) for b in buckets]
+    arrivals = link.receive(sizes)
+    try:
+        for bucket in buckets:
+            t0 = time.perf_counter()
+            staging = next(arrivals)
+            stats.wait_s += time.perf_counter() - t0
+            deliver(staging, bucket, targets, specs, digests, stats)
+            if on_verified is not None:
+                on_verified(bucket[-1] + 1)
+    finally:
+        arrivals.close()
+    return sum(sizes)
+
+
+def deliver(
+    staging: torch.Tensor,
+    bucket: list[int],
+    targets: Sequence[torch.Tensor],
+    specs: Sequence[TensorSpec],
+    digests: Sequence[str],
+    stats: TransferStats,
+) -> None:
+    """Verify each tensor of a received bucket, then copy it into its target."""
+    offset = 0
+    for i in bucket:
+        n = specs[i].nbytes
+        chunk = staging[offset : offset + n]
+        t0 = time.perf_counter()
+        ok = digest(chunk) == digests[i]
+        t1 = time.perf_counter()
+        stats.verify_s += t1 - t0
+        if not ok:
+            raise TransferError(f"digest mismatch for {specs[i].name} ({n} bytes)")
+        copy_bytes(byte_view(targets[i]), chunk)
+        stats.copy_s += time.perf_counter() - t1
+        offset += n
+
+
+def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)``, single-threaded between host tensors: torch's copy runs on
+    every intra-op thread, and their spin-wait afterwards takes the core that the
+    receiving (or a seed's serving) thread needs."""
+    if dst.device.type == "cpu" and src.device.type == "cpu":
+        np.copyto(dst.detach().numpy(), src.detach().numpy())
+    else:
+        dst.copy_(src)
+
+
+def use_device(device: torch.device) -> None:
+    """Make ``device`` the calling thread's current device. A new thread starts on
+    device 0, whatever device the worker that created it uses."""
+    if device.type != "cpu" and device.index is not None:
+        torch.accelerator.set_device_index(device.index)
+
+
+def empty_bytes(nbytes: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
