@@ -1,0 +1,198 @@
+"""The host data plane over a real TCP connection on 127.0.0.1: every header checked
+against the plan, no-progress limits instead of per-call timeouts, and only verified
+bytes in the targets."""
+
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from vllm_ascend.model_loader.netloader.manifest import digest, plan_buckets, spec_of
+from vllm_ascend.model_loader.netloader.protocol import ProtocolError, abort_frame, data_header
+from vllm_ascend.model_loader.netloader.stream import StreamLink
+from vllm_ascend.model_loader.netloader.transfer import (
+    PROGRESS_BYTES,
+    TransferError,
+    recv_weights,
+    send_weights,
+)
+
+BUCKET = 256 << 10
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname(), timeout=5)
+        b, _ = server.accept()
+    return a, b
+
+
+def model(seed: int | None) -> list[torch.Tensor]:
+    """Small tensors that share buckets, one that travels alone (3 MiB), an empty one."""
+    sizes = [1000, 70_000, 0, 1_500_000, 5, 40_000]
+    out = []
+    for i, n in enumerate(sizes):
+        t = torch.zeros(n, dtype=torch.bfloat16)
+        if seed is not None:
+            t.copy_(torch.randn(n, generator=torch.Generator().manual_seed(seed * 10 + i)))
+        out.append(t)
+    return out
+
+
+SPECS = [spec_of(f"t{i}", t) for i, t in enumerate(model(None))]
+SIZES = [sum(SPECS[i].nbytes for i in b) for b in plan_buckets(SPECS, BUCKET)]
+TOTAL = sum(SIZES)
+
+
+def receive(sock: socket.socket, timeout_s: float = 5.0) -> tuple[list[torch.Tensor], object]:
+    targets = model(None)
+    digests = [digest(t) for t in model(1)]
+    try:
+        recv_weights(StreamLink(sock, timeout_s, TOTAL), targets, SPECS, digests, BUCKET)
+        return targets, None
+    except (TransferError, ProtocolError) as e:
+        return targets, e
+
+
+def in_thread(target) -> threading.Thread:
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def assert_only_verified(targets: list[torch.Tensor]) -> None:
+    for got, want in zip(targets, model(1), strict=True):
+        assert torch.count_nonzero(got) == 0 or torch.equal(got, want)
+
+
+def test_every_tensor_arrives_bit_for_bit():
+    a, b = tcp_pair()
+    with a, b:
+        sender = in_thread(lambda: send_weights(StreamLink(a, 5.0, TOTAL), model(1), SPECS, BUCKET))
+        targets, error = receive(b)
+        sender.join(10)
+    assert error is None
+    for got, want in zip(targets, model(1), strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [data_header(1, SIZES[0]), data_header(0, SIZES[0] + 1), data_header(0, 2**63),
+     b"XXXX" + data_header(0, SIZES[0])[4:]],
+    ids=["wrong index", "one byte more", "huge", "bad magic"],
+)
+def test_a_header_off_the_plan_fails_before_any_payload_is_read(header):
+    a, b = tcp_pair()
+    with a, b:
+        a.sendall(header + b"\x00" * 100)
+        start = time.monotonic()
+        targets, error = receive(b)
+    assert isinstance(error, ProtocolError) and time.monotonic() - start < 2
+    assert all(torch.count_nonzero(t) == 0 for t in targets)
+
+
+def test_a_dripping_sender_is_cut_off_after_the_no_progress_limit():
+    a, b = tcp_pair()
+    stop = threading.Event()
+
+    def drip() -> None:
+        a.sendall(data_header(0, SIZES[0]))
+        while not stop.wait(0.2):
+            try:
+                a.sendall(b"\x01")
+            except OSError:
+                return
+
+    with a, b:
+        dripper = in_thread(drip)
+        start = time.monotonic()
+        targets, error = receive(b, timeout_s=1.0)
+        elapsed = time.monotonic() - start
+        stop.set()
+        dripper.join(5)
+    assert isinstance(error, TransferError) and "no progress for 1 s" in str(error)
+    assert elapsed < 3
+    assert all(torch.count_nonzero(t) == 0 for t in targets)
+
+
+def test_a_slow_sender_that_keeps_progressing_finishes_past_the_limit():
+    # 1 MiB per 0.6 s against a 1 s no-progress limit: the whole transfer takes longer
+    # than the limit, and its big bucket alone does too. A per-operation timeout on
+    # that bucket would fail; this must not.
+    a, b = tcp_pair()
+    assert TOTAL > 2 * PROGRESS_BYTES
+
+    def slow() -> None:
+        from vllm_ascend.model_loader.netloader.transfer import Pacer
+
+        send_weights(StreamLink(a, 5.0, TOTAL, Pacer(PROGRESS_BYTES / 0.6)), model(1), SPECS,
+                     BUCKET)
+
+    with a, b:
+        sender = in_thread(slow)
+        start = time.monotonic()
+        targets, error = receive(b, timeout_s=1.0)
+        elapsed = time.monotonic() - start
+        sender.join(10)
+    assert error is None and elapsed > 1.0
+    for got, want in zip(targets, model(1), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_a_receiver_that_stops_reading_cuts_the_sender_off():
+    a, b = tcp_pair()
+    with a, b:
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        big = [torch.zeros(8 << 20, dtype=torch.uint8)]
+        specs = [spec_of("big", big[0])]
+        start = time.monotonic()
+        with pytest.raises(TransferError, match="sending: no progress for 1 s"):
+            send_weights(StreamLink(a, 1.0, big[0].nbytes), big, specs, BUCKET)
+        assert time.monotonic() - start < 5
+
+
+def test_an_abort_ends_the_transfer_with_the_senders_reason():
+    a, b = tcp_pair()
+    with a, b:
+        link = StreamLink(a, 5.0, TOTAL)
+        plan = plan_buckets(SPECS, BUCKET)
+        link.send_bucket(0, [model(1)[i] for i in plan[0]], SIZES[0])
+        link.abort("relay's own transfer failed")
+        targets, error = receive(b)
+    assert isinstance(error, ProtocolError)
+    assert "sender aborted at bucket 1: relay's own transfer failed" in str(error)
+    assert_only_verified(targets)
+    assert torch.equal(targets[0], model(1)[0])  # the first bucket was verified and kept
+
+
+def test_a_wrong_byte_keeps_its_tensor_out_and_the_rest_verified():
+    a, b = tcp_pair()
+    bad = model(1)
+    bad[3][1000] += 1
+
+    with a, b:
+        sender = in_thread(lambda: send_weights(StreamLink(a, 5.0, TOTAL), bad, SPECS, BUCKET))
+        targets, error = receive(b)
+        sender.join(10)
+    assert isinstance(error, TransferError) and "digest mismatch for t3" in str(error)
+    assert torch.count_nonzero(targets[3]) == 0
+    assert_only_verified(targets)
+
+
+def test_extra_bytes_after_the_last_bucket_are_never_read():
+    a, b = tcp_pair()
+    with a, b:
+        def send_and_more() -> None:
+            send_weights(StreamLink(a, 5.0, TOTAL), model(1), SPECS, BUCKET)
+            a.sendall(abort_frame("junk after the plan") + b"\xff" * 10_000)
+
+        sender = in_thread(send_and_more)
+        targets, error = receive(b)
+        sender.join(10)
+    assert error is None
+    for got, want in zip(targets, model(1), strict=True):
+        assert torch.equal(got, want)
