@@ -45,7 +45,9 @@ def relay_listener(timeout_s: float = 10.0, secret: bytes | None = None) -> Rela
         IDENTITY, 0, "127.0.0.1", timeout_s, bucket_bytes=SMALL_BUCKET, secret=secret
     )
 
-    def make_seed(weights: LoadedWeights, progress: RelayProgress, sock: socket.socket):
+    def make_seed(weights: LoadedWeights, progress: RelayProgress, sock: socket.socket,
+                  checkpoint: str | None):
+        assert checkpoint in (None, IDENTITY["checkpoint"])
         return SeedServer(weights, settings, sock, progress=progress).start()
 
     return RelayListener(listen("127.0.0.1", 0), make_seed)
@@ -232,7 +234,9 @@ def test_a_client_sent_to_a_relay_that_stalls_is_back_on_the_seed_in_bounded_tim
     named = model_tensors(model)
     specs = [spec_of(n, t) for n, t in named]
     relay = relay_listener(timeout_s=30.0)
-    progress = relay.begin(specs, [t for _, t in named], list(LoadedWeights.capture(model).digests))
+    progress = relay.begin(
+        specs, [t for _, t in named], list(LoadedWeights.capture(model).digests), None
+    )
     progress.verified(len(plan_buckets(specs, SMALL_BUCKET)[0]))
     try:
         with toy_seed(seed=5, send_limit=0.3e6, timeout_s=10.0) as (seed, _):
@@ -279,7 +283,7 @@ def test_a_relay_sends_only_what_its_fetch_verified():
     first_bucket = plan_buckets(specs, SMALL_BUCKET)[0]
     relay = relay_listener(timeout_s=1.0)
     progress = relay.begin(
-        specs, [t for _, t in named], list(LoadedWeights.capture(model).digests)
+        specs, [t for _, t in named], list(LoadedWeights.capture(model).digests), None
     )
     progress.verified(len(first_bucket))
     try:

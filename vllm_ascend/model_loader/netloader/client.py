@@ -207,7 +207,7 @@ class WeightFetch:
                 reply_cap(len(self.specs)),
             )
             accepted = self._accepted(address, reply, fingerprint)
-            progress = self._begin_relay(accepted.digests) if offer_relay else None
+            progress = self._begin_relay(accepted) if offer_relay else None
             try:
                 nbytes = self._receive(conn, accepted, progress)
             except SOURCE_ERRORS as e:
@@ -291,9 +291,10 @@ class WeightFetch:
         difference = first_difference(self.specs, theirs)
         return f"; first difference: {difference}" if difference else ""
 
-    def _begin_relay(self, digests: list[str]) -> RelayProgress:
+    def _begin_relay(self, accepted: Accept) -> RelayProgress:
         assert self.relay is not None
-        progress = self.relay.begin(self.specs, self.targets, digests)
+        progress = self.relay.begin(self.specs, self.targets, accepted.digests,
+                                    accepted.checkpoint)
         logger.info(
             "Netloader rank %s relays on port %d: passes on each tensor once verified",
             self._rank, self.relay.port,

@@ -260,9 +260,16 @@ class NetloaderModelLoader(BaseModelLoader):
         _stop_seed((self._rank, self._role))
 
         def make_seed(host: str, sock: socket.socket) -> RelayListener:
-            def start(w: LoadedWeights, p: RelayProgress, s: socket.socket) -> SeedServer:
+            def start(
+                w: LoadedWeights, p: RelayProgress, s: socket.socket, checkpoint: str | None
+            ) -> SeedServer:
+                settings = self._seed_settings(host)
+                if settings.identity["checkpoint"] is None:
+                    # A node without weight files relays the checkpoint its seed named.
+                    identity = {**settings.identity, "checkpoint": checkpoint}
+                    settings = dataclasses.replace(settings, identity=identity)
                 relaying = Provenance("relaying its fetch", None, ())
-                return SeedServer(w, self._seed_settings(host), s, relaying, p).start()
+                return SeedServer(w, settings, s, relaying, p).start()
 
             return RelayListener(sock, start)
 

@@ -74,8 +74,11 @@ class RelayProgress:
                     )
 
 
-# (weights, progress, bound listening socket) -> a started seed over them
-MakeRelaySeed = Callable[[LoadedWeights, RelayProgress, socket.socket], "SeedServer"]
+# (weights, progress, bound listening socket, the upstream seed's checkpoint fingerprint)
+# -> a started seed over them
+MakeRelaySeed = Callable[
+    [LoadedWeights, RelayProgress, socket.socket, "str | None"], "SeedServer"
+]
 
 
 class RelayListener:
@@ -90,13 +93,15 @@ class RelayListener:
         self.progress: RelayProgress | None = None
 
     def begin(
-        self, specs: Sequence[TensorSpec], targets: Sequence[torch.Tensor], digests: list[str]
+        self, specs: Sequence[TensorSpec], targets: Sequence[torch.Tensor], digests: list[str],
+        checkpoint: str | None,
     ) -> RelayProgress:
-        """Serve ``targets`` (views the fetch is filling) as they are verified."""
+        """Serve ``targets`` (views the fetch is filling) as they are verified, as the
+        weights of ``checkpoint`` (what the upstream seed's proved answer named)."""
         weights = LoadedWeights([(s.name, t) for s, t in zip(specs, targets, strict=True)],
                                 digests)
         self.progress = RelayProgress(len(specs))
-        self.seed = self._make_seed(weights, self.progress, self._sock)
+        self.seed = self._make_seed(weights, self.progress, self._sock, checkpoint)
         return self.progress
 
     def serving_complete(self) -> "SeedServer | None":
