@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import SERVER_ARGS, address_of, greedy, netloader_server, start_all
+from tests.e2e.helpers import (
+    SERVER_ARGS,
+    address_of,
+    dump,
+    greedy,
+    netloader_server,
+    start_all,
+)
 from tools.make_tiny_model import main as make_tiny_model
 from tools.vllm_server import VllmServer
 
@@ -48,3 +55,8 @@ def seed(model, workdir):
         seed.stop()
 
 
+@pytest.fixture(scope="session")
+def disk_tensors(model, workdir):
+    """Every runtime tensor of an in-process disk load (`auto`), to compare clients with."""
+    tensors, _ = dump(model, workdir / "disk.safetensors", "auto", {})
+    return tensors

@@ -7,9 +7,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from tools.vllm_server import VllmServer
+from vllm_ascend.model_loader.netloader.auth import new_nonce
 
 PROMPTS = [
     "The quickest way to start a new server is",
@@ -73,13 +75,43 @@ DUMP_ENV = {
 
 
 def dump(
-    model: str, out: Path, load_format: str, extra: dict, *more: str
+    model: str, out: Path, load_format: str, extra: dict, *more: str,
+    env: dict[str, str] | None = None,
 ) -> tuple[dict, dict]:
-    """Runtime tensors of an in-process instance, and its report (tensor count, seeds)."""
+    """Runtime tensors of an in-process instance, and its report (tensor count, seeds);
+    ``env`` overrides DUMP_ENV."""
     done = subprocess.run(
         dump_command(model, out, load_format, extra, *more), cwd=REPO,
-        env={**os.environ, **DUMP_ENV}, capture_output=True, text=True, timeout=300,
+        env={**os.environ, **DUMP_ENV, **(env or {})}, capture_output=True, text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = [line for line in done.stdout.splitlines() if line.startswith("DUMP ")][-1]
     return load_file(str(out)), json.loads(report.removeprefix("DUMP "))
+
+
+def assert_equal_tensors(tensors: dict, expected: dict) -> None:
+    """Two dumps hold the same runtime tensors, bit for bit (buffers included)."""
+    assert tensors.keys() == expected.keys()
+    for name, t in expected.items():
+        assert torch.equal(tensors[name], t), name
+
+
+def seed_hello(address: str, **fields: object) -> dict:
+    """A hello that matches the seed at ``address`` exactly (what a peer without the
+    secret learns from an open seed's ``info`` and ``manifest``), with ``fields``
+    replaced."""
+    from vllm_ascend.model_loader.netloader.client import _ask, query_seed
+    from vllm_ascend.model_loader.netloader.manifest import TensorSpec, manifest_sha256
+    from vllm_ascend.model_loader.netloader.protocol import (
+        TCP,
+        ManifestSummary,
+        hello,
+        manifest_request,
+    )
+
+    entries = _ask(address, manifest_request(), None, 30, 1 << 24)["tensors"]
+    specs = [TensorSpec.from_wire(e) for e in entries]
+    summary = ManifestSummary(len(specs), sum(s.nbytes for s in specs), manifest_sha256(specs))
+    body = hello(query_seed(address)["identity"], summary, None, False, (TCP,))
+    return {**body, "nonce": new_nonce(), **fields}

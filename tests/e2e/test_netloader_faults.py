@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests import wire
 from tests.e2e.conftest import SEED_TIMEOUT_S
@@ -20,14 +19,16 @@ from tests.e2e.helpers import (
     DUMP_ENV,
     REPO,
     address_of,
+    assert_equal_tensors,
     dump,
     dump_command,
     greedy,
     netloader_server,
+    seed_hello,
     start_all,
 )
 from tests.wire import challenge_of, frame, read
-from vllm_ascend.model_loader.netloader.auth import AuthError, new_nonce
+from vllm_ascend.model_loader.netloader.auth import AuthError
 from vllm_ascend.model_loader.netloader.client import query_seed
 from vllm_ascend.model_loader.netloader.protocol import (
     HELLO,
@@ -51,42 +52,6 @@ def assert_seed_serves_correctly(seed) -> None:
 def connect(address: str) -> socket.socket:
     # A seed under a transfer may answer slowly; the unit tests' 5 s is too short here.
     return wire.connect(address, timeout_s=30)
-
-
-@pytest.fixture(scope="module")
-def disk_tensors(model, workdir):
-    """Every runtime tensor of an in-process disk load (`auto`), to compare clients with."""
-    tensors, _ = dump(model, workdir / "faults-disk.safetensors", "auto", {})
-    return tensors
-
-
-def assert_equal_to_disk(tensors: dict, disk_tensors: dict) -> None:
-    assert tensors.keys() == disk_tensors.keys()
-    for name, t in disk_tensors.items():
-        assert torch.equal(tensors[name], t), name
-
-
-def identity_of(address: str) -> dict:
-    return query_seed(address)["identity"]
-
-
-def seed_hello(address: str, **fields) -> dict:
-    """A hello that matches the seed at ``address`` exactly (what an attacker with no
-    secret learns from ``info`` and ``manifest``), with ``fields`` replaced."""
-    from vllm_ascend.model_loader.netloader.client import _ask
-    from vllm_ascend.model_loader.netloader.manifest import TensorSpec, manifest_sha256
-    from vllm_ascend.model_loader.netloader.protocol import (
-        TCP,
-        ManifestSummary,
-        hello,
-        manifest_request,
-    )
-
-    entries = _ask(address, manifest_request(), None, 30, 1 << 24)["tensors"]
-    specs = [TensorSpec.from_wire(e) for e in entries]
-    summary = ManifestSummary(len(specs), sum(s.nbytes for s in specs), manifest_sha256(specs))
-    body = hello(identity_of(address), summary, None, False, (TCP,))
-    return {**body, "nonce": new_nonce(), **fields}
 
 
 BAD_REQUESTS = {
@@ -126,7 +91,7 @@ def test_bad_request_is_refused_and_seed_keeps_serving(seed, name):
 @pytest.mark.parametrize("name", MISMATCHES)
 def test_mismatched_identity_is_refused_before_any_collective(seed, name):
     _, address, _ = seed
-    identity = {**identity_of(address), **MISMATCHES[name]}
+    identity = {**query_seed(address)["identity"], **MISMATCHES[name]}
     before = query_seed(address)["completed_transfers"]
     request = seed_hello(address, identity=identity)
     with connect(address) as s:
@@ -163,7 +128,7 @@ def test_corrupted_payload_makes_the_client_load_from_disk(model, workdir, seed,
     (info,) = report["seeds"]
     assert info["loaded_from"] == "disk"
     assert "digest mismatch" in info["fallback_reasons"][0]
-    assert_equal_to_disk(tensors, disk_tensors)
+    assert_equal_tensors(tensors, disk_tensors)
     assert query_seed(address)["completed_transfers"] == before
     assert_seed_serves_correctly(seed)
 
