@@ -3,13 +3,16 @@
     python -m benchmarks.netloader_transfer [--gb 1.0] [--tensor-mb 64] [--repeat 3]
                                             [--fresh-targets] [--pin]
 
-A seed process serves a synthetic bf16 model of ``--gb`` gigabytes; this process
-receives it the way a starting instance does (handshake, gloo group, staging,
-per-tensor blake3 check). The baseline (``link``) streams the same number of bytes
-over one loopback TCP connection between two processes into a small reused buffer;
-``link_into_memory`` streams them into a buffer the size of the model instead, as
-any loader must (touched, or fresh with ``--fresh-targets``). Each repeat runs all
-three back to back, so they see the same machine; figures are medians over repeats.
+A seed process serves a synthetic bf16 model of ``--gb`` gigabytes on both data
+planes; this process receives it the way a starting instance does (handshake,
+staging, per-tensor blake3 check), once over the host data plane (``tcp``: the
+buckets on the handshake connection) and once over the collective plane (a gloo
+group, the path every CPU transfer took before the host data plane). The baseline
+(``link``) streams the same number of bytes over one loopback TCP connection between
+two processes into a small reused buffer; ``link_into_memory`` streams them into a
+buffer the size of the model instead, as any loader must (touched, or fresh with
+``--fresh-targets``). Each repeat runs them all back to back, so they see the same
+machine; figures are medians over repeats.
 
 ``--fresh-targets`` receives into never-touched memory, as into a model vLLM has
 just built (its weights are ``torch.empty``); by default the targets are zeroed
@@ -17,11 +20,12 @@ first. ``--pin`` puts the seed (and the TCP sink) on CPU 0 and the client (and t
 TCP source) on CPU 1, as ``VLLM_CPU_OMP_THREADS_BIND`` does for two servers.
 
 Phases of a transfer, as the client sees them: ``handshake`` (connect, hello,
-accept), ``group_setup`` (the two-rank gloo group), ``transfer`` (receive, verify,
-copy: ``recv_tensors``; its ``wait_s``/``verify_s``/``copy_s`` say where the
-receiving thread spent it), ``teardown`` (group destroyed, 'done' sent).
-``gloo`` sends the same bytes over the transport's gloo group alone (no staging,
-digest or copy): the gap splits into gloo's part (link vs gloo) and Netloader's own.
+accept), ``group_setup`` (the two-rank gloo group; collective plane only),
+``transfer`` (receive, verify, copy: ``recv_weights``; its ``wait_s``/``verify_s``/
+``copy_s`` say where the receiving thread spent it), ``teardown`` (group destroyed,
+'done' sent). ``gloo`` sends the same bytes over a gloo group alone (no staging,
+digest or copy): the collective plane's gap splits into gloo's part (link vs gloo) and
+Netloader's own.
 ``overhead_s`` is the total minus the time the raw link needs for the same bytes.
 CPU seconds are per transfer, all threads of the process. Prints one JSON object last.
 """
@@ -43,8 +47,10 @@ from typing import Any
 import torch
 from torch import nn
 
-IDENTITY = {"model": "bench", "rank": 0, "tensor_parallel_size": 1, "pipeline_parallel_size": 1}
+IDENTITY = {"model": "bench", "rank": 0, "tensor_parallel_size": 1, "pipeline_parallel_size": 1,
+            "checkpoint": "b" * 64}
 SEED_CPU, CLIENT_CPU = 0, 1
+PLANES = ("tcp", "collective")
 
 
 def cpu_seconds() -> float:
@@ -69,60 +75,74 @@ def synthetic_model(gb: float, tensor_mb: float, fill: bool = True) -> nn.Module
 
 
 def _seed(ready: Any, conn: Any, gb: float, tensor_mb: float, cpu: int | None) -> None:
+    from vllm_ascend.model_loader.netloader.addresses import listen
     from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
-    from vllm_ascend.model_loader.netloader.server import SeedServer
+    from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
 
     pin(cpu)
     weights = LoadedWeights.capture(synthetic_model(gb, tensor_mb))
-    server = SeedServer(weights, IDENTITY, 0, "127.0.0.1", 0, 120.0).start()
-    server.ready.wait(120)
-    ready.put(server.address)
+    servers = {
+        plane: SeedServer(
+            weights, SeedSettings(IDENTITY, 0, "127.0.0.1", 120.0, data_plane=plane),
+            listen("127.0.0.1", 0),
+        ).start()
+        for plane in PLANES
+    }
+    ready.put({plane: server.address for plane, server in servers.items()})
     while conn.recv() is not None:  # each request is answered with this process's CPU time
         conn.send(cpu_seconds())
-    server.stop()
+    for server in servers.values():
+        server.stop()
 
 
 @contextmanager
 def phase_clock(times: dict[str, float], stats: Any) -> Iterator[None]:
-    """Time the client's phases through the two transport calls it makes: the
-    group's setup and teardown around ``data_group``, the bulk in ``recv_tensors``."""
+    """Time the client's phases through the calls it makes: the collective group's
+    setup and teardown around ``group_link``, the bulk in ``recv_weights``."""
     from vllm_ascend.model_loader.netloader import client
 
-    original_group, original_recv = client.data_group, client.recv_tensors
+    original_group, original_recv = client.group_link, client.recv_weights
 
     @contextmanager
     def timed_group(*args: Any, **kwargs: Any) -> Iterator[Any]:
         times["group_called"] = time.perf_counter()
-        with original_group(*args, **kwargs) as pg:
+        with original_group(*args, **kwargs) as link:
             times["group_ready"] = time.perf_counter()
-            yield pg
+            yield link
             times["group_leaving"] = time.perf_counter()
-        times["group_closed"] = time.perf_counter()
 
     def timed_recv(*args: Any, **kwargs: Any) -> int:
         start = time.perf_counter()
+        times.setdefault("group_called", start)
+        times.setdefault("group_ready", start)
         try:
             return original_recv(*args, stats=stats, **kwargs)
         finally:
             times["transfer"] = time.perf_counter() - start
+            times.setdefault("group_leaving", time.perf_counter())
 
-    client.data_group, client.recv_tensors = timed_group, timed_recv  # type: ignore[assignment]
+    client.group_link, client.recv_weights = timed_group, timed_recv  # type: ignore[assignment]
     try:
         yield
     finally:
-        client.data_group, client.recv_tensors = original_group, original_recv
+        client.group_link, client.recv_weights = original_group, original_recv
 
 
-def netloader_once(address: str, gb: float, tensor_mb: float, fresh: bool) -> dict[str, Any]:
-    from vllm_ascend.model_loader.netloader.client import WeightFetch
+def netloader_once(
+    address: str, plane: str, gb: float, tensor_mb: float, fresh: bool
+) -> dict[str, Any]:
+    from vllm_ascend.model_loader.netloader.client import ClientSettings, WeightFetch
     from vllm_ascend.model_loader.netloader.manifest import model_tensors, spec_of
-    from vllm_ascend.model_loader.netloader.transport import TransferStats
+    from vllm_ascend.model_loader.netloader.transfer import TransferStats
 
     named = model_tensors(synthetic_model(gb, tensor_mb, fill=False))
     if not fresh:
         for _, t in named:
             t.zero_()  # touch the client's memory, as an initialized model would be
-    fetch = WeightFetch(IDENTITY, [spec_of(n, t) for n, t in named], [t for _, t in named], 120)
+    fetch = WeightFetch(
+        ClientSettings(IDENTITY, 120.0, data_plane=plane),
+        [spec_of(n, t) for n, t in named], [t for _, t in named],
+    )
     times: dict[str, float] = {}
     stats = TransferStats()
     cpu0 = cpu_seconds()
@@ -203,23 +223,21 @@ GLOO_CHUNK = 64 << 20
 
 
 def _gloo_sender(port_q: Any, nbytes: int, cpu: int | None) -> None:
-    from vllm_ascend.model_loader.netloader.transport import (
-        CLIENT_RANK,
-        SEED_RANK,
-        bind_rendezvous,
-        data_group,
-    )
+    from vllm_ascend.model_loader.netloader.collective import SEED_RANK, group_link
+    from vllm_ascend.model_loader.netloader.protocol import Deadline
 
     pin(cpu)
-    rendezvous = bind_rendezvous("127.0.0.1")
-    port_q.put(rendezvous.getsockname()[1])
     payload = torch.ones(GLOO_CHUNK, dtype=torch.uint8)
-    with data_group("127.0.0.1", rendezvous.getsockname()[1], SEED_RANK, 120, "127.0.0.1",
-                    listen_socket=rendezvous) as pg:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port_q.put(server.getsockname()[1])
+        conn, _ = server.accept()
+    with conn, group_link(conn, SEED_RANK, 120, torch.device("cpu"),
+                          Deadline(120, "setup")) as link:
+        pg = link._pg
         cpu0 = cpu_seconds()
         works: list[Any] = []
         for offset in range(0, nbytes, GLOO_CHUNK):
-            works.append(pg.send([payload[: min(GLOO_CHUNK, nbytes - offset)]], CLIENT_RANK, 0))
+            works.append(pg.send([payload[: min(GLOO_CHUNK, nbytes - offset)]], 1, 0))
             if len(works) == 2:
                 works.pop(0).wait()
         for work in works:
@@ -228,23 +246,27 @@ def _gloo_sender(port_q: Any, nbytes: int, cpu: int | None) -> None:
 
 
 def gloo_once(nbytes: int, sender_cpu: int | None) -> dict[str, float]:
-    """The same bytes over the transport's gloo group alone: two 64 MB chunks in flight
-    into two reused, touched buffers; no staging, digest or copy. What is left between
-    this and ``netloader`` is Netloader's own work; between this and ``link``, gloo's."""
-    from vllm_ascend.model_loader.netloader.transport import CLIENT_RANK, SEED_RANK, data_group
+    """The same bytes over a gloo group alone: two 64 MB chunks in flight into two
+    reused, touched buffers; no staging, digest or copy. What is left between this and
+    the collective plane is Netloader's own work; between this and ``link``, gloo's."""
+    from vllm_ascend.model_loader.netloader.collective import CLIENT_RANK, group_link
+    from vllm_ascend.model_loader.netloader.protocol import Deadline
 
     with peer_process(_gloo_sender, nbytes, sender_cpu) as port_q:
         port = port_q.get(timeout=60)
-        with data_group("127.0.0.1", port, CLIENT_RANK, 120, "127.0.0.1") as pg:
+        conn = socket.create_connection(("127.0.0.1", port), timeout=120)
+        with conn, group_link(conn, CLIENT_RANK, 120, torch.device("cpu"),
+                              Deadline(120, "setup")) as link:
+            pg = link._pg
             slots = [torch.zeros(GLOO_CHUNK, dtype=torch.uint8) for _ in range(2)]
             sizes = [min(GLOO_CHUNK, nbytes - o) for o in range(0, nbytes, GLOO_CHUNK)]
             cpu0, start = cpu_seconds(), time.perf_counter()
-            posted = [pg.recv([slots[k % 2][: sizes[k]]], SEED_RANK, 0)
+            posted = [pg.recv([slots[k % 2][: sizes[k]]], 0, 0)
                       for k in range(min(2, len(sizes)))]
             for k in range(len(sizes)):
                 posted.pop(0).wait()
                 if k + 2 < len(sizes):
-                    posted.append(pg.recv([slots[k % 2][: sizes[k + 2]]], SEED_RANK, 0))
+                    posted.append(pg.recv([slots[k % 2][: sizes[k + 2]]], 0, 0))
             seconds, receiver_cpu = time.perf_counter() - start, cpu_seconds() - cpu0
         return {"gbps": nbytes / seconds / 1e9, "receiver_cpu_s": receiver_cpu,
                 "sender_cpu_s": port_q.get(timeout=60)}
@@ -273,25 +295,33 @@ def main() -> None:
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     runs = []
     try:
-        address = ready.get(timeout=600)
+        addresses = ready.get(timeout=600)
         pin(client_cpu)
         for i in range(args.repeat):
-            conn.send("cpu")
-            seed_cpu0 = conn.recv()
-            run = netloader_once(address, args.gb, args.tensor_mb, args.fresh_targets)
-            conn.send("cpu")
-            run["seed_cpu_s"] = conn.recv() - seed_cpu0
-            run["tcp"] = tcp_once(run["bytes"], seed_cpu)
+            run: dict[str, Any] = {}
+            for plane in PLANES:
+                conn.send("cpu")
+                seed_cpu0 = conn.recv()
+                one = netloader_once(addresses[plane], plane, args.gb, args.tensor_mb,
+                                     args.fresh_targets)
+                conn.send("cpu")
+                one["seed_cpu_s"] = conn.recv() - seed_cpu0
+                one["gbps"] = one["bytes"] / one["seconds"] / 1e9
+                run[plane] = one
+            nbytes = run["tcp"]["bytes"]
+            run["link"] = tcp_once(nbytes, seed_cpu)
             into = "fresh" if args.fresh_targets else "touched"
-            run["tcp_into_memory"] = tcp_once(run["bytes"], seed_cpu, into)
-            run["gloo"] = gloo_once(run["bytes"], seed_cpu)
-            run["gbps"] = run["bytes"] / run["seconds"] / 1e9
-            run["overhead_s"] = run["seconds"] - run["bytes"] / (run["tcp"]["gbps"] * 1e9)
+            run["link_into_memory"] = tcp_once(nbytes, seed_cpu, into)
+            run["gloo"] = gloo_once(nbytes, seed_cpu)
+            for plane in PLANES:
+                run[plane]["overhead_s"] = (
+                    run[plane]["seconds"] - nbytes / (run["link"]["gbps"] * 1e9)
+                )
             runs.append(run)
-            print(f"run {i}: netloader {run['gbps']:.3f} GB/s, link {run['tcp']['gbps']:.3f} "
-                  f"GB/s, link into memory {run['tcp_into_memory']['gbps']:.3f} GB/s, "
-                  f"gloo alone {run['gloo']['gbps']:.3f} GB/s, "
-                  f"{json.dumps(run)}", flush=True)
+            print(f"run {i}: netloader tcp {run['tcp']['gbps']:.3f} GB/s, collective "
+                  f"{run['collective']['gbps']:.3f} GB/s, link {run['link']['gbps']:.3f} "
+                  f"GB/s, link into memory {run['link_into_memory']['gbps']:.3f} GB/s, "
+                  f"gloo alone {run['gloo']['gbps']:.3f} GB/s, {json.dumps(run)}", flush=True)
     finally:
         conn.send(None)
         proc.join(30)
@@ -300,29 +330,41 @@ def main() -> None:
         if affinity is not None:
             os.sched_setaffinity(0, affinity)
 
-    phases = {k: median(runs, lambda r, k=k: r["phases"][k]) for k in runs[0]["phases"]}
-    transfer = {k: median(runs, lambda r, k=k: r["transfer"][k]) for k in runs[0]["transfer"]}
+    def plane_summary(plane: str) -> dict[str, Any]:
+        return {
+            "seconds": median(runs, lambda r: r[plane]["seconds"]),
+            "gbps": median(runs, lambda r: r[plane]["gbps"]),
+            "ratio": median(runs, lambda r: r[plane]["gbps"] / r["link"]["gbps"]),
+            "overhead_s": median(runs, lambda r: r[plane]["overhead_s"]),
+            "phases": {k: median(runs, lambda r, k=k: r[plane]["phases"][k])
+                       for k in runs[0][plane]["phases"]},
+            "transfer": {k: median(runs, lambda r, k=k: r[plane]["transfer"][k])
+                         for k in runs[0][plane]["transfer"]},
+            "client_cpu_s": median(runs, lambda r: r[plane]["client_cpu_s"]),
+            "seed_cpu_s": median(runs, lambda r: r[plane]["seed_cpu_s"]),
+        }
+
+    tcp, collective = plane_summary("tcp"), plane_summary("collective")
     print(json.dumps({
-        "bytes": runs[0]["bytes"],
-        "netloader_seconds": median(runs, lambda r: r["seconds"]),
-        "netloader_gbps": median(runs, lambda r: r["gbps"]),
-        "link_gbps": median(runs, lambda r: r["tcp"]["gbps"]),
-        "ratio": median(runs, lambda r: r["gbps"] / r["tcp"]["gbps"]),
-        "link_into_memory_gbps": median(runs, lambda r: r["tcp_into_memory"]["gbps"]),
-        "ratio_vs_memory": median(runs, lambda r: r["gbps"] / r["tcp_into_memory"]["gbps"]),
+        "bytes": runs[0]["tcp"]["bytes"],
+        "netloader_seconds": tcp["seconds"],
+        "netloader_gbps": tcp["gbps"],
+        "link_gbps": median(runs, lambda r: r["link"]["gbps"]),
+        "ratio": tcp["ratio"],
+        "collective_gbps": collective["gbps"],
+        "collective_ratio": collective["ratio"],
+        "link_into_memory_gbps": median(runs, lambda r: r["link_into_memory"]["gbps"]),
+        "ratio_vs_memory": median(runs, lambda r: r["tcp"]["gbps"] / r["link_into_memory"]["gbps"]),
         "gloo_gbps": median(runs, lambda r: r["gloo"]["gbps"]),
-        "gloo_ratio": median(runs, lambda r: r["gloo"]["gbps"] / r["tcp"]["gbps"]),
+        "gloo_ratio": median(runs, lambda r: r["gloo"]["gbps"] / r["link"]["gbps"]),
         "gloo_cpu_s": {k: median(runs, lambda r, k=k: r["gloo"][k])
                        for k in ("sender_cpu_s", "receiver_cpu_s")},
-        "overhead_s": median(runs, lambda r: r["overhead_s"]),
-        "phases": phases,
-        "transfer": transfer,
-        "client_cpu_s": median(runs, lambda r: r["client_cpu_s"]),
-        "seed_cpu_s": median(runs, lambda r: r["seed_cpu_s"]),
-        "tcp_cpu_s": {k: median(runs, lambda r, k=k: r["tcp"][k])
-                      for k in ("sender_cpu_s", "receiver_cpu_s")},
-        "tcp_into_memory_cpu_s": {k: median(runs, lambda r, k=k: r["tcp_into_memory"][k])
-                                  for k in ("sender_cpu_s", "receiver_cpu_s")},
+        "tcp_plane": tcp,
+        "collective_plane": collective,
+        "link_cpu_s": {k: median(runs, lambda r, k=k: r["link"][k])
+                       for k in ("sender_cpu_s", "receiver_cpu_s")},
+        "link_into_memory_cpu_s": {k: median(runs, lambda r, k=k: r["link_into_memory"][k])
+                                   for k in ("sender_cpu_s", "receiver_cpu_s")},
         "repeat": args.repeat, "fresh_targets": args.fresh_targets, "pin": args.pin,
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }))

@@ -83,21 +83,21 @@ def role_seed(args: argparse.Namespace) -> None:
     MB/s or 'none', bucket MB), so capped and uncapped sends share everything else."""
     import torch
 
+    from vllm_ascend.model_loader.netloader.addresses import listen
     from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
-    from vllm_ascend.model_loader.netloader.server import SeedServer
+    from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
 
     torch.set_num_threads(1)
     weights = LoadedWeights.capture(build_model(args.gb, args.tensor_mb, fill=True))
     servers = []
     for spec in args.servers.split(","):
         limit, bucket_mb = spec.split(":")
-        servers.append(SeedServer(
-            weights, IDENTITY, 0, args.host, 0, args.timeout,
+        settings = SeedSettings(
+            IDENTITY, 0, args.host, args.timeout,
             bucket_bytes=int(float(bucket_mb) * (1 << 20)),
             send_limit_bytes_per_s=None if limit == "none" else float(limit) * 1e6,
-        ).start())
-    for server in servers:
-        server.ready.wait(60)
+        )
+        servers.append(SeedServer(weights, settings, listen(args.host, 0)).start())
     clock = StepClock() if args.steps else None
     if clock is not None:
         clock.start()
@@ -117,18 +117,23 @@ def role_client(args: argparse.Namespace) -> None:
 
     With ``--relay`` each fetch offers a relay (as a starting instance does with
     RELAY): it serves until the next fetch or 'quit', so later clients can finish."""
-    from vllm_ascend.model_loader.netloader.client import WeightFetch
+    from vllm_ascend.model_loader.netloader.addresses import listen
+    from vllm_ascend.model_loader.netloader.client import ClientSettings, WeightFetch
     from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, model_tensors, spec_of
-    from vllm_ascend.model_loader.netloader.server import RelayListener, SeedServer
+    from vllm_ascend.model_loader.netloader.relay import RelayListener, RelayProgress
+    from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
 
     named = model_tensors(build_model(args.gb, args.tensor_mb, fill=False))
     for _, t in named:
         t.zero_()  # touched once here, so page faults stay out of the timed transfer
     specs, targets = [spec_of(n, t) for n, t in named], [t for _, t in named]
+    relay_settings = SeedSettings(
+        IDENTITY, 0, args.host, args.timeout, bucket_bytes=int(args.bucket_mb * (1 << 20))
+    )
 
-    def relay_seed(weights: LoadedWeights, sock: socket.socket) -> SeedServer:
-        return SeedServer(weights, IDENTITY, 0, args.host, 0, args.timeout,
-                          bucket_bytes=int(args.bucket_mb * (1 << 20)), listen_socket=sock)
+    def relay_seed(weights: LoadedWeights, progress: RelayProgress, sock: socket.socket,
+                   checkpoint: str | None) -> SeedServer:
+        return SeedServer(weights, relay_settings, sock, progress=progress).start()
 
     relay: RelayListener | None = None
     emit(ready=True, bytes=sum(s.nbytes for s in specs))
@@ -137,8 +142,10 @@ def role_client(args: argparse.Namespace) -> None:
             if msg["cmd"] == "fetch":
                 if relay is not None:
                     relay.close()
-                relay = RelayListener(args.host, 0, relay_seed) if args.relay else None
-                fetch = WeightFetch(IDENTITY, specs, targets, args.timeout, relay=relay)
+                relay = (RelayListener(listen(args.host, 0), relay_seed) if args.relay
+                         else None)
+                fetch = WeightFetch(ClientSettings(IDENTITY, args.timeout), specs, targets,
+                                    relay=relay)
                 start = time.monotonic()
                 received = fetch.run(tuple(msg["sources"]))
                 emit(ok=received is not None, start=start, end=time.monotonic(),
@@ -256,9 +263,6 @@ class Child:
         self.log = log
         env = {
             **os.environ,
-            # gloo binds to the interface its hostname resolves to; in a namespace
-            # that is nothing, so name the one interface there is.
-            "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "eth0"),
             "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
         }

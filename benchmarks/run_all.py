@@ -4,7 +4,9 @@
 
 1. Random-weight Qwen2 models of ``--sizes`` GB (tools/make_tiny_model.py).
 2. ``benchmarks.netloader_transfer`` at the largest size: raw loopback TCP against a
-   Netloader transfer between two processes (``link_gbps``, ``netloader_gbps``, ``ratio``).
+   Netloader transfer between two processes over the host data plane (``link_gbps``,
+   ``netloader_gbps``, ``ratio``) and over the collective plane, the gloo path every
+   CPU transfer took before (``collective_gbps``, ``collective_ratio``).
 3. Per size, inside real vLLM servers: the page cache dropped, the weight files read
    once (the disk's sequential rate, and the cache is now warm); the demo (a seed loads
    from the warm disk, a client from the seed; outputs must match); the page cache
@@ -339,6 +341,8 @@ def main() -> int:
         "link_gbps": transfer.get("link_gbps"),
         "netloader_gbps": transfer.get("netloader_gbps"),
         "ratio": transfer.get("ratio"),
+        "collective_gbps": transfer.get("collective_gbps"),
+        "collective_ratio": transfer.get("collective_ratio"),
         "transfer_gb": sizes[-1],
         "fanout_2_over_1": fanout.get("fanout_2_over_1"),
         "fanout_4_over_1": fanout.get("fanout_4_over_1"),

@@ -30,8 +30,10 @@ WEIGHTS_LOADED = r"Netloader rank 0 .*loaded \d+ tensors .* in (?P<s>[\d.]+) s"
 LISTENING = r"Netloader seed rank 0 listening on"
 ENGINE_READY = r"init engine .* took"
 # Only in the client's log, and only in the seed's.
-RECEIVED = r"Netloader rank 0 received (?P<bytes>\d+) bytes from \S+ in (?P<s>[\d.]+) s"
-SENT = r"Netloader seed rank 0 sent to \S+: (?P<bytes>\d+) bytes in (?P<s>[\d.]+) s"
+RECEIVED = (
+    r"Netloader rank 0 received (?P<bytes>\d+) bytes from \S+ over \S+ in (?P<s>[\d.]+) s"
+)
+SENT = r"Netloader seed rank 0 sent to \S+ over \S+: (?P<bytes>\d+) bytes in (?P<s>[\d.]+) s"
 
 
 class PhaseError(RuntimeError):
