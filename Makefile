@@ -13,7 +13,7 @@ MODEL ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup model demo docs-images test lint ut e2e bench clean
+.PHONY: setup model demo docs-images test lint ut procs e2e bench clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,9 @@ lint: setup
 
 ut: setup
 	$(PY) -m pytest tests/ut -q $(PYTEST_ARGS)
+
+procs: setup
+	$(PY) -m pytest tests/procs tests/netns -q $(PYTEST_ARGS)
 
 e2e: setup model
 	NETLOADER_TEST_MODEL=$(abspath $(TINY_MODEL)) $(PY) -m pytest tests/e2e -v $(PYTEST_ARGS)

@@ -239,3 +239,9 @@ def test_a_node_without_weight_files_has_none(tmp_path, monkeypatch):
     assert weight_files(str(tmp_path)) == []
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert weight_files("no-such-org/no-such-model") == []
+
+
+def test_a_difference_shows_each_value_as_python_writes_it_and_cuts_long_ones():
+    assert identity_difference(identity(rank=1), identity(rank=0)) == "rank: 1 here vs 0 there"
+    long = identity_difference(identity(), identity(name="m" * 500))
+    assert long is not None and len(long) < 250 and long.endswith("... there")

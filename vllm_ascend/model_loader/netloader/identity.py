@@ -115,8 +115,14 @@ def identity_difference(mine: dict[str, Any], theirs: Any) -> str | None:
         if key == "checkpoint" and (a is None or b is None):
             continue
         if a != b:
-            diffs.append(f"{key}: {str(a)[:100]!r} here vs {str(b)[:100]!r} there")
+            diffs.append(f"{key}: {_short(a)} here vs {_short(b)} there")
     return "; ".join(diffs) or None
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to 100 characters: a peer's value goes into logs."""
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def weight_files(model_path: str, revision: str | None = None) -> list[str]:
