@@ -21,7 +21,8 @@ SEED_LOG = stamped(
     (20.5, "Netloader rank 0 target loaded 48 tensors (0.009 GB) from disk in 0.300 s"),
     (21.0, "Netloader seed rank 0 listening on 127.0.0.1:7000: 48 tensors, 0.009 GB"),
     (22.0, "init engine (profile, create kv cache, warmup model) took 1.00 s"),
-    (60.1, "Netloader seed rank 0 sent to 127.0.0.1:5555 over tcp: 8921664 bytes in 0.030 s (0.30 GB/s)"),
+    (60.1, "Netloader seed rank 0 sent to 127.0.0.1:5555 over tcp: 8921664 bytes in 0.030 s "
+           "(0.30 GB/s)"),
 ) + "\nINFO:     127.0.0.1:50998 - \"GET /health HTTP/1.1\" 200 OK"
 CLIENT_LOG = stamped(
     (59.0, "Starting to load model /m..."),
