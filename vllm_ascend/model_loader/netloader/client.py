@@ -30,6 +30,7 @@ from vllm_ascend.model_loader.netloader.manifest import (
 )
 from vllm_ascend.model_loader.netloader.protocol import (
     ACCEPT,
+    MANIFEST_BYTES_PER_TENSOR,
     REDIRECT,
     REFUSE,
     TCP,
@@ -282,8 +283,9 @@ class WeightFetch:
         """The first difference between this side's manifest and the seed's (asked
         for on a second connection), or "" if the seed cannot tell."""
         try:
+            cap = reply_cap(len(self.specs), MANIFEST_BYTES_PER_TENSOR)
             reply = _ask(address, manifest_request(), self.settings.secret,
-                         min(self.settings.timeout_s, 10.0), reply_cap(len(self.specs)))
+                         min(self.settings.timeout_s, 10.0), cap)
             entries = field(reply, "tensors", list)
             theirs = [TensorSpec.from_wire(item) for item in entries]
         except (*SOURCE_ERRORS, ValueError) as e:

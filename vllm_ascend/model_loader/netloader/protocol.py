@@ -36,10 +36,11 @@ PROTOCOL_VERSION = 2
 _HEADER = struct.Struct("!4sBI")
 # Everything a seed reads from a peer: the request, the 'done', rendezvous records.
 MAX_REQUEST_BYTES = 8 * 1024
-# A seed's answers that grow with the model: per tensor, room for a digest or a
-# manifest entry, plus a fixed part.
-REPLY_BYTES_PER_TENSOR = 512
+# A seed's answers that grow with the model: a fixed part, plus per tensor room for a
+# digest (an accept: 67 bytes are needed) or a manifest entry (a manifest reply).
 REPLY_FIXED_BYTES = 1 << 20
+DIGEST_BYTES_PER_TENSOR = 128
+MANIFEST_BYTES_PER_TENSOR = 512
 DATA_MAGIC = b"NLDB"
 _DATA_HEADER = struct.Struct("!4sIQ")
 ABORT = 0xFFFFFFFF
@@ -182,9 +183,10 @@ def recv_into(sock: socket.socket, view: memoryview, deadline: Deadline) -> None
         got += k
 
 
-def reply_cap(tensors: int) -> int:
-    """The most a client reads for a seed's answer about a model of ``tensors`` tensors."""
-    return REPLY_FIXED_BYTES + REPLY_BYTES_PER_TENSOR * tensors
+def reply_cap(tensors: int, per_tensor: int = DIGEST_BYTES_PER_TENSOR) -> int:
+    """The most a client reads for a seed's answer about a model of ``tensors`` tensors
+    (its JSON parse then costs at most a few tens of times that in memory)."""
+    return REPLY_FIXED_BYTES + per_tensor * tensors
 
 
 # --- bulk-data frames ------------------------------------------------------------
