@@ -15,15 +15,15 @@ def test_instances_starting_together_chain_through_a_relay(model, workdir, seed)
     other to that one's relay. Both serve the reference outputs, the seed sent the model
     once, and the relay, now a seed, reports the transfer it passed on."""
     _, _, reference = seed
-    slow = netloader_server(
-        model, workdir, "slow", "0", keys={"BUCKET_MB": 1, "SEND_LIMIT_MB_PER_S": 0.5}
-    )
+    # Seed and clients agree on a minimum rate at or below the seed's cap.
+    keys = {"BUCKET_MB": 1, "MIN_RATE_MB_PER_S": 0.5}
+    slow = netloader_server(model, workdir, "slow", "0", keys={**keys, "SEND_LIMIT_MB_PER_S": 0.5})
     starting = []
     try:
         start_all(slow)
         slow_address = address_of(workdir / "slow-")
         starting = [
-            netloader_server(model, workdir, name, "1", [slow_address], keys={"BUCKET_MB": 1})
+            netloader_server(model, workdir, name, "1", [slow_address], keys=keys)
             for name in ("relay-a", "relay-b")
         ]
         start_all(*starting)

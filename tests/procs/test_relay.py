@@ -239,13 +239,14 @@ def test_a_client_sent_to_a_relay_that_stalls_is_back_on_the_seed_in_bounded_tim
     )
     progress.verified(len(plan_buckets(specs, SMALL_BUCKET)[0]))
     try:
-        with toy_seed(seed=5, send_limit=0.3e6, timeout_s=10.0) as (seed, _):
+        # 0.8 MB/s: the seed moves more than 1 MiB per client TIMEOUT of 2 s.
+        with toy_seed(seed=5, send_limit=0.8e6, timeout_s=10.0) as (seed, _):
             with connect(seed) as busy:  # keeps the seed sending while the client asks
                 challenge_of(busy)
                 busy.sendall(frame(hello_for(IDENTITY, make_toy(None), relay_port=relay.port)))
                 assert read(busy)["type"] == ACCEPT
                 client = make_toy(None)
-                fetch = fetch_for(client, timeout_s=2.0)
+                fetch = fetch_for(client, timeout_s=2.0, min_rate_bytes_per_s=0.5e6)
                 start = time.monotonic()
                 received = fetch.run((seed,))
                 elapsed = time.monotonic() - start

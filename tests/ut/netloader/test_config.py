@@ -353,3 +353,28 @@ def test_secret_file_not_a_path(value):
     with pytest.raises(NetloaderConfigError) as info:
         parse_config({"SECRET_FILE": value}, environ={})
     assert "SECRET_FILE" in str(info.value)
+
+
+def test_min_rate():
+    assert parse_config({}).min_rate_mb_per_s == 1.0
+    assert parse_config({"MIN_RATE_MB_PER_S": 0.25}).min_rate_mb_per_s == 0.25
+
+
+@pytest.mark.parametrize("rate", [0, -1, "1", True, None])
+def test_bad_min_rate_names_the_key(rate):
+    raises_naming("MIN_RATE_MB_PER_S", {"MIN_RATE_MB_PER_S": rate})
+
+
+def test_a_send_limit_below_the_minimum_rate_names_both_keys():
+    error = raises_naming("SEND_LIMIT_MB_PER_S", {"SEND_LIMIT_MB_PER_S": 0.5})
+    assert "MIN_RATE_MB_PER_S" in str(error)
+    assert parse_config(
+        {"SEND_LIMIT_MB_PER_S": 0.5, "MIN_RATE_MB_PER_S": 0.5}
+    ).send_limit_mb_per_s == 0.5
+
+
+def test_a_send_limit_that_moves_less_than_1_mib_per_timeout_names_both_keys():
+    error = raises_naming("SEND_LIMIT_MB_PER_S", {
+        "SEND_LIMIT_MB_PER_S": 0.1, "TIMEOUT": 5, "MIN_RATE_MB_PER_S": 0.1,
+    })
+    assert "TIMEOUT" in str(error)

@@ -12,23 +12,25 @@ import re
 import socket
 
 # RFC 1123 host name labels: letters, digits and inner hyphens, 1..63 characters.
-_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _MAX_HOST_NAME = 253
+# An IPv6 zone: an interface name (at most 15 characters on Linux) or index.
+_SCOPE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 
 class AddressError(ValueError):
     """An address is malformed; the message names where it came from (``key``)."""
 
 
-def parse_address(text: object, key: str = "address") -> tuple[str, int]:
+def parse_address(text: object, key: str = "address", ip_only: bool = False) -> tuple[str, int]:
     """``"host:port"`` or ``"[ipv6]:port"`` -> ``(host, port)``.
 
-    ``host`` is an IPv4 address, an RFC 1123 host name, or (in brackets) an IPv6
-    address, optionally with a ``%scope``. Raises ``AddressError`` naming ``key``
-    for anything else: a bare IPv6 address, a URL scheme, whitespace, an empty or
-    over-long label, a port outside 1..65535."""
-    if not isinstance(text, str):
-        raise AddressError(f"{key} must be a string 'host:port', got {text!r}")
+    ``host`` is an IPv4 address, an RFC 1123 host name (unless ``ip_only``), or (in
+    brackets) an IPv6 address, optionally with a ``%scope`` of at most 15 characters.
+    Raises ``AddressError`` naming ``key`` for anything else: a bare IPv6 address, a
+    URL scheme, whitespace, an empty or over-long label, a port outside 1..65535."""
+    if not isinstance(text, str) or len(text) > _MAX_HOST_NAME + 8:
+        raise AddressError(f"{key} must be a string 'host:port', got {text!r:.300}")
     if text.startswith("["):
         host, sep, port_text = text[1:].partition("]:")
         if not sep or not _is_ipv6(host):
@@ -39,8 +41,9 @@ def parse_address(text: object, key: str = "address") -> tuple[str, int]:
             raise AddressError(
                 f"{key} must look like 'host:port' (IPv6 as '[addr]:port'), got {text!r}"
             )
-        if not (_is_ipv4(host) or is_host_name(host)):
-            raise AddressError(f"{key} has no valid IPv4 address or host name: {text!r}")
+        if not (_is_ipv4(host) or not ip_only and is_host_name(host)):
+            kind = "IP address" if ip_only else "IPv4 address or host name"
+            raise AddressError(f"{key} has no valid {kind}: {text!r}")
     if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5):
         raise AddressError(f"{key} must end in ':port' with a decimal port, got {text!r}")
     port = int(port_text)
@@ -59,7 +62,7 @@ def is_host_name(host: str) -> bool:
     if not host or len(host) > _MAX_HOST_NAME or not host.isascii():
         return False
     labels = host.removesuffix(".").split(".")
-    return all(_LABEL.match(label) for label in labels)
+    return all(_LABEL.fullmatch(label) for label in labels)
 
 
 def family_of(host: str) -> socket.AddressFamily:
@@ -93,8 +96,11 @@ def _is_ipv4(host: str) -> bool:
 
 
 def _is_ipv6(host: str) -> bool:
+    address, _, scope = host.partition("%")
+    if "%" in host and not _SCOPE.fullmatch(scope):
+        return False
     try:
-        ipaddress.IPv6Address(host)
+        ipaddress.IPv6Address(address)
     except ValueError:
         return False
     return True

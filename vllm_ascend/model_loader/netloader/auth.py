@@ -45,8 +45,11 @@ def seed_proof(
 
 
 def proof_matches(expected: str, given: Any) -> bool:
-    """Constant-time comparison; anything but a string never matches."""
-    return isinstance(given, str) and hmac.compare_digest(expected.encode(), given.encode())
+    """Constant-time comparison; anything but an ASCII string never matches."""
+    return (
+        isinstance(given, str) and given.isascii()
+        and hmac.compare_digest(expected.encode(), given.encode())
+    )
 
 
 def _sha256(msg: dict[str, Any]) -> str:

@@ -38,6 +38,7 @@ from vllm_ascend.model_loader.netloader.protocol import (
     Deadline,
     ManifestSummary,
     ProtocolError,
+    clean,
     done,
     field,
     hello,
@@ -53,16 +54,19 @@ from vllm_ascend.model_loader.netloader.protocol import (
 from vllm_ascend.model_loader.netloader.relay import RelayListener, RelayProgress
 from vllm_ascend.model_loader.netloader.stream import StreamLink
 from vllm_ascend.model_loader.netloader.transfer import (
+    DEFAULT_MIN_RATE_BYTES_PER_S,
     TransferError,
     recv_weights,
+    transfer_deadline_s,
 )
 
 _BUSY_RETRY_S = 0.5
 _MAX_BUCKET_BYTES = 1 << 30
 # A relay the seed named is a peer that may be gone: do not wait long to find out.
 _RELAY_CONNECT_S = 5.0
-# Everything that can go wrong with one source, as this client sees it.
-SOURCE_ERRORS = (ProtocolError, AuthError, TransferError, OSError, AddressError)
+# Everything that can go wrong with one source, as this client sees it (UnicodeError:
+# the IDNA codec inside socket.create_connection, for a name the checks let through).
+SOURCE_ERRORS = (ProtocolError, AuthError, TransferError, OSError, AddressError, UnicodeError)
 
 
 class SourceRefused(Exception):
@@ -93,6 +97,8 @@ class ClientSettings:
     expected_fingerprint: str | None = None
     data_plane: str = TCP
     device: torch.device = torch.device("cpu")
+    # A transfer ends within TIMEOUT plus its size at this rate (MIN_RATE_MB_PER_S).
+    min_rate_bytes_per_s: float = DEFAULT_MIN_RATE_BYTES_PER_S
 
 
 @dataclass
@@ -194,9 +200,10 @@ class WeightFetch:
         may announce to the seed's."""
         host, port = parse_address(address, key="source")
         timeout_s = self.settings.timeout_s
-        connect_s = timeout_s if fingerprint is None else min(timeout_s, _RELAY_CONNECT_S)
+        # A relay the seed named gets less time to answer than a seed the operator named.
+        handshake_s = timeout_s if fingerprint is None else min(timeout_s, _RELAY_CONNECT_S)
         start = time.perf_counter()
-        with socket.create_connection((host, port), timeout=connect_s) as conn:
+        with socket.create_connection((host, port), timeout=handshake_s) as conn:
             offer_relay = self.relay is not None and self.relay.seed is None
             body = hello(
                 self.settings.identity, self._summary,
@@ -204,8 +211,8 @@ class WeightFetch:
                 direct, (self.settings.data_plane,), self.settings.expected_fingerprint,
             )
             reply = ask_seed(
-                conn, body, self.settings.secret, Deadline(timeout_s, f"handshake with {address}"),
-                reply_cap(len(self.specs)),
+                conn, body, self.settings.secret,
+                Deadline(handshake_s, f"handshake with {address}"), reply_cap(len(self.specs)),
             )
             accepted = self._accepted(address, reply, fingerprint)
             progress = self._begin_relay(accepted) if offer_relay else None
@@ -247,7 +254,7 @@ class WeightFetch:
         if kind == REDIRECT:
             raise Redirected(*parse_redirect(reply))
         if kind != ACCEPT:
-            raise ProtocolError(f"expected '{ACCEPT}', got '{kind[:40]}'")
+            raise ProtocolError(f"expected '{ACCEPT}', got '{clean(kind, 40)}'")
         accepted = parse_accept(reply, len(self.specs), (self.settings.data_plane,),
                                 _MAX_BUCKET_BYTES)
         values = value_fingerprint(self.specs, accepted.digests)
@@ -270,12 +277,17 @@ class WeightFetch:
         settings = self.settings
         on_verified = progress.verified if progress is not None else None
         total = self._summary.nbytes
+        deadline_s = transfer_deadline_s(total, settings.timeout_s, settings.min_rate_bytes_per_s)
         if accepted.data_plane == TCP:
-            link = StreamLink(conn, settings.timeout_s, total)
+            link = StreamLink(
+                conn, settings.timeout_s, total, deadline_s=deadline_s,
+                on_bytes=progress.arrived if progress is not None else None,
+            )
             return recv_weights(link, self.targets, self.specs, accepted.digests,
                                 accepted.bucket_bytes, on_verified=on_verified)
         setup = Deadline(settings.timeout_s, "group set-up")
-        with group_link(conn, CLIENT_RANK, settings.timeout_s, settings.device, setup) as group:
+        with group_link(conn, CLIENT_RANK, settings.timeout_s, settings.device, setup,
+                        deadline_s=deadline_s) as group:
             return recv_weights(group, self.targets, self.specs, accepted.digests,
                                 accepted.bucket_bytes, on_verified=on_verified)
 
@@ -313,7 +325,7 @@ def _ask(
     if reply["type"] == REFUSE:
         raise ProtocolError(f"refused: {text(reply, 'reason')}")
     if reply["type"] != body["type"]:
-        raise ProtocolError(f"expected '{body['type']}', got '{reply['type'][:40]}'")
+        raise ProtocolError(f"expected '{body['type']}', got '{clean(reply['type'], 40)}'")
     return reply
 
 

@@ -15,11 +15,13 @@ built for cooperating ranks, so this module keeps what it can off the network:
   exposure.
 
 A bucket larger than ``CHUNK_BYTES`` moves as several operations, each of which must
-finish within the transfer's timeout, so a slow link with a huge tensor works.
+finish within the transfer's timeout, so a slow link with a huge tensor works; and
+the whole transfer within its wall-clock deadline (``transfer.transfer_deadline_s``).
 """
 
 import os
 import socket
+import time
 import uuid
 from collections import deque
 from collections.abc import Generator, Iterator, Sequence
@@ -134,9 +136,11 @@ def group_link(
     device: torch.device,
     setup_deadline: Deadline,
     pacer: Pacer | None = None,
+    deadline_s: float | None = None,
 ) -> Iterator["GroupLink"]:
-    """Open the two-rank group over ``conn`` (see ``TunnelStore``), yield its link, and
-    always destroy the group on the way out."""
+    """Open the two-rank group over ``conn`` (see ``TunnelStore``), yield its link (whose
+    transfer must end within ``deadline_s``), and always destroy the group on the way
+    out."""
     store = TunnelStore(conn, setup_deadline)
     timeout = timedelta(seconds=timeout_s)
     pg = _group_on(PrefixStore("netloader", store), rank, timeout, conn.getsockname()[0])
@@ -145,7 +149,7 @@ def group_link(
         pg._set_group_name(name)
         _register_process_group(name, pg)
         store.finish()
-        yield GroupLink(pg, rank, timeout, device, pacer or Pacer(None))
+        yield GroupLink(pg, rank, timeout, device, pacer or Pacer(None), deadline_s)
     finally:
         stateless_destroy_torch_distributed_process_group(pg)
 
@@ -179,8 +183,9 @@ class GroupLink:
     must finish within ``timeout``."""
 
     def __init__(self, pg: ProcessGroup, rank: int, timeout: timedelta, device: torch.device,
-                 pacer: Pacer):
+                 pacer: Pacer, deadline_s: float | None = None):
         self._pg = pg
+        self._end = None if deadline_s is None else time.monotonic() + deadline_s
         self._peer = CLIENT_RANK if rank == SEED_RANK else SEED_RANK
         self._timeout = timeout
         self._device = device
@@ -219,6 +224,12 @@ class GroupLink:
     def abort(self, reason: str) -> None:
         pass  # the group has no message for it: the receiver's timeout ends the transfer
 
+    def keepalive(self) -> None:
+        pass  # no message for it either: a collective relay's client waits per operation
+
+    def credit(self, seconds: float) -> None:
+        pass  # each operation has its own timeout; nothing spans this side's waits
+
     def receive(self, sizes: Sequence[int]) -> Generator[torch.Tensor, None, None]:
         depth = min(RECV_DEPTH, len(sizes))
         slots = [empty_bytes(max(sizes, default=0), self._device) for _ in range(depth)]
@@ -242,8 +253,14 @@ class GroupLink:
             self._free.append(staging)
 
     def _wait(self, work: Any, what: str) -> None:
+        timeout = self._timeout
+        if self._end is not None:
+            left = self._end - time.monotonic()
+            if left <= 0:
+                raise TransferError(f"{what}: the transfer's deadline passed")
+            timeout = min(timeout, timedelta(seconds=left))
         try:
-            work.wait(self._timeout)
+            work.wait(timeout)
         except RuntimeError as e:
             raise TransferError(f"{what}: {e}") from e
 

@@ -15,9 +15,11 @@ from typing import Any
 from vllm_ascend.model_loader.netloader.addresses import AddressError, parse_address
 from vllm_ascend.model_loader.netloader.auth import MIN_SECRET_BYTES, SECRET_ENV
 from vllm_ascend.model_loader.netloader.protocol import DATA_PLANES
+from vllm_ascend.model_loader.netloader.transfer import PROGRESS_BYTES
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_BUCKET_MB = 64
+DEFAULT_MIN_RATE_MB_PER_S = 1.0
 
 
 class NetloaderConfigError(ValueError):
@@ -44,6 +46,8 @@ class NetloaderConfig:
     bucket_mb: int = DEFAULT_BUCKET_MB
     # Cap on a seed's average send rate, to protect its own traffic; None = no cap.
     send_limit_mb_per_s: float | None = None
+    # Every transfer ends within TIMEOUT plus its size at this average rate.
+    min_rate_mb_per_s: float = DEFAULT_MIN_RATE_MB_PER_S
     # Shared secret from SECRET_FILE or $NETLOADER_SECRET; kept out of repr and logs.
     secret: bytes | None = field(default=None, repr=False)
     # A speculative decoder's draft model has seeds and a listener of its own.
@@ -109,7 +113,20 @@ def parse_config(extra: Any, environ: Mapping[str, str] = os.environ) -> Netload
     for key, value in raw.items():
         name, parse = _PARSERS[key]
         fields[name] = parse(value)
-    return NetloaderConfig(**fields)
+    config = NetloaderConfig(**fields)
+    limit = config.send_limit_mb_per_s
+    if limit is not None and limit * config.timeout_s < PROGRESS_BYTES / 1e6:
+        raise NetloaderConfigError(
+            f"SEND_LIMIT_MB_PER_S {limit:g} moves less than 1 MiB in TIMEOUT "
+            f"{config.timeout_s:g} s, which clients count as no progress; raise one of them"
+        )
+    if limit is not None and limit < config.min_rate_mb_per_s:
+        raise NetloaderConfigError(
+            f"SEND_LIMIT_MB_PER_S {limit:g} is below MIN_RATE_MB_PER_S "
+            f"{config.min_rate_mb_per_s:g}: clients would give up on this seed's transfers; "
+            f"lower MIN_RATE_MB_PER_S (on seeds and clients) below the send limit"
+        )
+    return config
 
 
 def _read_config_file(path: Any) -> dict[str, Any]:
@@ -199,6 +216,14 @@ def _parse_send_limit(value: Any) -> float:
     return float(value)
 
 
+def _parse_min_rate(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise NetloaderConfigError(
+            f"MIN_RATE_MB_PER_S must be a positive number of MB/s, got {value!r}"
+        )
+    return float(value)
+
+
 def _parse_relay(value: Any) -> bool:
     if not isinstance(value, bool):
         raise NetloaderConfigError(f"RELAY must be true or false, got {value!r}")
@@ -255,6 +280,7 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "TIMEOUT": ("timeout_s", _parse_timeout),
     "BUCKET_MB": ("bucket_mb", _parse_bucket_mb),
     "SEND_LIMIT_MB_PER_S": ("send_limit_mb_per_s", _parse_send_limit),
+    "MIN_RATE_MB_PER_S": ("min_rate_mb_per_s", _parse_min_rate),
     "DRAFT_SOURCE": ("draft_sources", functools.partial(_parse_sources, key="DRAFT_SOURCE")),
     "RELAY": ("relay", _parse_relay),
     "DATA_PLANE": ("data_plane", _parse_data_plane),

@@ -125,14 +125,19 @@ def _short(value: Any) -> str:
     return text if len(text) <= 100 else text[:97] + "..."
 
 
-def weight_files(model_path: str, revision: str | None = None) -> list[str]:
+def weight_files(
+    model_path: str, revision: str | None = None, cache_dir: str | None = None
+) -> list[str]:
     """The checkpoint files vLLM's default loader would read for ``model_path``, found
     on this node only (never downloaded); [] when there are none.
 
     A local directory is searched as vLLM does (safetensors first, filtered by the
-    index; else .bin/.pt without training state); a hub id is looked up in the local
-    hub cache."""
-    folder = model_path if os.path.isdir(model_path) else _cached_snapshot(model_path, revision)
+    index; else .bin/.pt without training state); a hub id is looked up in the hub
+    cache the default loader uses (``--download-dir``, else the default cache)."""
+    folder = (
+        model_path if os.path.isdir(model_path)
+        else _cached_snapshot(model_path, revision, cache_dir)
+    )
     if folder is None:
         return []
     for pattern in _WEIGHT_PATTERNS:
@@ -216,11 +221,13 @@ def _in_safetensors_index(files: list[str], folder: str) -> list[str]:
     return [f for f in files if f in named]
 
 
-def _cached_snapshot(repo_id: str, revision: str | None) -> str | None:
+def _cached_snapshot(repo_id: str, revision: str | None, cache_dir: str | None) -> str | None:
     try:
         from huggingface_hub import snapshot_download
 
-        return str(snapshot_download(repo_id, revision=revision, local_files_only=True))
+        return str(snapshot_download(
+            repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True
+        ))
     except (ImportError, OSError, ValueError):
         # Not in the local cache (LocalEntryNotFoundError is both), or not a hub id.
         return None

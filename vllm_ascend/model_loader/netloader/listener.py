@@ -1,11 +1,14 @@
 """Accepting connections for a seed: bounded, and impossible to kill from outside.
 
 Each connection runs ``handle(connection)`` in a thread of its own. At most
-``max_connections`` are open at once; when a new one arrives at the bound, the
-oldest connection still in its handshake (one that has not ``settle``d) is closed
-to make room, so idle or dripping peers cannot lock out a client that answers at
-once. If every open connection has settled (transfers, bounded by the seed), the
-new one is closed.
+``max_connections`` are open at once; when a new one arrives at the bound, a
+connection still in its handshake (one that has not ``settle``d) is closed to make
+room: the oldest of the peer host that has the most of them, so idle or dripping
+peers lock out neither a client that answers at once nor the other hosts. If every
+open connection has settled (transfers, bounded by the seed), the new one is closed.
+New connections are accepted at most ``ACCEPT_RATE`` per second (bursts of
+``ACCEPT_BURST``): a flood of connections waits in the kernel's backlog instead of
+costing the serving worker a thread start each.
 
 ``accept`` failures (EMFILE when the process is out of descriptors, ECONNABORTED,
 ENOBUFS...) and threads that cannot start are transient: the loop logs them (at
@@ -18,11 +21,14 @@ import errno
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from vllm.logger import logger
 
 MAX_CONNECTIONS = 32
+ACCEPT_RATE = 200.0
+ACCEPT_BURST = 64
 _ACCEPT_POLL_S = 0.5
 _MAX_BACKOFF_S = 1.0
 _LOG_EVERY_S = 10.0
@@ -33,9 +39,10 @@ class Connection:
     handler calls ``settle``; closing happens under a lock, so a socket is never
     shut down after its descriptor was released and reused."""
 
-    def __init__(self, sock: socket.socket, peer: str):
+    def __init__(self, sock: socket.socket, peer: str, host: str = ""):
         self.sock = sock
         self.peer = peer
+        self.host = host
         self.opened = time.monotonic()
         self._lock = threading.Lock()
         self._settled = False
@@ -45,6 +52,11 @@ class Connection:
         """The handshake is over: from now on the listener leaves this connection be."""
         with self._lock:
             self._settled = True
+
+    @property
+    def settled(self) -> bool:
+        with self._lock:
+            return self._settled
 
     def evict(self) -> bool:
         """Shut an unsettled connection down (its handler then sees the end of it)."""
@@ -85,6 +97,8 @@ class Listener:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._last_log = 0.0
+        self._tokens = float(ACCEPT_BURST)
+        self._refilled = time.monotonic()
         self.evicted = 0
         self.dropped = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -116,6 +130,9 @@ class Listener:
 
     def _accept_one(self, backoff: float) -> float:
         """Accept and admit one connection; returns how long to back off (0: none)."""
+        wait = self._take_token()
+        if wait:
+            return wait
         try:
             sock, addr = self._sock.accept()
         except TimeoutError:
@@ -135,7 +152,7 @@ class Listener:
             return backoff
         host, port = addr[0], addr[1]
         peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if self._admit(Connection(sock, peer)):
+        if self._admit(Connection(sock, peer, host)):
             return 0.0
         return min(max(2 * backoff, 0.05), _MAX_BACKOFF_S)
 
@@ -152,19 +169,35 @@ class Listener:
             self._spawn(
                 target=self._run_handler, args=(conn,), name=f"{self._name}-conn", daemon=True
             ).start()
-        except RuntimeError as e:  # "can't start new thread": out of memory or a limit
+        except Exception as e:  # noqa: BLE001 - "can't start new thread" (RuntimeError) or a broken spawn: one connection lost, never the loop
             self._forget(conn)
             conn.close()
             self._log_transient("cannot start a connection thread", e, 0)
             return False
         return True
 
+    def _take_token(self) -> float:
+        """Take one accept from the rate limit; 0, or how long until one is there."""
+        now = time.monotonic()
+        self._tokens = min(float(ACCEPT_BURST),
+                           self._tokens + (now - self._refilled) * ACCEPT_RATE)
+        self._refilled = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        return (1 - self._tokens) / ACCEPT_RATE
+
     def _evict_oldest(self) -> bool:
-        for old in sorted(self._live, key=lambda c: c.opened):
-            if old.evict():
-                self._live.remove(old)
-                self.evicted += 1
-                return True
+        """Close the oldest unsettled connection of the host that has the most
+        unsettled ones (called with ``_lock`` held)."""
+        unsettled = [c for c in self._live if not c.settled]
+        per_host = Counter(c.host for c in unsettled)
+        for host, _ in per_host.most_common():
+            for old in sorted((c for c in unsettled if c.host == host), key=lambda c: c.opened):
+                if old.evict():
+                    self._live.remove(old)
+                    self.evicted += 1
+                    return True
         return False
 
     def _run_handler(self, conn: Connection) -> None:

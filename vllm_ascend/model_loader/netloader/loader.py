@@ -125,7 +125,9 @@ class NetloaderModelLoader(BaseModelLoader):
     def _identity_of(self, model_config: ModelConfig) -> dict[str, Any]:
         # MODEL names the served model; a draft is always named by its own path.
         name = (self.config.model if self._role == TARGET else None) or model_config.model
-        files = weight_files(model_config.model, model_config.revision)
+        files = weight_files(
+            model_config.model, model_config.revision, self.load_config.download_dir
+        )
         checkpoint = None
         if files:
             t0 = time.perf_counter()
@@ -214,6 +216,7 @@ class NetloaderModelLoader(BaseModelLoader):
             expected_fingerprint=self.config.expected_fingerprint,
             data_plane=self._data_plane(),
             device=self._device,
+            min_rate_bytes_per_s=self.config.min_rate_mb_per_s * 1e6,
         )
 
     def _seed_settings(self, host: str) -> SeedSettings:
@@ -230,6 +233,7 @@ class NetloaderModelLoader(BaseModelLoader):
             output_prefix=listener_for(self.config, self._rank, self._role)[1],
             data_plane=self._data_plane(),
             device=self._device,
+            min_rate_bytes_per_s=self.config.min_rate_mb_per_s * 1e6,
         )
 
     def _data_plane(self) -> str:

@@ -44,13 +44,16 @@ MANIFEST_BYTES_PER_TENSOR = 512
 DATA_MAGIC = b"NLDB"
 _DATA_HEADER = struct.Struct("!4sIQ")
 ABORT = 0xFFFFFFFF
+KEEPALIVE = 0xFFFFFFFE
 MAX_ABORT_REASON_BYTES = 1024
 # How long, and how much, a last message waits for the peer to stop sending.
 _LINGER_S = 1.0
 _LINGER_BYTES = 1 << 20
-_NONCE = re.compile(r"^[0-9a-f]{32}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_MAX_REASON_CHARS = 2000
+_NONCE = re.compile(r"[0-9a-f]{32}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# A reason read from a peer, as it may appear in a log line; one this side sends stays
+# far below MAX_REQUEST_BYTES even when every character needs a 6-byte JSON escape.
+_MAX_REASON_CHARS = 1000
 
 # Message types. A connection opens with the seed's CHALLENGE; the client then sends
 # HELLO (to receive weights), INFO (what the seed serves) or MANIFEST (the seed's
@@ -156,7 +159,7 @@ def recv_msg(
         raise ProtocolError("frame is not a JSON object with a string 'type'")
     if expect is not None and msg["type"] != expect:
         detail = f": {text(msg, 'reason')}" if msg["type"] == REFUSE else ""
-        raise ProtocolError(f"expected '{expect}', got '{msg['type'][:40]}'{detail}")
+        raise ProtocolError(f"expected '{expect}', got '{clean(msg['type'], 40)}'{detail}")
     return msg
 
 
@@ -196,6 +199,10 @@ def data_header(index: int, length: int) -> bytes:
     return _DATA_HEADER.pack(DATA_MAGIC, index, length)
 
 
+def keepalive_frame() -> bytes:
+    return _DATA_HEADER.pack(DATA_MAGIC, KEEPALIVE, 0)
+
+
 def abort_frame(reason: str) -> bytes:
     payload = reason.encode()[:MAX_ABORT_REASON_BYTES]
     return _DATA_HEADER.pack(DATA_MAGIC, ABORT, len(payload)) + payload
@@ -206,22 +213,26 @@ DATA_HEADER_BYTES = _DATA_HEADER.size
 
 def parse_data_header(
     header: bytes, index: int, length: int, sock: socket.socket, deadline: Deadline
-) -> None:
-    """Check a bucket header against the plan (bucket ``index`` of ``length`` bytes).
-    An abort frame raises ``ProtocolError`` with the sender's reason."""
+) -> bool:
+    """Check a bucket header against the plan (bucket ``index`` of ``length`` bytes);
+    True if it is a keepalive instead (the bucket's header comes next). An abort frame
+    raises ``ProtocolError`` with the sender's reason."""
     magic, got_index, got_length = _DATA_HEADER.unpack(header)
     if magic != DATA_MAGIC:
         raise ProtocolError(f"bucket {index}: bad data magic {magic!r}")
+    if (got_index, got_length) == (KEEPALIVE, 0):
+        return True
     if got_index == ABORT:
         if got_length > MAX_ABORT_REASON_BYTES:
             raise ProtocolError(f"bucket {index}: sender aborted with an over-long reason")
-        reason = recv_exact(sock, got_length, deadline).decode(errors="replace")
+        reason = clean(recv_exact(sock, got_length, deadline).decode(errors="replace"))
         raise ProtocolError(f"sender aborted at bucket {index}: {reason}")
     if (got_index, got_length) != (index, length):
         raise ProtocolError(
             f"bucket {got_index} of {got_length} bytes where the plan has bucket {index} "
             f"of {length} bytes"
         )
+    return False
 
 
 # --- field checks ------------------------------------------------------------------
@@ -241,8 +252,15 @@ def optional_field(msg: dict[str, Any], name: str, kind: type) -> Any:
 
 
 def text(msg: dict[str, Any], name: str) -> str:
-    """A free-text field (a reason) for logs: any type, shortened."""
-    return str(msg.get(name))[:_MAX_REASON_CHARS]
+    """A free-text field (a reason) for logs: any type, shortened, and printable ASCII
+    (a peer's newlines or lone surrogates never reach a log line as such)."""
+    return clean(msg.get(name))
+
+
+def clean(value: Any, limit: int = _MAX_REASON_CHARS) -> str:
+    """``str(value)`` cut to ``limit`` characters, non-printable ones escaped."""
+    raw = str(value)[:limit]
+    return "".join(c if c.isprintable() and c.isascii() else ascii(c)[1:-1] for c in raw)
 
 
 def port_field(msg: dict[str, Any], name: str) -> int | None:
@@ -254,7 +272,7 @@ def port_field(msg: dict[str, Any], name: str) -> int | None:
 
 def sha256_field(msg: dict[str, Any], name: str, optional: bool = False) -> str | None:
     value = optional_field(msg, name, str) if optional else field(msg, name, str)
-    if value is not None and not _SHA256.match(value):
+    if value is not None and not _SHA256.fullmatch(value):
         raise ProtocolError(f"'{msg.get('type')}' field '{name}' is not a sha256 hex digest")
     return value
 
@@ -269,7 +287,7 @@ def challenge(nonce: str, auth: bool) -> dict[str, Any]:
 def parse_challenge(msg: dict[str, Any]) -> tuple[str, bool]:
     """(seed nonce, whether the seed requires the shared secret)."""
     nonce = field(msg, "nonce", str)
-    if not _NONCE.match(nonce):
+    if not _NONCE.fullmatch(nonce):
         raise ProtocolError("challenge nonce is not 32 hex digits")
     return nonce, msg.get("auth") is True
 
@@ -340,11 +358,11 @@ def manifest_request() -> dict[str, Any]:
 def parse_request(msg: dict[str, Any]) -> Request:
     kind = msg["type"]
     if kind not in REQUESTS:
-        raise ProtocolError(f"expected one of {', '.join(REQUESTS)}, got '{kind[:40]}'")
+        raise ProtocolError(f"expected one of {', '.join(REQUESTS)}, got '{clean(kind, 40)}'")
     nonce = field(msg, "nonce", str)
-    if not _NONCE.match(nonce):
+    if not _NONCE.fullmatch(nonce):
         raise ProtocolError("request nonce is not 32 hex digits")
-    proof = optional_field(msg, "proof", str)
+    proof = sha256_field(msg, "proof", optional=True)
     identity = manifest = None
     planes: tuple[str, ...] = ()
     if kind == HELLO:
@@ -374,7 +392,8 @@ def parse_redirect(msg: dict[str, Any]) -> tuple[str, str]:
     checked as strictly as a SOURCE entry."""
     relay = field(msg, "relay", str)
     try:
-        parse_address(relay, key="redirect")
+        # A seed names a relay by the address it saw the relay connect from: an IP.
+        parse_address(relay, key="redirect", ip_only=True)
     except AddressError as e:
         raise ProtocolError(str(e)) from e
     return relay, sha256_field(msg, "value_fingerprint") or ""
@@ -408,7 +427,9 @@ def parse_accept(
     """Check an accept against what this client asked for: one digest per tensor of
     its manifest, a bucket size in (0, max_bucket_bytes], a data plane it offered."""
     digests = field(msg, "digests", list)
-    if len(digests) != tensors or not all(isinstance(d, str) and len(d) == 64 for d in digests):
+    if len(digests) != tensors or not all(
+        isinstance(d, str) and _SHA256.fullmatch(d) for d in digests
+    ):
         raise ProtocolError(
             f"accept carries {len(digests)} digests (or malformed ones) for {tensors} tensors"
         )
@@ -417,7 +438,7 @@ def parse_accept(
         raise ProtocolError(f"accept carries a bucket size of {bucket_bytes} bytes")
     plane = field(msg, "data_plane", str)
     if plane not in offered:
-        raise ProtocolError(f"accept names data plane {plane[:40]!r}, not one offered")
+        raise ProtocolError(f"accept names data plane '{clean(plane, 40)}', not one offered")
     return Accept(digests, bucket_bytes, plane, sha256_field(msg, "checkpoint", optional=True))
 
 

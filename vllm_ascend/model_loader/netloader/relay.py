@@ -11,6 +11,7 @@ instance's seed (``SeedServer.promote``).
 
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -28,22 +29,29 @@ class RelayStalled(Exception):
 
 class RelayProgress:
     """How many leading tensors (in manifest order) a relay's own fetch has verified,
-    or why it failed; what the relay's senders wait on."""
+    whether its bytes still arrive, or why it failed; what the relay's senders wait on."""
 
     def __init__(self, total: int):
         self._total = total
         self._ready = 0
         self._failure: str | None = None
+        self._last_bytes = time.monotonic()
         self._cond = threading.Condition()
+
+    def arrived(self, nbytes: int) -> None:
+        """The fetch received ``nbytes`` more (called for every read: no lock taken)."""
+        self._last_bytes = time.monotonic()
 
     def verified(self, count: int) -> None:
         """The first ``count`` tensors now hold bytes that matched their digests."""
         with self._cond:
             self._ready = max(self._ready, count)
+            self._last_bytes = time.monotonic()
             self._cond.notify_all()
 
     def fail(self, reason: str) -> None:
-        """The relay's own fetch failed: tensors not yet verified never will be."""
+        """The relay's own fetch failed: tensors not yet verified never will be, and
+        the ones that were may be overwritten by the disk load."""
         with self._cond:
             self._failure = reason
             self._cond.notify_all()
@@ -51,27 +59,35 @@ class RelayProgress:
     @property
     def complete(self) -> bool:
         with self._cond:
-            return self._ready == self._total
+            return self._ready == self._total and self._failure is None
 
     @property
     def failure(self) -> str | None:
         with self._cond:
             return self._failure
 
-    def wait_ready(self, count: int, timeout_s: float) -> None:
-        """Block until the first ``count`` tensors are verified. Raises ``RelayStalled``
-        if the fetch failed first, or made no progress for ``timeout_s``."""
-        with self._cond:
-            while self._ready < count:
+    def wait_ready(
+        self, count: int, timeout_s: float, keepalive: Callable[[], None] = lambda: None
+    ) -> None:
+        """Block until the first ``count`` tensors are verified, calling ``keepalive``
+        about every ``timeout_s / 4`` while the fetch's bytes still arrive. Raises
+        ``RelayStalled`` if the fetch failed, or no byte arrived for ``timeout_s``."""
+        while True:
+            with self._cond:
                 if self._failure is not None:
                     raise RelayStalled(f"relay's own transfer failed: {self._failure}")
-                before = self._ready
-                self._cond.wait(timeout_s)
-                if self._ready == before and self._failure is None:
+                if self._ready >= count:
+                    return
+                self._cond.wait(timeout_s / 4)
+                if self._failure is not None or self._ready >= count:
+                    continue
+                silent = time.monotonic() - self._last_bytes
+                if silent > timeout_s:
                     raise RelayStalled(
-                        f"relay's own transfer made no progress for {timeout_s:g} s "
+                        f"relay's own transfer made no progress for {silent:.0f} s "
                         f"({self._ready} of {self._total} tensors verified)"
                     )
+            keepalive()  # outside the lock: it writes to a client
 
 
 # (weights, progress, bound listening socket, the upstream seed's checkpoint fingerprint)

@@ -53,10 +53,13 @@ from vllm_ascend.model_loader.netloader.relay import RelayProgress, RelayStalled
 from vllm_ascend.model_loader.netloader.stream import StreamLink
 from vllm_ascend.model_loader.netloader.transfer import (
     BUCKET_BYTES,
+    DEFAULT_MIN_RATE_BYTES_PER_S,
     Link,
     Pacer,
     TransferError,
+    WaitReady,
     send_weights,
+    transfer_deadline_s,
     use_device,
 )
 
@@ -84,6 +87,9 @@ class SeedSettings:
     # current device is device 0, whatever the worker uses.
     device: torch.device = torch.device("cpu")
     max_transfers: int = MAX_CONCURRENT_TRANSFERS
+    # A transfer ends within TIMEOUT plus its size at this rate (MIN_RATE_MB_PER_S), or
+    # at the send cap if that is lower: a slow reader cannot hold a slot for long.
+    min_rate_bytes_per_s: float = DEFAULT_MIN_RATE_BYTES_PER_S
 
     @property
     def who(self) -> str:
@@ -310,20 +316,27 @@ class SeedServer:
             deadline,
         )
         pacer = Pacer(settings.send_limit_bytes_per_s)
-        wait_ready = None
+        rate = min(settings.min_rate_bytes_per_s,
+                   settings.send_limit_bytes_per_s or settings.min_rate_bytes_per_s)
+        deadline_s = transfer_deadline_s(weights.total_bytes, settings.timeout_s, rate)
+        wait_ready: WaitReady | None = None
         with self._lock:
             progress = self._progress
         if progress is not None:
-            wait_ready = lambda n: progress.wait_ready(n, settings.timeout_s)  # noqa: E731
+            def wait_ready(n: int, keepalive: Any) -> None:
+                assert progress is not None
+                progress.wait_ready(n, settings.timeout_s, keepalive)
+
         start = time.perf_counter()
         if plane == TCP:
-            sent = self._send_on(StreamLink(conn.sock, settings.timeout_s, weights.total_bytes,
-                                            pacer), wait_ready)
+            link = StreamLink(conn.sock, settings.timeout_s, weights.total_bytes, pacer,
+                              deadline_s)
+            sent = self._send_on(link, wait_ready)
         else:
             setup = Deadline(settings.handshake_s, f"group set-up with {conn.peer}")
             with group_link(conn.sock, SEED_RANK, settings.timeout_s, settings.device, setup,
-                            pacer) as link:
-                sent = self._send_on(link, wait_ready)
+                            pacer, deadline_s) as group:
+                sent = self._send_on(group, wait_ready)
         seconds = time.perf_counter() - start
         done = recv_msg(conn.sock, Deadline(settings.timeout_s, f"'done' from {conn.peer}"),
                         MAX_REQUEST_BYTES, expect=DONE)
@@ -336,7 +349,7 @@ class SeedServer:
         )
         return verified
 
-    def _send_on(self, link: Link, wait_ready: Any) -> int:
+    def _send_on(self, link: Link, wait_ready: WaitReady | None) -> int:
         try:
             return send_weights(
                 link, self.weights.tensors, self.weights.specs, self.settings.bucket_bytes,

@@ -16,7 +16,8 @@ idle while the host hashes. Device tensors go through host memory on both sides.
 import queue
 import socket
 import threading
-from collections.abc import Generator, Sequence
+import time
+from collections.abc import Callable, Generator, Sequence
 
 import torch
 
@@ -27,6 +28,7 @@ from vllm_ascend.model_loader.netloader.protocol import (
     ProtocolError,
     abort_frame,
     data_header,
+    keepalive_frame,
     parse_data_header,
 )
 from vllm_ascend.model_loader.netloader.transfer import (
@@ -37,44 +39,67 @@ from vllm_ascend.model_loader.netloader.transfer import (
 )
 
 RECV_DEPTH = 2
-# The most one send or receive call moves, so pacing and progress checks stay fine-grained.
-_CHUNK = 1 << 20
+# A paced sender's step: small, so that a capped rate reaches the receiver as a steady
+# flow, not as bursts with silences longer than its no-progress window.
+_PACED_CHUNK = 64 << 10
 _CPU = torch.device("cpu")
 
 
 class StreamLink:
-    """One transfer's bulk data on ``sock``; ``timeout_s`` is the no-progress limit
-    (see ``transfer.Progress``) and ``pacer`` caps the sender's rate."""
+    """One transfer's bulk data on ``sock``. ``timeout_s`` is the no-progress limit and
+    ``deadline_s`` the transfer's wall-clock bound (see ``transfer.Progress``);
+    ``pacer`` caps the sender's rate; ``on_bytes(n)`` hears of every ``n`` bytes received
+    (a relay's own fetch tells its senders that it still moves)."""
 
-    def __init__(self, sock: socket.socket, timeout_s: float, total_bytes: int,
-                 pacer: Pacer | None = None):
+    def __init__(
+        self,
+        sock: socket.socket,
+        timeout_s: float,
+        total_bytes: int,
+        pacer: Pacer | None = None,
+        deadline_s: float | None = None,
+        on_bytes: Callable[[int], None] | None = None,
+    ):
         self._sock = sock
         self._timeout_s = timeout_s
         self._total = total_bytes
         self._pacer = pacer or Pacer(None)
+        self._deadline_s = deadline_s
+        self._on_bytes = on_bytes
         self._send_progress: Progress | None = None
 
     # --- sending ---------------------------------------------------------------------
 
-    def send_bucket(self, index: int, tensors: Sequence[torch.Tensor], nbytes: int) -> None:
+    def _sending(self) -> Progress:
         if self._send_progress is None:
-            self._send_progress = Progress(self._timeout_s, self._total, "sending")
-        progress = self._send_progress
-        progress.restart()  # time spent waiting for the bucket (a relay) is not the peer's
+            self._send_progress = Progress(
+                self._timeout_s, self._total, "sending", self._deadline_s
+            )
+        return self._send_progress
+
+    def send_bucket(self, index: int, tensors: Sequence[torch.Tensor], nbytes: int) -> None:
+        progress = self._sending()
         self._send(memoryview(data_header(index, nbytes)), progress, count=False)
+        paced = self._pacer.rate is not None
         for t in tensors:
             data = byte_view(t)
             if data.device.type != "cpu":
                 data = data.to(_CPU)
             view = _buffer(data)
-            for start in range(0, len(view), _CHUNK):
-                chunk = view[start : start + _CHUNK]
+            step = _PACED_CHUNK if paced else max(len(view), 1)
+            for start in range(0, len(view), step):
+                chunk = view[start : start + step]
                 self._send(chunk, progress)
-                self._pacer.sent(len(chunk))
-                progress.restart()  # a paced sender's sleep is its own
+                progress.credit(self._pacer.sent(len(chunk)))  # a paced sleep is this side's
 
     def flush(self) -> None:
         pass  # send_bucket returns once the kernel has every byte
+
+    def keepalive(self) -> None:
+        self._send(memoryview(keepalive_frame()), self._sending(), count=False)
+
+    def credit(self, seconds: float) -> None:
+        self._sending().credit(seconds)
 
     def abort(self, reason: str) -> None:
         """Tell the receiver this sender cannot go on (best effort, short deadline)."""
@@ -139,29 +164,35 @@ class StreamLink:
         filled: "queue.Queue[tuple[torch.Tensor, int] | BaseException]",
         stop: threading.Event,
     ) -> None:
-        progress = Progress(self._timeout_s, self._total, "receiving")
+        progress = Progress(self._timeout_s, self._total, "receiving", self._deadline_s)
         try:
             for index, size in enumerate(sizes):
+                t0 = time.monotonic()
                 slot = free.get()
                 if stop.is_set():
                     return
-                progress.restart()  # waiting for a free buffer is this side's own time
-                header = bytearray(DATA_HEADER_BYTES)
-                self._recv_into(memoryview(header), progress, count=False)
-                parse_data_header(
-                    bytes(header), index, size, self._sock, Deadline(self._timeout_s, "abort")
-                )
+                progress.credit(time.monotonic() - t0)  # all buffers being verified: ours
+                while self._header(index, size, progress):
+                    progress.alive()  # a relay waiting on its own fetch, which still moves
                 self._recv_into(_buffer(slot[:size]), progress)
                 filled.put((slot, size))
         except Exception as e:  # noqa: BLE001 - thread top level: every failure reaches the caller
             filled.put(e if not stop.is_set() else TransferError("stopped"))
+
+    def _header(self, index: int, size: int, progress: Progress) -> bool:
+        """Read and check the next data header; True if it was a keepalive."""
+        header = bytearray(DATA_HEADER_BYTES)
+        self._recv_into(memoryview(header), progress, count=False)
+        return parse_data_header(
+            bytes(header), index, size, self._sock, Deadline(self._timeout_s, "abort reason")
+        )
 
     def _recv_into(self, view: memoryview, progress: Progress, count: bool = True) -> None:
         got = 0
         while got < len(view):
             self._sock.settimeout(progress.time_left())
             try:
-                k = self._sock.recv_into(view[got:], min(len(view) - got, _CHUNK))
+                k = self._sock.recv_into(view[got:])
             except TimeoutError:
                 continue  # time_left() decides whether the window moved enough
             if k == 0:
@@ -169,6 +200,8 @@ class StreamLink:
             got += k
             if count:
                 progress.moved(k)
+                if self._on_bytes is not None:
+                    self._on_bytes(k)
 
 
 def _buffer(t: torch.Tensor) -> memoryview:

@@ -7,7 +7,10 @@ side checks every tensor's digest before a byte of it reaches the model.
 
 "No progress" is the bulk data's timeout: a transfer fails once ``timeout_s``
 passes without ``PROGRESS_BYTES`` moving (or the rest of the transfer, if less is
-left). A slow link with a huge tensor keeps going; a peer that drips is cut off.
+left). A slow link with a huge tensor keeps going; a peer that drips is cut off. And
+every transfer has a wall-clock deadline, ``transfer_deadline_s``: ``timeout_s`` plus
+its size at the minimum average rate (MIN_RATE_MB_PER_S), so a peer that moves just
+enough to count as progress still cannot hold a transfer (or a seed's slot) for long.
 """
 
 import time
@@ -27,6 +30,7 @@ from vllm_ascend.model_loader.netloader.manifest import (
 
 BUCKET_BYTES = 64 * 1024 * 1024
 PROGRESS_BYTES = 1 << 20
+DEFAULT_MIN_RATE_BYTES_PER_S = 1e6
 
 
 class TransferError(Exception):
@@ -44,6 +48,13 @@ class Link(Protocol):
 
     def abort(self, reason: str) -> None:
         """Tell the receiver, if the plane can, that this sender cannot go on."""
+
+    def keepalive(self) -> None:
+        """Tell the receiver, if the plane can, that this sender is waiting on a
+        transfer of its own that still moves (a relay): not silence."""
+
+    def credit(self, seconds: float) -> None:
+        """``seconds`` this side spent waiting on itself, not on the peer."""
 
     def receive(self, sizes: Sequence[int]) -> Generator[torch.Tensor, None, None]:
         """Yield each bucket's bytes as a flat uint8 tensor, in order; a yielded tensor
@@ -65,37 +76,66 @@ class Pacer:
     report each chunk sent, and ``sent`` sleeps as long as the sender is ahead."""
 
     def __init__(self, bytes_per_s: float | None):
-        self._rate = bytes_per_s
+        self.rate = bytes_per_s
         self._start = time.monotonic()
         self._sent = 0
 
-    def sent(self, nbytes: int) -> None:
+    def sent(self, nbytes: int) -> float:
+        """Account for ``nbytes`` sent; returns the seconds slept to keep the rate."""
         self._sent += nbytes
-        if self._rate is not None:
-            time.sleep(max(0.0, self._start + self._sent / self._rate - time.monotonic()))
+        if self.rate is None:
+            return 0.0
+        pause = max(0.0, self._start + self._sent / self.rate - time.monotonic())
+        time.sleep(pause)
+        return pause
+
+
+def transfer_deadline_s(total_bytes: int, timeout_s: float, min_rate_bytes_per_s: float) -> float:
+    """The wall-clock bound of a transfer of ``total_bytes``: ``timeout_s`` plus the
+    time it takes at the minimum average rate."""
+    return timeout_s + total_bytes / min_rate_bytes_per_s
 
 
 class Progress:
-    """The "no progress for ``timeout_s``" rule for one direction of one transfer.
+    """The "no progress for ``timeout_s``" rule for one direction of one transfer, and
+    its wall-clock deadline (``deadline_s`` from now; None: none).
 
     Time is cut into windows of ``timeout_s``; each must move ``PROGRESS_BYTES`` or
-    everything still left. ``restart`` opens a fresh window after this side waited on
-    itself (a relay waiting for its own fetch, a paced sender sleeping)."""
+    everything still left. ``credit`` moves the window's end by time this side spent
+    waiting on itself (a paced sender sleeping, a relay waiting for its own fetch, a
+    receiver whose buffers are all being verified); ``alive`` opens a fresh window when
+    the peer says it waits on a transfer of its own that still moves (a keepalive)."""
 
-    def __init__(self, timeout_s: float, total_bytes: int, what: str):
+    def __init__(
+        self, timeout_s: float, total_bytes: int, what: str, deadline_s: float | None = None
+    ):
         self.timeout_s = timeout_s
         self._left = total_bytes
         self._what = what
+        self._deadline_s = deadline_s
+        self._end = None if deadline_s is None else time.monotonic() + deadline_s
         self.restart()
 
     def restart(self) -> None:
         self._window_end = time.monotonic() + self.timeout_s
         self._needed = min(PROGRESS_BYTES, self._left)
 
+    def alive(self) -> None:
+        self.restart()
+
+    def credit(self, seconds: float) -> None:
+        self._window_end += seconds
+
     def time_left(self) -> float:
-        """Seconds until the current window ends (> 0); raises ``TransferError`` at the
-        end of a window that moved too little, else opens the next one."""
+        """Seconds until the current window (or the deadline) ends (> 0); raises
+        ``TransferError`` past the deadline, or at the end of a window that moved too
+        little (else it opens the next one)."""
         now = time.monotonic()
+        if self._end is not None and now >= self._end:
+            raise TransferError(
+                f"{self._what}: not done within {self._deadline_s:.0f} s (TIMEOUT plus the "
+                f"size at MIN_RATE_MB_PER_S; {self._left} bytes still to move)"
+            )
         if now >= self._window_end:
             if self._needed > 0:
                 raise TransferError(
@@ -103,7 +143,10 @@ class Progress:
                     f"({self._left} bytes still to move)"
                 )
             self.restart()
-        return max(self._window_end - now, 1e-3)
+        left = self._window_end - now
+        if self._end is not None:
+            left = min(left, self._end - now)
+        return max(left, 1e-3)
 
     def moved(self, nbytes: int) -> None:
         self._left -= nbytes
@@ -115,21 +158,28 @@ def bucket_sizes(specs: Sequence[TensorSpec], bucket_bytes: int) -> list[int]:
     return [sum(specs[i].nbytes for i in b) for b in plan_buckets(specs, bucket_bytes)]
 
 
+# A relay's gate: wait_ready(n, keepalive) returns once its first n tensors hold
+# verified bytes (or raises), calling keepalive() now and then while it waits.
+WaitReady = Callable[[int, Callable[[], None]], None]
+
+
 def send_weights(
     link: Link,
     tensors: Sequence[torch.Tensor],
     specs: Sequence[TensorSpec],
     bucket_bytes: int,
-    wait_ready: Callable[[int], None] | None = None,
+    wait_ready: WaitReady | None = None,
 ) -> int:
     """Send ``tensors`` in manifest order, bucket by bucket; returns the bytes sent.
 
-    A relay passes ``wait_ready(n)``, which returns once its first ``n`` tensors hold
-    verified bytes (or raises): each bucket leaves as soon as its own transfer has it."""
+    A relay passes ``wait_ready``: each bucket leaves as soon as its own transfer has
+    verified it, and the time spent waiting is the relay's, not its client's."""
     sent = 0
     for index, bucket in enumerate(plan_buckets(specs, bucket_bytes)):
         if wait_ready is not None:
-            wait_ready(bucket[-1] + 1)
+            t0 = time.monotonic()
+            wait_ready(bucket[-1] + 1, link.keepalive)
+            link.credit(time.monotonic() - t0)
         nbytes = sum(specs[i].nbytes for i in bucket)
         link.send_bucket(index, [tensors[i] for i in bucket], nbytes)
         sent += nbytes
