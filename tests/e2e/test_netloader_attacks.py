@@ -265,3 +265,63 @@ def test_seed_and_client_on_ipv6_loopback(model, workdir, seed, disk_tensors):
     (info,) = report["seeds"]
     assert info["loaded_from"] == f"seed {address}" and info["address"].startswith("[::1]:")
     assert_equal_tensors(tensors, disk_tensors)
+
+
+def test_a_connection_flood_does_not_hold_up_completions(seed):
+    """Connections opened and dropped as fast as two threads can, for 4 s: the serving
+    worker accepts them at a bounded rate and answers its users meanwhile."""
+    server, address, reference = seed
+    host, port = address.rsplit(":", 1)
+    stop = threading.Event()
+    opened = [0, 0]
+
+    def flood(i: int) -> None:
+        while not stop.is_set():
+            try:
+                with socket.create_connection((host, int(port)), timeout=5):
+                    opened[i] += 1
+            except OSError:
+                pass
+
+    threads = [threading.Thread(target=flood, args=(i,), daemon=True) for i in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        start = time.monotonic()
+        server.completion(PROMPTS[0], max_tokens=24)
+        assert time.monotonic() - start < 3
+        assert query_seed(address, timeout_s=10)["identity"]
+    finally:
+        time.sleep(3)
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert sum(opened) > 100
+    assert_seed_serves_correctly(seed)
+
+
+def test_hostile_seeds_then_a_good_one_leave_a_vllm_client_with_the_good_ones_tensors(
+    model, workdir, seed, disk_tensors
+):
+    """A redirect to a host with a 64-character label, a bucket size of 2**40 and a
+    bucket off the plan (before: the first escaped load_weights as UnicodeError and the
+    instance did not start), then the real seed."""
+    from tests.procs.test_attacks import HOSTILE, fake_seed
+
+    _, address, _ = seed
+    names = ["redirect to a 64-character label", "a bucket off the plan", "not a frame"]
+    fakes = [fake_seed(HOSTILE[name]) for name in names]
+    try:
+        tensors, report = dump(
+            model, workdir / "hostile.safetensors", "netloader",
+            {"SOURCE": [{"device_id": 0, "sources": [*(a for a, _ in fakes), address]}],
+             "TIMEOUT": 5},
+        )
+    finally:
+        for _, server in fakes:
+            server.close()
+    (info,) = report["seeds"]
+    assert info["loaded_from"] == f"seed {address}"
+    assert len(info["fallback_reasons"]) == len(names), info["fallback_reasons"]
+    assert_equal_tensors(tensors, disk_tensors)

@@ -40,9 +40,12 @@ from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
 SLOW_SEED = 0.5e6
 
 
-def relay_listener(timeout_s: float = 10.0, secret: bytes | None = None) -> RelayListener:
+def relay_listener(
+    timeout_s: float = 10.0, secret: bytes | None = None, min_rate: float = 1e6
+) -> RelayListener:
     settings = SeedSettings(
-        IDENTITY, 0, "127.0.0.1", timeout_s, bucket_bytes=SMALL_BUCKET, secret=secret
+        IDENTITY, 0, "127.0.0.1", timeout_s, bucket_bytes=SMALL_BUCKET, secret=secret,
+        min_rate_bytes_per_s=min_rate,
     )
 
     def make_seed(weights: LoadedWeights, progress: RelayProgress, sock: socket.socket,
@@ -298,5 +301,63 @@ def test_a_relay_sends_only_what_its_fetch_verified():
             else:
                 assert not t.any(), f"unverified {name} reached the client"
         assert not progress.complete
+    finally:
+        relay.close()
+
+
+def test_a_relay_whose_own_fetch_is_slow_but_moving_keeps_its_client():
+    # Its own fetch needs 5 s for the next bucket (one huge tensor on a slow link, say):
+    # bytes keep arriving, nothing is verified yet. Its client (TIMEOUT 2 s) hears
+    # keepalives meanwhile, so it waits instead of giving up, and gets every tensor.
+    model = make_toy(4)
+    named = model_tensors(model)
+    specs = [spec_of(n, t) for n, t in named]
+    # A minimum rate the 5 s of this slow fetch stays above, on both sides.
+    relay = relay_listener(timeout_s=2.0, min_rate=0.1e6)
+    progress = relay.begin(
+        specs, [t for _, t in named], list(LoadedWeights.capture(model).digests), None
+    )
+    first = len(plan_buckets(specs, SMALL_BUCKET)[0])
+    progress.verified(first)
+    stop = threading.Event()
+
+    def upstream() -> None:
+        end = time.monotonic() + 5
+        while time.monotonic() < end and not stop.wait(0.3):
+            progress.arrived(64 << 10)
+        progress.verified(len(specs))
+
+    feeder = threading.Thread(target=upstream, daemon=True)
+    feeder.start()
+    try:
+        client = make_toy(None)
+        fetch = fetch_for(client, timeout_s=2.0, min_rate_bytes_per_s=0.1e6)
+        start = time.monotonic()
+        received = fetch.run((f"127.0.0.1:{relay.port}",))
+        assert received is not None, fetch.reasons
+        assert time.monotonic() - start > 4  # it did wait through the slow bucket
+        assert_same_tensors(client, make_toy(4))
+    finally:
+        stop.set()
+        feeder.join(10)
+        relay.close()
+
+
+def test_a_relay_whose_own_fetch_went_silent_fails_its_client_in_bounded_time():
+    model = make_toy(4)
+    named = model_tensors(model)
+    specs = [spec_of(n, t) for n, t in named]
+    relay = relay_listener(timeout_s=2.0)
+    progress = relay.begin(
+        specs, [t for _, t in named], list(LoadedWeights.capture(model).digests), None
+    )
+    progress.verified(len(plan_buckets(specs, SMALL_BUCKET)[0]))
+    try:
+        client = make_toy(None)
+        fetch = fetch_for(client, timeout_s=30.0)
+        start = time.monotonic()
+        assert fetch.run((f"127.0.0.1:{relay.port}",)) is None
+        assert time.monotonic() - start < 10
+        assert "made no progress" in fetch.reasons[0], fetch.reasons
     finally:
         relay.close()

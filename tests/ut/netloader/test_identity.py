@@ -245,3 +245,17 @@ def test_a_difference_shows_each_value_as_python_writes_it_and_cuts_long_ones():
     assert identity_difference(identity(rank=1), identity(rank=0)) == "rank: 1 here vs 0 there"
     long = identity_difference(identity(), identity(name="m" * 500))
     assert long is not None and len(long) < 250 and long.endswith("... there")
+
+
+def test_a_hub_model_is_looked_up_in_the_download_dir_the_disk_loader_uses(tmp_path, monkeypatch):
+    """With --download-dir, the files vLLM would load are there, not in the default
+    cache: fingerprinting another snapshot would name another checkpoint."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "download-dir"
+    snapshot = cache / "models--org--model" / "snapshots" / ("1" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").write_bytes(b"")
+    (cache / "models--org--model" / "refs").mkdir()
+    (cache / "models--org--model" / "refs" / "main").write_text("1" * 40)
+    assert weight_files("org/model", cache_dir=str(cache)) == [str(snapshot / "model.safetensors")]
+    assert weight_files("org/model", cache_dir=str(tmp_path / "elsewhere")) == []

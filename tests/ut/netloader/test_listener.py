@@ -163,3 +163,40 @@ def test_a_seed_answers_info_during_a_burst_of_idle_connections():
             for s in idle:
                 s.close()
         assert query_seed(seed.address)["evicted_connections"] >= 68
+
+
+def test_a_flood_from_one_host_evicts_its_own_idle_handshakes_first():
+    started: list[Connection] = []
+
+    def wait_for_data(conn: Connection) -> None:
+        started.append(conn)
+        conn.sock.settimeout(10)
+        data = conn.sock.recv(16)
+        if data:
+            conn.sock.sendall(data)
+
+    sock = FlakySocket([])
+    listener = Listener(sock, wait_for_data, "test", max_connections=4)  # type: ignore[arg-type]
+    listener.start()
+
+    def from_host(host: str) -> socket.socket:
+        return socket.create_connection(sock.address, timeout=10, source_address=(host, 0))
+
+    quiet = from_host("127.0.0.2")  # the oldest: oldest-first eviction would pick it
+    time.sleep(0.05)
+    noisy = [from_host("127.0.0.3") for _ in range(3)]
+    try:
+        deadline = time.monotonic() + 10
+        while len(started) < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with from_host("127.0.0.4") as newcomer:
+            newcomer.sendall(b"ping")
+            assert newcomer.recv(16) == b"ping"
+        assert listener.evicted == 1
+        quiet.sendall(b"still")
+        assert quiet.recv(16) == b"still"  # the other host's handshake survived
+    finally:
+        for s in [quiet, *noisy]:
+            s.close()
+        listener.stop()

@@ -508,3 +508,40 @@ def test_an_abort_frame_with_an_overlong_reason_is_not_read(pair):
     header = struct.pack("!4sIQ", protocol.DATA_MAGIC, protocol.ABORT, 2**40)
     with pytest.raises(ProtocolError, match="over-long reason"):
         protocol.parse_data_header(header, 0, 10, b, Deadline(1, "t"))
+
+
+# --- review findings: peer strings that broke the client or the logs ----------------------
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"proof": "\ud800" * 64}, {"proof": "A" * 64}, {"nonce": "a" * 32 + "\n"},
+     {"type": "hello\n"}],
+)
+def test_a_lone_surrogate_or_a_newline_in_a_request_is_a_protocol_error(change):
+    with pytest.raises(ProtocolError):
+        protocol.parse_request({**GOOD_HELLO, **change})
+
+
+def test_a_lone_surrogate_in_a_digest_is_a_protocol_error():
+    digests = ["d" * 63 + "\ud800", "d" * 64, "d" * 64]
+    with pytest.raises(ProtocolError):
+        protocol.parse_accept(accept_of(digests=digests), 3, ("tcp",), 1 << 30)
+
+
+@pytest.mark.parametrize(
+    "relay",
+    ["[fe80::1%" + "a" * 64 + "]:7000", "[fe80::1%eth0\n]:7000", "localhost:7000",
+     "seed.example:7000"],
+)
+def test_a_redirect_names_an_ip_with_a_short_zone(relay):
+    with pytest.raises(ProtocolError):
+        protocol.parse_redirect(protocol.redirect(relay, "f" * 64))
+
+
+def test_peer_text_reaches_logs_as_printable_ascii():
+    reason = protocol.text({"reason": "a\nb\x1b[31m\ud800é" + "x" * 5000}, "reason")
+    assert reason.isascii() and reason.isprintable() and "\n" not in reason
+    assert reason.startswith("a\\nb\\x1b[31m\\ud800\\xe9") and len(reason) < 5000
+    done = protocol.done(False, "é" * 5000)
+    assert len(json.dumps(done)) < protocol.MAX_REQUEST_BYTES

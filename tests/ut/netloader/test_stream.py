@@ -196,3 +196,84 @@ def test_extra_bytes_after_the_last_bucket_are_never_read():
     assert error is None
     for got, want in zip(targets, model(1), strict=True):
         assert torch.equal(got, want)
+
+
+# --- review findings: a peer that moves just enough, and senders' windows -------------------
+
+
+def test_a_sender_that_moves_just_enough_still_meets_the_transfers_deadline():
+    # 1 MiB every 0.8 s passes a 1 s no-progress window for ever; the transfer's
+    # deadline (TIMEOUT + size at the minimum rate) still ends it.
+    from vllm_ascend.model_loader.netloader.transfer import Pacer
+
+    a, b = tcp_pair()
+
+    def slow() -> None:
+        try:
+            send_weights(StreamLink(a, 5.0, TOTAL, Pacer(PROGRESS_BYTES / 0.8)), model(1),
+                         SPECS, BUCKET)
+        except (OSError, TransferError):
+            pass  # the receiver gave up: expected
+
+    with a, b:
+        sender = in_thread(slow)
+        targets = model(None)
+        start = time.monotonic()
+        with pytest.raises(TransferError, match="not done within 2 s"):
+            recv_weights(StreamLink(b, 1.0, TOTAL, deadline_s=2.0), targets, SPECS,
+                         [digest(t) for t in model(1)], BUCKET)
+        assert time.monotonic() - start < 3
+        b.close()
+        sender.join(10)
+    assert_only_verified(targets)
+
+
+def test_a_receiver_that_reads_a_bucket_of_small_tensors_drop_by_drop_is_cut_off():
+    # Before: the sender opened a fresh window after every tensor, so a bucket of small
+    # tensors needed only one of them per window from its reader.
+    a, b = tcp_pair()
+    small = [torch.ones(2048, dtype=torch.uint8) for _ in range(2000)]  # 4 MB in one bucket
+    specs = [spec_of(f"s{i}", t) for i, t in enumerate(small)]
+    stop = threading.Event()
+
+    def sip() -> None:
+        while not stop.wait(0.05):
+            try:
+                b.recv(2048)
+            except OSError:
+                return
+
+    with a, b:
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        reader = in_thread(sip)
+        start = time.monotonic()
+        with pytest.raises(TransferError, match="sending: no progress for 1 s"):
+            send_weights(StreamLink(a, 1.0, sum(s.nbytes for s in specs)), small, specs,
+                         8 << 20)
+        assert time.monotonic() - start < 5
+        stop.set()
+        reader.join(5)
+
+
+def test_keepalives_renew_the_window_and_only_the_deadline_ends_them():
+    a, b = tcp_pair()
+    from vllm_ascend.model_loader.netloader.protocol import keepalive_frame
+
+    def keep_alive_forever() -> None:
+        try:
+            for _ in range(100):
+                a.sendall(keepalive_frame())
+                time.sleep(0.3)
+        except OSError:
+            pass
+
+    with a, b:
+        sender = in_thread(keep_alive_forever)
+        start = time.monotonic()
+        with pytest.raises(TransferError, match="not done within 3 s"):
+            recv_weights(StreamLink(b, 1.0, TOTAL, deadline_s=3.0), model(None), SPECS,
+                         [digest(t) for t in model(1)], BUCKET)
+        assert 2.5 < time.monotonic() - start < 4.5  # past three 1 s windows: renewed
+        b.close()
+        sender.join(40)

@@ -227,9 +227,6 @@ class GroupLink:
     def keepalive(self) -> None:
         pass  # no message for it either: a collective relay's client waits per operation
 
-    def credit(self, seconds: float) -> None:
-        pass  # each operation has its own timeout; nothing spans this side's waits
-
     def receive(self, sizes: Sequence[int]) -> Generator[torch.Tensor, None, None]:
         depth = min(RECV_DEPTH, len(sizes))
         slots = [empty_bytes(max(sizes, default=0), self._device) for _ in range(depth)]

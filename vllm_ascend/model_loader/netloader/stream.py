@@ -90,16 +90,13 @@ class StreamLink:
             for start in range(0, len(view), step):
                 chunk = view[start : start + step]
                 self._send(chunk, progress)
-                progress.credit(self._pacer.sent(len(chunk)))  # a paced sleep is this side's
+                self._pacer.sent(len(chunk))
 
     def flush(self) -> None:
         pass  # send_bucket returns once the kernel has every byte
 
     def keepalive(self) -> None:
         self._send(memoryview(keepalive_frame()), self._sending(), count=False)
-
-    def credit(self, seconds: float) -> None:
-        self._sending().credit(seconds)
 
     def abort(self, reason: str) -> None:
         """Tell the receiver this sender cannot go on (best effort, short deadline)."""
@@ -113,10 +110,12 @@ class StreamLink:
         sent = 0
         while sent < len(view):
             self._sock.settimeout(progress.time_left())
+            t0 = time.monotonic()
             try:
                 k = self._sock.send(view[sent:])
             except TimeoutError:
-                continue  # time_left() decides whether the window moved enough
+                k = 0  # time_left() decides whether the window moved enough
+            progress.waited(time.monotonic() - t0)
             sent += k
             if count:
                 progress.moved(k)
@@ -167,11 +166,9 @@ class StreamLink:
         progress = Progress(self._timeout_s, self._total, "receiving", self._deadline_s)
         try:
             for index, size in enumerate(sizes):
-                t0 = time.monotonic()
                 slot = free.get()
                 if stop.is_set():
                     return
-                progress.credit(time.monotonic() - t0)  # all buffers being verified: ours
                 while self._header(index, size, progress):
                     progress.alive()  # a relay waiting on its own fetch, which still moves
                 self._recv_into(_buffer(slot[:size]), progress)
@@ -191,10 +188,13 @@ class StreamLink:
         got = 0
         while got < len(view):
             self._sock.settimeout(progress.time_left())
+            t0 = time.monotonic()
             try:
                 k = self._sock.recv_into(view[got:])
             except TimeoutError:
+                progress.waited(time.monotonic() - t0)
                 continue  # time_left() decides whether the window moved enough
+            progress.waited(time.monotonic() - t0)
             if k == 0:
                 raise ProtocolError(f"peer closed the connection after {got} of {len(view)} bytes")
             got += k

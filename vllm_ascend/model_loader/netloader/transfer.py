@@ -53,9 +53,6 @@ class Link(Protocol):
         """Tell the receiver, if the plane can, that this sender is waiting on a
         transfer of its own that still moves (a relay): not silence."""
 
-    def credit(self, seconds: float) -> None:
-        """``seconds`` this side spent waiting on itself, not on the peer."""
-
     def receive(self, sizes: Sequence[int]) -> Generator[torch.Tensor, None, None]:
         """Yield each bucket's bytes as a flat uint8 tensor, in order; a yielded tensor
         is valid until the next one is asked for."""
@@ -100,11 +97,11 @@ class Progress:
     """The "no progress for ``timeout_s``" rule for one direction of one transfer, and
     its wall-clock deadline (``deadline_s`` from now; None: none).
 
-    Time is cut into windows of ``timeout_s``; each must move ``PROGRESS_BYTES`` or
-    everything still left. ``credit`` moves the window's end by time this side spent
-    waiting on itself (a paced sender sleeping, a relay waiting for its own fetch, a
-    receiver whose buffers are all being verified); ``alive`` opens a fresh window when
-    the peer says it waits on a transfer of its own that still moves (a keepalive)."""
+    Only time spent blocked on the peer counts (``waited``: inside a socket call),
+    never time this side spends on itself (a paced sender's sleeps, a relay waiting
+    for its own fetch, a receiver verifying). Each ``timeout_s`` of such waiting must
+    move ``PROGRESS_BYTES``, or everything still left. ``alive`` starts afresh when the
+    peer says it waits on a transfer of its own that still moves (a keepalive)."""
 
     def __init__(
         self, timeout_s: float, total_bytes: int, what: str, deadline_s: float | None = None
@@ -114,39 +111,35 @@ class Progress:
         self._what = what
         self._deadline_s = deadline_s
         self._end = None if deadline_s is None else time.monotonic() + deadline_s
-        self.restart()
-
-    def restart(self) -> None:
-        self._window_end = time.monotonic() + self.timeout_s
-        self._needed = min(PROGRESS_BYTES, self._left)
+        self.alive()
 
     def alive(self) -> None:
-        self.restart()
-
-    def credit(self, seconds: float) -> None:
-        self._window_end += seconds
+        self._waited = 0.0
+        self._needed = min(PROGRESS_BYTES, self._left)
 
     def time_left(self) -> float:
-        """Seconds until the current window (or the deadline) ends (> 0); raises
-        ``TransferError`` past the deadline, or at the end of a window that moved too
-        little (else it opens the next one)."""
-        now = time.monotonic()
-        if self._end is not None and now >= self._end:
+        """How long the next socket call may block (> 0). Raises ``TransferError`` past
+        the deadline, or once a window of waiting moved too little (else it opens the
+        next one)."""
+        if self._end is not None and time.monotonic() >= self._end:
             raise TransferError(
                 f"{self._what}: not done within {self._deadline_s:.0f} s (TIMEOUT plus the "
                 f"size at MIN_RATE_MB_PER_S; {self._left} bytes still to move)"
             )
-        if now >= self._window_end:
+        if self._waited >= self.timeout_s:
             if self._needed > 0:
                 raise TransferError(
                     f"{self._what}: no progress for {self.timeout_s:g} s "
                     f"({self._left} bytes still to move)"
                 )
-            self.restart()
-        left = self._window_end - now
+            self.alive()
+        left = self.timeout_s - self._waited
         if self._end is not None:
-            left = min(left, self._end - now)
+            left = min(left, self._end - time.monotonic())
         return max(left, 1e-3)
+
+    def waited(self, seconds: float) -> None:
+        self._waited += seconds
 
     def moved(self, nbytes: int) -> None:
         self._left -= nbytes
@@ -173,13 +166,11 @@ def send_weights(
     """Send ``tensors`` in manifest order, bucket by bucket; returns the bytes sent.
 
     A relay passes ``wait_ready``: each bucket leaves as soon as its own transfer has
-    verified it, and the time spent waiting is the relay's, not its client's."""
+    verified it, with keepalives to the receiver meanwhile."""
     sent = 0
     for index, bucket in enumerate(plan_buckets(specs, bucket_bytes)):
         if wait_ready is not None:
-            t0 = time.monotonic()
             wait_ready(bucket[-1] + 1, link.keepalive)
-            link.credit(time.monotonic() - t0)
         nbytes = sum(specs[i].nbytes for i in bucket)
         link.send_bucket(index, [tensors[i] for i in bucket], nbytes)
         sent += nbytes
