@@ -343,6 +343,8 @@ def main() -> int:
         "ratio": transfer.get("ratio"),
         "collective_gbps": transfer.get("collective_gbps"),
         "collective_ratio": transfer.get("collective_ratio"),
+        "stream_alone_gbps": transfer.get("stream_gbps"),
+        "gloo_alone_gbps": transfer.get("gloo_gbps"),
         "transfer_gb": sizes[-1],
         "fanout_2_over_1": fanout.get("fanout_2_over_1"),
         "fanout_4_over_1": fanout.get("fanout_4_over_1"),
