@@ -68,6 +68,18 @@ def make_toy(seed: int | None, vocab: int = 300) -> Toy:
     return model
 
 
+def bf16_tensors(sizes: list[int], seed: int | None, stride: int = 100) -> list[torch.Tensor]:
+    """One bf16 tensor per size: random from ``seed`` (tensor i from seed * stride + i),
+    or all zero for ``None`` (a fresh client's targets)."""
+    out = []
+    for i, n in enumerate(sizes):
+        t = torch.zeros(n, dtype=torch.bfloat16)
+        if seed is not None:
+            t.copy_(torch.randn(n, generator=torch.Generator().manual_seed(seed * stride + i)))
+        out.append(t)
+    return out
+
+
 def fetch_for(
     model: nn.Module,
     identity: dict[str, Any] | None = None,

@@ -27,6 +27,14 @@ def frame(msg: object, version: int = PROTOCOL_VERSION) -> bytes:
     return struct.pack("!4sBI", MAGIC, version, len(payload)) + payload
 
 
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of one real TCP connection on 127.0.0.1 (the first has a 5 s timeout)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname(), timeout=5)
+        b, _ = server.accept()
+    return a, b
+
+
 def connect(address: str, timeout_s: float = 5.0) -> socket.socket:
     """A raw TCP connection to a seed's ``host:port`` or ``[v6]:port``."""
     return socket.create_connection(parse_address(address), timeout=timeout_s)

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from tests.wire import frame
+from tests.toy import bf16_tensors
+from tests.wire import frame, tcp_pair
 from vllm_ascend.model_loader.netloader.collective import (
     CHUNK_BYTES,
     CLIENT_RANK,
@@ -45,13 +46,7 @@ def tensors_of(seed: int | None) -> list[torch.Tensor]:
     sizes = [int(s) for s in torch.randint(0, 24_000, (40,), generator=gen)]
     sizes[3], sizes[17], sizes[30] = 0, 50_000, 90_000  # 100 kB and 180 kB bf16: alone
     sizes[35] = CHUNK_BYTES // 2 + 1000  # bf16: just over one chunk, moves as two operations
-    out = []
-    for i, n in enumerate(sizes):
-        t = torch.zeros(n, dtype=torch.bfloat16)
-        if seed is not None:
-            t.copy_(torch.randn(n, generator=torch.Generator().manual_seed(seed * 100 + i)))
-        out.append(t)
-    return out
+    return bf16_tensors(sizes, seed)
 
 
 def _seed(port_q: Any, seed: int) -> None:
@@ -164,13 +159,6 @@ def test_a_peer_cannot_overwrite_or_flood_the_rendezvous():
         with pytest.raises(ProtocolError, match="one too many"):
             store.get("never")
         sender.join(5)
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        a = socket.create_connection(server.getsockname(), timeout=5)
-        b, _ = server.accept()
-    return a, b
 
 
 def test_a_peer_that_never_joins_fails_group_setup_at_its_deadline():

@@ -56,6 +56,22 @@ def relay_listener(
     return RelayListener(listen("127.0.0.1", 0), make_seed)
 
 
+def relay_verified_first_bucket(
+    seed: int, timeout_s: float, min_rate: float = 1e6
+) -> tuple[RelayListener, RelayProgress, list]:
+    """A relay over make_toy(seed) whose own fetch has verified its first bucket and
+    nothing more (yet); returns (relay, its progress, the specs)."""
+    model = make_toy(seed)
+    named = model_tensors(model)
+    specs = [spec_of(n, t) for n, t in named]
+    relay = relay_listener(timeout_s=timeout_s, min_rate=min_rate)
+    progress = relay.begin(
+        specs, [t for _, t in named], list(LoadedWeights.capture(model).digests), None
+    )
+    progress.verified(len(plan_buckets(specs, SMALL_BUCKET)[0]))
+    return relay, progress, specs
+
+
 class Starting:
     """A starting instance in a thread: a zeroed toy model, its relay, its fetch."""
 
@@ -233,14 +249,7 @@ def test_a_client_sent_to_a_relay_that_stalls_is_back_on_the_seed_in_bounded_tim
     # The relay's own fetch verified the first bucket, then stops: its client (TIMEOUT
     # 2 s) gets that bucket, no more, and must be back on the seed within a few
     # timeouts (it was still fetching after 20 s before no-progress limits).
-    model = make_toy(5)
-    named = model_tensors(model)
-    specs = [spec_of(n, t) for n, t in named]
-    relay = relay_listener(timeout_s=30.0)
-    progress = relay.begin(
-        specs, [t for _, t in named], list(LoadedWeights.capture(model).digests), None
-    )
-    progress.verified(len(plan_buckets(specs, SMALL_BUCKET)[0]))
+    relay, _, _ = relay_verified_first_bucket(5, timeout_s=30.0)
     try:
         # 0.8 MB/s: the seed moves more than 1 MiB per client TIMEOUT of 2 s.
         with toy_seed(seed=5, send_limit=0.8e6, timeout_s=10.0) as (seed, _):
@@ -309,16 +318,8 @@ def test_a_relay_whose_own_fetch_is_slow_but_moving_keeps_its_client():
     # Its own fetch needs 5 s for the next bucket (one huge tensor on a slow link, say):
     # bytes keep arriving, nothing is verified yet. Its client (TIMEOUT 2 s) hears
     # keepalives meanwhile, so it waits instead of giving up, and gets every tensor.
-    model = make_toy(4)
-    named = model_tensors(model)
-    specs = [spec_of(n, t) for n, t in named]
     # A minimum rate the 5 s of this slow fetch stays above, on both sides.
-    relay = relay_listener(timeout_s=2.0, min_rate=0.1e6)
-    progress = relay.begin(
-        specs, [t for _, t in named], list(LoadedWeights.capture(model).digests), None
-    )
-    first = len(plan_buckets(specs, SMALL_BUCKET)[0])
-    progress.verified(first)
+    relay, progress, specs = relay_verified_first_bucket(4, timeout_s=2.0, min_rate=0.1e6)
     stop = threading.Event()
 
     def upstream() -> None:
@@ -344,14 +345,7 @@ def test_a_relay_whose_own_fetch_is_slow_but_moving_keeps_its_client():
 
 
 def test_a_relay_whose_own_fetch_went_silent_fails_its_client_in_bounded_time():
-    model = make_toy(4)
-    named = model_tensors(model)
-    specs = [spec_of(n, t) for n, t in named]
-    relay = relay_listener(timeout_s=2.0)
-    progress = relay.begin(
-        specs, [t for _, t in named], list(LoadedWeights.capture(model).digests), None
-    )
-    progress.verified(len(plan_buckets(specs, SMALL_BUCKET)[0]))
+    relay, _, _ = relay_verified_first_bucket(4, timeout_s=2.0)
     try:
         client = make_toy(None)
         fetch = fetch_for(client, timeout_s=30.0)

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from tests.wire import tcp_pair
 from vllm_ascend.model_loader.netloader import protocol
 from vllm_ascend.model_loader.netloader.protocol import (
     MAGIC,
@@ -38,13 +39,6 @@ pytestmark = pytest.mark.timeout(30)
 
 def frame(payload: bytes, magic=MAGIC, version=PROTOCOL_VERSION, length=None) -> bytes:
     return HEADER.pack(magic, version, len(payload) if length is None else length) + payload
-
-
-def tcp_pair():
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        client = socket.create_connection(server.getsockname(), timeout=RECV_TIMEOUT_S)
-        peer, _ = server.accept()
-    return client, peer
 
 
 @pytest.fixture(params=["socketpair", "tcp"])

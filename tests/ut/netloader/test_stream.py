@@ -9,6 +9,8 @@ import time
 import pytest
 import torch
 
+from tests.toy import bf16_tensors
+from tests.wire import tcp_pair
 from vllm_ascend.model_loader.netloader.manifest import digest, plan_buckets, spec_of
 from vllm_ascend.model_loader.netloader.protocol import ProtocolError, abort_frame, data_header
 from vllm_ascend.model_loader.netloader.stream import StreamLink
@@ -22,23 +24,9 @@ from vllm_ascend.model_loader.netloader.transfer import (
 BUCKET = 256 << 10
 
 
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        a = socket.create_connection(server.getsockname(), timeout=5)
-        b, _ = server.accept()
-    return a, b
-
-
 def model(seed: int | None) -> list[torch.Tensor]:
     """Small tensors that share buckets, one that travels alone (3 MiB), an empty one."""
-    sizes = [1000, 70_000, 0, 1_500_000, 5, 40_000]
-    out = []
-    for i, n in enumerate(sizes):
-        t = torch.zeros(n, dtype=torch.bfloat16)
-        if seed is not None:
-            t.copy_(torch.randn(n, generator=torch.Generator().manual_seed(seed * 10 + i)))
-        out.append(t)
-    return out
+    return bf16_tensors([1000, 70_000, 0, 1_500_000, 5, 40_000], seed, stride=10)
 
 
 SPECS = [spec_of(f"t{i}", t) for i, t in enumerate(model(None))]

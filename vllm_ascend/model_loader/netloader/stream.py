@@ -123,19 +123,40 @@ class StreamLink:
     def _send(
         self, view: memoryview, progress: Progress, count: bool = True, flags: int = 0
     ) -> None:
-        sent = 0
+        self._move(lambda v: self._sock.send(v, flags), socket.SO_SNDTIMEO, view, progress,
+                   count, None)
+
+    def _move(
+        self,
+        call: Callable[[memoryview], int],
+        option: int,
+        view: memoryview,
+        progress: Progress,
+        count: bool,
+        on_bytes: Callable[[int], None] | None,
+    ) -> None:
+        """Move all of ``view`` with ``call`` (a send or a receive into it) on the blocking
+        socket, the kernel's ``option`` timeout set to what the window has left; with
+        ``count``, the bytes are progress (and ``on_bytes`` hears of them)."""
+        done = 0
         self._sock.settimeout(None)  # blocking: the kernel's timeout applies (module doc)
-        while sent < len(view):
-            _kernel_timeout(self._sock, socket.SO_SNDTIMEO, progress.time_left())
+        while done < len(view):
+            _kernel_timeout(self._sock, option, progress.time_left())
             t0 = time.monotonic()
             try:
-                k = self._sock.send(view[sent:], flags)
+                k: int | None = call(view[done:])
             except (BlockingIOError, TimeoutError):
-                k = 0  # time_left() decides whether the window moved enough
+                k = None  # time_left() decides whether the window moved enough
             progress.waited(time.monotonic() - t0)
-            sent += k
+            if k is None:
+                continue
+            if k == 0:
+                raise ProtocolError(f"peer closed the connection after {done} of {len(view)} bytes")
+            done += k
             if count:
                 progress.moved(k)
+                if on_bytes is not None:
+                    on_bytes(k)
 
     # --- receiving ---------------------------------------------------------------------
 
@@ -202,24 +223,8 @@ class StreamLink:
         )
 
     def _recv_into(self, view: memoryview, progress: Progress, count: bool = True) -> None:
-        got = 0
-        self._sock.settimeout(None)  # blocking: the kernel's timeout applies (module doc)
-        while got < len(view):
-            _kernel_timeout(self._sock, socket.SO_RCVTIMEO, progress.time_left())
-            t0 = time.monotonic()
-            try:
-                k = self._sock.recv_into(view[got:], len(view) - got, socket.MSG_WAITALL)
-            except (BlockingIOError, TimeoutError):
-                progress.waited(time.monotonic() - t0)
-                continue  # time_left() decides whether the window moved enough
-            progress.waited(time.monotonic() - t0)
-            if k == 0:
-                raise ProtocolError(f"peer closed the connection after {got} of {len(view)} bytes")
-            got += k
-            if count:
-                progress.moved(k)
-                if self._on_bytes is not None:
-                    self._on_bytes(k)
+        self._move(lambda v: self._sock.recv_into(v, len(v), socket.MSG_WAITALL),
+                   socket.SO_RCVTIMEO, view, progress, count, self._on_bytes)
 
 
 def _buffer(t: torch.Tensor) -> memoryview:
