@@ -91,17 +91,23 @@ def spec_seed(model, workdir):
 def spec_clients(model, workdir, spec_seed):
     """Two clients of the seed's target at once: one takes its draft from the seed's
     draft listener; the other is pointed at the seed's *target* listener for its draft,
-    which must refuse it, so that draft loads from disk on its own."""
+    which must refuse it, so that draft loads from disk on its own.
+
+    Neither offers to relay: started together, the second to reach the seed would
+    otherwise be sent to the first (fan-out, covered in test_netloader_relay.py), and
+    which one that is depends on timing."""
     _, target, draft, _, _ = spec_seed
     both = spec_server(model, workdir, "spec-client", "0", {
         "OUTPUT_PREFIX": str(workdir / "spec-client-"),
         "SOURCE": [{"device_id": 0, "sources": [target]}],
         "DRAFT_SOURCE": [{"device_id": 0, "sources": [draft]}],
+        "RELAY": False,
     })
     lone = spec_server(model, workdir, "spec-lone", "1", {
         "OUTPUT_PREFIX": str(workdir / "spec-lone-"),
         "SOURCE": [{"device_id": 0, "sources": [target]}],
         "DRAFT_SOURCE": [{"device_id": 0, "sources": [target]}],
+        "RELAY": False,
     })
     try:
         start_all(both, lone)
