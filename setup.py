@@ -6,7 +6,7 @@ setup(
     description="Netloader: start a vLLM instance with weights received from a running one",
     packages=find_packages(include=["vllm_ascend", "vllm_ascend.*"]),
     python_requires=">=3.10",
-    install_requires=["blake3"],
+    install_requires=["blake3", "redis>=5"],
     entry_points={
         "vllm.general_plugins": [
             "netloader = vllm_ascend.model_loader.netloader:register",

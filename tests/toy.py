@@ -99,15 +99,16 @@ def fetch_for(
 @contextmanager
 def serving(
     seed: int = 0, identity: dict[str, Any] | None = None, host: str = "127.0.0.1",
-    **settings: Any,
+    port: int = 0, **settings: Any,
 ) -> Iterator[SeedServer]:
-    """An in-process seed of ``make_toy(seed)`` on ``host``, stopped on the way out."""
+    """An in-process seed of ``make_toy(seed)`` on ``host:port`` (0: a free port),
+    stopped on the way out."""
     settings.setdefault("bucket_bytes", SMALL_BUCKET)
     timeout_s = settings.pop("timeout_s", 5.0)
     server = SeedServer(
         LoadedWeights.capture(make_toy(seed)),
         SeedSettings(identity or IDENTITY, 0, host, timeout_s, **settings),
-        listen(host, 0),
+        listen(host, port),
     ).start()
     try:
         yield server

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,6 +63,7 @@ class Topology:
         rate_mbit: float | None,
         queue_ms: float = 20.0,
         tag: str | None = None,
+        hosts: dict[str, Sequence[str]] | None = None,
     ):
         if len(set(nodes)) != len(nodes) or not 0 < len(nodes) < 250:
             raise ValueError(f"need 1..249 distinct node names, got {list(nodes)}")
@@ -74,6 +76,13 @@ class Topology:
         self.rate_mbit = rate_mbit
         self.queue_ms = queue_ms
         self.tag = tag or f"{PREFIX}{os.getpid()}"
+        # Host names every node resolves (name -> the nodes it resolves to), through an
+        # /etc/netns/<namespace>/hosts file that `ip netns exec` mounts over /etc/hosts.
+        self.hosts = {name: list(members) for name, members in (hosts or {}).items()}
+        for name, members in self.hosts.items():
+            unknown = sorted(set(members) - set(nodes))
+            if unknown or not re.fullmatch(r"[a-z0-9.-]+", name):
+                raise ValueError(f"host name {name!r} must resolve to nodes, not {unknown}")
         self._created: list[str] = []
         self._procs: list[subprocess.Popen[Any]] = []
 
@@ -123,6 +132,12 @@ class Topology:
         _ip("ip", "netns", "add", ns)
         self._created.append(ns)
         _ip("ip", "-n", ns, "link", "set", "lo", "up")
+        if self.hosts and node != HUB:
+            os.makedirs(_etc(ns), exist_ok=True)
+            lines = ["127.0.0.1 localhost", "::1 localhost"]
+            lines += [f"{self.address(m)} {name}" for name, ms in self.hosts.items() for m in ms]
+            with open(os.path.join(_etc(ns), "hosts"), "w", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
         return ns
 
     def _shape(self, ns: str, dev: str) -> None:
@@ -166,7 +181,13 @@ class Topology:
                 _ip("ip", "netns", "del", ns)
             except NetnsError as e:
                 print(f"netns: could not delete {ns}: {e}", file=sys.stderr)
+            shutil.rmtree(_etc(ns), ignore_errors=True)
         self._created.clear()
+
+
+def _etc(ns: str) -> str:
+    """The folder whose files `ip netns exec` mounts over /etc in namespace ``ns``."""
+    return os.path.join("/etc/netns", ns)
 
 
 def exit_on_sigterm() -> None:
@@ -234,6 +255,7 @@ def main(argv: list[str]) -> int:
         for ns in stale_namespaces():
             _end_pids_in(ns)
             _ip("ip", "netns", "del", ns)
+            shutil.rmtree(_etc(ns), ignore_errors=True)
             print(f"deleted {ns}")
         return 0
     print(f"usage: {argv[0]} list|cleanup", file=sys.stderr)

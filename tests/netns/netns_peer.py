@@ -7,11 +7,12 @@ import sys
 from tests.toy import make_toy
 
 
-def seed(host: str, seed_value: int, plane: str) -> None:
-    """Serve make_toy(seed_value) on ``host``; print the address; stop at stdin's EOF."""
+def seed(host: str, seed_value: int, plane: str, port: int = 0) -> None:
+    """Serve make_toy(seed_value) on ``host:port``; print the address; stop at stdin's
+    EOF."""
     from tests.toy import serving
 
-    with serving(seed_value, host=host, timeout_s=20.0, data_plane=plane) as server:
+    with serving(seed_value, host=host, port=port, timeout_s=20.0, data_plane=plane) as server:
         print(server.address, flush=True)
         sys.stdin.read()
 
@@ -32,6 +33,35 @@ def client(address: str, seed_value: int, plane: str) -> None:
                       "reasons": fetch.reasons}), flush=True)
 
 
+def dns_client(name: str, seed_value: int, spread_key: str) -> None:
+    """Expand ``{"dns": name}`` for rank 0 as the loader does, fetch from the first
+    candidate that serves; print the candidates, the source and whether every tensor
+    equals make_toy(seed_value)."""
+    import torch
+
+    from tests.toy import fetch_for
+    from vllm_ascend.model_loader.netloader.addresses import parse_address
+    from vllm_ascend.model_loader.netloader.config import DnsSource
+    from vllm_ascend.model_loader.netloader.discovery import expand
+    from vllm_ascend.model_loader.netloader.manifest import model_tensors
+
+    candidates, notes = expand([DnsSource(*parse_address(name))], 0, spread_key)
+    model = make_toy(None)
+    fetch = fetch_for(model, timeout_s=20.0)
+    received = fetch.run(candidates)
+    want = dict(model_tensors(make_toy(seed_value)))
+    equal = all(torch.equal(t, want[n]) for n, t in model_tensors(model))
+    print(json.dumps({
+        "candidates": candidates, "notes": notes, "equal": equal, "reasons": fetch.reasons,
+        "source": received.source if received is not None else None,
+    }), flush=True)
+
+
 if __name__ == "__main__":
-    role, where, value, plane = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    {"seed": seed, "client": client}[role](where, value, plane)
+    role = sys.argv[1]
+    if role == "dns-client":
+        dns_client(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    else:
+        where, value, plane = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+        port = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+        {"seed": seed, "client": client}[role](where, value, plane, *([port] if port else []))

@@ -12,7 +12,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_ascend.model_loader.netloader.addresses import AddressError, parse_address
+from vllm_ascend.model_loader.netloader.addresses import (
+    AddressError,
+    format_address,
+    parse_address,
+)
 from vllm_ascend.model_loader.netloader.auth import MIN_SECRET_BYTES, SECRET_ENV
 from vllm_ascend.model_loader.netloader.protocol import DATA_PLANES
 from vllm_ascend.model_loader.netloader.transfer import PROGRESS_BYTES
@@ -35,10 +39,23 @@ class SourceEntry:
 
 
 @dataclass(frozen=True)
+class DnsSource:
+    """A DNS name whose every address is a seed host: rank ``r``'s seed listens on
+    ``base_port + r`` there (``{"dns": "name:port"}`` in SOURCE; e.g. a Kubernetes
+    headless Service, which resolves to the addresses of its ready pods)."""
+
+    host: str
+    base_port: int
+
+    def __str__(self) -> str:
+        return format_address(self.host, self.base_port)
+
+
+@dataclass(frozen=True)
 class NetloaderConfig:
     """The extra config, parsed; see the user guide's key table for each field."""
 
-    sources: tuple[SourceEntry, ...] = ()
+    sources: tuple[SourceEntry | DnsSource, ...] = ()
     model: str | None = None
     listen_port: int | None = None
     output_prefix: str | None = None
@@ -51,7 +68,7 @@ class NetloaderConfig:
     # Shared secret from SECRET_FILE or $NETLOADER_SECRET; kept out of repr and logs.
     secret: bytes | None = field(default=None, repr=False)
     # A speculative decoder's draft model has seeds and a listener of its own.
-    draft_sources: tuple[SourceEntry, ...] = ()
+    draft_sources: tuple[SourceEntry | DnsSource, ...] = ()
     draft_listen_port: int | None = None
     # Listen before the fetch and pass verified tensors on to the clients a busy seed
     # sends here (see relay.RelayListener).
@@ -62,13 +79,21 @@ class NetloaderConfig:
     # The checkpoint or value fingerprint a seed's weights must have (a node without
     # weight files names the weights it accepts this way).
     expected_fingerprint: str | None = None
+    # Where seeds register and clients look them up ("redis://host:port/db"); a hint,
+    # never a trust decision (see discovery.py).
+    registry: str | None = None
 
-    def sources_for_rank(self, rank: int, draft: bool = False) -> tuple[str, ...]:
+    def sources_for_rank(
+        self, rank: int, draft: bool = False
+    ) -> tuple[str | DnsSource, ...]:
         """Seed addresses for global rank ``rank`` (for its draft model if ``draft``),
-        in the order to try them."""
-        found: list[str] = []
+        in the order to try them; a ``DnsSource`` stands for every address its name
+        resolves to at load time (``discovery.expand``)."""
+        found: list[str | DnsSource] = []
         for entry in self.draft_sources if draft else self.sources:
-            if entry.device_id == rank:
+            if isinstance(entry, DnsSource):
+                found.append(entry)
+            elif entry.device_id == rank:
                 found.extend(entry.sources)
         return tuple(found)
 
@@ -146,17 +171,26 @@ def _read_config_file(path: Any) -> dict[str, Any]:
     return data
 
 
-def _parse_sources(value: Any, key: str = "SOURCE") -> tuple[SourceEntry, ...]:
+def _parse_sources(value: Any, key: str = "SOURCE") -> tuple[SourceEntry | DnsSource, ...]:
     if not isinstance(value, list):
         raise NetloaderConfigError(
-            f'{key} must be a list of {{"device_id": <rank>, "sources": ["ip:port", ...]}}'
+            f'{key} must be a list of {{"device_id": <rank>, "sources": ["ip:port", ...]}} '
+            f'or {{"dns": "name:port"}}'
         )
-    entries = []
+    entries: list[SourceEntry | DnsSource] = []
     for i, item in enumerate(value):
         where = f"{key}[{i}]"
+        if isinstance(item, dict) and set(item) == {"dns"}:
+            try:
+                host, port = parse_address(item["dns"], key=f"{where}.dns")
+            except AddressError as e:
+                raise NetloaderConfigError(str(e)) from e
+            entries.append(DnsSource(host, port))
+            continue
         if not isinstance(item, dict) or set(item) != {"device_id", "sources"}:
             raise NetloaderConfigError(
-                f'{where} must be an object with exactly "device_id" and "sources"'
+                f'{where} must be an object with exactly "device_id" and "sources", '
+                f'or exactly "dns"'
             )
         device_id = item["device_id"]
         if not _is_int(device_id) or device_id < 0:
@@ -247,6 +281,16 @@ def _parse_fingerprint(value: Any) -> str:
     return value
 
 
+def _parse_registry(value: Any) -> str:
+    from vllm_ascend.model_loader.netloader.discovery import RegistryError, parse_registry_url
+
+    try:
+        parse_registry_url(value)
+    except RegistryError as e:
+        raise NetloaderConfigError(f"REGISTRY: {e}") from e
+    return str(value)
+
+
 def _read_secret(path: Any) -> bytes:
     if not isinstance(path, str) or not path:
         raise NetloaderConfigError("SECRET_FILE must be a non-empty path string")
@@ -285,6 +329,7 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "RELAY": ("relay", _parse_relay),
     "DATA_PLANE": ("data_plane", _parse_data_plane),
     "EXPECTED_FINGERPRINT": ("expected_fingerprint", _parse_fingerprint),
+    "REGISTRY": ("registry", _parse_registry),
     "DRAFT_LISTEN_PORT": (
         "draft_listen_port", functools.partial(_parse_listen_port, key="DRAFT_LISTEN_PORT")
     ),

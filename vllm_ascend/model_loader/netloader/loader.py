@@ -15,6 +15,7 @@ and the seed started after the disk load takes its port.
 """
 
 import dataclasses
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -30,9 +31,20 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.platforms import current_platform
 from vllm.utils.network_utils import get_ip
 
-from vllm_ascend.model_loader.netloader.addresses import listen
+from vllm_ascend.model_loader.netloader.addresses import format_address, listen
 from vllm_ascend.model_loader.netloader.client import ClientSettings, Received, WeightFetch
 from vllm_ascend.model_loader.netloader.config import NetloaderConfig, parse_config
+from vllm_ascend.model_loader.netloader.discovery import (
+    DNS_TIMEOUT_S,
+    Announcer,
+    Registry,
+    RegistryError,
+    SeedRecord,
+    expand,
+    model_key,
+    open_registry,
+    registry_candidates,
+)
 from vllm_ascend.model_loader.netloader.identity import (
     CheckpointError,
     checkpoint_fingerprint,
@@ -55,6 +67,8 @@ from vllm_ascend.model_loader.netloader.seed import Provenance, SeedServer, Seed
 # DRAFT_SOURCE, and an identity no target listener accepts: it never collides with, or
 # is mistaken for, the target.
 _SEEDS: dict[tuple[int, str], SeedServer] = {}
+# The registry heartbeat of each of those seeds (REGISTRY set).
+_ANNOUNCERS: dict[tuple[int, str], Announcer] = {}
 _Bound = TypeVar("_Bound", SeedServer, RelayListener)
 
 
@@ -81,6 +95,9 @@ class NetloaderModelLoader(BaseModelLoader):
         self.load_seconds = 0.0
         # Why each seed that was tried could not serve (before another one or the disk did).
         self.fallback_reasons: tuple[str, ...] = ()
+        # All ranks of one instance order discovered seeds alike (discovery.spread).
+        self._spread_key = ""
+        self._registry: Registry | None = None
 
     def download_model(self, model_config: ModelConfig) -> None:
         self._disk.download_model(model_config)
@@ -92,6 +109,7 @@ class NetloaderModelLoader(BaseModelLoader):
         self._role = model_role(model_config)
         self._parallel_config = vllm_config.parallel_config
         self._device = _worker_device()
+        self._spread_key = vllm_config.instance_id or str(os.getpid())
         self.fallback_reasons = ()
         self._relay_seed = None
         model = super().load_model(vllm_config, model_config, prefix)
@@ -149,10 +167,10 @@ class NetloaderModelLoader(BaseModelLoader):
         then holds exactly what it held before, buffers included)."""
         assert self._identity is not None
         draft = self._role == DRAFT
-        addresses = self.config.sources_for_rank(self._rank, draft)
-        if not addresses:
+        entries = self.config.sources_for_rank(self._rank, draft)
+        if not entries and self.config.registry is None:
             logger.info(
-                "Netloader rank %d %s has no %s: loading from disk",
+                "Netloader rank %d %s has no %s and no REGISTRY: loading from disk",
                 self._rank, self._role, "DRAFT_SOURCE" if draft else "SOURCE",
             )
             return None
@@ -170,6 +188,14 @@ class NetloaderModelLoader(BaseModelLoader):
                 self._rank,
             )
             return None
+        addresses, notes = self._candidates(entries)
+        if not addresses:
+            self.fallback_reasons = tuple(notes)
+            logger.warning(
+                "Netloader rank %d %s: no seed found (%s); loading from disk",
+                self._rank, self._role, "; ".join(notes),
+            )
+            return None
         buffers = [(t, t.clone()) for _, t in model.named_buffers() if not t.is_meta]
         relay = self._open_relay() if self.config.relay else None
         fetch = WeightFetch(
@@ -177,6 +203,7 @@ class NetloaderModelLoader(BaseModelLoader):
             specs=[spec_of(n, t) for n, t in named],
             targets=[t for _, t in named],
             relay=relay,
+            reasons=list(notes),
         )
         try:
             received = fetch.run(addresses)
@@ -206,6 +233,77 @@ class NetloaderModelLoader(BaseModelLoader):
                 "; ".join(fetch.reasons),
             )
         return received
+
+    def _candidates(self, entries: tuple[Any, ...]) -> tuple[list[str], list[str]]:
+        """(seed addresses to try, in order; why a discovery gave none): the registry's
+        live seeds of this model, least loaded first, then SOURCE with each DNS name
+        expanded. This rank's own listener is never a candidate."""
+        assert self._identity is not None
+        own = self._own_addresses()
+        found: list[str] = []
+        notes: list[str] = []
+        if self.config.registry is not None:
+            # Our own earlier record (a reload) must not send us to ourselves.
+            _stop_announcer((self._rank, self._role))
+            try:
+                found = registry_candidates(
+                    self._registry_client(), self._identity, self._spread_key, own
+                )
+            except RegistryError as e:
+                notes.append(str(e))
+            else:
+                logger.info(
+                    "Netloader rank %d %s: registry %s lists %d live seed(s) of this model: %s",
+                    self._rank, self._role, self.config.registry, len(found), ", ".join(found),
+                )
+                if not found:
+                    notes.append(
+                        f"registry {self.config.registry}: no live seed of this model, "
+                        f"role and rank"
+                    )
+        more, dns_notes = expand(
+            entries, self._rank, self._spread_key, own,
+            timeout_s=min(DNS_TIMEOUT_S, self.config.timeout_s),
+        )
+        notes.extend(dns_notes)
+        return [*found, *(a for a in more if a not in found)], notes
+
+    def _own_addresses(self) -> list[str]:
+        """Where this rank's listener is or will be: never a seed to fetch from."""
+        port = listener_for(self.config, self._rank, self._role)[0]
+        own = [format_address(get_ip(), port)] if port else []
+        seed = _SEEDS.get((self._rank, self._role))
+        if seed is not None:
+            own.append(seed.address)
+        return own
+
+    def _registry_client(self) -> Registry:
+        assert self.config.registry is not None
+        if self._registry is None:
+            self._registry = open_registry(self.config.registry)
+        return self._registry
+
+    def _announce(self, seed: SeedServer) -> None:
+        """Publish ``seed`` in the registry until it stops (REGISTRY set)."""
+        if self.config.registry is None:
+            return
+        key = (self._rank, self._role)
+        _stop_announcer(key)
+
+        def record() -> SeedRecord:
+            info = seed.describe()
+            return SeedRecord(
+                seed.address, self._rank, self._role, seed.identity.get("checkpoint"),
+                info["active_transfers"], info["relaying"],
+            )
+
+        _ANNOUNCERS[key] = Announcer(
+            self._registry_client(), model_key(seed.identity), record
+        ).start()
+        logger.info(
+            "Netloader seed rank %d %s: announcing %s in registry %s",
+            self._rank, self._role, seed.address, self.config.registry,
+        )
 
     def _client_settings(self) -> ClientSettings:
         assert self._identity is not None
@@ -256,6 +354,7 @@ class NetloaderModelLoader(BaseModelLoader):
             _SEEDS[key] = self._bound(
                 lambda host, sock: SeedServer(loaded, self._seed_settings(host), sock, provenance)
             ).start()
+        self._announce(_SEEDS[key])
         self._relay_seed = None
         self._loaded = None
 
@@ -299,7 +398,14 @@ class NetloaderModelLoader(BaseModelLoader):
 
 
 def _stop_seed(key: tuple[int, str]) -> None:
+    _stop_announcer(key)
     old = _SEEDS.pop(key, None)
+    if old is not None:
+        old.stop()
+
+
+def _stop_announcer(key: tuple[int, str]) -> None:
+    old = _ANNOUNCERS.pop(key, None)
     if old is not None:
         old.stop()
 

@@ -1,0 +1,176 @@
+"""The seed registry on a real ``redis-server``: records, their expiry, a store that is
+down, slow, killed mid-run or holds garbage, and a toy client that finds its seed
+there and nowhere else."""
+
+import json
+import logging
+import socket
+import threading
+import time
+
+import pytest
+import redis
+
+from tests.toy import IDENTITY, fetch_for, make_toy, serving, wait_for
+from tools.redis_server import RedisServer
+from vllm_ascend.model_loader.netloader.discovery import (
+    Announcer,
+    RedisRegistry,
+    RegistryError,
+    SeedRecord,
+    model_key,
+    registry_candidates,
+)
+from vllm_ascend.model_loader.netloader.manifest import model_tensors
+
+KEY = "k" * 64
+CHECKPOINT = "c" * 64
+
+
+@pytest.fixture
+def server():
+    with RedisServer() as running:
+        yield running
+
+
+def record(address: str, active: int = 0, rank: int = 0) -> SeedRecord:
+    return SeedRecord(address, rank, "target", CHECKPOINT, active)
+
+
+def test_records_are_found_by_model_role_and_rank_until_withdrawn(server):
+    registry = RedisRegistry(server.url)
+    a, b = record("10.0.0.1:7000"), record("10.0.0.2:7000", active=3)
+    registry.publish(KEY, a, 30)
+    registry.publish(KEY, b, 30)
+    registry.publish(KEY, record("10.0.0.3:7001", rank=1), 30)
+    registry.publish("x" * 64, record("10.0.0.4:7000"), 30)
+    assert sorted(registry.find(KEY, "target", 0), key=lambda r: r.address) == [a, b]
+    assert registry.find(KEY, "draft", 0) == []
+    registry.publish(KEY, SeedRecord("10.0.0.2:7000", 0, "target", CHECKPOINT, 0), 30)
+    assert {r.address: r.active_transfers for r in registry.find(KEY, "target", 0)} == {
+        "10.0.0.1:7000": 0, "10.0.0.2:7000": 0,
+    }
+    registry.withdraw(KEY, a)
+    assert [r.address for r in registry.find(KEY, "target", 0)] == ["10.0.0.2:7000"]
+
+
+def test_a_record_that_is_not_refreshed_expires(server):
+    registry = RedisRegistry(server.url)
+    registry.publish(KEY, record("10.0.0.1:7000"), 0.3)
+    assert len(registry.find(KEY, "target", 0)) == 1
+    time.sleep(0.5)
+    assert registry.find(KEY, "target", 0) == []
+    index = f"netloader:seeds:{KEY}:target:0"
+    assert redis.Redis.from_url(server.url).exists(index) == 0  # nothing left behind
+
+
+def test_garbage_in_the_registry_is_skipped(server, caplog):
+    registry = RedisRegistry(server.url)
+    registry.publish(KEY, record("10.0.0.1:7000"), 30)
+    raw = redis.Redis.from_url(server.url)
+    index = f"netloader:seeds:{KEY}:target:0"
+    for address, value in [
+        ("10.0.0.2:7000", b"\xff" * 5000),
+        ("10.0.0.3:7000", json.dumps({"address": "evil.example:80", "rank": 0,
+                                      "role": "target"}).encode()),
+        # A valid record under another seed's name is not that seed's.
+        ("10.0.0.4:7000", record("10.0.0.9:7000").to_json().encode()),
+    ]:
+        raw.zadd(index, {address: 2**50})
+        raw.set(f"netloader:seed:{KEY}:target:0:{address}", value)
+    with caplog.at_level(logging.WARNING):
+        assert [r.address for r in registry.find(KEY, "target", 0)] == ["10.0.0.1:7000"]
+    assert "record of '10.0.0.2:7000' ignored" in caplog.text
+
+
+def test_a_registry_that_is_down_or_silent_fails_within_its_timeout():
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with pytest.raises(RegistryError, match=rf"redis://127.0.0.1:{port}/0: lookup failed"):
+        RedisRegistry(f"redis://127.0.0.1:{port}/0").find(KEY, "target", 0)
+
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    try:
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        start = time.monotonic()
+        with pytest.raises(RegistryError, match="lookup failed"):
+            RedisRegistry(url, timeout_s=0.5).find(KEY, "target", 0)
+        assert time.monotonic() - start < 5
+    finally:
+        silent.close()
+
+
+def test_an_announced_seed_is_found_fetched_and_withdrawn(server):
+    """A real toy seed announced in Redis; a client that knows only the registry finds
+    it, fetches its weights and verifies them; the record goes when the seed stops."""
+    identity = {**IDENTITY, "checkpoint": CHECKPOINT}
+    registry = RedisRegistry(server.url)
+    with serving(seed=7, identity=identity) as seed:
+        def describe() -> SeedRecord:
+            info = seed.describe()
+            return SeedRecord(seed.address, 0, "target", CHECKPOINT,
+                              info["active_transfers"], info["relaying"])
+
+        announcer = Announcer(registry, model_key(identity), describe, interval_s=0.2).start()
+        try:
+            wait_for(lambda: registry_candidates(registry, identity, "instance") != [], 5,
+                     "the first heartbeat")
+            found = registry_candidates(registry, identity, "instance")
+            assert found == [seed.address]
+            model = make_toy(None)
+            received = fetch_for(model, identity=identity).run(found)
+            assert received is not None and received.source == seed.address
+            want = dict(model_tensors(make_toy(7)))
+            assert all(t.equal(want[n]) for n, t in model_tensors(model))
+        finally:
+            announcer.stop()
+        assert registry_candidates(registry, identity, "instance") == []
+
+
+def test_a_registry_killed_mid_run_costs_the_seed_nothing_and_it_registers_again(
+    server, caplog
+):
+    identity = {**IDENTITY, "checkpoint": CHECKPOINT}
+    registry = RedisRegistry(server.url, timeout_s=0.5)
+    with serving(seed=3, identity=identity) as seed:
+        describe = lambda: SeedRecord(seed.address, 0, "target", CHECKPOINT)  # noqa: E731
+        announcer = Announcer(registry, model_key(identity), describe, interval_s=0.2,
+                              ttl_s=2).start()
+        try:
+            wait_for(lambda: registry.find(model_key(identity), "target", 0) != [], 5,
+                     "the first record")
+            with caplog.at_level(logging.WARNING):
+                server.kill()
+                time.sleep(1)
+            assert "publish failed" in caplog.text
+            assert caplog.text.count("publish failed") == 1  # said once, not per beat
+            # The seed serves on while its registry is gone.
+            model = make_toy(None)
+            assert fetch_for(model, identity=identity).run([seed.address]) is not None
+            server.start()  # empty: a restart lost every record
+            wait_for(lambda: registry.find(model_key(identity), "target", 0) != [], 5,
+                     "the record after the restart")
+        finally:
+            announcer.stop()
+
+
+def test_a_heartbeat_that_raises_keeps_beating():
+    beats = []
+
+    class Broken:
+        name = "broken"
+
+        def publish(self, key, record, ttl_s):
+            beats.append(time.monotonic())
+            raise RuntimeError("a bug in a registry")
+
+        def withdraw(self, key, record):
+            pass
+
+    announcer = Announcer(Broken(), KEY, lambda: record("10.0.0.1:7000"), interval_s=0.05)
+    announcer.start()
+    wait_for(lambda: len(beats) >= 3, 5, "three beats")
+    announcer.stop()
+    assert not any(t.name == "netloader-announce" and t.is_alive()
+                   for t in threading.enumerate())

@@ -1,0 +1,421 @@
+"""Finding seeds without hand-typed addresses: DNS names and a registry.
+
+Both produce *candidates* only. Whatever a DNS answer or a registry record says, the
+handshake decides (identity, shared secret, manifest, digests), so a stale record, a
+poisoned entry or another model's seed costs one refused attempt, never wrong weights.
+And neither can keep an instance from starting: a name that does not resolve, a
+registry that is down, slow or empty is a reason in the log, and the client goes on
+with its other sources or the disk.
+
+- **DNS** (``{"dns": "name:port"}`` in SOURCE): every address the name resolves to is
+  a seed host, rank ``r`` at ``port + r``. A Kubernetes headless Service resolves to
+  the addresses of its ready pods. The addresses are tried in an order drawn from this
+  instance's id by rendezvous (highest-random-weight) hashing, Thaler and Ravishankar,
+  "Using name-based mappings to increase hit rates", IEEE/ACM ToN 6(1), 1998: every
+  rank of one instance tries the same seed first, and instances spread evenly.
+- **Registry** (``REGISTRY: "redis://host:port/db"``): each seed publishes a record
+  (address, rank, role, checkpoint fingerprint, active transfers, relaying) under its
+  model key, refreshed every ``HEARTBEAT_S`` with a time-to-live of ``RECORD_TTL_S``,
+  and withdraws it when it stops; a client reads the live records of its own model
+  key, role and rank and tries the least loaded first. ``Registry`` is the interface
+  a store implements; ``RedisRegistry`` is the one there is.
+"""
+
+import hashlib
+import json
+import socket
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from vllm.logger import logger
+
+from vllm_ascend.model_loader.netloader.addresses import (
+    AddressError,
+    format_address,
+    parse_address,
+)
+from vllm_ascend.model_loader.netloader.config import DnsSource
+
+# A name lookup that takes longer than this is a failed source (getaddrinfo has no
+# timeout of its own; the resolver's is 5 s per try, resolv.conf(5)).
+DNS_TIMEOUT_S = 5.0
+# The most addresses one DNS name or one registry lookup contributes.
+MAX_CANDIDATES = 16
+HEARTBEAT_S = 5.0
+RECORD_TTL_S = 15.0
+# Each registry command: connect and reply within this, no retries.
+REGISTRY_TIMEOUT_S = 2.0
+_MAX_RECORD_BYTES = 4096
+_KEY_PREFIX = "netloader"
+# Identity fields that differ between the seeds one client may use: rank and role are
+# looked up separately, and a node without weight files has no checkpoint fingerprint
+# (records carry it, and the handshake compares it).
+_NOT_IN_MODEL_KEY = ("rank", "role", "checkpoint")
+
+
+class DiscoveryError(Exception):
+    """A DNS name or a registry could not be read; the message names which."""
+
+
+class RegistryError(DiscoveryError):
+    """A registry URL is malformed or the registry cannot be reached."""
+
+
+# --- DNS ---------------------------------------------------------------------------------
+
+
+def resolve(host: str, timeout_s: float = DNS_TIMEOUT_S) -> list[str]:
+    """Every IP address ``host`` resolves to (IPv4 and IPv6, the resolver's order,
+    no duplicates). Raises ``DiscoveryError`` if the lookup fails or takes longer
+    than ``timeout_s`` (the lookup then finishes in a daemon thread, unused)."""
+    result: list[Any] = []
+
+    def lookup() -> None:
+        try:
+            result.append(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM))
+        except (OSError, UnicodeError) as e:
+            result.append(e)
+
+    thread = threading.Thread(target=lookup, name=f"netloader-dns-{host}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not result:
+        raise DiscoveryError(f"DNS name {host!r} did not resolve within {timeout_s:g} s")
+    if isinstance(result[0], BaseException):
+        raise DiscoveryError(f"DNS name {host!r} does not resolve: {result[0]}")
+    addresses: list[str] = []
+    for family, _, _, _, sockaddr in result[0]:
+        ip = str(sockaddr[0])
+        if family == socket.AF_INET6 and sockaddr[3]:
+            ip = f"{ip.partition('%')[0]}%{sockaddr[3]}"
+        if ip not in addresses:
+            addresses.append(ip)
+    return addresses
+
+
+def spread(addresses: Iterable[str], key: str) -> list[str]:
+    """``addresses`` ordered by rendezvous hashing on ``key``: sha256(key, address),
+    highest first. The same key gives the same order (all ranks of one instance);
+    different keys give independent orders (instances spread over seeds), and adding
+    or removing one address leaves the others' order unchanged."""
+    return sorted(
+        addresses, key=lambda a: hashlib.sha256(f"{key}\0{a}".encode()).digest(), reverse=True
+    )
+
+
+def expand(
+    entries: Sequence[str | DnsSource],
+    rank: int,
+    spread_key: str,
+    exclude: Iterable[str] = (),
+    resolver: Callable[[str, float], list[str]] = resolve,
+    timeout_s: float = DNS_TIMEOUT_S,
+) -> tuple[list[str], list[str]]:
+    """(seed addresses for ``rank`` in the order to try them, why a name gave none).
+
+    A static address stays where it is; a ``DnsSource`` is replaced by its name's
+    addresses at ``base_port + rank``, in ``spread`` order, at most
+    ``MAX_CANDIDATES``. Addresses in ``exclude`` (this rank's own listener) and
+    repeats are left out."""
+    skip = set(exclude)
+    addresses: list[str] = []
+    notes: list[str] = []
+    for entry in entries:
+        if isinstance(entry, str):
+            found = [entry]
+        else:
+            port = entry.base_port + rank
+            if port > 65535:
+                notes.append(f"dns {entry}: port {entry.base_port} + rank {rank} exceeds 65535")
+                continue
+            try:
+                ips = resolver(entry.host, timeout_s)
+            except DiscoveryError as e:
+                notes.append(f"dns {entry}: {e}")
+                continue
+            found = spread([format_address(ip, port) for ip in ips], spread_key)
+            found = [a for a in found if a not in skip][:MAX_CANDIDATES]
+            if not found:
+                notes.append(f"dns {entry}: no address but this instance's own")
+            logger.info(
+                "Netloader rank %d: %s resolved to %d seed address(es): %s",
+                rank, entry, len(found), ", ".join(found),
+            )
+        for address in found:
+            if address not in addresses and address not in skip:
+                addresses.append(address)
+    return addresses, notes
+
+
+# --- registry ----------------------------------------------------------------------------
+
+
+def model_key(identity: dict[str, Any]) -> str:
+    """sha256 (hex) of the identity without rank, role and checkpoint: the seeds of one
+    model, software and layout of ranks share it (see identity.IDENTITY_FIELDS)."""
+    kept = {k: v for k, v in identity.items() if k not in _NOT_IN_MODEL_KEY}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SeedRecord:
+    """What a seed publishes about itself: a hint for clients, never trusted."""
+
+    address: str
+    rank: int
+    role: str
+    # checkpoint fingerprint (None: the seed's node had no weight files)
+    checkpoint: str | None
+    active_transfers: int = 0
+    relaying: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> "SeedRecord":
+        """Parse a record read from the registry; ValueError for anything malformed
+        (the registry is shared: its content is as hostile as a peer's)."""
+        if len(data) > _MAX_RECORD_BYTES:
+            raise ValueError(f"record of {len(data)} bytes")
+        raw = json.loads(data)
+        if not isinstance(raw, dict):
+            raise ValueError("record is not an object")
+        address, rank, role = raw.get("address"), raw.get("rank"), raw.get("role")
+        checkpoint, active = raw.get("checkpoint"), raw.get("active_transfers", 0)
+        try:
+            parse_address(address, key="record address", ip_only=True)
+        except AddressError as e:
+            raise ValueError(str(e)) from e
+        if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0):
+            raise ValueError(f"rank {rank!r}")
+        if not isinstance(role, str) or len(role) > 16:
+            raise ValueError(f"role {role!r:.40}")
+        if checkpoint is not None and not (isinstance(checkpoint, str) and len(checkpoint) == 64):
+            raise ValueError(f"checkpoint {checkpoint!r:.80}")
+        if not (isinstance(active, int) and not isinstance(active, bool) and active >= 0):
+            raise ValueError(f"active_transfers {active!r:.40}")
+        return cls(str(address), rank, role, checkpoint, active, raw.get("relaying") is True)
+
+
+class Registry(Protocol):
+    """A store where seeds announce themselves. Every method raises ``RegistryError``
+    (and only that) when the store cannot be used, within a bounded time."""
+
+    name: str
+
+    def publish(self, key: str, record: SeedRecord, ttl_s: float) -> None:
+        """Add or refresh ``record`` under model ``key``, live for ``ttl_s`` seconds."""
+
+    def withdraw(self, key: str, record: SeedRecord) -> None:
+        """Remove ``record`` (its seed stopped)."""
+
+    def find(self, key: str, role: str, rank: int) -> list[SeedRecord]:
+        """The live records of model ``key``, ``role`` and ``rank``, at most
+        ``MAX_CANDIDATES``, in no particular order."""
+
+
+def parse_registry_url(url: Any) -> tuple[str, int, int]:
+    """``redis://host:port/db`` -> (host, port, db); port defaults to 6379, db to 0.
+    Raises ``RegistryError`` naming what is wrong."""
+    if not isinstance(url, str) or not url:
+        raise RegistryError(f"must be a URL 'redis://host:port/db', got {url!r:.100}")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "redis":
+        raise RegistryError(f"only redis:// registries are supported, got {url!r:.100}")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise RegistryError(
+            "the URL must not carry credentials or options (use the network's access "
+            f"control; credentials would be logged with the extra config): {url!r:.100}"
+        )
+    try:
+        host, port = parts.hostname, parts.port or 6379
+    except ValueError as e:
+        raise RegistryError(f"bad port in {url!r:.100}: {e}") from e
+    if not host:
+        raise RegistryError(f"no host in {url!r:.100}")
+    try:
+        parse_address(format_address(host, port), key="REGISTRY host")
+    except AddressError as e:
+        raise RegistryError(str(e)) from e
+    db_text = parts.path.strip("/") or "0"
+    if not (db_text.isascii() and db_text.isdigit() and int(db_text) < 16):
+        raise RegistryError(f"database must be a number in 0..15, got {db_text!r:.20}")
+    return host, port, int(db_text)
+
+
+def open_registry(url: str, timeout_s: float = REGISTRY_TIMEOUT_S) -> Registry:
+    """The registry at ``url`` (see ``parse_registry_url``); connects lazily."""
+    return RedisRegistry(url, timeout_s)
+
+
+class RedisRegistry:
+    """Seed records in Redis: one string key per seed (JSON, expiring after the TTL)
+    and one sorted set per (model key, role, rank) whose scores are the records'
+    expiry times in the server's clock (``TIME``), so clients' and seeds' clocks never
+    matter. Commands time out after ``timeout_s`` and are not retried."""
+
+    def __init__(self, url: str, timeout_s: float = REGISTRY_TIMEOUT_S):
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        host, port, db = parse_registry_url(url)
+        self.name = url
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError, ValueError)
+        self._redis = redis.Redis(
+            host=host, port=port, db=db, socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
+        )
+
+    def publish(self, key: str, record: SeedRecord, ttl_s: float) -> None:
+        ttl_ms = int(ttl_s * 1000)
+
+        def run() -> None:
+            now_ms = self._now_ms()
+            index = self._index(key, record.role, record.rank)
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.set(self._record(key, record), record.to_json(), px=ttl_ms)
+            pipe.zadd(index, {record.address: now_ms + ttl_ms})
+            pipe.pexpire(index, ttl_ms)
+            pipe.execute()
+
+        self._call("publish", run)
+
+    def withdraw(self, key: str, record: SeedRecord) -> None:
+        def run() -> None:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.zrem(self._index(key, record.role, record.rank), record.address)
+            pipe.delete(self._record(key, record))
+            pipe.execute()
+
+        self._call("withdraw", run)
+
+    def find(self, key: str, role: str, rank: int) -> list[SeedRecord]:
+        def run() -> list[SeedRecord]:
+            index = self._index(key, role, rank)
+            self._redis.zremrangebyscore(index, "-inf", self._now_ms())
+            members: list[Any] = self._redis.zrange(index, 0, MAX_CANDIDATES - 1)  # type: ignore[assignment]
+            addresses = [bytes(m).decode("utf-8", "replace") for m in members]
+            if not addresses:
+                return []
+            stub = [SeedRecord(a, rank, role, None) for a in addresses]
+            values = self._redis.mget([self._record(key, r) for r in stub])
+            records = []
+            for address, value in zip(addresses, values, strict=True):
+                if value is None:
+                    continue  # expired between the two reads
+                try:
+                    record = SeedRecord.from_json(value)
+                except ValueError as e:
+                    logger.warning("Netloader registry %s: record of %r ignored: %s",
+                                   self.name, address[:80], e)
+                    continue
+                if (record.address, record.rank, record.role) == (address, rank, role):
+                    records.append(record)
+            return records
+
+        return self._call("lookup", run)
+
+    def _call(self, what: str, run: Callable[[], Any]) -> Any:
+        try:
+            return run()
+        except self._errors as e:
+            raise RegistryError(f"registry {self.name}: {what} failed: {e}") from e
+
+    def _now_ms(self) -> int:
+        seconds, micros = self._redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    @staticmethod
+    def _index(key: str, role: str, rank: int) -> str:
+        return f"{_KEY_PREFIX}:seeds:{key}:{role}:{rank}"
+
+    @staticmethod
+    def _record(key: str, record: SeedRecord) -> str:
+        return f"{_KEY_PREFIX}:seed:{key}:{record.role}:{record.rank}:{record.address}"
+
+
+def registry_candidates(
+    registry: Registry,
+    identity: dict[str, Any],
+    spread_key: str,
+    exclude: Iterable[str] = (),
+) -> list[str]:
+    """Addresses of the live seeds of exactly ``identity``'s model, role and rank,
+    least loaded first (active transfers, then not relaying, then ``spread`` order).
+
+    A record whose checkpoint fingerprint differs from this node's is left out (a node
+    without weight files keeps them all: its EXPECTED_FINGERPRINT may be a value
+    fingerprint, which the handshake checks). Raises ``RegistryError``."""
+    records = registry.find(model_key(identity), identity["role"], identity["rank"])
+    mine = identity.get("checkpoint")
+    skip = set(exclude)
+    kept = [
+        r for r in records
+        if r.address not in skip and (mine is None or r.checkpoint in (None, mine))
+    ]
+    order = {a: i for i, a in enumerate(spread([r.address for r in kept], spread_key))}
+    kept.sort(key=lambda r: (r.active_transfers, r.relaying, order[r.address]))
+    return [r.address for r in kept]
+
+
+class Announcer:
+    """Keeps one seed's record in a registry: publishes it now and every
+    ``interval_s`` (the record read fresh from ``describe`` each time), withdraws it on
+    ``stop``. A registry that fails is logged when it starts and stops failing; the
+    seed serves on either way."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        key: str,
+        describe: Callable[[], SeedRecord],
+        interval_s: float = HEARTBEAT_S,
+        ttl_s: float = RECORD_TTL_S,
+    ):
+        self._registry = registry
+        self._key = key
+        self._describe = describe
+        self._interval_s = interval_s
+        self._ttl_s = ttl_s
+        self._stopped = threading.Event()
+        self._failing = False
+        self._thread = threading.Thread(target=self._run, name="netloader-announce", daemon=True)
+
+    def start(self) -> "Announcer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop heartbeats and withdraw the record (best effort: a registry that is
+        down lets it expire after the TTL)."""
+        self._stopped.set()
+        self._thread.join(timeout=self._interval_s + 2 * REGISTRY_TIMEOUT_S)
+        try:
+            self._registry.withdraw(self._key, self._describe())
+        except RegistryError as e:
+            logger.warning("Netloader: cannot withdraw seed record (%s); it expires in %g s",
+                           e, self._ttl_s)
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            record = self._describe()
+            try:
+                self._registry.publish(self._key, record, self._ttl_s)
+            except RegistryError as e:
+                if not self._failing:
+                    logger.warning("Netloader seed %s: %s; serving on, retrying every %g s",
+                                   record.address, e, self._interval_s)
+                self._failing = True
+            except Exception:  # noqa: BLE001 - a heartbeat bug must never reach the worker
+                logger.exception("Netloader seed %s: registry heartbeat failed", record.address)
+            else:
+                if self._failing:
+                    logger.info("Netloader seed %s: registered in %s again",
+                                record.address, self._registry.name)
+                self._failing = False
+            self._stopped.wait(self._interval_s)
