@@ -114,6 +114,9 @@ class VllmServer:
             os.close(fd)
             self.log_path = Path(name)
         env = {**os.environ, **BASE_ENV, "VLLM_CPU_OMP_THREADS_BIND": self.cpu_bind, **self.env}
+        # Each instance counts its own transfers: a folder this process was given (the
+        # plugin loaded here) would be shared by every server started from it.
+        env.pop("NETLOADER_METRICS_DIR", None)
         cmd = self.command()
         logger.info("starting vLLM on port %d (cpus %s, log %s): %s",
                     self.port, self.cpu_bind, self.log_path, " ".join(cmd))

@@ -19,6 +19,9 @@ def register() -> None:
     carry_secret_to_ray_workers()
     if _REGISTERED:
         return
+    from vllm_ascend.model_loader.netloader.metrics import install
+
+    install()
     from vllm.model_executor.model_loader import register_model_loader
 
     from vllm_ascend.model_loader.netloader.loader import NetloaderModelLoader

@@ -28,6 +28,7 @@ from vllm_ascend.model_loader.netloader.manifest import (
     manifest_sha256,
     value_fingerprint,
 )
+from vllm_ascend.model_loader.netloader.metrics import METRICS
 from vllm_ascend.model_loader.netloader.protocol import (
     ACCEPT,
     MANIFEST_BYTES_PER_TENSOR,
@@ -170,6 +171,7 @@ class WeightFetch:
             except Redirected as e:
                 if direct:
                     raise ProtocolError("seed redirected a request that asked it not to") from e
+                METRICS.relay_hop()
                 received = self._via_relay(e.relay, e.value_fingerprint, address)
                 if received is not None:
                     return received

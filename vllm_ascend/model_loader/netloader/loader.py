@@ -58,6 +58,7 @@ from vllm_ascend.model_loader.netloader.manifest import (
     model_tensors,
     spec_of,
 )
+from vllm_ascend.model_loader.netloader.metrics import CLIENT, FAILED, METRICS, OK, REFUSED
 from vllm_ascend.model_loader.netloader.protocol import COLLECTIVE, TCP
 from vllm_ascend.model_loader.netloader.relay import RelayListener, RelayProgress
 from vllm_ascend.model_loader.netloader.seed import Provenance, SeedServer, SeedSettings
@@ -98,6 +99,8 @@ class NetloaderModelLoader(BaseModelLoader):
         # All ranks of one instance order discovered seeds alike (discovery.spread).
         self._spread_key = ""
         self._registry: Registry | None = None
+        # Why the last fetch went to disk, for the fallbacks metric (None: not asked to).
+        self._fallback_kind: str | None = None
 
     def download_model(self, model_config: ModelConfig) -> None:
         self._disk.download_model(model_config)
@@ -119,8 +122,11 @@ class NetloaderModelLoader(BaseModelLoader):
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         start = time.perf_counter()
         self._identity = self._identity_of(model_config)
+        self._fallback_kind = None
         received = self._fetch(model)
         if received is None:
+            if self._fallback_kind is not None:
+                METRICS.fallback(self._fallback_kind)
             self._disk.load_weights(model, model_config)
             self.weights_source = "disk"
             digests = None
@@ -175,6 +181,7 @@ class NetloaderModelLoader(BaseModelLoader):
             )
             return None
         if self._identity["checkpoint"] is None and self.config.expected_fingerprint is None:
+            self._fallback_kind = "no_weight_files"
             logger.warning(
                 "Netloader rank %d %s: no weight files on this node and no "
                 "EXPECTED_FINGERPRINT, so no seed's weights can be told to be this model's; "
@@ -183,6 +190,7 @@ class NetloaderModelLoader(BaseModelLoader):
             return None
         named = model_tensors(model)
         if not all(t.is_contiguous() for _, t in named):
+            self._fallback_kind = "non_contiguous"
             logger.warning(
                 "Netloader rank %d: model has non-contiguous tensors; loading from disk",
                 self._rank,
@@ -190,6 +198,7 @@ class NetloaderModelLoader(BaseModelLoader):
             return None
         addresses, notes = self._candidates(entries)
         if not addresses:
+            self._fallback_kind = "no_seed_found"
             self.fallback_reasons = tuple(notes)
             logger.warning(
                 "Netloader rank %d %s: no seed found (%s); loading from disk",
@@ -205,13 +214,21 @@ class NetloaderModelLoader(BaseModelLoader):
             relay=relay,
             reasons=list(notes),
         )
+        METRICS.started(CLIENT)
+        self._fallback_kind = "seeds_failed"
         try:
             received = fetch.run(addresses)
         except Exception as e:  # noqa: BLE001 - a peer's answer must never keep the instance from starting: disk is always right
             logger.exception("Netloader rank %d: fetch failed with an unexpected error", self._rank)
             fetch.reasons.append(f"unexpected error: {type(e).__name__}: {e}")
+            self._fallback_kind = "unexpected_error"
             received = None
         finally:
+            METRICS.stopped(CLIENT)
+            for reason in fetch.reasons[len(notes):]:
+                METRICS.ended(CLIENT, REFUSED if " refused: " in reason else FAILED)
+            if received is not None:
+                METRICS.ended(CLIENT, OK, received.nbytes, received.seconds)
             if relay is not None:
                 self._relay_seed = relay.serving_complete()
                 if self._relay_seed is None:

@@ -31,6 +31,7 @@ from vllm_ascend.model_loader.netloader.manifest import (
     LoadedWeights,
     manifest_sha256,
 )
+from vllm_ascend.model_loader.netloader.metrics import FAILED, METRICS, OK, RELAY, SEED
 from vllm_ascend.model_loader.netloader.protocol import (
     DONE,
     HELLO,
@@ -212,9 +213,11 @@ class SeedServer:
         try:
             side = open_as_seed(conn.sock, self.settings.secret, deadline)
         except ProtocolError as e:
+            METRICS.refusal("bad_request")
             send_last(conn.sock, refuse(f"bad request: {e}", retry=False), deadline)
             raise
         except AuthError as e:
+            METRICS.refusal("auth")
             # Nothing but this fixed reason goes back: no identity, no manifest.
             send_last(conn.sock, refuse(str(e), retry=False), deadline)
             raise
@@ -228,8 +231,10 @@ class SeedServer:
             side.answer_last(manifest_reply(self._manifest_wire), deadline)
 
     def _hello(self, conn: Connection, side: SeedSide, deadline: Deadline) -> None:
-        reason = self._refusal(side.request)
-        if reason is not None:
+        refusal = self._refusal(side.request)
+        if refusal is not None:
+            kind, reason = refusal
+            METRICS.refusal(kind)
             logger.warning("Netloader seed %s refused %s: %s", self.settings.who, conn.peer, reason)
             side.refuse(reason, retry=False, deadline=deadline)
             return
@@ -243,12 +248,20 @@ class SeedServer:
             side.answer_last(redirect(tail, self.weights.value_fingerprint()), deadline)
             return
         if route == "busy":
+            METRICS.refusal("busy")
             side.refuse("seed is busy", retry=True, deadline=deadline)
             return
         verified = False
+        with self._lock:
+            role = RELAY if self._progress is not None else SEED
+        METRICS.started(role)
+        start = time.perf_counter()
         try:
             verified = self._send(conn, side, deadline)
         finally:
+            METRICS.stopped(role)
+            METRICS.ended(role, OK if verified else FAILED, self.weights.total_bytes,
+                          time.perf_counter() - start)
             with self._lock:
                 self._active -= 1
                 if verified:
@@ -274,14 +287,15 @@ class SeedServer:
                 self._tail = relay
             return route, tail
 
-    def _refusal(self, request: Request) -> str | None:
+    def _refusal(self, request: Request) -> tuple[str, str] | None:
+        """(kind, for the refusals metric; reason, for the client and the log), or None."""
         difference = identity_difference(self.identity, request.identity)
         if difference is not None:
-            return f"model identity differs: {difference}"
+            return "identity", f"model identity differs: {difference}"
         theirs = request.manifest
         assert theirs is not None  # a parsed hello has one
         if theirs.sha256 != self._manifest_sha:
-            return (
+            return "manifest", (
                 f"tensor manifest differs: {theirs.tensors} tensors of {theirs.nbytes} bytes "
                 f"there vs {len(self.weights.specs)} of {self.weights.total_bytes} here "
                 f"(sha256 {theirs.sha256[:12]} vs {self._manifest_sha[:12]})"
@@ -289,9 +303,9 @@ class SeedServer:
         with self._lock:
             progress = self._progress
         if progress is not None and progress.failure is not None:
-            return f"this relay's own transfer failed ({progress.failure})"
+            return "relay_failed", f"this relay's own transfer failed ({progress.failure})"
         if self.settings.data_plane not in request.data_planes:
-            return (
+            return "data_plane", (
                 f"this seed sends over the {self.settings.data_plane} data plane; the client "
                 f"offers {', '.join(request.data_planes)[:100]}"
             )

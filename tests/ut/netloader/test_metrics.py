@@ -1,0 +1,109 @@
+"""Netloader's metrics: counts kept per process, summed by the collector the API
+server's /metrics scrapes, and what a real seed and client count."""
+
+import multiprocessing as mp
+import os
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.toy import IDENTITY, fetch_for, make_toy, serving
+from vllm_ascend.model_loader.netloader import metrics
+from vllm_ascend.model_loader.netloader.metrics import (
+    CLIENT,
+    METRICS_DIR_ENV,
+    OK,
+    SEED,
+    NetloaderCollector,
+    ProcessMetrics,
+)
+
+
+def scrape(folder) -> dict[tuple[str, tuple], float]:
+    """Every sample the collector gives, as exposed in the text format."""
+    registry = CollectorRegistry()
+    registry.register(NetloaderCollector(str(folder)))  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _worker(folder: str, seconds: float, hold: bool, ready, release) -> None:
+    os.environ[METRICS_DIR_ENV] = folder
+    m = ProcessMetrics()
+    m.ended(SEED, OK, 1000, seconds)
+    m.refusal("identity")
+    m.started(SEED)
+    if not hold:
+        m.stopped(SEED)
+    ready.set()
+    release.wait(30)
+
+
+def test_processes_counts_are_summed_and_only_live_ones_are_active(tmp_path):
+    ctx = mp.get_context("spawn")
+    release = ctx.Event()
+    readies = [ctx.Event(), ctx.Event()]
+    procs = [
+        ctx.Process(target=_worker, args=(str(tmp_path), s, True, r, release))
+        for s, r in zip((0.2, 7.0), readies, strict=True)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        for r in readies:
+            assert r.wait(60)
+        live = scrape(tmp_path)
+        assert live[("netloader_transfers_total", (("result", "ok"), ("role", "seed")))] == 2
+        assert live[("netloader_transfer_bytes_total", (("role", "seed"),))] == 2000
+        assert live[("netloader_refusals_total", (("reason", "identity"),))] == 2
+        assert live[("netloader_active_transfers", (("role", "seed"),))] == 2
+        bucket = ("netloader_transfer_duration_seconds_bucket", (("le", "0.25"), ("role", "seed")))
+        assert live[bucket] == 1
+        assert live[("netloader_transfer_duration_seconds_count", (("role", "seed"),))] == 2
+        assert live[("netloader_transfer_duration_seconds_sum", (("role", "seed"),))] == 7.2
+    finally:
+        release.set()
+        for p in procs:
+            p.join(30)
+    # Dead processes' transfers still count; their "active" ones are not running.
+    after = scrape(tmp_path)
+    assert after[("netloader_transfers_total", (("result", "ok"), ("role", "seed")))] == 2
+    assert after[("netloader_active_transfers", (("role", "seed"),))] == 0
+
+
+def test_an_unreadable_or_hostile_file_is_skipped(tmp_path):
+    (tmp_path / "1.json").write_text("{not json")
+    (tmp_path / "2.json").write_text('{"bytes": {"seed": "many"}, "transfers": []}')
+    (tmp_path / "3.json").write_bytes(b"[" * (2 << 20))
+    assert scrape(tmp_path)[("netloader_relay_hops_total", ())] == 0
+
+
+@pytest.fixture
+def counted(tmp_path, monkeypatch):
+    """This process's counts go to a fresh folder and start from zero."""
+    monkeypatch.setenv(METRICS_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(metrics, "METRICS", ProcessMetrics())
+    for module in ("seed", "client"):
+        monkeypatch.setattr(f"vllm_ascend.model_loader.netloader.{module}.METRICS",
+                            metrics.METRICS)
+    return tmp_path
+
+
+def test_a_seed_counts_what_it_sent_and_whom_it_refused(counted):
+    with serving(seed=4) as seed:
+        model = make_toy(None)
+        assert fetch_for(model).run([seed.address]) is not None
+        other = {**IDENTITY, "model": "someone-else"}
+        assert fetch_for(make_toy(None), identity=other).run([seed.address]) is None
+        nbytes = seed.weights.total_bytes
+    seen = scrape(counted)
+    assert seen[("netloader_transfers_total", (("result", "ok"), ("role", "seed")))] == 1
+    assert seen[("netloader_transfer_bytes_total", (("role", "seed"),))] == nbytes
+    assert seen[("netloader_refusals_total", (("reason", "identity"),))] == 1
+    assert seen[("netloader_active_transfers", (("role", "seed"),))] == 0
+    assert ("netloader_transfers_total", (("result", "ok"), ("role", CLIENT))) not in seen

@@ -1,0 +1,258 @@
+"""Netloader's Prometheus metrics, on the instance's own ``/metrics``.
+
+Transfers happen in the worker processes, and ``/metrics`` is served by vLLM's API
+server process from prometheus_client's default registry (vllm/entrypoints/serve/
+instrumentator/metrics.py, one API server). So each process keeps its counts in memory
+and, after every change, writes them to ``$NETLOADER_METRICS_DIR/<pid>.json``
+(atomically); ``NetloaderCollector``, registered in every process by ``register()``,
+sums the files when scraped. The first process that loads the plugin (the API server)
+creates the folder and the variable, which the engine and worker processes inherit,
+and deletes the folder when it exits.
+
+Metrics (names per the Prometheus naming conventions, labels of bounded cardinality):
+
+- ``netloader_transfers_total{role, result}``: role ``client`` (this instance fetching),
+  ``seed`` or ``relay`` (sending); result ``ok``, ``failed`` or ``refused``.
+- ``netloader_transfer_bytes_total{role}``: bytes of the transfers that ended ``ok``.
+- ``netloader_transfer_duration_seconds{role}``: histogram of those transfers' times.
+- ``netloader_fallbacks_total{reason}``: loads that went to disk, by why.
+- ``netloader_refusals_total{reason}``: clients a seed refused, by why.
+- ``netloader_relay_hops_total``: redirects this instance's clients followed to a relay.
+- ``netloader_active_transfers{role}``: transfers running now, in live processes.
+"""
+
+import atexit
+import glob
+import json
+import os
+import shutil
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+METRICS_DIR_ENV = "NETLOADER_METRICS_DIR"
+# Seconds; a tiny model moves in well under 1 s, a large one over a slow link in minutes.
+DURATION_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+CLIENT, SEED, RELAY = "client", "seed", "relay"
+OK, FAILED, REFUSED = "ok", "failed", "refused"
+_MAX_FILE_BYTES = 1 << 20
+
+
+class ProcessMetrics:
+    """This process's counts; every method is thread-safe and never raises (a metrics
+    problem must not touch a transfer)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._transfers: Counter[tuple[str, str]] = Counter()
+        self._bytes: Counter[str] = Counter()
+        self._buckets: dict[str, list[int]] = {}
+        self._sums: dict[str, float] = {}
+        self._fallbacks: Counter[str] = Counter()
+        self._refusals: Counter[str] = Counter()
+        self._relay_hops = 0
+        self._active: Counter[str] = Counter()
+
+    def started(self, role: str) -> None:
+        """A transfer of ``role`` is running (pair with ``stopped``)."""
+        with self._lock:
+            self._active[role] += 1
+        self._write()
+
+    def stopped(self, role: str) -> None:
+        with self._lock:
+            self._active[role] = max(0, self._active[role] - 1)
+        self._write()
+
+    def ended(self, role: str, result: str, nbytes: int = 0, seconds: float = 0.0) -> None:
+        """A transfer attempt of ``role`` ended with ``result``; ``nbytes`` and
+        ``seconds`` count for ``ok`` ones."""
+        with self._lock:
+            self._transfers[(role, result)] += 1
+            if result == OK:
+                self._bytes[role] += nbytes
+                self._sums[role] = self._sums.get(role, 0.0) + seconds
+                buckets = self._buckets.setdefault(role, [0] * (len(DURATION_BUCKETS_S) + 1))
+                i = next((k for k, le in enumerate(DURATION_BUCKETS_S) if seconds <= le),
+                         len(DURATION_BUCKETS_S))
+                buckets[i] += 1
+        self._write()
+
+    def fallback(self, reason: str) -> None:
+        with self._lock:
+            self._fallbacks[reason] += 1
+        self._write()
+
+    def refusal(self, reason: str) -> None:
+        with self._lock:
+            self._refusals[reason] += 1
+        self._write()
+
+    def relay_hop(self) -> None:
+        with self._lock:
+            self._relay_hops += 1
+        self._write()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "pid": os.getpid(),
+                "transfers": [[r, s, n] for (r, s), n in self._transfers.items()],
+                "bytes": dict(self._bytes),
+                "buckets": {r: list(b) for r, b in self._buckets.items()},
+                "sums": dict(self._sums),
+                "fallbacks": dict(self._fallbacks),
+                "refusals": dict(self._refusals),
+                "relay_hops": self._relay_hops,
+                "active": dict(self._active),
+            }
+
+    def _write(self) -> None:
+        folder = os.environ.get(METRICS_DIR_ENV)
+        if not folder:
+            return
+        path = os.path.join(folder, f"{os.getpid()}.json")
+        tmp = f"{path}.{threading.get_ident()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.snapshot(), f)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # the folder is gone (the API server exited): nothing to report to
+
+
+METRICS = ProcessMetrics()
+
+
+class NetloaderCollector:
+    """A prometheus_client collector summing every process's file in ``folder``."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        snapshots = list(self._snapshots())
+        transfers = CounterMetricFamily(
+            "netloader_transfers", "Netloader weight transfers, by role and result.",
+            labels=["role", "result"],
+        )
+        total: Counter[tuple[str, str]] = Counter()
+        for s in snapshots:
+            for role, result, n in s.get("transfers", []):
+                total[(str(role), str(result))] += n
+        for (role, result), n in sorted(total.items()):
+            transfers.add_metric([role, result], n)
+        yield transfers
+
+        nbytes = CounterMetricFamily(
+            "netloader_transfer_bytes", "Bytes moved by Netloader transfers that ended ok.",
+            labels=["role"],
+        )
+        for role, n in sorted(_summed(snapshots, "bytes").items()):
+            nbytes.add_metric([role], n)
+        yield nbytes
+
+        duration = HistogramMetricFamily(
+            "netloader_transfer_duration_seconds",
+            "Wall time of Netloader transfers that ended ok.", labels=["role"],
+        )
+        sums = _summed(snapshots, "sums")
+        buckets: dict[str, list[float]] = {}
+        for s in snapshots:
+            for role, counts in s.get("buckets", {}).items():
+                acc = buckets.setdefault(role, [0.0] * (len(DURATION_BUCKETS_S) + 1))
+                for i, n in enumerate(counts[: len(acc)]):
+                    acc[i] += n
+        for role, counts in sorted(buckets.items()):
+            cumulative, running = [], 0.0
+            for le, n in zip([*map(str, DURATION_BUCKETS_S), "+Inf"], counts, strict=True):
+                running += n
+                cumulative.append((le, running))
+            duration.add_metric([role], cumulative, sums.get(role, 0.0))
+        yield duration
+
+        for name, key, text in (
+            ("netloader_fallbacks", "fallbacks", "Loads that went to disk, by reason."),
+            ("netloader_refusals", "refusals", "Clients a seed refused, by reason."),
+        ):
+            family = CounterMetricFamily(name, text, labels=["reason"])
+            for reason, n in sorted(_summed(snapshots, key).items()):
+                family.add_metric([reason], n)
+            yield family
+
+        hops = CounterMetricFamily(
+            "netloader_relay_hops", "Redirects to a relay that this instance's fetches followed."
+        )
+        hops.add_metric([], sum(int(s.get("relay_hops", 0)) for s in snapshots))
+        yield hops
+
+        active = GaugeMetricFamily(
+            "netloader_active_transfers", "Netloader transfers running now.", labels=["role"]
+        )
+        live = [s for s in snapshots if _alive(s.get("pid"))]
+        for role in (CLIENT, SEED, RELAY):
+            active.add_metric([role], _summed(live, "active").get(role, 0))
+        yield active
+
+    def _snapshots(self) -> Iterator[dict[str, Any]]:
+        for path in glob.glob(os.path.join(self.folder, "*.json")):
+            try:
+                if os.path.getsize(path) > _MAX_FILE_BYTES:
+                    continue
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+            except (OSError, ValueError):
+                continue  # replaced or removed while read: the next scrape sees it
+            if isinstance(data, dict):
+                yield data
+
+
+def _summed(snapshots: list[dict[str, Any]], key: str) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for s in snapshots:
+        values = s.get(key, {})
+        if isinstance(values, dict):
+            for name, n in values.items():
+                if isinstance(n, (int, float)):
+                    total[str(name)] = total.get(str(name), 0) + n
+    return total
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_installed = False
+
+
+def install() -> None:
+    """Create the metrics folder if this is the first process (and remove it when this
+    process exits), and register the collector on the default registry once."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    folder = os.environ.get(METRICS_DIR_ENV)
+    if not folder:
+        folder = tempfile.mkdtemp(prefix="netloader-metrics-")
+        os.environ[METRICS_DIR_ENV] = folder
+        atexit.register(shutil.rmtree, folder, True)
+    from prometheus_client import REGISTRY
+
+    REGISTRY.register(NetloaderCollector(folder))  # type: ignore[arg-type]
