@@ -3,6 +3,7 @@ config they give vLLM goes through Netloader's own config parser, read from the 
 the pod would mount (ConfigMap and Secret written where the pod would see them)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,12 @@ def test_the_headless_service_selects_the_pods_on_the_seed_port(objects):
     secret_volume = [v for v in deployment["spec"]["template"]["spec"]["volumes"]
                      if v["name"] == "netloader-secret"]
     assert secret_volume[0]["secret"]["secretName"] == "netloader-secret"
+
+
+def test_every_extra_config_in_the_user_guide_parses():
+    guide = (EXAMPLE.parents[2] / "docs" / "source" / "user_guide" / "feature_guide"
+             / "netloader.md").read_text()
+    blocks = re.findall(r"```json\n(.*?)```", guide, re.S)
+    assert len(blocks) >= 3
+    for block in blocks:
+        parse_config(json.loads(block), environ={})
