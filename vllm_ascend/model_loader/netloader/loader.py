@@ -196,7 +196,11 @@ class NetloaderModelLoader(BaseModelLoader):
                 self._rank,
             )
             return None
-        addresses, notes = self._candidates(entries)
+        try:
+            addresses, notes = self._candidates(entries)
+        except Exception as e:  # noqa: BLE001 - a registry's or resolver's answer must never keep the instance from starting
+            logger.exception("Netloader rank %d: seed discovery failed", self._rank)
+            addresses, notes = [], [f"seed discovery failed: {type(e).__name__}: {e}"]
         if not addresses:
             self._fallback_kind = "no_seed_found"
             self.fallback_reasons = tuple(notes)
