@@ -174,3 +174,52 @@ def test_a_heartbeat_that_raises_keeps_beating():
     announcer.stop()
     assert not any(t.name == "netloader-announce" and t.is_alive()
                    for t in threading.enumerate())
+
+
+def loader_with(extra: dict):
+    """A Netloader loader as vLLM builds it, about to fetch rank 0's target."""
+    from vllm.config.load import LoadConfig
+
+    from vllm_ascend.model_loader.netloader.loader import NetloaderModelLoader
+
+    loader = NetloaderModelLoader(
+        LoadConfig(load_format="netloader", model_loader_extra_config=extra)
+    )
+    loader._identity = {**IDENTITY, "checkpoint": CHECKPOINT}
+    loader._spread_key = "instance"
+    return loader
+
+
+@pytest.mark.parametrize("how", ["down", "silent"])
+def test_a_registry_that_is_down_or_silent_leaves_the_static_sources(how):
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    port = silent.getsockname()[1]
+    if how == "down":
+        silent.close()
+    try:
+        loader = loader_with({
+            "REGISTRY": f"redis://127.0.0.1:{port}/0",
+            "SOURCE": [{"device_id": 0, "sources": ["10.0.0.9:7000"]}],
+        })
+        start = time.monotonic()
+        addresses, notes = loader._candidates(loader.config.sources_for_rank(0))
+        assert time.monotonic() - start < 15
+        assert addresses == ["10.0.0.9:7000"]
+        (note,) = notes
+        assert note.startswith(f"registry redis://127.0.0.1:{port}/0: lookup failed")
+    finally:
+        silent.close()
+
+
+def test_registry_seeds_come_before_static_ones_and_never_twice(server):
+    identity = {**IDENTITY, "checkpoint": CHECKPOINT}
+    registry = RedisRegistry(server.url)
+    key = model_key(identity)
+    registry.publish(key, SeedRecord("10.0.0.1:7000", 0, "target", CHECKPOINT, 1), 30)
+    registry.publish(key, SeedRecord("10.0.0.2:7000", 0, "target", CHECKPOINT, 0), 30)
+    loader = loader_with({
+        "REGISTRY": server.url,
+        "SOURCE": [{"device_id": 0, "sources": ["10.0.0.1:7000", "10.0.0.3:7000"]}],
+    })
+    addresses, notes = loader._candidates(loader.config.sources_for_rank(0))
+    assert addresses == ["10.0.0.2:7000", "10.0.0.1:7000", "10.0.0.3:7000"] and notes == []
