@@ -223,3 +223,27 @@ def test_registry_seeds_come_before_static_ones_and_never_twice(server):
     })
     addresses, notes = loader._candidates(loader.config.sources_for_rank(0))
     assert addresses == ["10.0.0.2:7000", "10.0.0.1:7000", "10.0.0.3:7000"] and notes == []
+
+
+def test_a_record_that_lies_costs_one_refusal_never_wrong_weights(server):
+    """The registry is a hint: a seed of another checkpoint announced as this one (and
+    as the least loaded) is asked first and refuses in the handshake; the true seed
+    serves."""
+    mine = {**IDENTITY, "checkpoint": CHECKPOINT}
+    other = {**IDENTITY, "checkpoint": "e" * 64}
+    registry = RedisRegistry(server.url)
+    key = model_key(mine)
+    assert key == model_key(other)
+    with serving(seed=5, identity=other) as liar, serving(seed=7, identity=mine) as true:
+        registry.publish(key, SeedRecord(liar.address, 0, "target", CHECKPOINT, 0), 30)
+        registry.publish(key, SeedRecord(true.address, 0, "target", CHECKPOINT, 3), 30)
+        found = registry_candidates(registry, mine, "instance")
+        assert found == [liar.address, true.address]
+        model = make_toy(None)
+        fetch = fetch_for(model, identity=mine)
+        received = fetch.run(found)
+        assert received is not None and received.source == true.address
+        (reason,) = fetch.reasons
+        assert reason.startswith(f"{liar.address} refused: model identity differs: checkpoint")
+        want = dict(model_tensors(make_toy(7)))
+        assert all(t.equal(want[n]) for n, t in model_tensors(model))
