@@ -141,3 +141,34 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None
     while not predicate():
         assert time.monotonic() < deadline, what
         time.sleep(0.05)
+
+
+def count_metrics(folder: Any, monkeypatch: Any) -> None:
+    """From here on (until ``monkeypatch`` undoes it) this process's Netloader counts
+    start from zero and are written to ``folder``, as a vLLM process writes them to
+    $NETLOADER_METRICS_DIR."""
+    from vllm_ascend.model_loader.netloader import metrics
+
+    monkeypatch.setenv(metrics.METRICS_DIR_ENV, str(folder))
+    fresh = metrics.ProcessMetrics()
+    monkeypatch.setattr(metrics, "METRICS", fresh)
+    for module in ("seed", "client", "loader"):
+        monkeypatch.setattr(f"vllm_ascend.model_loader.netloader.{module}.METRICS", fresh)
+
+
+def scrape(folder: Any) -> dict[tuple[str, tuple], float]:
+    """Every sample the Netloader collector gives for ``folder``, as /metrics shows it:
+    {(sample name, sorted label items): value}."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from vllm_ascend.model_loader.netloader.metrics import NetloaderCollector
+
+    registry = CollectorRegistry()
+    registry.register(NetloaderCollector(str(folder)))  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }

@@ -17,8 +17,10 @@ from tests.toy import (
     IDENTITY,
     SMALL_BUCKET,
     assert_same_tensors,
+    count_metrics,
     fetch_for,
     make_toy,
+    scrape,
     wait_for,
 )
 from tests.wire import challenge_of, connect, frame, hello_for, read
@@ -123,7 +125,10 @@ def why_not_served_by(address: str) -> str:
     return reason
 
 
-def test_clients_arriving_while_the_seed_sends_are_chained_through_relays():
+def test_clients_arriving_while_the_seed_sends_are_chained_through_relays(
+    tmp_path, monkeypatch
+):
+    count_metrics(tmp_path, monkeypatch)  # the clients and relays here, not the seed
     with toy_seed(seed=5, send_limit=SLOW_SEED, timeout_s=10.0) as (seed, proc), \
             a_then_b(seed) as (a, b):
         wait_for(lambda: a.relay.seed is not None and a.info()["active_transfers"] == 1,
@@ -146,6 +151,10 @@ def test_clients_arriving_while_the_seed_sends_are_chained_through_relays():
             assert query_seed(seed)["completed_transfers"] == 1
             assert all(s.info()["relaying"] is False for s in (a, b, c))
             assert proc.is_alive()
+            counts = scrape(tmp_path)
+            assert counts[("netloader_relay_hops_total", ())] == 2  # b to a, c to b
+            relayed = ("netloader_transfers_total", (("result", "ok"), ("role", "relay")))
+            assert counts[relayed] == 2
         finally:
             c.relay.close()
 

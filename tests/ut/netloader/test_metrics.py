@@ -5,31 +5,15 @@ import multiprocessing as mp
 import os
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.toy import IDENTITY, fetch_for, make_toy, serving
-from vllm_ascend.model_loader.netloader import metrics
+from tests.toy import IDENTITY, count_metrics, fetch_for, make_toy, scrape, serving
 from vllm_ascend.model_loader.netloader.metrics import (
     CLIENT,
     METRICS_DIR_ENV,
     OK,
     SEED,
-    NetloaderCollector,
     ProcessMetrics,
 )
-
-
-def scrape(folder) -> dict[tuple[str, tuple], float]:
-    """Every sample the collector gives, as exposed in the text format."""
-    registry = CollectorRegistry()
-    registry.register(NetloaderCollector(str(folder)))  # type: ignore[arg-type]
-    text = generate_latest(registry).decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def _worker(folder: str, seconds: float, hold: bool, ready, release) -> None:
@@ -86,11 +70,7 @@ def test_an_unreadable_or_hostile_file_is_skipped(tmp_path):
 @pytest.fixture
 def counted(tmp_path, monkeypatch):
     """This process's counts go to a fresh folder and start from zero."""
-    monkeypatch.setenv(METRICS_DIR_ENV, str(tmp_path))
-    monkeypatch.setattr(metrics, "METRICS", ProcessMetrics())
-    for module in ("seed", "client"):
-        monkeypatch.setattr(f"vllm_ascend.model_loader.netloader.{module}.METRICS",
-                            metrics.METRICS)
+    count_metrics(tmp_path, monkeypatch)
     return tmp_path
 
 
