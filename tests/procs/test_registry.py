@@ -202,9 +202,9 @@ def test_a_registry_that_is_down_or_silent_leaves_the_static_sources(how):
             "SOURCE": [{"device_id": 0, "sources": ["10.0.0.9:7000"]}],
         })
         start = time.monotonic()
-        addresses, notes = loader._candidates(loader.config.sources_for_rank(0))
+        addresses, discovered, notes = loader._candidates(loader.config.sources_for_rank(0))
         assert time.monotonic() - start < 15
-        assert addresses == ["10.0.0.9:7000"]
+        assert addresses == ["10.0.0.9:7000"] and discovered == set()
         (note,) = notes
         assert note.startswith(f"registry redis://127.0.0.1:{port}/0: lookup failed")
     finally:
@@ -221,8 +221,9 @@ def test_registry_seeds_come_before_static_ones_and_never_twice(server):
         "REGISTRY": server.url,
         "SOURCE": [{"device_id": 0, "sources": ["10.0.0.1:7000", "10.0.0.3:7000"]}],
     })
-    addresses, notes = loader._candidates(loader.config.sources_for_rank(0))
+    addresses, discovered, notes = loader._candidates(loader.config.sources_for_rank(0))
     assert addresses == ["10.0.0.2:7000", "10.0.0.1:7000", "10.0.0.3:7000"] and notes == []
+    assert discovered == {"10.0.0.1:7000", "10.0.0.2:7000"}
 
 
 def test_a_record_that_lies_costs_one_refusal_never_wrong_weights(server):
@@ -247,3 +248,86 @@ def test_a_record_that_lies_costs_one_refusal_never_wrong_weights(server):
         assert reason.startswith(f"{liar.address} refused: model identity differs: checkpoint")
         want = dict(model_tensors(make_toy(7)))
         assert all(t.equal(want[n]) for n, t in model_tensors(model))
+
+
+def dripping_server(reply: bytes, every_s: float) -> tuple[socket.socket, threading.Event]:
+    """A server that answers every connection with ``reply``, one byte every
+    ``every_s`` (under redis-py's per-read timeout), until the event is set."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                for byte in reply:
+                    if stop.wait(every_s):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                pass
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server, stop
+
+
+def test_a_registry_that_drips_its_answer_is_cut_off_at_the_deadline():
+    server, stop = dripping_server(b"*1\r\n$" + b"9" * 40, every_s=0.5)
+    url = f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+    try:
+        registry = RedisRegistry(url, timeout_s=1.0, deadline_s=2.0)
+        start = time.monotonic()
+        with pytest.raises(RegistryError, match="no answer within 2 s"):
+            registry.find(KEY, "target", 0)
+        with pytest.raises(RegistryError, match="no answer within 2 s"):
+            registry.publish(KEY, record("10.0.0.1:7000"), 30)
+        assert time.monotonic() - start < 8
+        stopped = time.monotonic()
+        Announcer(registry, KEY, lambda: record("10.0.0.1:7000"), interval_s=0.1).start().stop()
+        assert time.monotonic() - stopped < 15  # the beat and the withdrawal, each bounded
+    finally:
+        stop.set()
+        server.close()
+
+
+def test_what_a_lookup_reads_is_bounded_in_size_and_freshest_first(server):
+    raw = redis.Redis.from_url(server.url)
+    index = f"netloader:seeds:{KEY}:target:0"
+    registry = RedisRegistry(server.url)
+    # A record of 50 MB and one nested too deep for json: each is one skipped record.
+    for address, value in [("10.0.0.7:7000", b"{" * (50 << 20)),
+                           ("10.0.0.8:7000", b"[" * 4000)]:
+        raw.zadd(index, {address: 2**50})
+        raw.set(f"netloader:seed:{KEY}:target:0:{address}", value)
+    raw.zadd(index, {"m" * 5000: 2**50})  # an over-long member, never returned
+    # More live records than a lookup takes: the freshest (latest expiry) win.
+    for i in range(12):
+        registry.publish(KEY, record(f"10.0.1.{i}:7000"), 10 + i)
+    found = {r.address for r in registry.find(KEY, "target", 0)}
+    # The 8 freshest members: the 3 planted ones (expiring last), then the 5 newest.
+    assert found == {f"10.0.1.{i}:7000" for i in range(7, 12)}
+
+
+def test_a_discovered_seed_that_drops_packets_costs_seconds_not_timeout():
+    """A registry or DNS candidate gets DISCOVERED_CONNECT_S to answer; the operator's
+    own SOURCE keeps TIMEOUT."""
+    from vllm_ascend.model_loader.netloader.client import DISCOVERED_CONNECT_S
+
+    silent = socket.create_server(("127.0.0.1", 0), backlog=1)  # accepts, never answers
+    address = f"127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        fetch = fetch_for(make_toy(None), timeout_s=30.0)
+        fetch.discovered = frozenset({address})
+        start = time.monotonic()
+        assert fetch.run([address]) is None
+        assert DISCOVERED_CONNECT_S - 0.5 < time.monotonic() - start < DISCOVERED_CONNECT_S + 5
+    finally:
+        silent.close()

@@ -1,8 +1,10 @@
 """Netloader's metrics: counts kept per process, summed by the collector the API
 server's /metrics scrapes, and what a real seed and client count."""
 
+import json
 import multiprocessing as mp
 import os
+import threading
 
 import pytest
 
@@ -60,11 +62,46 @@ def test_processes_counts_are_summed_and_only_live_ones_are_active(tmp_path):
     assert after[("netloader_active_transfers", (("role", "seed"),))] == 0
 
 
-def test_an_unreadable_or_hostile_file_is_skipped(tmp_path):
-    (tmp_path / "1.json").write_text("{not json")
-    (tmp_path / "2.json").write_text('{"bytes": {"seed": "many"}, "transfers": []}')
-    (tmp_path / "3.json").write_bytes(b"[" * (2 << 20))
-    assert scrape(tmp_path)[("netloader_relay_hops_total", ())] == 0
+def test_files_that_are_not_ours_are_skipped_and_never_break_the_scrape(tmp_path):
+    """A folder shared by mistake or written by someone else: every odd file is skipped,
+    the good one still counts, and the scrape neither raises (vLLM's own metrics share
+    the registry) nor blocks (a FIFO) nor reads without end (a link to /dev/zero)."""
+    good = ProcessMetrics()
+    os.environ[METRICS_DIR_ENV] = str(tmp_path)
+    try:
+        good.relay_hop()
+    finally:
+        del os.environ[METRICS_DIR_ENV]
+    for i, text in enumerate([
+        "{not json", "[" * 5000, '{"bytes": {"seed": "many"}, "pid": 1}',
+        '{"relay_hops": "x", "pid": 1}', '{"pid": 1180591620717411303424}',
+        '{"pid": 1, "transfers": [["seed", "ok"]]}', '{"pid": 1, "buckets": []}',
+        '{"pid": 1, "buckets": {"seed": [1]}}', '{"pid": 1, "fallbacks": {"x": -5}}',
+    ]):
+        (tmp_path / f"odd{i}.json").write_text(text)
+    (tmp_path / "big.json").write_bytes(b" " * (2 << 20))
+    os.mkfifo(tmp_path / "fifo.json")
+    os.symlink("/dev/zero", tmp_path / "zero.json")
+    samples = scrape(tmp_path)
+    assert samples[("netloader_relay_hops_total", ())] == 1
+    assert samples[("netloader_active_transfers", (("role", "seed"),))] == 0
+
+
+def _end_many(m: ProcessMetrics, n: int) -> None:
+    threads = [threading.Thread(target=m.ended, args=(SEED, OK, 1, 0.1)) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def test_the_last_write_holds_every_count(tmp_path, monkeypatch):
+    monkeypatch.setenv(METRICS_DIR_ENV, str(tmp_path))
+    for trial in range(100):
+        m = ProcessMetrics()
+        _end_many(m, 8)
+        on_disk = json.loads((tmp_path / f"{os.getpid()}.json").read_text())
+        assert on_disk["transfers"] == [["seed", "ok", 8]], trial
 
 
 @pytest.fixture

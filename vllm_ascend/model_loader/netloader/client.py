@@ -65,6 +65,9 @@ _BUSY_RETRY_S = 0.5
 _MAX_BUCKET_BYTES = 1 << 30
 # A relay the seed named is a peer that may be gone: do not wait long to find out.
 _RELAY_CONNECT_S = 5.0
+# Nor a seed a DNS answer or a registry record named (it may be a stale record of a
+# pod that is gone, whose address drops packets).
+DISCOVERED_CONNECT_S = 5.0
 # Everything that can go wrong with one source, as this client sees it (UnicodeError:
 # the IDNA codec inside socket.create_connection, for a name the checks let through).
 SOURCE_ERRORS = (ProtocolError, AuthError, TransferError, OSError, AddressError, UnicodeError)
@@ -127,6 +130,9 @@ class WeightFetch:
     # come after it, and started by the first transfer a seed accepts.
     relay: RelayListener | None = None
     reasons: list[str] = dataclasses.field(default_factory=list)
+    # Addresses found by discovery (DNS, registry), not named by the operator: they get
+    # DISCOVERED_CONNECT_S to connect and answer, not TIMEOUT.
+    discovered: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         self._summary = ManifestSummary(
@@ -202,8 +208,13 @@ class WeightFetch:
         may announce to the seed's."""
         host, port = parse_address(address, key="source")
         timeout_s = self.settings.timeout_s
-        # A relay the seed named gets less time to answer than a seed the operator named.
-        handshake_s = timeout_s if fingerprint is None else min(timeout_s, _RELAY_CONNECT_S)
+        # A relay the seed named, or a seed discovery named, gets less time to answer
+        # than a seed the operator named.
+        handshake_s = timeout_s
+        if fingerprint is not None:
+            handshake_s = min(timeout_s, _RELAY_CONNECT_S)
+        elif address in self.discovered:
+            handshake_s = min(timeout_s, DISCOVERED_CONNECT_S)
         start = time.perf_counter()
         with socket.create_connection((host, port), timeout=handshake_s) as conn:
             offer_relay = self.relay is not None and self.relay.seed is None

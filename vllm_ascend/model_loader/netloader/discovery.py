@@ -42,13 +42,38 @@ from vllm_ascend.model_loader.netloader.config import DnsSource
 # A name lookup that takes longer than this is a failed source (getaddrinfo has no
 # timeout of its own; the resolver's is 5 s per try, resolv.conf(5)).
 DNS_TIMEOUT_S = 5.0
-# The most addresses one DNS name or one registry lookup contributes.
-MAX_CANDIDATES = 16
+# The most addresses one DNS name or one registry lookup contributes (each gets
+# client.DISCOVERED_CONNECT_S to answer).
+MAX_CANDIDATES = 8
 HEARTBEAT_S = 5.0
 RECORD_TTL_S = 15.0
-# Each registry command: connect and reply within this, no retries.
+# Each socket read or connect of a registry command (redis-py's socket timeouts), and
+# the wall-clock deadline of a whole registry operation (a lookup, a publish, a
+# withdrawal, the name lookup of the registry's host included): a registry that drips
+# its answer is cut off there.
 REGISTRY_TIMEOUT_S = 2.0
+REGISTRY_DEADLINE_S = 5.0
 _MAX_RECORD_BYTES = 4096
+_MAX_MEMBER_BYTES = 64
+# One round trip, with every size bounded on the server: drop expired members, take
+# the freshest (highest expiry), and at most _MAX_RECORD_BYTES + 1 of each record (so
+# an over-long one is seen as such and skipped). KEYS[1]: the index; ARGV: the most
+# members, the record key prefix, the longest member, the longest record.
+_FIND_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local members = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+local out = {}
+for _, m in ipairs(members) do
+  if string.len(m) <= tonumber(ARGV[3]) then
+    local v = redis.call('GETRANGE', ARGV[2] .. m, 0, tonumber(ARGV[4]))
+    table.insert(out, m)
+    table.insert(out, v)
+  end
+end
+return out
+"""
 _KEY_PREFIX = "netloader"
 # Identity fields that differ between the seeds one client may use: rank and role are
 # looked up separately, and a node without weight files has no checkpoint fingerprint
@@ -181,7 +206,10 @@ class SeedRecord:
         (the registry is shared: its content is as hostile as a peer's)."""
         if len(data) > _MAX_RECORD_BYTES:
             raise ValueError(f"record of {len(data)} bytes")
-        raw = json.loads(data)
+        try:
+            raw = json.loads(data)
+        except Exception as e:  # noqa: BLE001 - RecursionError, UnicodeDecodeError...: all one bad record
+            raise ValueError(f"not JSON: {type(e).__name__}") from e
         if not isinstance(raw, dict):
             raise ValueError("record is not an object")
         address, rank, role = raw.get("address"), raw.get("rank"), raw.get("role")
@@ -232,7 +260,8 @@ def parse_registry_url(url: Any) -> tuple[str, int, int]:
             f"control; credentials would be logged with the extra config): {url!r:.100}"
         )
     try:
-        host, port = parts.hostname, parts.port or 6379
+        host, port = parts.hostname, parts.port
+        port = 6379 if port is None else port
     except ValueError as e:
         raise RegistryError(f"bad port in {url!r:.100}: {e}") from e
     if not host:
@@ -256,16 +285,20 @@ class RedisRegistry:
     """Seed records in Redis: one string key per seed (JSON, expiring after the TTL)
     and one sorted set per (model key, role, rank) whose scores are the records'
     expiry times in the server's clock (``TIME``), so clients' and seeds' clocks never
-    matter. Commands time out after ``timeout_s`` and are not retried."""
+    matter. Every operation ends within ``deadline_s`` (no retries); whatever the
+    server answers is bounded in size by the lookup script."""
 
-    def __init__(self, url: str, timeout_s: float = REGISTRY_TIMEOUT_S):
+    def __init__(
+        self, url: str, timeout_s: float = REGISTRY_TIMEOUT_S,
+        deadline_s: float = REGISTRY_DEADLINE_S,
+    ):
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
         host, port, db = parse_registry_url(url)
         self.name = url
-        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError, ValueError)
+        self._deadline_s = deadline_s
         self._redis = redis.Redis(
             host=host, port=port, db=db, socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
@@ -275,7 +308,8 @@ class RedisRegistry:
         ttl_ms = int(ttl_s * 1000)
 
         def run() -> None:
-            now_ms = self._now_ms()
+            seconds, micros = self._redis.time()
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
             index = self._index(key, record.role, record.rank)
             pipe = self._redis.pipeline(transaction=True)
             pipe.set(self._record(key, record), record.to_json(), px=ttl_ms)
@@ -295,40 +329,63 @@ class RedisRegistry:
         self._call("withdraw", run)
 
     def find(self, key: str, role: str, rank: int) -> list[SeedRecord]:
-        def run() -> list[SeedRecord]:
-            index = self._index(key, role, rank)
-            self._redis.zremrangebyscore(index, "-inf", self._now_ms())
-            members: list[Any] = self._redis.zrange(index, 0, MAX_CANDIDATES - 1)  # type: ignore[assignment]
-            addresses = [bytes(m).decode("utf-8", "replace") for m in members]
-            if not addresses:
-                return []
-            stub = [SeedRecord(a, rank, role, None) for a in addresses]
-            values = self._redis.mget([self._record(key, r) for r in stub])
-            records = []
-            for address, value in zip(addresses, values, strict=True):
-                if value is None:
-                    continue  # expired between the two reads
-                try:
-                    record = SeedRecord.from_json(value)
-                except ValueError as e:
-                    logger.warning("Netloader registry %s: record of %r ignored: %s",
-                                   self.name, address[:80], e)
-                    continue
-                if (record.address, record.rank, record.role) == (address, rank, role):
-                    records.append(record)
-            return records
+        prefix = self._record(key, SeedRecord("", rank, role, None))
 
-        return self._call("lookup", run)
+        def run() -> list[Any]:
+            reply = self._redis.eval(
+                _FIND_SCRIPT, 1, self._index(key, role, rank),
+                MAX_CANDIDATES, prefix, _MAX_MEMBER_BYTES, _MAX_RECORD_BYTES,
+            )
+            return reply if isinstance(reply, list) else []  # type: ignore[return-value]
+
+        reply = self._call("lookup", run)
+        records = []
+        for member, value in zip(reply[0::2], reply[1::2], strict=False):
+            if not (isinstance(member, bytes) and len(member) <= _MAX_MEMBER_BYTES
+                    and isinstance(value, bytes)):
+                continue  # not what the script returns: not a registry we understand
+            address = member.decode("utf-8", "replace")
+            if not value:
+                continue  # expired between the index and the record
+            try:
+                record = SeedRecord.from_json(value)
+            except ValueError as e:
+                logger.warning("Netloader registry %s: record of %r ignored: %s",
+                               self.name, address, e)
+                continue
+            if (record.address, record.rank, record.role) == (address, rank, role):
+                records.append(record)
+        return records
 
     def _call(self, what: str, run: Callable[[], Any]) -> Any:
-        try:
-            return run()
-        except self._errors as e:
-            raise RegistryError(f"registry {self.name}: {what} failed: {e}") from e
+        """``run()`` in a helper thread, ended by ``deadline_s``: redis-py's socket
+        timeouts bound each read, not a command whose reply drips. On the deadline the
+        connections are closed under the helper, which then ends with an error."""
+        result: list[Any] = []
 
-    def _now_ms(self) -> int:
-        seconds, micros = self._redis.time()
-        return int(seconds) * 1000 + int(micros) // 1000
+        def target() -> None:
+            try:
+                result.append((True, run()))
+            except Exception as e:  # noqa: BLE001 - any answer of a registry is one failed operation
+                result.append((False, e))
+
+        thread = threading.Thread(target=target, name=f"netloader-registry-{what}", daemon=True)
+        thread.start()
+        thread.join(self._deadline_s)
+        if not result:
+            try:
+                self._redis.connection_pool.disconnect()
+            except Exception:  # noqa: BLE001 - best effort; the helper is a daemon thread
+                pass
+            raise RegistryError(
+                f"registry {self.name}: {what} failed: no answer within {self._deadline_s:g} s"
+            )
+        ok, value = result[0]
+        if not ok:
+            raise RegistryError(
+                f"registry {self.name}: {what} failed: {type(value).__name__}: {value}"
+            ) from value
+        return value
 
     @staticmethod
     def _index(key: str, role: str, rank: int) -> str:
@@ -394,10 +451,10 @@ class Announcer:
         """Stop heartbeats and withdraw the record (best effort: a registry that is
         down lets it expire after the TTL)."""
         self._stopped.set()
-        self._thread.join(timeout=self._interval_s + 2 * REGISTRY_TIMEOUT_S)
+        self._thread.join(timeout=REGISTRY_DEADLINE_S)
         try:
             self._registry.withdraw(self._key, self._describe())
-        except RegistryError as e:
+        except Exception as e:  # noqa: BLE001 - RegistryError, or a registry's bug: the record expires
             logger.warning("Netloader: cannot withdraw seed record (%s); it expires in %g s",
                            e, self._ttl_s)
 

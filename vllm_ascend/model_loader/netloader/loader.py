@@ -14,6 +14,7 @@ verified tensors on to clients the seed sends here; a fetch that fails closes it
 and the seed started after the disk load takes its port.
 """
 
+import atexit
 import dataclasses
 import os
 import socket
@@ -112,7 +113,7 @@ class NetloaderModelLoader(BaseModelLoader):
         self._role = model_role(model_config)
         self._parallel_config = vllm_config.parallel_config
         self._device = _worker_device()
-        self._spread_key = vllm_config.instance_id or str(os.getpid())
+        self._spread_key = _spread_key(vllm_config)
         self.fallback_reasons = ()
         self._relay_seed = None
         model = super().load_model(vllm_config, model_config, prefix)
@@ -197,10 +198,11 @@ class NetloaderModelLoader(BaseModelLoader):
             )
             return None
         try:
-            addresses, notes = self._candidates(entries)
+            addresses, discovered, notes = self._candidates(entries)
         except Exception as e:  # noqa: BLE001 - a registry's or resolver's answer must never keep the instance from starting
             logger.exception("Netloader rank %d: seed discovery failed", self._rank)
-            addresses, notes = [], [f"seed discovery failed: {type(e).__name__}: {e}"]
+            addresses, discovered = [], set()
+            notes = [f"seed discovery failed: {type(e).__name__}: {e}"]
         if not addresses:
             self._fallback_kind = "no_seed_found"
             self.fallback_reasons = tuple(notes)
@@ -217,6 +219,7 @@ class NetloaderModelLoader(BaseModelLoader):
             targets=[t for _, t in named],
             relay=relay,
             reasons=list(notes),
+            discovered=frozenset(discovered),
         )
         METRICS.started(CLIENT)
         self._fallback_kind = "seeds_failed"
@@ -255,10 +258,11 @@ class NetloaderModelLoader(BaseModelLoader):
             )
         return received
 
-    def _candidates(self, entries: tuple[Any, ...]) -> tuple[list[str], list[str]]:
-        """(seed addresses to try, in order; why a discovery gave none): the registry's
-        live seeds of this model, least loaded first, then SOURCE with each DNS name
-        expanded. This rank's own listener is never a candidate."""
+    def _candidates(self, entries: tuple[Any, ...]) -> tuple[list[str], set[str], list[str]]:
+        """(seed addresses to try, in order; those of them that discovery found; why a
+        discovery gave none): the registry's live seeds of this model, least loaded
+        first, then SOURCE with each DNS name expanded. This rank's own listener is
+        never a candidate. A registry that fails, however it fails, leaves SOURCE."""
         assert self._identity is not None
         own = self._own_addresses()
         found: list[str] = []
@@ -270,8 +274,9 @@ class NetloaderModelLoader(BaseModelLoader):
                 found = registry_candidates(
                     self._registry_client(), self._identity, self._spread_key, own
                 )
-            except RegistryError as e:
-                notes.append(str(e))
+            except Exception as e:  # noqa: BLE001 - RegistryError, or a registry answer nobody foresaw
+                notes.append(str(e) if isinstance(e, RegistryError)
+                             else f"registry {self.config.registry}: {type(e).__name__}: {e}")
             else:
                 logger.info(
                     "Netloader rank %d %s: registry %s lists %d live seed(s) of this model: %s",
@@ -287,7 +292,9 @@ class NetloaderModelLoader(BaseModelLoader):
             timeout_s=min(DNS_TIMEOUT_S, self.config.timeout_s),
         )
         notes.extend(dns_notes)
-        return [*found, *(a for a in more if a not in found)], notes
+        static = {a for a in entries if isinstance(a, str)}
+        discovered = set(found) | {a for a in more if a not in static}
+        return [*found, *(a for a in more if a not in found)], discovered, notes
 
     def _own_addresses(self) -> list[str]:
         """Where this rank's listener is or will be: never a seed to fetch from."""
@@ -428,7 +435,25 @@ def _stop_seed(key: tuple[int, str]) -> None:
 def _stop_announcer(key: tuple[int, str]) -> None:
     old = _ANNOUNCERS.pop(key, None)
     if old is not None:
-        old.stop()
+        old.stop()  # bounded, and never raises
+
+
+@atexit.register
+def _withdraw_all() -> None:
+    """A worker that exits withdraws its records (each within the registry's deadline),
+    so clients are not offered a seed that is gone until its record expires."""
+    for key in list(_ANNOUNCERS):
+        _stop_announcer(key)
+
+
+def _spread_key(vllm_config: VllmConfig) -> str:
+    """What every rank of one instance shares, and other instances do not: the
+    multi-node rendezvous address when the instance spans hosts (each node builds its
+    own config, and vLLM sets ``instance_id`` from the clock), else the instance id."""
+    parallel = vllm_config.parallel_config
+    if getattr(parallel, "nnodes", 1) > 1:
+        return f"{parallel.master_addr}:{parallel.master_port}"
+    return vllm_config.instance_id or str(os.getpid())
 
 
 def running_seeds() -> dict[tuple[int, str], SeedServer]:

@@ -26,11 +26,14 @@ import glob
 import json
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
+
+from vllm.logger import logger
 
 METRICS_DIR_ENV = "NETLOADER_METRICS_DIR"
 # Seconds; a tiny model moves in well under 1 s, a large one over a slow link in minutes.
@@ -46,6 +49,8 @@ class ProcessMetrics:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        # Snapshot and replace under one lock: an older snapshot never lands last.
+        self._write_lock = threading.Lock()
         self._transfers: Counter[tuple[str, str]] = Counter()
         self._bytes: Counter[str] = Counter()
         self._buckets: dict[str, list[int]] = {}
@@ -114,16 +119,18 @@ class ProcessMetrics:
         if not folder:
             return
         path = os.path.join(folder, f"{os.getpid()}.json")
-        tmp = f"{path}.{threading.get_ident()}.tmp"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(self.snapshot(), f)
-            os.replace(tmp, path)
-        except OSError:
-            pass  # the folder is gone (the API server exited): nothing to report to
+        tmp = f"{path}.tmp"
+        with self._write_lock:
+            try:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(self.snapshot(), f)
+                os.replace(tmp, path)
+            except OSError:
+                pass  # the folder is gone (the API server exited): nothing to report to
 
 
 METRICS = ProcessMetrics()
+_said_broken = threading.Event()
 
 
 class NetloaderCollector:
@@ -133,6 +140,19 @@ class NetloaderCollector:
         self.folder = folder
 
     def collect(self) -> Iterator[Any]:
+        """The families, or none at all if anything in the folder is not what this
+        module writes: vLLM's own metrics are served by the same registry, and a
+        collector that raises would take them down too."""
+        try:
+            families = list(self._families())
+        except Exception:  # noqa: BLE001 - see above; said once per process
+            if not _said_broken.is_set():
+                _said_broken.set()
+                logger.exception("Netloader metrics folder %s cannot be read", self.folder)
+            families = []
+        yield from families
+
+    def _families(self) -> Iterator[Any]:
         from prometheus_client.core import (
             CounterMetricFamily,
             GaugeMetricFamily,
@@ -172,7 +192,8 @@ class NetloaderCollector:
                 for i, n in enumerate(counts[: len(acc)]):
                     acc[i] += n
         for role, counts in sorted(buckets.items()):
-            cumulative, running = [], 0.0
+            cumulative: list[tuple[str, float]] = []
+            running = 0.0
             for le, n in zip([*map(str, DURATION_BUCKETS_S), "+Inf"], counts, strict=True):
                 running += n
                 cumulative.append((le, running))
@@ -204,15 +225,64 @@ class NetloaderCollector:
 
     def _snapshots(self) -> Iterator[dict[str, Any]]:
         for path in glob.glob(os.path.join(self.folder, "*.json")):
-            try:
-                if os.path.getsize(path) > _MAX_FILE_BYTES:
-                    continue
-                with open(path, encoding="utf-8") as f:
-                    data = json.load(f)
-            except (OSError, ValueError):
-                continue  # replaced or removed while read: the next scrape sees it
-            if isinstance(data, dict):
+            data = _read_snapshot(path)
+            if data is not None:
                 yield data
+
+
+def _read_snapshot(path: str) -> dict[str, Any] | None:
+    """One process's counts, or None for anything that is not a small regular file of
+    well-formed counts (a link, a FIFO, a file being replaced, another program's file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, _MAX_FILE_BYTES + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) > _MAX_FILE_BYTES:
+        return None
+    try:
+        raw = json.loads(data)
+    except Exception:  # noqa: BLE001 - RecursionError, UnicodeDecodeError...: not ours
+        return None
+    return _well_formed(raw)
+
+
+def _well_formed(raw: Any) -> dict[str, Any] | None:
+    """``raw`` if every field has the shape ``ProcessMetrics.snapshot`` writes."""
+    def counts(value: Any) -> bool:
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and _number(v) for k, v in value.items()
+        )
+
+    if not isinstance(raw, dict) or not (isinstance(raw.get("pid"), int)
+                                         and 0 < raw["pid"] < 2**31):
+        return None
+    transfers = raw.get("transfers", [])
+    buckets = raw.get("buckets", {})
+    ok = (
+        isinstance(transfers, list)
+        and all(isinstance(t, list) and len(t) == 3 and isinstance(t[0], str)
+                and isinstance(t[1], str) and _number(t[2]) for t in transfers)
+        and all(counts(raw.get(k, {})) for k in ("bytes", "sums", "fallbacks", "refusals",
+                                                 "active"))
+        and _number(raw.get("relay_hops", 0))
+        and isinstance(buckets, dict)
+        and all(isinstance(r, str) and isinstance(b, list)
+                and len(b) == len(DURATION_BUCKETS_S) + 1 and all(map(_number, b))
+                for r, b in buckets.items())
+    )
+    return raw if ok else None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
 
 
 def _summed(snapshots: list[dict[str, Any]], key: str) -> dict[str, float]:
@@ -253,6 +323,12 @@ def install() -> None:
         folder = tempfile.mkdtemp(prefix="netloader-metrics-")
         os.environ[METRICS_DIR_ENV] = folder
         atexit.register(shutil.rmtree, folder, True)
+    elif not os.path.isdir(folder):
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        except OSError as e:
+            logger.warning("Netloader metrics: cannot create %s=%s (%s); no counts on "
+                           "/metrics", METRICS_DIR_ENV, folder, e)
     from prometheus_client import REGISTRY
 
     REGISTRY.register(NetloaderCollector(folder))  # type: ignore[arg-type]
