@@ -19,12 +19,14 @@ finish within the transfer's timeout, so a slow link with a huge tensor works; a
 the whole transfer within its wall-clock deadline (``transfer.transfer_deadline_s``).
 """
 
+import contextlib
 import os
 import socket
+import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -41,6 +43,7 @@ from vllm_ascend.model_loader.netloader.protocol import (
     MAX_REQUEST_BYTES,
     STORE,
     Deadline,
+    DeadlineExceeded,
     ProtocolError,
     parse_store_record,
     recv_msg,
@@ -143,7 +146,10 @@ def group_link(
     out."""
     store = TunnelStore(conn, setup_deadline)
     timeout = timedelta(seconds=timeout_s)
-    pg = _group_on(PrefixStore("netloader", store), rank, timeout, conn.getsockname()[0])
+    pg = _within(
+        setup_deadline, conn,
+        lambda: _group_on(PrefixStore("netloader", store), rank, timeout, conn.getsockname()[0]),
+    )
     try:
         name = GroupName(f"netloader-{uuid.uuid4().hex[:12]}")
         pg._set_group_name(name)
@@ -152,6 +158,51 @@ def group_link(
         yield GroupLink(pg, rank, timeout, device, pacer or Pacer(None), deadline_s)
     finally:
         stateless_destroy_torch_distributed_process_group(pg)
+
+
+def _within(
+    deadline: Deadline, conn: socket.socket, make: Callable[[], ProcessGroup]
+) -> ProcessGroup:
+    """``make()`` in a helper thread, within ``deadline``. The group's constructor
+    cannot be interrupted, and gloo's connect to a peer that died during set-up was seen
+    to outlast its own timeout (> 25 s at a 10 s TIMEOUT): at the deadline the tunnel
+    connection is shut down under the helper (its store calls then fail), a group it
+    still makes is destroyed, and ``DeadlineExceeded`` is raised here."""
+    result: list[tuple[bool, Any]] = []
+    abandoned: list[bool] = []
+    lock = threading.Lock()
+
+    def target() -> None:
+        try:
+            pg = make()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller below
+            with lock:
+                result.append((False, e))
+            return
+        with lock:
+            if not abandoned:
+                result.append((True, pg))
+                return
+        stateless_destroy_torch_distributed_process_group(pg)
+
+    thread = threading.Thread(target=target, name="netloader-group-setup", daemon=True)
+    thread.start()
+    try:
+        left = deadline.remaining()
+    except DeadlineExceeded:
+        left = 0.0
+    thread.join(left)
+    with lock:
+        if not result:
+            abandoned.append(True)
+    if abandoned:
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
+        raise DeadlineExceeded(f"{deadline.what} took longer than {deadline.seconds:g} s")
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
 
 
 def _group_on(store: PrefixStore, rank: int, timeout: timedelta, local_host: str) -> ProcessGroup:
