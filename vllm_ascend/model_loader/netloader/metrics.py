@@ -22,6 +22,7 @@ Metrics (names per the Prometheus naming conventions, labels of bounded cardinal
 """
 
 import atexit
+import bisect
 import glob
 import json
 import os
@@ -80,19 +81,18 @@ class ProcessMetrics:
                 self._bytes[role] += nbytes
                 self._sums[role] = self._sums.get(role, 0.0) + seconds
                 buckets = self._buckets.setdefault(role, [0] * (len(DURATION_BUCKETS_S) + 1))
-                i = next((k for k, le in enumerate(DURATION_BUCKETS_S) if seconds <= le),
-                         len(DURATION_BUCKETS_S))
-                buckets[i] += 1
+                buckets[bisect.bisect_left(DURATION_BUCKETS_S, seconds)] += 1
         self._write()
 
     def fallback(self, reason: str) -> None:
-        with self._lock:
-            self._fallbacks[reason] += 1
-        self._write()
+        self._bump(self._fallbacks, reason)
 
     def refusal(self, reason: str) -> None:
+        self._bump(self._refusals, reason)
+
+    def _bump(self, counter: Counter[str], reason: str) -> None:
         with self._lock:
-            self._refusals[reason] += 1
+            counter[reason] += 1
         self._write()
 
     def relay_hop(self) -> None:
