@@ -21,6 +21,7 @@ with its other sources or the disk.
   a store implements; ``RedisRegistry`` is the one there is.
 """
 
+import contextlib
 import hashlib
 import json
 import socket
@@ -299,19 +300,22 @@ class RedisRegistry:
         host, port, db = parse_registry_url(url)
         self.name = url
         self._deadline_s = deadline_s
-        self._redis = redis.Redis(
+        # Each operation gets a connection of its own, so that closing one whose answer
+        # outlasted its deadline never breaks another thread's operation.
+        self._connect: Callable[[], Any] = lambda: redis.Redis(
             host=host, port=port, db=db, socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
+            single_connection_client=True,
         )
 
     def publish(self, key: str, record: SeedRecord, ttl_s: float) -> None:
         ttl_ms = int(ttl_s * 1000)
 
-        def run() -> None:
-            seconds, micros = self._redis.time()
+        def run(r: Any) -> None:
+            seconds, micros = r.time()
             now_ms = int(seconds) * 1000 + int(micros) // 1000
             index = self._index(key, record.role, record.rank)
-            pipe = self._redis.pipeline(transaction=True)
+            pipe = r.pipeline(transaction=True)
             pipe.set(self._record(key, record), record.to_json(), px=ttl_ms)
             pipe.zadd(index, {record.address: now_ms + ttl_ms})
             pipe.pexpire(index, ttl_ms)
@@ -320,8 +324,8 @@ class RedisRegistry:
         self._call("publish", run)
 
     def withdraw(self, key: str, record: SeedRecord) -> None:
-        def run() -> None:
-            pipe = self._redis.pipeline(transaction=True)
+        def run(r: Any) -> None:
+            pipe = r.pipeline(transaction=True)
             pipe.zrem(self._index(key, record.role, record.rank), record.address)
             pipe.delete(self._record(key, record))
             pipe.execute()
@@ -331,8 +335,8 @@ class RedisRegistry:
     def find(self, key: str, role: str, rank: int) -> list[SeedRecord]:
         prefix = self._record(key, SeedRecord("", rank, role, None))
 
-        def run() -> list[Any]:
-            reply = self._redis.eval(
+        def run(r: Any) -> list[Any]:
+            reply = r.eval(
                 _FIND_SCRIPT, 1, self._index(key, role, rank),
                 MAX_CANDIDATES, prefix, _MAX_MEMBER_BYTES, _MAX_RECORD_BYTES,
             )
@@ -357,26 +361,32 @@ class RedisRegistry:
                 records.append(record)
         return records
 
-    def _call(self, what: str, run: Callable[[], Any]) -> Any:
-        """``run()`` in a helper thread, ended by ``deadline_s``: redis-py's socket
-        timeouts bound each read, not a command whose reply drips. On the deadline the
-        connections are closed under the helper, which then ends with an error."""
+    def _call(self, what: str, run: Callable[[Any], Any]) -> Any:
+        """``run(client)`` in a helper thread on a connection of its own, ended by
+        ``deadline_s``: redis-py's socket timeouts bound each read, not a command whose
+        reply drips. On the deadline that connection is closed under the helper, which
+        then ends with an error."""
         result: list[Any] = []
+        clients: list[Any] = []  # made in the helper: connecting is part of the deadline
 
         def target() -> None:
             try:
-                result.append((True, run()))
+                clients.append(self._connect())
+                result.append((True, run(clients[0])))
             except Exception as e:  # noqa: BLE001 - any answer of a registry is one failed operation
                 result.append((False, e))
+            finally:
+                for client in clients:
+                    with contextlib.suppress(Exception):
+                        client.close()
 
         thread = threading.Thread(target=target, name=f"netloader-registry-{what}", daemon=True)
         thread.start()
         thread.join(self._deadline_s)
         if not result:
-            try:
-                self._redis.connection_pool.disconnect()
-            except Exception:  # noqa: BLE001 - best effort; the helper is a daemon thread
-                pass
+            for client in list(clients):
+                with contextlib.suppress(Exception):  # best effort; the helper is a daemon
+                    client.close()
             raise RegistryError(
                 f"registry {self.name}: {what} failed: no answer within {self._deadline_s:g} s"
             )
