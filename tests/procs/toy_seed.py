@@ -33,6 +33,32 @@ def flip_one_byte_in_first_transfer() -> None:
     seed.send_weights = corrupted  # type: ignore[assignment]
 
 
+def die_after_buckets(n: int) -> None:
+    """Test seam at seed -> transfer: the process exits (as if killed) when its first
+    transfer is about to send bucket ``n``, once buckets 0 .. n-1 have left."""
+    from vllm_ascend.model_loader.netloader import seed
+
+    send = seed.send_weights
+
+    class Dying:
+        def __init__(self, link: Any) -> None:
+            self._link = link
+
+        def send_bucket(self, index: int, *args: Any) -> None:
+            if index == n:
+                self._link.flush()
+                os._exit(9)
+            self._link.send_bucket(index, *args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._link, name)
+
+    def dying(link: Any, *args: Any, **kwargs: Any) -> int:
+        return send(Dying(link), *args, **kwargs)
+
+    seed.send_weights = dying  # type: ignore[assignment]
+
+
 def _serve(ready: Any, stop: Any, seed_value: int, options: dict[str, Any]) -> None:
     from vllm_ascend.model_loader.netloader.addresses import listen
     from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
@@ -40,6 +66,9 @@ def _serve(ready: Any, stop: Any, seed_value: int, options: dict[str, Any]) -> N
 
     if options.pop("corrupt_first"):
         flip_one_byte_in_first_transfer()
+    die_after = options.pop("die_after")
+    if die_after is not None:
+        die_after_buckets(die_after)
     nofile = options.pop("nofile")
     host = options.pop("host")
     identity = options.pop("identity")
@@ -68,17 +97,18 @@ def toy_seed(
     data_plane: str = "tcp",
     nofile: int | None = None,
     host: str = "127.0.0.1",
+    die_after: int | None = None,
 ) -> Iterator[tuple[str, mp.Process]]:
     """A seed process serving ``make_toy(seed)``; yields (address, process).
     ``nofile`` lowers its descriptor limit, once it listens, to that many more than it
-    has open."""
+    has open; with ``die_after`` the process exits once it sent that many buckets."""
     ctx = mp.get_context("spawn")
     # A pipe, not an Event: setting an Event deadlocks once a waiter was SIGKILLed.
     ready, (stop_recv, stop_send) = ctx.Queue(), ctx.Pipe(duplex=False)
     options = {
         "identity": identity or IDENTITY, "timeout_s": timeout_s, "bucket_bytes": SMALL_BUCKET,
         "send_limit_bytes_per_s": send_limit, "secret": secret, "corrupt_first": corrupt_first,
-        "data_plane": data_plane, "nofile": nofile, "host": host,
+        "data_plane": data_plane, "nofile": nofile, "host": host, "die_after": die_after,
     }
     proc = ctx.Process(target=_serve, args=(ready, stop_recv, seed, options), daemon=True)
     proc.start()

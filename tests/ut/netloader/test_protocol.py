@@ -397,6 +397,13 @@ def test_a_hello_parses_into_its_request():
         {"data_planes": "tcp"},
         {"data_planes": [1]},
         {"expect": "not a digest"},
+        {"resume": {"start": 0, "values": "v" * 64}},  # nothing held
+        {"resume": {"start": 3, "values": "a" * 64}},  # the manifest has 3 tensors
+        {"resume": {"start": -1, "values": "a" * 64}},
+        {"resume": {"start": True, "values": "a" * 64}},
+        {"resume": {"start": 1, "values": "not a digest"}},
+        {"resume": {"start": 1}},
+        {"resume": [1, "a" * 64]},
     ],
 )
 def test_a_hostile_hello_is_a_protocol_error(change):
@@ -411,6 +418,27 @@ def accept_of(**change):
 def test_an_accept_parses_against_what_was_asked():
     got = protocol.parse_accept(accept_of(), 3, ("tcp",), 1 << 30)
     assert got == protocol.Accept(["d" * 64] * 3, 1 << 20, "tcp", "c" * 64)
+
+
+def test_a_resume_round_trips_and_the_accept_may_start_where_it_was_offered():
+    resume = protocol.Resume(2, "a" * 64)
+    msg = {**protocol.hello({"model": "m"}, protocol.ManifestSummary(3, 30, "a" * 64), None,
+                            False, ("tcp",), resume=resume), "nonce": NONCE}
+    assert protocol.parse_request(msg).resume == resume
+    assert protocol.parse_request(GOOD_HELLO).resume is None
+    assert protocol.parse_accept(accept_of(start=2), 3, ("tcp",), 1 << 30, 2).start == 2
+    assert protocol.parse_accept(accept_of(start=0), 3, ("tcp",), 1 << 30, 2).start == 0
+    # A seed that predates resuming sends no start: it sends everything.
+    old = {k: v for k, v in accept_of().items() if k != "start"}
+    assert protocol.parse_accept(old, 3, ("tcp",), 1 << 30, 2).start == 0
+
+
+@pytest.mark.parametrize("start, offered", [(1, 2), (2, 0), (5, 0), (-1, 0), ("2", 2)])
+def test_an_accept_that_starts_where_the_client_did_not_offer_is_a_protocol_error(
+    start, offered
+):
+    with pytest.raises(ProtocolError):
+        protocol.parse_accept(accept_of(start=start), 3, ("tcp",), 1 << 30, offered)
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ from vllm_ascend.model_loader.netloader.protocol import (
     Deadline,
     ManifestSummary,
     ProtocolError,
+    Resume,
     clean,
     done,
     field,
@@ -57,6 +58,7 @@ from vllm_ascend.model_loader.netloader.stream import StreamLink
 from vllm_ascend.model_loader.netloader.transfer import (
     DEFAULT_MIN_RATE_BYTES_PER_S,
     TransferError,
+    bytes_from,
     recv_weights,
     transfer_deadline_s,
 )
@@ -113,6 +115,9 @@ class Received:
     digests: list[str]
     # The seed's checkpoint fingerprint (what this instance now holds).
     checkpoint: str | None
+    # Bytes kept from an earlier source with the same value fingerprint that failed
+    # (a resumed transfer): not part of ``nbytes``.
+    reused_bytes: int = 0
 
 
 @dataclass
@@ -138,6 +143,18 @@ class WeightFetch:
         self._summary = ManifestSummary(
             len(self.specs), sum(s.nbytes for s in self.specs), manifest_sha256(self.specs)
         )
+        # The first ``_held`` targets hold verified bytes of the weights with value
+        # fingerprint ``_held_values``: the next source with that fingerprint resumes.
+        self._held = 0
+        self._held_values: str | None = None
+
+    def _resume(self) -> Resume | None:
+        if self._held_values is None or not 0 < self._held < len(self.specs):
+            return None
+        return Resume(self._held, self._held_values)
+
+    def _verified(self, n: int) -> None:
+        self._held = n
 
     @property
     def _rank(self) -> Any:
@@ -218,16 +235,17 @@ class WeightFetch:
         start = time.perf_counter()
         with socket.create_connection((host, port), timeout=handshake_s) as conn:
             offer_relay = self.relay is not None and self.relay.seed is None
+            resume = self._resume()
             body = hello(
                 self.settings.identity, self._summary,
                 self.relay.port if offer_relay and self.relay is not None else None,
-                direct, (self.settings.data_plane,), self.settings.expected_fingerprint,
+                direct, (self.settings.data_plane,), self.settings.expected_fingerprint, resume,
             )
             reply = ask_seed(
                 conn, body, self.settings.secret,
                 Deadline(handshake_s, f"handshake with {address}"), reply_cap(len(self.specs)),
             )
-            accepted = self._accepted(address, reply, fingerprint)
+            accepted = self._accepted(address, reply, fingerprint, resume)
             progress = self._begin_relay(accepted) if offer_relay else None
             try:
                 nbytes = self._receive(conn, accepted, progress)
@@ -248,16 +266,23 @@ class WeightFetch:
                 # Every tensor is verified: only the seed's count of transfers misses it.
                 logger.warning("Netloader rank %s: 'done' to %s failed: %s", self._rank, address, e)
         seconds = time.perf_counter() - start
+        reused = self._summary.nbytes - nbytes
         logger.info(
             "Netloader rank %s received %d bytes from %s over %s in %.3f s (%.2f GB/s), "
-            "all %d digests verified",
+            "all %d digests verified%s",
             self._rank, nbytes, address, accepted.data_plane, seconds,
             nbytes / max(seconds, 1e-9) / 1e9, len(accepted.digests),
+            f"; resumed at tensor {accepted.start}: {reused} bytes reused" if reused else "",
         )
-        return Received(address, nbytes, seconds, accepted.digests, accepted.checkpoint)
+        return Received(address, nbytes, seconds, accepted.digests, accepted.checkpoint, reused)
 
-    def _accepted(self, address: str, reply: dict[str, Any], fingerprint: str | None) -> Accept:
-        """The seed's accept, checked; every other answer raises."""
+    def _accepted(
+        self, address: str, reply: dict[str, Any], fingerprint: str | None,
+        resume: Resume | None,
+    ) -> Accept:
+        """The seed's accept, checked; every other answer raises. From here on the
+        targets count as this seed's: from its start on they are overwritten, and
+        before it they hold what it announced (a resume with its value fingerprint)."""
         kind = reply["type"]
         if kind == REFUSE:
             reason, retry = parse_refuse(reply)
@@ -269,8 +294,13 @@ class WeightFetch:
         if kind != ACCEPT:
             raise ProtocolError(f"expected '{ACCEPT}', got '{clean(kind, 40)}'")
         accepted = parse_accept(reply, len(self.specs), (self.settings.data_plane,),
-                                _MAX_BUCKET_BYTES)
+                                _MAX_BUCKET_BYTES, resume.start if resume is not None else 0)
         values = value_fingerprint(self.specs, accepted.digests)
+        if accepted.start and resume is not None and values != resume.values:
+            raise ProtocolError(
+                f"seed resumes at tensor {accepted.start} but serves values {values}, "
+                f"not the {resume.values} this client holds"
+            )
         if fingerprint is not None and values != fingerprint:
             raise ProtocolError("relay announces other weights than the seed that named it")
         expected = self.settings.expected_fingerprint
@@ -282,14 +312,21 @@ class WeightFetch:
         mine = self.settings.identity.get("checkpoint")
         if mine is not None and accepted.checkpoint != mine:
             raise SourceRefused(f"seed serves checkpoint {accepted.checkpoint}, this side {mine}")
+        self._held, self._held_values = accepted.start, values
         return accepted
 
     def _receive(
         self, conn: socket.socket, accepted: Accept, progress: RelayProgress | None
     ) -> int:
         settings = self.settings
-        on_verified = progress.verified if progress is not None else None
-        total = self._summary.nbytes
+
+        def on_verified(n: int) -> None:
+            self._verified(n)
+            if progress is not None:
+                progress.verified(n)
+
+        first = accepted.start
+        total = bytes_from(self.specs, first)
         deadline_s = transfer_deadline_s(total, settings.timeout_s, settings.min_rate_bytes_per_s)
         if accepted.data_plane == TCP:
             link = StreamLink(
@@ -297,12 +334,12 @@ class WeightFetch:
                 on_bytes=progress.arrived if progress is not None else None,
             )
             return recv_weights(link, self.targets, self.specs, accepted.digests,
-                                accepted.bucket_bytes, on_verified=on_verified)
+                                accepted.bucket_bytes, on_verified=on_verified, start=first)
         setup = Deadline(settings.timeout_s, "group set-up")
         with group_link(conn, CLIENT_RANK, settings.timeout_s, settings.device, setup,
                         deadline_s=deadline_s) as group:
             return recv_weights(group, self.targets, self.specs, accepted.digests,
-                                accepted.bucket_bytes, on_verified=on_verified)
+                                accepted.bucket_bytes, on_verified=on_verified, start=first)
 
     def _manifest_detail(self, address: str) -> str:
         """The first difference between this side's manifest and the seed's (asked

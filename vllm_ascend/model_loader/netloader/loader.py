@@ -95,6 +95,8 @@ class NetloaderModelLoader(BaseModelLoader):
         # Where the last load_weights got its weights from, and how long it took.
         self.weights_source = "disk"
         self.load_seconds = 0.0
+        # Bytes the last fetch kept from a source that failed mid-transfer (resumed).
+        self.reused_bytes = 0
         # Why each seed that was tried could not serve (before another one or the disk did).
         self.fallback_reasons: tuple[str, ...] = ()
         # All ranks of one instance order discovered seeds alike (discovery.spread).
@@ -124,6 +126,7 @@ class NetloaderModelLoader(BaseModelLoader):
         start = time.perf_counter()
         self._identity = self._identity_of(model_config)
         self._fallback_kind = None
+        self.reused_bytes = 0
         received = self._fetch(model)
         if received is None:
             if self._fallback_kind is not None:
@@ -133,6 +136,7 @@ class NetloaderModelLoader(BaseModelLoader):
             digests = None
         else:
             self.weights_source = f"seed {received.source}"
+            self.reused_bytes = received.reused_bytes
             digests = received.digests
             if self._identity["checkpoint"] is None:
                 # A node without weight files now holds the seed's checkpoint.
@@ -142,9 +146,11 @@ class NetloaderModelLoader(BaseModelLoader):
         self._loaded = relay.weights if relay is not None else LoadedWeights.capture(model, digests)
         self.load_seconds = time.perf_counter() - start
         logger.info(
-            "Netloader rank %d %s loaded %d tensors (%.3f GB) from %s in %.3f s",
+            "Netloader rank %d %s loaded %d tensors (%.3f GB) from %s in %.3f s%s",
             self._rank, self._role, len(self._loaded.specs), self._loaded.total_bytes / 1e9,
             self.weights_source, self.load_seconds,
+            f" ({self.reused_bytes} bytes reused from a source that failed)"
+            if self.reused_bytes else "",
         )
 
     def _identity_of(self, model_config: ModelConfig) -> dict[str, Any]:
@@ -373,7 +379,8 @@ class NetloaderModelLoader(BaseModelLoader):
         loaded = self._loaded
         assert loaded is not None and self._identity is not None
         key = (self._rank, self._role)
-        provenance = Provenance(self.weights_source, self.load_seconds, self.fallback_reasons)
+        provenance = Provenance(self.weights_source, self.load_seconds, self.fallback_reasons,
+                                self.reused_bytes)
         if self._relay_seed is not None:
             self._relay_seed.promote(provenance)
             _SEEDS[key] = self._relay_seed

@@ -330,11 +330,38 @@ class Request:
     # The checkpoint or value fingerprint the client will accept (None: its identity's).
     expect: str | None
     wire: dict[str, Any]
+    # What the client already holds from an earlier source (None: nothing).
+    resume: "Resume | None" = None
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A client that holds the first ``start`` tensors of its manifest, verified, from
+    a source whose weights have value fingerprint ``values``: a seed with the same
+    fingerprint may send only the rest (``accept``'s ``start``)."""
+
+    start: int
+    values: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"start": self.start, "values": self.values}
+
+    @classmethod
+    def from_wire(cls, value: Any, tensors: int) -> "Resume":
+        """Raises ``ProtocolError`` unless ``start`` lies inside a manifest of
+        ``tensors`` tensors (1 .. tensors - 1) and ``values`` is a sha256."""
+        if not isinstance(value, dict):
+            raise ProtocolError("hello field 'resume' is not an object")
+        start = field(value, "start", int)
+        if not 0 < start < tensors:
+            raise ProtocolError(f"hello resumes at tensor {start} of {tensors}")
+        return cls(start, sha256_field(value, "values") or "")
 
 
 def hello(
     identity: dict[str, Any], manifest: ManifestSummary, relay_port: int | None,
     direct: bool, data_planes: tuple[str, ...], expect: str | None = None,
+    resume: Resume | None = None,
 ) -> dict[str, Any]:
     msg: dict[str, Any] = {
         "type": HELLO, "identity": identity, "manifest": manifest.to_wire(),
@@ -344,6 +371,8 @@ def hello(
         msg["relay_port"] = relay_port
     if expect is not None:
         msg["expect"] = expect
+    if resume is not None:
+        msg["resume"] = resume.to_wire()
     return msg
 
 
@@ -363,7 +392,7 @@ def parse_request(msg: dict[str, Any]) -> Request:
     if not _NONCE.fullmatch(nonce):
         raise ProtocolError("request nonce is not 32 hex digits")
     proof = sha256_field(msg, "proof", optional=True)
-    identity = manifest = None
+    identity = manifest = resume = None
     planes: tuple[str, ...] = ()
     if kind == HELLO:
         identity = field(msg, "identity", dict)
@@ -371,11 +400,14 @@ def parse_request(msg: dict[str, Any]) -> Request:
         planes = tuple(field(msg, "data_planes", list))
         if not planes or not all(isinstance(p, str) for p in planes):
             raise ProtocolError("hello field 'data_planes' is not a non-empty list of names")
+        if "resume" in msg:
+            resume = Resume.from_wire(msg["resume"], manifest.tensors)
     return Request(
         kind=kind, nonce=nonce, proof=proof, identity=identity, manifest=manifest,
         relay_port=port_field(msg, "relay_port"),
         direct=optional_field(msg, "direct", bool) is True,
         data_planes=planes, expect=sha256_field(msg, "expect", optional=True), wire=msg,
+        resume=resume,
     )
 
 
@@ -410,22 +442,28 @@ class Accept:
     bucket_bytes: int
     data_plane: str
     checkpoint: str | None
+    # The first tensor the seed sends: 0, or the client's ``Resume.start``.
+    start: int = 0
 
 
 def accept(
-    digests: list[str], bucket_bytes: int, data_plane: str, checkpoint: str | None
+    digests: list[str], bucket_bytes: int, data_plane: str, checkpoint: str | None,
+    start: int = 0,
 ) -> dict[str, Any]:
     return {
         "type": ACCEPT, "digests": digests, "bucket_bytes": bucket_bytes,
-        "data_plane": data_plane, "checkpoint": checkpoint,
+        "data_plane": data_plane, "checkpoint": checkpoint, "start": start,
     }
 
 
 def parse_accept(
-    msg: dict[str, Any], tensors: int, offered: tuple[str, ...], max_bucket_bytes: int
+    msg: dict[str, Any], tensors: int, offered: tuple[str, ...], max_bucket_bytes: int,
+    resume_at: int = 0,
 ) -> Accept:
     """Check an accept against what this client asked for: one digest per tensor of
-    its manifest, a bucket size in (0, max_bucket_bytes], a data plane it offered."""
+    its manifest, a bucket size in (0, max_bucket_bytes], a data plane it offered, and
+    a start of 0 or ``resume_at`` (the tensor it offered to resume at; a seed that
+    predates resuming sends no start: 0)."""
     digests = field(msg, "digests", list)
     if len(digests) != tensors or not all(
         isinstance(d, str) and _SHA256.fullmatch(d) for d in digests
@@ -439,7 +477,11 @@ def parse_accept(
     plane = field(msg, "data_plane", str)
     if plane not in offered:
         raise ProtocolError(f"accept names data plane '{clean(plane, 40)}', not one offered")
-    return Accept(digests, bucket_bytes, plane, sha256_field(msg, "checkpoint", optional=True))
+    start = optional_field(msg, "start", int) or 0
+    if start not in (0, resume_at):
+        raise ProtocolError(f"accept starts at tensor {start}; this client offered {resume_at}")
+    return Accept(digests, bucket_bytes, plane, sha256_field(msg, "checkpoint", optional=True),
+                  start)
 
 
 def info(description: dict[str, Any]) -> dict[str, Any]:

@@ -59,6 +59,7 @@ from vllm_ascend.model_loader.netloader.transfer import (
     Pacer,
     TransferError,
     WaitReady,
+    bytes_from,
     send_weights,
     transfer_deadline_s,
     use_device,
@@ -109,6 +110,8 @@ class Provenance:
     loaded_from: str = "disk"
     load_seconds: float | None = None
     fallback_reasons: tuple[str, ...] = ()
+    # Bytes a resumed fetch kept from a source that failed (not sent again).
+    reused_bytes: int = 0
 
 
 class SeedServer:
@@ -187,6 +190,7 @@ class SeedServer:
             "loaded_from": provenance.loaded_from,
             "load_seconds": provenance.load_seconds,
             "fallback_reasons": list(provenance.fallback_reasons),
+            "reused_bytes": provenance.reused_bytes,
             "relaying": progress is not None and not progress.complete,
             "active_transfers": active,
             "completed_transfers": completed,
@@ -256,12 +260,13 @@ class SeedServer:
             role = RELAY if self._progress is not None else SEED
         METRICS.started(role)
         start = time.perf_counter()
+        first = self._resume_at(side.request)
         try:
-            verified = self._send(conn, side, deadline)
+            verified = self._send(conn, side, deadline, first)
         finally:
             METRICS.stopped(role)
-            METRICS.ended(role, OK if verified else FAILED, self.weights.total_bytes,
-                          time.perf_counter() - start)
+            METRICS.ended(role, OK if verified else FAILED,
+                          bytes_from(self.weights.specs, first), time.perf_counter() - start)
             with self._lock:
                 self._active -= 1
                 if verified:
@@ -320,19 +325,35 @@ class SeedServer:
         host = conn.sock.getpeername()[0]
         return format_address(host, request.relay_port)
 
-    def _send(self, conn: Connection, side: SeedSide, deadline: Deadline) -> bool:
-        """Send every tensor; True if the client verified them all."""
+    def _resume_at(self, request: Request) -> int:
+        """The first tensor to send: where the client resumes if the tensors it holds
+        came from weights with this seed's value fingerprint (so they equal this seed's,
+        digest for digest), else 0."""
+        resume = request.resume
+        if resume is None or resume.values != self.weights.value_fingerprint():
+            return 0
+        return resume.start  # within the manifest: protocol.Resume.from_wire
+
+    def _send(self, conn: Connection, side: SeedSide, deadline: Deadline, first: int) -> bool:
+        """Send every tensor from ``first`` on; True if the client verified them all."""
         settings, weights = self.settings, self.weights
         plane = settings.data_plane
         side.answer(
             accept(list(weights.digests), settings.bucket_bytes, plane,
-                   self.identity.get("checkpoint")),
+                   self.identity.get("checkpoint"), first),
             deadline,
         )
+        total = bytes_from(weights.specs, first)
+        if first:
+            logger.info(
+                "Netloader seed %s resumes %s at tensor %d of %d: %d bytes it holds, %d to send",
+                settings.who, conn.peer, first, len(weights.specs),
+                weights.total_bytes - total, total,
+            )
         pacer = Pacer(settings.send_limit_bytes_per_s)
         rate = min(settings.min_rate_bytes_per_s,
                    settings.send_limit_bytes_per_s or settings.min_rate_bytes_per_s)
-        deadline_s = transfer_deadline_s(weights.total_bytes, settings.timeout_s, rate)
+        deadline_s = transfer_deadline_s(total, settings.timeout_s, rate)
         wait_ready: WaitReady | None = None
         with self._lock:
             progress = self._progress
@@ -343,14 +364,13 @@ class SeedServer:
 
         start = time.perf_counter()
         if plane == TCP:
-            link = StreamLink(conn.sock, settings.timeout_s, weights.total_bytes, pacer,
-                              deadline_s)
-            sent = self._send_on(link, wait_ready)
+            link = StreamLink(conn.sock, settings.timeout_s, total, pacer, deadline_s)
+            sent = self._send_on(link, wait_ready, first)
         else:
             setup = Deadline(settings.handshake_s, f"group set-up with {conn.peer}")
             with group_link(conn.sock, SEED_RANK, settings.timeout_s, settings.device, setup,
                             pacer, deadline_s) as group:
-                sent = self._send_on(group, wait_ready)
+                sent = self._send_on(group, wait_ready, first)
         seconds = time.perf_counter() - start
         done = recv_msg(conn.sock, Deadline(settings.timeout_s, f"'done' from {conn.peer}"),
                         MAX_REQUEST_BYTES, expect=DONE)
@@ -363,11 +383,11 @@ class SeedServer:
         )
         return verified
 
-    def _send_on(self, link: Link, wait_ready: WaitReady | None) -> int:
+    def _send_on(self, link: Link, wait_ready: WaitReady | None, first: int) -> int:
         try:
             return send_weights(
                 link, self.weights.tensors, self.weights.specs, self.settings.bucket_bytes,
-                wait_ready,
+                wait_ready, first,
             )
         except RelayStalled as e:
             link.abort(str(e))

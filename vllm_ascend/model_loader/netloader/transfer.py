@@ -151,6 +151,17 @@ def bucket_sizes(specs: Sequence[TensorSpec], bucket_bytes: int) -> list[int]:
     return [sum(specs[i].nbytes for i in b) for b in plan_buckets(specs, bucket_bytes)]
 
 
+def plan_from(specs: Sequence[TensorSpec], bucket_bytes: int, start: int) -> list[list[int]]:
+    """The buckets of a transfer that begins at tensor ``start`` (a resumed one): the
+    plan of ``specs[start:]``, with indices into ``specs``. Both sides compute it."""
+    return [[start + i for i in b] for b in plan_buckets(specs[start:], bucket_bytes)]
+
+
+def bytes_from(specs: Sequence[TensorSpec], start: int) -> int:
+    """Bytes of a transfer that begins at tensor ``start``."""
+    return sum(s.nbytes for s in specs[start:])
+
+
 # A relay's gate: wait_ready(n, keepalive) returns once its first n tensors hold
 # verified bytes (or raises), calling keepalive() now and then while it waits.
 WaitReady = Callable[[int, Callable[[], None]], None]
@@ -162,13 +173,15 @@ def send_weights(
     specs: Sequence[TensorSpec],
     bucket_bytes: int,
     wait_ready: WaitReady | None = None,
+    start: int = 0,
 ) -> int:
-    """Send ``tensors`` in manifest order, bucket by bucket; returns the bytes sent.
+    """Send ``tensors[start:]`` in manifest order, bucket by bucket; returns the bytes
+    sent.
 
     A relay passes ``wait_ready``: each bucket leaves as soon as its own transfer has
     verified it, with keepalives to the receiver meanwhile."""
     sent = 0
-    for index, bucket in enumerate(plan_buckets(specs, bucket_bytes)):
+    for index, bucket in enumerate(plan_from(specs, bucket_bytes, start)):
         if wait_ready is not None:
             wait_ready(bucket[-1] + 1, link.keepalive)
         nbytes = sum(specs[i].nbytes for i in bucket)
@@ -186,15 +199,17 @@ def recv_weights(
     bucket_bytes: int,
     stats: TransferStats | None = None,
     on_verified: Callable[[int], None] | None = None,
+    start: int = 0,
 ) -> int:
-    """Receive into ``targets`` in manifest order; returns the bytes received.
+    """Receive ``targets[start:]`` in manifest order (the first ``start`` already hold
+    verified bytes: a resumed transfer); returns the bytes received.
 
     Each bucket arrives in the link's staging buffer, and each tensor is copied into
     its target only after its digest matched. So whenever this raises, each target
     holds either its old bytes or exactly the seed's: never partial or corrupted data.
     ``on_verified(n)`` hears after each bucket that the first ``n`` targets are done."""
     stats = stats if stats is not None else TransferStats()
-    buckets = plan_buckets(specs, bucket_bytes)
+    buckets = plan_from(specs, bucket_bytes, start)
     sizes = [sum(specs[i].nbytes for i in b) for b in buckets]
     arrivals = link.receive(sizes)
     try:
