@@ -1,7 +1,7 @@
 """Fan-out: N clients start fetching one seed's model together; how long until all N
 have received and verified it, with the links (not the CPUs) as the bottleneck.
 
-    python -m benchmarks.netloader_fanout [--clients 1,2,4] [--gb 0.25] [--rate-mbit 300]
+    python -m benchmarks.netloader_fanout [--clients 1,2,4,8] [--gb 0.25] [--rate-mbit 300]
                                           [--mode relay] [--bucket-mb 16] [--tcp-mb 64]
                                           [--repeat 1]
 
@@ -16,7 +16,12 @@ relay (RELAY, the default of the loader), so the seed sends to the first and cha
 the others to the client before them, each passing on verified buckets while it still
 receives. ``--mode direct``: no relays, the seed's uplink carries N copies and the time
 grows about N-fold. ``--bucket-mb`` is the seed's and the relays' bucket: a chain adds
-about one bucket's time on the link per hop. Prints one JSON object last.
+about one bucket's time on the link per hop.
+
+CPU: each process's user plus system seconds over each timed round (psutil), per GB
+delivered to the clients (N times the model): ``cpu_s_per_gb`` for the seed and for
+all clients together (a relay's sending counts to its client), ``tcp_cpu_s_per_gb``
+for the raw TCP sender and receivers over every round. Prints one JSON object last.
 """
 
 import argparse
@@ -42,13 +47,16 @@ def require_root() -> None:
 
 
 def fetch_together(
-    clients: list[Child], plans: list[list[str]], timeout: float
+    seed: Child, clients: list[Child], plans: list[list[str]], timeout: float
 ) -> dict[str, Any]:
-    """Start every client's fetch at once; time until the last one has verified."""
+    """Start every client's fetch at once; time until the last one has verified, and
+    the CPU seconds the seed and the clients (summed) used meanwhile."""
+    cpu0 = [c.cpu_seconds() for c in (seed, *clients)]
     start = time.monotonic()
     for child, sources in zip(clients, plans, strict=True):
         child.send(cmd="fetch", sources=sources)
     results = [child.recv(timeout) for child in clients]
+    cpu = [c.cpu_seconds() - c0 for c, c0 in zip((seed, *clients), cpu0, strict=True)]
     failed = [r["reasons"] for r in results if not r["ok"]]
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(clients)} clients failed: {failed}")
@@ -57,19 +65,43 @@ def fetch_together(
         "per_client_s": [round(r["end"] - r["start"], 3) for r in results],
         "bytes": [r["bytes"] for r in results],
         "sources": [r["source"] for r in results],
+        "seed_cpu_s": cpu[0],
+        "clients_cpu_s": sum(cpu[1:]),
     }
 
 
 def tcp_together(
     source: Child, sinks: list[Child], addresses: list[str], nbytes: int, timeout: float
-) -> float:
-    """Raw TCP from the seed's namespace to every sink at once; seconds until the last
-    byte of the last stream arrived."""
+) -> dict[str, float]:
+    """Raw TCP from ``source``'s namespace, ``nbytes`` to every sink at once.
+
+    Returns ``seconds`` until the last byte of the last stream arrived, and the CPU
+    seconds of the sender (``sender_cpu_s``) and of all sinks (``receiver_cpu_s``).
+    Raises TimeoutError or RuntimeError (with the role's log) if a role does not answer
+    within ``timeout`` seconds."""
+    cpu0 = [c.cpu_seconds() for c in (source, *sinks)]
     for sink in sinks:
         sink.send(cmd="accept")
     sent = source.ask(timeout, cmd="send", to=addresses, bytes=nbytes)
     ends = [sink.recv(timeout)["end"] for sink in sinks]
-    return float(max(ends) - sent["start"])
+    cpu = [c.cpu_seconds() - c0 for c, c0 in zip((source, *sinks), cpu0, strict=True)]
+    return {"seconds": float(max(ends) - sent["start"]), "sender_cpu_s": cpu[0],
+            "receiver_cpu_s": sum(cpu[1:])}
+
+
+def tcp_rounds(
+    source: Child, sinks: list[Child], addresses: list[str], counts: list[int], nbytes: int,
+    repeat: int, timeout: float,
+) -> tuple[dict[int, float], dict[str, float]]:
+    """``tcp_together`` to the first N sinks for each N in ``counts``, ``repeat`` times:
+    the median seconds per N, and the sender's and the receivers' CPU seconds per GB
+    delivered over all rounds (``{"sender": s, "receiver": s}``)."""
+    runs = {n: [tcp_together(source, sinks[:n], addresses[:n], nbytes, timeout)
+                for _ in range(repeat)] for n in counts}
+    gb = sum(n * nbytes for n in counts) * repeat / 1e9
+    per_gb = {side: round(sum(r[f"{side}_cpu_s"] for rs in runs.values() for r in rs) / gb, 3)
+              for side in ("sender", "receiver")}
+    return {n: statistics.median(r["seconds"] for r in rs) for n, rs in runs.items()}, per_gb
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,21 +134,30 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             sink_addrs = [f"{net.address(n)}:{s.recv(60)['port']}" for n, s in zip(
                 names, sinks, strict=True)]
             tcp_bytes = int(args.tcp_mb * 1e6)
-            tcp = {n: statistics.median(
-                tcp_together(source, sinks[:n], sink_addrs[:n], tcp_bytes, slowest_s)
-                for _ in range(args.repeat)) for n in counts}
+            tcp, tcp_cpu = tcp_rounds(source, sinks, sink_addrs, counts, tcp_bytes,
+                                      args.repeat, slowest_s)
             runs: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
             for _ in range(args.repeat):
                 for n in counts:
                     plans = [[address]] * n
-                    runs[n].append(fetch_together(clients[:n], plans, slowest_s + 120))
+                    runs[n].append(fetch_together(seed, clients[:n], plans, slowest_s + 120))
                     print(f"fanout {args.mode} N={n}: {runs[n][-1]['seconds']:.2f} s "
                           f"(load {os.getloadavg()[0]:.2f})", flush=True)
             link_stats = net.link_stats() if rate else {}
         finally:
             for c in everyone:
                 c.quit()
-    return summarize(args, counts, rate, tcp, tcp_bytes, runs, link_stats)
+    out = summarize(args, counts, rate, tcp, tcp_bytes, runs, link_stats)
+    out["tcp_cpu_s_per_gb"] = tcp_cpu
+    return out
+
+
+def cpu_per_gb(rounds: list[dict[str, Any]], n: int, nbytes: int, keys: dict[str, str]
+               ) -> dict[str, float]:
+    """CPU seconds per GB delivered (``n * nbytes`` per round) over ``rounds``, for each
+    output name in ``keys`` (output name -> the rounds' CPU-seconds key)."""
+    gb = n * nbytes * len(rounds) / 1e9
+    return {name: round(sum(r[key] for r in rounds) / gb, 3) for name, key in keys.items()}
 
 
 def summarize(
@@ -141,6 +182,8 @@ def summarize(
         "tcp_fanout_s": {str(n): round(s, 3) for n, s in tcp.items()},
         "tcp_link_mbit": round(tcp_bytes * 8 / tcp[one] / 1e6, 1),
         "netloader_mbit": round(nbytes * 8 / fanout[one] / 1e6, 1),
+        "cpu_s_per_gb": {str(n): cpu_per_gb(runs[n], n, nbytes, {
+            "seed": "seed_cpu_s", "clients": "clients_cpu_s"}) for n in counts},
         "link_stats": link_stats,
         "repeat": args.repeat,
         "load_avg_1m": round(os.getloadavg()[0], 2),
@@ -154,7 +197,7 @@ def summarize(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--clients", default="1,2,4")
+    parser.add_argument("--clients", default="1,2,4,8")
     parser.add_argument("--gb", type=float, default=0.25)
     parser.add_argument("--tensor-mb", type=float, default=16.0)
     parser.add_argument("--rate-mbit", type=float, default=300.0)

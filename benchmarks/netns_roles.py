@@ -5,6 +5,8 @@
     python -m benchmarks.netns_roles prober
     python -m benchmarks.netns_roles tcp-sink --host A
     python -m benchmarks.netns_roles tcp-source
+    python -m benchmarks.netns_roles http-store --host A --directory DIR
+    python -m benchmarks.netns_roles downloader --dest DIR
 
 Each role prints one JSON object per line to stdout (logs go to stderr) and reads one
 JSON command per line from stdin; ``{"cmd": "quit"}`` (or stdin closing) ends it.
@@ -15,14 +17,19 @@ driver can compare them across namespaces. ``Child`` is the driver's side.
 import argparse
 import json
 import os
+import resource
 import selectors
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 IDENTITY = {"model": "bench", "rank": 0, "tensor_parallel_size": 1, "pipeline_parallel_size": 1}
@@ -230,12 +237,98 @@ def role_tcp_source(args: argparse.Namespace) -> None:
             emit(start=start, end=time.monotonic())
 
 
+def own_cpu_seconds() -> float:
+    """User plus system CPU seconds of this process so far, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def role_http_store(args: argparse.Namespace) -> None:
+    """Shared storage: ``--directory`` served over HTTP by the standard library's file
+    server (what ``python -m http.server`` runs: one thread per connection, files copied
+    to the socket 64 KiB at a time), on a free port it reports; serves until 'quit'."""
+
+    class Handler(SimpleHTTPRequestHandler):
+        timeout = args.timeout  # every socket operation of a connection, in seconds
+
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, directory=args.directory, **kw)
+
+    with ThreadingHTTPServer((args.host, 0), Handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        emit(port=server.server_address[1])
+        try:
+            for _ in commands():
+                pass
+        finally:
+            server.shutdown()
+
+
+def download(session: Any, url: str, path: Path, timeout: float) -> int:
+    """GET ``url`` into the file ``path``, streamed 1 MiB at a time; returns its bytes.
+    Raises ``requests.RequestException`` on an HTTP error status, a timeout (seconds,
+    per socket operation) or a body shorter than its Content-Length."""
+    written = 0
+    with session.get(url, stream=True, timeout=timeout) as resp:
+        resp.raise_for_status()
+        with open(path, "wb") as f:
+            for chunk in resp.iter_content(1 << 20):
+                written += f.write(chunk)
+    return written
+
+
+def role_downloader(args: argparse.Namespace) -> None:
+    """A starting instance without Netloader. Its model is built first (``--gb`` of
+    ``--tensor-mb`` tensors, touched, as the client role's targets). Per 'download'
+    (``base`` URL, ``files``): every file fetched into ``--dest``, then every safetensors
+    file opened with ``safetensors.torch.load_file`` (mmap) and each tensor copied into
+    the model's tensor of that name, as vLLM's default loader does; reports when each
+    phase ended, the bytes, and this process's CPU seconds per phase. The files are
+    deleted after each round."""
+    import requests
+    from safetensors.torch import load_file
+
+    from vllm_ascend.model_loader.netloader.manifest import model_tensors
+
+    targets = dict(model_tensors(build_model(args.gb, args.tensor_mb, fill=False)))
+    for t in targets.values():
+        t.zero_()  # touched once here, so page faults stay out of the timed load
+    dest = Path(args.dest)
+    emit(ready=True, bytes=sum(t.nbytes for t in targets.values()))
+    with requests.Session() as session:
+        for msg in commands():
+            if msg["cmd"] != "download":
+                continue
+            dest.mkdir(parents=True, exist_ok=True)
+            start, cpu0 = time.monotonic(), own_cpu_seconds()
+            try:
+                got = sum(download(session, msg["base"] + name, dest / name, args.timeout)
+                          for name in msg["files"])
+            except (requests.RequestException, OSError) as e:
+                shutil.rmtree(dest, ignore_errors=True)
+                emit(ok=False, reason=f"{type(e).__name__}: {e}")
+                continue
+            downloaded, cpu1 = time.monotonic(), own_cpu_seconds()
+            tensor_bytes = 0
+            for name in msg["files"]:
+                if name.endswith(".safetensors"):
+                    for key, t in load_file(dest / name).items():
+                        tensor_bytes += targets[key].copy_(t).nbytes
+            end, cpu2 = time.monotonic(), own_cpu_seconds()
+            shutil.rmtree(dest)
+            emit(ok=True, start=start, downloaded=downloaded, end=end, bytes=got,
+                 tensor_bytes=tensor_bytes, download_cpu_s=cpu1 - cpu0, load_cpu_s=cpu2 - cpu1)
+
+
 ROLES = {
     "seed": role_seed,
     "client": role_client,
     "prober": role_prober,
     "tcp-sink": role_tcp_sink,
     "tcp-source": role_tcp_source,
+    "http-store": role_http_store,
+    "downloader": role_downloader,
 }
 
 
@@ -250,6 +343,8 @@ def main() -> None:
     parser.add_argument("--steps", action="store_true", help="seed: run the step clock")
     parser.add_argument("--relay", action="store_true", help="client: relay while fetching")
     parser.add_argument("--bucket-mb", type=float, default=64.0, help="client: relay's bucket")
+    parser.add_argument("--directory", default=".", help="http-store: the folder it serves")
+    parser.add_argument("--dest", default=".bench/download", help="downloader: where files go")
     parser.add_argument("--timeout", type=float, default=300.0)
     args = parser.parse_args()
     ROLES[args.role](args)
@@ -297,6 +392,12 @@ class Child:
     def ask(self, timeout: float, **msg: Any) -> dict[str, Any]:
         self.send(**msg)
         return self.recv(timeout)
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU seconds the process has used so far, all its threads
+        (``ip netns exec`` execs the command, so the pid is the role's own)."""
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return float(times.user + times.system)
 
     def quit(self, timeout: float = 20) -> None:
         try:

@@ -13,12 +13,23 @@
    dropped again and one ``--load-format auto`` server started. Reports the client's
    Netloader load (``client_load_s``) against vLLM's default loader reading the same
    files warm and cold (its own "Loading weights took" line).
-4. ``benchmarks.netloader_fanout`` (N = 1, 2, 4 clients, rate-limited namespaces; with
-   relays, the default, and with every client fetching from the seed) and
+4. ``benchmarks.netloader_fanout`` (rate-limited namespaces; N = 1, 2, 4, 8 clients with
+   relays, the default, and N = 1, 2, 4 with every client fetching from the seed) and
    ``benchmarks.netloader_seed_latency`` on a shaped link and on an unshaped one.
-5. A plot for the docs: ``docs/source/user_guide/feature_guide/images/netloader_bench.png``.
+5. ``benchmarks.netloader_storage``: the same N = 1, 2, 4, 8, model and links, each
+   instance downloading the checkpoint from one HTTP storage server and loading it.
+   With step 4: CPU seconds per GB delivered for storage, seed and raw TCP.
+6. A plot for the docs: ``docs/source/user_guide/feature_guide/images/netloader_bench.png``.
 
-Steps 3 (cold) and 4 need root (page cache, namespaces); without it they are skipped.
+The JSON starts with the headline figures: ``ratio_tcp`` (Netloader over the host data
+plane against raw loopback TCP, step 2), ``load_vs_transfer`` (the client's load inside
+vLLM at the largest size against step 2's standalone transfer, per byte),
+``load_vs_disk_warm`` (the same load against vLLM's default loader from a warm page
+cache), ``fanout_8_over_1`` and ``storage_8_over_1`` (time for 8 instances over time
+for 1, seed with relays and storage), ``cpu_s_per_gb`` (at the largest N of both), and
+``compile_cache_speedup`` (not measured yet: null, with ``compile_cache_note``).
+
+Steps 3 (cold), 4 and 5 need root (page cache, namespaces); without it they are skipped.
 Each step's full output is in ``.bench/<step>.log``. A step that fails is listed under
 ``errors`` and the rest still run (exit status 1); a demo whose texts differ although
 both instances hold the same weights (equal value fingerprints) is a ``warning``: a
@@ -219,7 +230,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, grid = plt.subplots(2, 2, figsize=(13, 9))
+    axes = grid.flatten()
     rows = result.get("load") or []
     ax = axes[0]
     sizes = [r["bytes"] / 1e9 for r in rows]
@@ -247,8 +259,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 label=f"Netloader, {fan['mode']} ({fan['bucket_mb']:g} MB buckets)")
         direct = result.get("fanout_direct")
         if direct:
-            ax.plot(counts, [direct["fanout_s"][str(n)] for n in counts], "^-",
-                    label="Netloader, every client from the seed")
+            ax.plot(direct["clients"], [direct["fanout_s"][str(n)] for n in direct["clients"]],
+                    "^-", label="Netloader, every client from the seed")
         ax.plot(counts, [fan["tcp_fanout_s"][str(n)] * scale for n in counts], "s--",
                 label="raw TCP from the seed to each, same bytes")
         ax.plot(counts, [1.5 * one] * len(counts), ":", label="1.5 x one client")
@@ -273,9 +285,86 @@ def plot(result: dict[str, Any], path: Path) -> None:
                ylabel="ms")
         ax.legend()
         ax.grid(alpha=0.3, axis="y")
+    plot_scale_out(axes[3], fan, result.get("storage"))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+def plot_scale_out(ax: Any, fan: dict[str, Any] | None, store: dict[str, Any] | None) -> None:
+    """Seconds until all N instances hold the weights: from one HTTP storage server
+    (download, then load) against one seed with relays; CPU seconds per GB delivered
+    at the largest N in the labels."""
+    if not store:
+        return
+    counts = store["clients"]
+    top = str(counts[-1])
+    cpu = store["cpu_s_per_gb"][top]
+    ax.plot(counts, [store["storage_s"][str(n)] for n in counts], "o-",
+            label=f"HTTP storage, download + load (CPU s/GB: server {cpu['server']:.2f}, "
+                  f"clients {cpu['clients']:.2f})")
+    if fan:
+        cpu = fan["cpu_s_per_gb"][str(fan["clients"][-1])]
+        ax.plot(fan["clients"], [fan["fanout_s"][str(n)] for n in fan["clients"]], "s-",
+                label=f"Netloader seed + relays (CPU s/GB: seed {cpu['seed']:.2f}, "
+                      f"clients {cpu['clients']:.2f})")
+    scale = store["bytes"] / store["tcp_bytes_per_client"]
+    ax.plot(counts, [store["tcp_fanout_s"][str(n)] * scale for n in counts], "--",
+            color="gray", label="raw TCP from one server to each, same bytes")
+    ax.set(title=f"Scale-out: {store['bytes'] / 1e9:.2f} GB to N new instances, "
+                 f"{store['rate_mbit']:g} Mbit/s links",
+           xlabel="instances started together", ylabel="seconds until all have the weights",
+           xticks=counts, ylim=(0, None))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def headline(result: dict[str, Any], gb: float) -> dict[str, Any]:
+    """The figures the JSON starts with; None where a step did not run or failed.
+    ``gb`` is the largest model size (the transfer step's and the last load row's)."""
+    transfer, fanout = result.get("transfer") or {}, result.get("fanout") or {}
+    storage = result.get("storage") or {}
+    row: dict[str, Any] = next(
+        (r for r in result.get("load") or [] if r["size_gb"] == gb), {})
+    load_s, warm_s = row.get("client_load_s"), row.get("disk_warm_s")
+    transfer_s = transfer.get("netloader_seconds")
+    # Per byte: the vLLM model and the transfer's synthetic one differ a little in size.
+    load_vs_transfer = (round((load_s / row["bytes"]) / (transfer_s / transfer["bytes"]), 3)
+                        if load_s and transfer_s else None)
+    return {
+        "ratio_tcp": transfer.get("ratio"),
+        "load_vs_transfer": load_vs_transfer,
+        "load_vs_disk_warm": round(load_s / warm_s, 3) if load_s and warm_s else None,
+        "fanout_8_over_1": fanout.get("fanout_8_over_1"),
+        "storage_8_over_1": storage.get("storage_8_over_1"),
+        "cpu_s_per_gb": cpu_per_gb(fanout, storage),
+        "compile_cache_speedup": None,
+        "compile_cache_note": "not measured yet",
+        "link_gbps": transfer.get("link_gbps"),
+        "netloader_gbps": transfer.get("netloader_gbps"),
+        "ratio": transfer.get("ratio"),
+        "collective_gbps": transfer.get("collective_gbps"),
+        "collective_ratio": transfer.get("collective_ratio"),
+        "stream_alone_gbps": transfer.get("stream_gbps"),
+        "gloo_alone_gbps": transfer.get("gloo_gbps"),
+        "transfer_gb": gb,
+        "transfer_s": transfer_s,
+        "fanout_2_over_1": fanout.get("fanout_2_over_1"),
+        "fanout_4_over_1": fanout.get("fanout_4_over_1"),
+    }
+
+
+def cpu_per_gb(fanout: dict[str, Any], storage: dict[str, Any]) -> dict[str, Any] | None:
+    """CPU seconds per GB delivered on each side, at the largest N both steps ran:
+    storage (server, clients), seed with relays (seed, clients); and raw TCP from one
+    server to N sinks (sender, receivers) over all of the storage step's rounds. None
+    unless both steps ran."""
+    common = set(fanout.get("clients") or []) & set(storage.get("clients") or [])
+    if not common:
+        return None
+    n = str(max(common))
+    return {"clients": int(n), "storage": storage["cpu_s_per_gb"][n],
+            "seed_relays": fanout["cpu_s_per_gb"][n], "tcp": storage["tcp_cpu_s_per_gb"]}
 
 
 def enough_memory(gb: float) -> bool:
@@ -321,10 +410,19 @@ def main() -> int:
         result["load"] = [r for r in rows if r is not None]
     if root:
         rate = str(args.rate_mbit)
-        for mode, key in (("relay", "fanout"), ("direct", "fanout_direct")):
+        # Direct sends grow N-fold (8 would take a minute more, and a seed serves at
+        # most 4 at once); the storage step shows that shape up to 8. 32 MB of raw TCP
+        # per sink measures these links as well as 64 and keeps `make bench` short.
+        for mode, key, counts in (("relay", "fanout", "1,2,4,8"),
+                                  ("direct", "fanout_direct", "1,2,4")):
             result[key] = bench.attempt(key, bench.run, key, [
                 py, "-m", "benchmarks.netloader_fanout", "--gb", str(args.fanout_gb),
-                "--rate-mbit", rate, "--mode", mode, "--workdir", str(args.workdir / key)])
+                "--rate-mbit", rate, "--mode", mode, "--clients", counts, "--tcp-mb", "32",
+                "--workdir", str(args.workdir / key)])
+        result["storage"] = bench.attempt("storage", bench.run, "storage", [
+            py, "-m", "benchmarks.netloader_storage", "--gb", str(args.fanout_gb),
+            "--rate-mbit", rate, "--clients", "1,2,4,8", "--tcp-mb", "32",
+            "--workdir", str(args.workdir / "storage")])
         result["seed_latency"] = {
             "shaped": bench.attempt("latency-shaped", bench.run, "latency-shaped", [
                 py, "-m", "benchmarks.netloader_seed_latency", "--rate-mbit", rate,
@@ -335,21 +433,9 @@ def main() -> int:
         }
     else:
         bench.errors["fanout"] = "skipped: network namespaces need root"
+        bench.errors["storage"] = "skipped: network namespaces need root"
 
-    transfer, fanout = result.get("transfer") or {}, result.get("fanout") or {}
-    head = {
-        "link_gbps": transfer.get("link_gbps"),
-        "netloader_gbps": transfer.get("netloader_gbps"),
-        "ratio": transfer.get("ratio"),
-        "collective_gbps": transfer.get("collective_gbps"),
-        "collective_ratio": transfer.get("collective_ratio"),
-        "stream_alone_gbps": transfer.get("stream_gbps"),
-        "gloo_alone_gbps": transfer.get("gloo_gbps"),
-        "transfer_gb": sizes[-1],
-        "fanout_2_over_1": fanout.get("fanout_2_over_1"),
-        "fanout_4_over_1": fanout.get("fanout_4_over_1"),
-    }
-    result = {**head, **result}
+    result = {**headline(result, sizes[-1]), **result}
     bench.attempt("plot", plot, result, args.plot)
     result["plot"] = str(args.plot)
     result["errors"] = bench.errors
