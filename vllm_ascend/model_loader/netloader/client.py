@@ -58,6 +58,7 @@ from vllm_ascend.model_loader.netloader.stream import StreamLink
 from vllm_ascend.model_loader.netloader.transfer import (
     DEFAULT_MIN_RATE_BYTES_PER_S,
     TransferError,
+    TransferStats,
     bytes_from,
     recv_weights,
     transfer_deadline_s,
@@ -147,6 +148,8 @@ class WeightFetch:
         # fingerprint ``_held_values``: the next source with that fingerprint resumes.
         self._held = 0
         self._held_values: str | None = None
+        # Where the receiving thread spent the last transfer's time.
+        self.stats = TransferStats()
 
     def _resume(self) -> Resume | None:
         if self._held_values is None or not 0 < self._held < len(self.specs):
@@ -267,11 +270,14 @@ class WeightFetch:
                 logger.warning("Netloader rank %s: 'done' to %s failed: %s", self._rank, address, e)
         seconds = time.perf_counter() - start
         reused = self._summary.nbytes - nbytes
+        stats = self.stats
         logger.info(
             "Netloader rank %s received %d bytes from %s over %s in %.3f s (%.2f GB/s), "
-            "all %d digests verified%s",
+            "all %d digests verified (waited %.3f s for data, verified %.3f s, copied "
+            "%.3f s)%s",
             self._rank, nbytes, address, accepted.data_plane, seconds,
             nbytes / max(seconds, 1e-9) / 1e9, len(accepted.digests),
+            stats.wait_s, stats.verify_s, stats.copy_s,
             f"; resumed at tensor {accepted.start}: {reused} bytes reused" if reused else "",
         )
         return Received(address, nbytes, seconds, accepted.digests, accepted.checkpoint, reused)
@@ -327,6 +333,7 @@ class WeightFetch:
 
         first = accepted.start
         total = bytes_from(self.specs, first)
+        stats = self.stats = TransferStats()
         deadline_s = transfer_deadline_s(total, settings.timeout_s, settings.min_rate_bytes_per_s)
         if accepted.data_plane == TCP:
             link = StreamLink(
@@ -334,12 +341,12 @@ class WeightFetch:
                 on_bytes=progress.arrived if progress is not None else None,
             )
             return recv_weights(link, self.targets, self.specs, accepted.digests,
-                                accepted.bucket_bytes, on_verified=on_verified, start=first)
+                                accepted.bucket_bytes, stats, on_verified, first)
         setup = Deadline(settings.timeout_s, "group set-up")
         with group_link(conn, CLIENT_RANK, settings.timeout_s, settings.device, setup,
                         deadline_s=deadline_s) as group:
             return recv_weights(group, self.targets, self.specs, accepted.digests,
-                                accepted.bucket_bytes, on_verified=on_verified, start=first)
+                                accepted.bucket_bytes, stats, on_verified, first)
 
     def _manifest_detail(self, address: str) -> str:
         """The first difference between this side's manifest and the seed's (asked
