@@ -53,6 +53,10 @@ from tools.vllm_server import VllmServer
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO / "docs/source/user_guide/feature_guide/images/netloader_bench.png"
 LOADING_TOOK = re.compile(r"Loading weights took ([0-9.]+) seconds")
+# The client's own account of its receiving thread (client.py, one line per transfer).
+RECEIVE_PHASES = re.compile(
+    r"received \d+ bytes .* \(waited ([0-9.]+) s for data, verified ([0-9.]+) s, "
+    r"copied ([0-9.]+) s\)")
 
 
 class StepFailed(RuntimeError):
@@ -129,6 +133,16 @@ def drop_page_cache() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
+def receive_phases(log: Path) -> dict[str, float] | None:
+    """Where the client's receiving thread spent its last transfer (seconds): waiting
+    for the next bucket, blake3 over it, copying it into the model's tensors."""
+    found = RECEIVE_PHASES.findall(log.read_text(encoding="utf-8", errors="replace"))
+    if not found:
+        return None
+    wait, verify, copy = (float(x) for x in found[-1])
+    return {"wait_s": wait, "verify_s": verify, "copy_s": copy}
+
+
 def loading_took(log: Path) -> float:
     found = LOADING_TOOK.findall(log.read_text(encoding="utf-8", errors="replace"))
     if not found:
@@ -173,6 +187,7 @@ def vllm_loads(bench: Bench, gb: float, cold: bool) -> dict[str, Any]:
         "size_gb": gb,
         "bytes": summary["bytes"],
         "client_load_s": summary["client_load_s"],
+        "client_receive_phases": receive_phases(demo_dir / "client.log"),
         "seed_disk_load_s": summary["seed_disk_load_s"],
         "disk_warm_s": loading_took(demo_dir / "seed.log"),
         ("disk_read_cold_s" if cold else "disk_read_s"): round(read_s, 3),
@@ -335,6 +350,8 @@ def headline(result: dict[str, Any], gb: float) -> dict[str, Any]:
         "ratio_tcp": transfer.get("ratio"),
         "load_vs_transfer": load_vs_transfer,
         "load_vs_disk_warm": round(load_s / warm_s, 3) if load_s and warm_s else None,
+        # The profile behind load_vs_transfer: the client's receiving thread, in seconds.
+        "client_receive_phases": row.get("client_receive_phases"),
         "fanout_8_over_1": fanout.get("fanout_8_over_1"),
         "storage_8_over_1": storage.get("storage_8_over_1"),
         "cpu_s_per_gb": cpu_per_gb(fanout, storage),
