@@ -82,6 +82,17 @@ class NetloaderConfig:
     # Where seeds register and clients look them up ("redis://host:port/db"); a hint,
     # never a trust decision (see discovery.py).
     registry: str | None = None
+    # Ship vLLM's compile cache with the weights: None ("auto") only between instances
+    # that share a secret, True also without one (an explicit opt-in), False never.
+    compile_cache: bool | None = None
+
+    def compile_cache_enabled(self) -> bool:
+        """Whether this instance fetches (as a client) and serves (as a seed) its
+        compile cache: with COMPILE_CACHE "auto" only when a shared secret is set, as
+        the cache is code that the receiving instance runs."""
+        if self.compile_cache is None:
+            return self.secret is not None
+        return self.compile_cache
 
     def sources_for_rank(
         self, rank: int, draft: bool = False
@@ -291,6 +302,16 @@ def _parse_registry(value: Any) -> str:
     return str(value)
 
 
+def _parse_compile_cache(value: Any) -> bool | None:
+    if value == "auto":
+        return None
+    if not isinstance(value, bool):
+        raise NetloaderConfigError(
+            f'COMPILE_CACHE must be "auto", true or false, got {value!r}'
+        )
+    return value
+
+
 def _read_secret(path: Any) -> bytes:
     if not isinstance(path, str) or not path:
         raise NetloaderConfigError("SECRET_FILE must be a non-empty path string")
@@ -330,6 +351,7 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "DATA_PLANE": ("data_plane", _parse_data_plane),
     "EXPECTED_FINGERPRINT": ("expected_fingerprint", _parse_fingerprint),
     "REGISTRY": ("registry", _parse_registry),
+    "COMPILE_CACHE": ("compile_cache", _parse_compile_cache),
     "DRAFT_LISTEN_PORT": (
         "draft_listen_port", functools.partial(_parse_listen_port, key="DRAFT_LISTEN_PORT")
     ),

@@ -32,6 +32,7 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.platforms import current_platform
 from vllm.utils.network_utils import get_ip
 
+from vllm_ascend.model_loader.netloader import compile_cache
 from vllm_ascend.model_loader.netloader.addresses import format_address, listen
 from vllm_ascend.model_loader.netloader.client import ClientSettings, Received, WeightFetch
 from vllm_ascend.model_loader.netloader.config import NetloaderConfig, parse_config
@@ -104,6 +105,9 @@ class NetloaderModelLoader(BaseModelLoader):
         self._registry: Registry | None = None
         # Why the last fetch went to disk, for the fallbacks metric (None: not asked to).
         self._fallback_kind: str | None = None
+        if current_platform.device_type == "cpu" and self.config.compile_cache is not False:
+            # Without it vLLM 0.32 on CPU cannot load any compile cache (see there).
+            compile_cache.allow_cpu_aot_load()
 
     def download_model(self, model_config: ModelConfig) -> None:
         self._disk.download_model(model_config)
@@ -141,6 +145,7 @@ class NetloaderModelLoader(BaseModelLoader):
             if self._identity["checkpoint"] is None:
                 # A node without weight files now holds the seed's checkpoint.
                 self._identity = {**self._identity, "checkpoint": received.checkpoint}
+            self._fetch_compile_cache(model, received.source)
         # The relay whose fetch filled the model already holds its weights and digests.
         relay = self._relay_seed
         self._loaded = relay.weights if relay is not None else LoadedWeights.capture(model, digests)
@@ -264,6 +269,23 @@ class NetloaderModelLoader(BaseModelLoader):
             )
         return received
 
+    def _fetch_compile_cache(self, model: nn.Module, address: str) -> None:
+        """Install the compile cache of the seed that served the weights, for vLLM's
+        warm-up to load instead of compiling (COMPILE_CACHE; ``compile_cache``)."""
+        who = f"rank {self._rank} {self._role}"
+        if not self.config.compile_cache_enabled():
+            logger.info(
+                "Netloader %s: not asking %s for its compile cache (COMPILE_CACHE %s%s)",
+                who, address, "false" if self.config.compile_cache is False else "auto",
+                "" if self.config.compile_cache is False else " and no shared secret",
+            )
+            return
+        compile_cache.install_from_seed(model, address, compile_cache.CacheFetch(
+            timeout_s=self.config.timeout_s,
+            min_rate_bytes_per_s=self.config.min_rate_mb_per_s * 1e6,
+            secret=self.config.secret,
+        ), who)
+
     def _candidates(self, entries: tuple[Any, ...]) -> tuple[list[str], set[str], list[str]]:
         """(seed addresses to try, in order; those of them that discovery found; why a
         discovery gave none): the registry's live seeds of this model, least loaded
@@ -366,6 +388,10 @@ class NetloaderModelLoader(BaseModelLoader):
             data_plane=self._data_plane(),
             device=self._device,
             min_rate_bytes_per_s=self.config.min_rate_mb_per_s * 1e6,
+            compile_cache=compile_cache.CacheServing(
+                compile_cache.aot_cache_dir(), self.config.timeout_s,
+                self.config.min_rate_mb_per_s * 1e6,
+            ) if self.config.compile_cache_enabled() else None,
         )
 
     def _data_plane(self) -> str:

@@ -51,6 +51,14 @@ _LINGER_S = 1.0
 _LINGER_BYTES = 1 << 20
 _NONCE = re.compile(r"[0-9a-f]{32}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# A compile cache request: at most this many cache names (vLLM's per-module hashes,
+# one per KV cache layout it may resolve to), a rank directory like vLLM's.
+MAX_CACHE_NAMES = 16
+_RANK_DIR = re.compile(r"rank_[0-9]{1,6}_[0-9]{1,6}")
+# One component of a compile cache file's path: no leading dot (so never "." or ".."),
+# no separator, a length any file system takes.
+_PATH_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+MAX_CACHE_PATH_DEPTH = 6
 # A reason read from a peer, as it may appear in a log line; one this side sends stays
 # far below MAX_REQUEST_BYTES even when every character needs a 6-byte JSON escape.
 _MAX_REASON_CHARS = 1000
@@ -60,6 +68,8 @@ _MAX_REASON_CHARS = 1000
 # tensor list, to explain a manifest refusal). The seed answers HELLO with ACCEPT,
 # REDIRECT (to a relay) or REFUSE; after the bulk data the client sends DONE.
 # STORE carries a collective group's rendezvous records (see ``collective``).
+# COMPILE_CACHE asks for the seed's vLLM compile artifacts (see ``compile_cache``): the
+# seed answers with the file list, then sends each file as a bulk-data bucket.
 CHALLENGE = "challenge"
 HELLO = "hello"
 INFO = "info"
@@ -69,7 +79,8 @@ REDIRECT = "redirect"
 REFUSE = "refuse"
 DONE = "done"
 STORE = "store"
-REQUESTS = (HELLO, INFO, MANIFEST)
+COMPILE_CACHE = "compile_cache"
+REQUESTS = (HELLO, INFO, MANIFEST, COMPILE_CACHE)
 # Data planes a seed can use: bulk data on this connection, or a two-rank collective
 # group (gloo on CPU, nccl on CUDA, hccl on Ascend).
 TCP = "tcp"
@@ -332,6 +343,8 @@ class Request:
     wire: dict[str, Any]
     # What the client already holds from an earlier source (None: nothing).
     resume: "Resume | None" = None
+    # A compile cache request's names (None: another kind of request).
+    cache: "CacheRequest | None" = None
 
 
 @dataclass(frozen=True)
@@ -392,8 +405,10 @@ def parse_request(msg: dict[str, Any]) -> Request:
     if not _NONCE.fullmatch(nonce):
         raise ProtocolError("request nonce is not 32 hex digits")
     proof = sha256_field(msg, "proof", optional=True)
-    identity = manifest = resume = None
+    identity = manifest = resume = cache = None
     planes: tuple[str, ...] = ()
+    if kind == COMPILE_CACHE:
+        cache = CacheRequest.from_wire(msg)
     if kind == HELLO:
         identity = field(msg, "identity", dict)
         manifest = ManifestSummary.from_wire(msg.get("manifest"))
@@ -407,7 +422,7 @@ def parse_request(msg: dict[str, Any]) -> Request:
         relay_port=port_field(msg, "relay_port"),
         direct=optional_field(msg, "direct", bool) is True,
         data_planes=planes, expect=sha256_field(msg, "expect", optional=True), wire=msg,
-        resume=resume,
+        resume=resume, cache=cache,
     )
 
 
@@ -515,3 +530,109 @@ def parse_store_record(msg: dict[str, Any]) -> tuple[str, bytes]:
     except ValueError as e:
         raise ProtocolError("store record value is not hex") from e
     return key, value
+
+
+# --- compile cache --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheRequest:
+    """What a client asks a seed's compile cache for: the cache names (64-hex hashes,
+    vLLM's directory names under ``torch_aot_compile/``), the rank directory inside
+    them (``rank_<rank>_<dp index>``) and the client's host signature
+    (``compile_cache.host_signature``: a cache built for another CPU is refused)."""
+
+    hashes: tuple[str, ...]
+    rank_dir: str
+    host: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": COMPILE_CACHE, "hashes": list(self.hashes), "rank_dir": self.rank_dir,
+                "host": self.host}
+
+    @classmethod
+    def from_wire(cls, msg: dict[str, Any]) -> "CacheRequest":
+        """Raises ``ProtocolError`` unless there are 1..MAX_CACHE_NAMES distinct 64-hex
+        hashes, a ``rank_<n>_<n>`` directory and a 64-hex host signature."""
+        hashes = field(msg, "hashes", list)
+        if not 0 < len(hashes) <= MAX_CACHE_NAMES or not all(
+            isinstance(h, str) and _SHA256.fullmatch(h) for h in hashes
+        ) or len(set(hashes)) != len(hashes):
+            raise ProtocolError(
+                f"compile cache request needs 1..{MAX_CACHE_NAMES} distinct 64-hex names"
+            )
+        rank_dir = field(msg, "rank_dir", str)
+        if not _RANK_DIR.fullmatch(rank_dir):
+            raise ProtocolError("compile cache request's rank_dir is not rank_<n>_<n>")
+        return cls(tuple(hashes), rank_dir, sha256_field(msg, "host") or "")
+
+
+@dataclass(frozen=True)
+class CacheFile:
+    """One file of a compile cache reply: ``path`` relative to ``torch_aot_compile/``
+    (``<hash>/inductor_cache/...`` or ``<hash>/<rank_dir>/...``), its size in bytes
+    and its blake3 digest (64 hex digits)."""
+
+    path: str
+    nbytes: int
+    digest: str
+
+    def to_wire(self) -> list[Any]:
+        return [self.path, self.nbytes, self.digest]
+
+
+def check_cache_path(path: Any, request: CacheRequest) -> str:
+    """``path`` if it is a file path a compile cache for ``request`` may hold, else
+    ``ProtocolError``: relative, at most MAX_CACHE_PATH_DEPTH plain components (no "",
+    ".", "..", leading dots or odd characters), under one of the requested hashes, and
+    there under ``inductor_cache/`` or the requested rank directory."""
+    if not isinstance(path, str):
+        raise ProtocolError("compile cache file path is not a string")
+    parts = path.split("/")
+    ok = (
+        3 <= len(parts) <= MAX_CACHE_PATH_DEPTH
+        and all(_PATH_PART.fullmatch(p) for p in parts)
+        and parts[0] in request.hashes
+        and parts[1] in ("inductor_cache", request.rank_dir)
+    )
+    if not ok:
+        raise ProtocolError(f"compile cache file path {clean(path, 200)!r} is not acceptable")
+    return path
+
+
+def compile_cache_reply(files: list[CacheFile]) -> dict[str, Any]:
+    return {"type": COMPILE_CACHE, "files": [f.to_wire() for f in files]}
+
+
+def parse_compile_cache_reply(
+    msg: dict[str, Any], request: CacheRequest, max_files: int, max_bytes: int
+) -> list[CacheFile]:
+    """The file list of a seed's compile cache reply, every entry checked: an
+    acceptable path (``check_cache_path``) once, a size in [0, max_bytes] with the sum
+    at most ``max_bytes``, at most ``max_files`` entries, a 64-hex digest."""
+    entries = field(msg, "files", list)
+    if len(entries) > max_files:
+        raise ProtocolError(f"compile cache reply lists {len(entries)} files (cap {max_files})")
+    files: list[CacheFile] = []
+    seen: set[str] = set()
+    dirs: set[str] = set()
+    total = 0
+    for item in entries:
+        if not isinstance(item, list) or len(item) != 3:
+            raise ProtocolError("compile cache reply entry is not [path, size, digest]")
+        path = check_cache_path(item[0], request)
+        nbytes, digest_ = item[1], item[2]
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+            raise ProtocolError(f"compile cache file {path} has a bad size")
+        if not isinstance(digest_, str) or not _SHA256.fullmatch(digest_):
+            raise ProtocolError(f"compile cache file {path} has a bad digest")
+        parents = {path.rsplit("/", k)[0] for k in range(1, path.count("/") + 1)}
+        if path in seen or path in dirs or parents & seen:
+            raise ProtocolError(f"compile cache file {path} is listed twice or nests in another")
+        total += nbytes
+        if total > max_bytes:
+            raise ProtocolError(f"compile cache reply holds more than {max_bytes} bytes")
+        seen.add(path)
+        dirs |= parents
+        files.append(CacheFile(path, nbytes, digest_))
+    return files

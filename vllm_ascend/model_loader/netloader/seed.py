@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from vllm.logger import logger
 
+from vllm_ascend.model_loader.netloader import compile_cache
 from vllm_ascend.model_loader.netloader.addresses import format_address
 from vllm_ascend.model_loader.netloader.auth import SECRET_ENV, AuthError
 from vllm_ascend.model_loader.netloader.collective import SEED_RANK, group_link
@@ -33,6 +34,7 @@ from vllm_ascend.model_loader.netloader.manifest import (
 )
 from vllm_ascend.model_loader.netloader.metrics import FAILED, METRICS, OK, RELAY, SEED
 from vllm_ascend.model_loader.netloader.protocol import (
+    COMPILE_CACHE,
     DONE,
     HELLO,
     INFO,
@@ -92,6 +94,9 @@ class SeedSettings:
     # A transfer ends within TIMEOUT plus its size at this rate (MIN_RATE_MB_PER_S), or
     # at the send cap if that is lower: a slow reader cannot hold a slot for long.
     min_rate_bytes_per_s: float = DEFAULT_MIN_RATE_BYTES_PER_S
+    # This instance's vLLM compile cache, if it may be served (COMPILE_CACHE); None:
+    # compile cache requests are refused.
+    compile_cache: "compile_cache.CacheServing | None" = None
 
     @property
     def who(self) -> str:
@@ -187,6 +192,7 @@ class SeedServer:
             "bytes": self.weights.total_bytes,
             "value_fingerprint": self.weights.value_fingerprint(),
             "data_plane": self.settings.data_plane,
+            "serves_compile_cache": self.settings.compile_cache is not None,
             "loaded_from": provenance.loaded_from,
             "load_seconds": provenance.load_seconds,
             "fallback_reasons": list(provenance.fallback_reasons),
@@ -231,6 +237,9 @@ class SeedServer:
             side.answer_last(info(self.describe()), deadline)
         elif request.kind == HELLO:
             self._hello(conn, side, deadline)
+        elif request.kind == COMPILE_CACHE:
+            compile_cache.serve(conn.sock, side, self.settings.compile_cache,
+                                self.settings.who, conn.peer, deadline)
         else:
             side.answer_last(manifest_reply(self._manifest_wire), deadline)
 
