@@ -1,7 +1,7 @@
 # These commands do all set-up on a fresh machine:
 #   make demo   - set up, build the embedded tiny model, run seed + client, compare outputs
 #   make test   - set up, then lint, type-check and run every test (unit + end-to-end)
-#   make bench  - set up, build 0.1/1/3 GB models, run every benchmark (root; ~10 min)
+#   make bench  - set up, build 1/3 GB models, run every benchmark (root; under 20 min)
 # `make demo MODEL=/path/to/hf/model` runs the demo on a real model instead.
 
 PYTHON ?= python3
