@@ -9,6 +9,7 @@ import torch
 from tests.procs.test_attacks import fake_seed
 from tests.procs.toy_seed import toy_seed
 from tests.toy import (
+    IDENTITY,
     assert_same_tensors,
     fetch_for,
     make_toy,
@@ -16,11 +17,11 @@ from tests.toy import (
     serving,
     wait_for,
 )
-from tests.wire import frame, read
+from tests.wire import challenge_of, connect, frame, hello_for, read, summary_of
 from vllm_ascend.model_loader.netloader.auth import new_nonce
 from vllm_ascend.model_loader.netloader.client import query_seed
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, model_tensors
-from vllm_ascend.model_loader.netloader.protocol import accept, challenge
+from vllm_ascend.model_loader.netloader.protocol import REFUSE, accept, challenge
 
 PLANES = ["tcp", "collective"]
 
@@ -91,3 +92,45 @@ def test_a_seed_that_resumes_over_other_values_is_refused_and_the_tensors_stay_v
     assert "resumes at tensor" in fetch.reasons[1]
     only_verified(client, 3)
     assert torch.count_nonzero(client.embed.weight) == 0
+
+
+def test_a_client_that_claims_a_larger_manifest_cannot_resume_past_the_seeds_end():
+    """Before: the seed bounded a resume by the client's own tensor count, accepted
+    start 10**9 - 1 (sending nothing) and counted a completed transfer."""
+    toy = make_toy(3)
+    with serving(seed=3) as seed:
+        summary = summary_of(make_toy(None))
+        values = LoadedWeights.capture(toy).value_fingerprint()
+        lying = {**summary.to_wire(), "tensors": 10**9}
+        with connect(seed.address) as s:
+            challenge_of(s)
+            s.sendall(frame(hello_for(IDENTITY, make_toy(None), manifest=lying,
+                                      resume={"start": 10**9 - 1, "values": values})))
+            reply = read(s)
+        assert reply["type"] == REFUSE and "tensor manifest differs" in reply["reason"], reply
+        assert query_seed(seed.address)["completed_transfers"] == 0
+
+
+def old_seed_that_dies_before_sending(conn: socket.socket) -> None:
+    """A seed that predates resuming (no start: it sends everything) with the same
+    values, and dies before its first bucket."""
+    conn.sendall(frame(challenge(new_nonce(), False)))
+    hello = read(conn)
+    reply = accept(list(LoadedWeights.capture(make_toy(3)).digests), 1 << 20, "tcp",
+                   hello["identity"]["checkpoint"])
+    del reply["start"]
+    conn.sendall(frame(reply))
+
+
+def test_a_source_with_the_same_values_that_fails_before_sending_keeps_what_is_held():
+    client = make_toy(None)
+    old, server = fake_seed(old_seed_that_dies_before_sending)
+    with server, serving(seed=3) as third:
+        with toy_seed(seed=3, die_after=1) as (first, _):
+            fetch = fetch_for(client, timeout_s=10.0)
+            received = fetch.run((first, old, third.address))
+    assert received is not None, fetch.reasons
+    assert len(fetch.reasons) == 2 and old in fetch.reasons[1]
+    assert received.source == third.address
+    assert received.reused_bytes == client.big.nbytes
+    assert_same_tensors(client, make_toy(3))

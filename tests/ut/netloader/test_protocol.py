@@ -567,3 +567,12 @@ def test_peer_text_reaches_logs_as_printable_ascii():
     assert reason.startswith("a\\nb\\x1b[31m\\ud800\\xe9") and len(reason) < 5000
     done = protocol.done(False, "é" * 5000)
     assert len(json.dumps(done)) < protocol.MAX_REQUEST_BYTES
+
+
+def test_a_hostile_resume_is_refused_in_a_short_reason_that_names_the_field():
+    huge = {**GOOD_HELLO, "resume": {"start": 10**4000, "values": "a" * 64}}
+    with pytest.raises(ProtocolError) as e:
+        protocol.parse_request(huge)
+    assert len(str(e.value)) < 100
+    with pytest.raises(ProtocolError, match="'resume'"):
+        protocol.parse_request({**GOOD_HELLO, "resume": {"start": "1", "values": "a" * 64}})

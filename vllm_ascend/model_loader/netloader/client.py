@@ -157,7 +157,7 @@ class WeightFetch:
         return Resume(self._held, self._held_values)
 
     def _verified(self, n: int) -> None:
-        self._held = n
+        self._held = max(self._held, n)
 
     @property
     def _rank(self) -> Any:
@@ -318,7 +318,17 @@ class WeightFetch:
         mine = self.settings.identity.get("checkpoint")
         if mine is not None and accepted.checkpoint != mine:
             raise SourceRefused(f"seed serves checkpoint {accepted.checkpoint}, this side {mine}")
-        self._held, self._held_values = accepted.start, values
+        if resume is not None and accepted.start == 0:
+            logger.info(
+                "Netloader rank %s: %s sends from tensor 0 (it serves values %s, not the "
+                "%s of the %d tensors held)", self._rank, address, values[:12],
+                resume.values[:12], resume.start,
+            )
+        if values != self._held_values:
+            # Other weights: what is held counts for nothing from here on. With the
+            # same values the prefix stays held (a start of 0 rewrites it identically).
+            self._held = accepted.start
+        self._held_values = values
         return accepted
 
     def _receive(

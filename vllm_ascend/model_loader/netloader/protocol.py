@@ -365,10 +365,18 @@ class Resume:
         ``tensors`` tensors (1 .. tensors - 1) and ``values`` is a sha256."""
         if not isinstance(value, dict):
             raise ProtocolError("hello field 'resume' is not an object")
-        start = field(value, "start", int)
+        try:
+            start = field(value, "start", int)
+            values = sha256_field(value, "values") or ""
+        except ProtocolError:
+            raise ProtocolError(
+                "hello field 'resume' is not {start: int, values: sha256}"
+            ) from None
         if not 0 < start < tensors:
-            raise ProtocolError(f"hello resumes at tensor {start} of {tensors}")
-        return cls(start, sha256_field(value, "values") or "")
+            raise ProtocolError(
+                f"hello resumes at tensor {clean(start, 20)} of {clean(tensors, 20)}"
+            )
+        return cls(start, values)
 
 
 def hello(

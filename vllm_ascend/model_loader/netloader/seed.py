@@ -269,8 +269,9 @@ class SeedServer:
             role = RELAY if self._progress is not None else SEED
         METRICS.started(role)
         start = time.perf_counter()
-        first = self._resume_at(side.request)
+        first = 0
         try:
+            first = self._resume_at(side.request)
             verified = self._send(conn, side, deadline, first)
         finally:
             METRICS.stopped(role)
@@ -308,7 +309,10 @@ class SeedServer:
             return "identity", f"model identity differs: {difference}"
         theirs = request.manifest
         assert theirs is not None  # a parsed hello has one
-        if theirs.sha256 != self._manifest_sha:
+        # The count and size too: a client's resume is bounded by its count.
+        if (theirs.sha256, theirs.tensors, theirs.nbytes) != (
+            self._manifest_sha, len(self.weights.specs), self.weights.total_bytes
+        ):
             return "manifest", (
                 f"tensor manifest differs: {theirs.tensors} tensors of {theirs.nbytes} bytes "
                 f"there vs {len(self.weights.specs)} of {self.weights.total_bytes} here "
@@ -339,9 +343,13 @@ class SeedServer:
         came from weights with this seed's value fingerprint (so they equal this seed's,
         digest for digest), else 0."""
         resume = request.resume
-        if resume is None or resume.values != self.weights.value_fingerprint():
+        if (
+            resume is None
+            or resume.values != self.weights.value_fingerprint()
+            or not 0 < resume.start < len(self.weights.specs)
+        ):
             return 0
-        return resume.start  # within the manifest: protocol.Resume.from_wire
+        return resume.start
 
     def _send(self, conn: Connection, side: SeedSide, deadline: Deadline, first: int) -> bool:
         """Send every tensor from ``first`` on; True if the client verified them all."""
@@ -355,7 +363,8 @@ class SeedServer:
         total = bytes_from(weights.specs, first)
         if first:
             logger.info(
-                "Netloader seed %s resumes %s at tensor %d of %d: %d bytes it holds, %d to send",
+                "Netloader seed %s resumes %s at tensor %d of %d: the client holds %d bytes "
+                "of these values, %d to send",
                 settings.who, conn.peer, first, len(weights.specs),
                 weights.total_bytes - total, total,
             )
