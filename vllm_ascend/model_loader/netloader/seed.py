@@ -44,6 +44,7 @@ from vllm_ascend.model_loader.netloader.protocol import (
     ProtocolError,
     Request,
     accept,
+    clean,
     info,
     manifest_reply,
     parse_done,
@@ -314,7 +315,8 @@ class SeedServer:
             self._manifest_sha, len(self.weights.specs), self.weights.total_bytes
         ):
             return "manifest", (
-                f"tensor manifest differs: {theirs.tensors} tensors of {theirs.nbytes} bytes "
+                f"tensor manifest differs: {clean(theirs.tensors, 20)} tensors of "
+                f"{clean(theirs.nbytes, 20)} bytes "
                 f"there vs {len(self.weights.specs)} of {self.weights.total_bytes} here "
                 f"(sha256 {theirs.sha256[:12]} vs {self._manifest_sha[:12]})"
             )
