@@ -119,7 +119,8 @@ def phase_clock(times: dict[str, float], stats: Any) -> Iterator[None]:
         times.setdefault("group_called", start)
         times.setdefault("group_ready", start)
         try:
-            return original_recv(*args, stats=stats, **kwargs)
+            # The bench's own stats object, in place of the client's.
+            return original_recv(*args, **{**kwargs, "stats": stats})
         finally:
             times["transfer"] = time.perf_counter() - start
             times.setdefault("group_leaving", time.perf_counter())

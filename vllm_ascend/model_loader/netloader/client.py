@@ -351,12 +351,14 @@ class WeightFetch:
                 on_bytes=progress.arrived if progress is not None else None,
             )
             return recv_weights(link, self.targets, self.specs, accepted.digests,
-                                accepted.bucket_bytes, stats, on_verified, first)
+                                accepted.bucket_bytes, stats=stats, on_verified=on_verified,
+                                start=first)
         setup = Deadline(settings.timeout_s, "group set-up")
         with group_link(conn, CLIENT_RANK, settings.timeout_s, settings.device, setup,
                         deadline_s=deadline_s) as group:
             return recv_weights(group, self.targets, self.specs, accepted.digests,
-                                accepted.bucket_bytes, stats, on_verified, first)
+                                accepted.bucket_bytes, stats=stats, on_verified=on_verified,
+                                start=first)
 
     def _manifest_detail(self, address: str) -> str:
         """The first difference between this side's manifest and the seed's (asked
