@@ -176,21 +176,36 @@ def summarize(
         "fanout_s": {str(n): round(s, 3) for n, s in fanout.items()},
         "per_client_s": {str(n): runs[n][len(runs[n]) // 2]["per_client_s"] for n in counts},
         "sources": {str(n): runs[n][len(runs[n]) // 2]["sources"] for n in counts},
-        "aggregate_mbit": {str(n): round(n * nbytes * 8 / s / 1e6, 1)
-                           for n, s in fanout.items()},
-        "tcp_bytes_per_client": tcp_bytes,
-        "tcp_fanout_s": {str(n): round(s, 3) for n, s in tcp.items()},
-        "tcp_link_mbit": round(tcp_bytes * 8 / tcp[one] / 1e6, 1),
         "netloader_mbit": round(nbytes * 8 / fanout[one] / 1e6, 1),
         "cpu_s_per_gb": {str(n): cpu_per_gb(runs[n], n, nbytes, {
             "seed": "seed_cpu_s", "clients": "clients_cpu_s"}) for n in counts},
+        **scale_out_fields("fanout", fanout, nbytes, tcp, tcp_bytes, link_stats, args.repeat),
+    }
+    return out
+
+
+def scale_out_fields(
+    name: str, seconds: dict[int, float], nbytes: int, tcp: dict[int, float], tcp_bytes: int,
+    link_stats: dict[str, Any], repeat: int,
+) -> dict[str, Any]:
+    """What every scale-out benchmark reports beside its own figures: ``seconds[n]``
+    until all ``n`` instances held ``nbytes`` each, as an aggregate rate (Mbit/s) and as
+    ``<name>_<n>_over_<first n>``; the raw TCP rounds (``tcp[n]`` seconds for
+    ``tcp_bytes`` to each of ``n`` sinks) the same way; the links' counters."""
+    one = min(seconds)
+    out: dict[str, Any] = {
+        "aggregate_mbit": {str(n): round(n * nbytes * 8 / s / 1e6, 1)
+                           for n, s in seconds.items()},
+        "tcp_bytes_per_client": tcp_bytes,
+        "tcp_fanout_s": {str(n): round(s, 3) for n, s in tcp.items()},
+        "tcp_link_mbit": round(tcp_bytes * 8 / tcp[one] / 1e6, 1),
         "link_stats": link_stats,
-        "repeat": args.repeat,
+        "repeat": repeat,
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
-    for n in counts:
+    for n in seconds:
         if n != one:
-            out[f"fanout_{n}_over_{one}"] = round(fanout[n] / fanout[one], 3)
+            out[f"{name}_{n}_over_{one}"] = round(seconds[n] / seconds[one], 3)
             out[f"tcp_{n}_over_{one}"] = round(tcp[n] / tcp[one], 3)
     return out
 

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.netloader_fanout import cpu_per_gb, require_root, tcp_rounds
+from benchmarks.netloader_fanout import cpu_per_gb, require_root, scale_out_fields, tcp_rounds
 from benchmarks.netns_roles import TENSOR_MB, Child
 from tools.netns import Topology, exit_on_sigterm
 
@@ -167,22 +167,12 @@ def summarize(
                        for n in counts},
         "per_client_s": {str(n): middle[n]["per_client_s"] for n in counts},
         "load_s": {str(n): middle[n]["load_s"] for n in counts},
-        "aggregate_mbit": {str(n): round(n * nbytes * 8 / s / 1e6, 1) for n, s in total.items()},
-        "tcp_bytes_per_client": tcp_bytes,
-        "tcp_fanout_s": {str(n): round(s, 3) for n, s in tcp.items()},
-        "tcp_link_mbit": round(tcp_bytes * 8 / tcp[one] / 1e6, 1),
         "cpu_s_per_gb": {str(n): cpu_per_gb(runs[n], n, nbytes, {
             "server": "server_cpu_s", "clients": "clients_cpu_s",
             "clients_download": "clients_download_cpu_s",
             "clients_load": "clients_load_cpu_s"}) for n in counts},
-        "link_stats": link_stats,
-        "repeat": args.repeat,
-        "load_avg_1m": round(os.getloadavg()[0], 2),
+        **scale_out_fields("storage", total, nbytes, tcp, tcp_bytes, link_stats, args.repeat),
     }
-    for n in counts:
-        if n != one:
-            out[f"storage_{n}_over_{one}"] = round(total[n] / total[one], 3)
-            out[f"tcp_{n}_over_{one}"] = round(tcp[n] / tcp[one], 3)
     return out
 
 
