@@ -253,3 +253,36 @@ def test_seed_swapping_a_file_for_a_symlink_after_listing_sends_nothing_else(tmp
         send_files(a, str(seed_root), listing, Deadline(5, "test"))
     assert not isinstance(raised.value, TimeoutError)
     assert files
+
+
+def test_seed_swapping_a_file_for_a_fifo_after_listing_fails_at_once(tmp_path):
+    """Before: open() of a FIFO blocked with no deadline, so the seed's thread and its
+    compile cache slot were lost for good."""
+    seed_root = tmp_path / "seed"
+    make_cache(seed_root)
+    listing = list_cache(str(seed_root), request())
+    target = seed_root / f"{H}/inductor_cache/fm/cfm.py"
+    target.unlink()
+    os.mkfifo(target)
+    from vllm_ascend.model_loader.netloader.compile_cache import send_files
+
+    a, b = socket.socketpair()
+    result: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            send_files(a, str(seed_root), listing, Deadline(2, "test"))
+        except OSError as e:
+            result.append(e)
+
+    def drain() -> None:
+        while b.recv(1 << 20):
+            pass
+
+    worker = threading.Thread(target=send, daemon=True)
+    with a, b:
+        threading.Thread(target=drain, daemon=True).start()
+        worker.start()
+        worker.join(5)
+        assert not worker.is_alive(), "open() of the FIFO blocked the sender"
+    assert result and "no longer a regular file" in str(result[0])

@@ -86,6 +86,9 @@ MAX_TOTAL_BYTES = 1 << 30
 MAX_CONCURRENT_SENDS = 2
 _CHUNK = 4 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+# A FIFO swapped in for a listed file must not block open(), which no deadline covers
+# (O_NONBLOCK changes nothing for a regular file).
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
 _STAGING_PREFIX = ".netloader-staging-"
 # What a peer's answer may make fail on the client, all ending as "no cache".
 CACHE_ERRORS = (ProtocolError, AuthError, OSError, AddressError, UnicodeError, ValueError)
@@ -459,7 +462,7 @@ def _plain_name(name: str) -> bool:
 def _digest_file(dir_fd: int, name: str) -> tuple[int, str] | None:
     """(size, blake3) of a regular file, opened without following a symlink."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
     except OSError:
         return None
     with os.fdopen(fd, "rb") as f:
@@ -499,7 +502,7 @@ def _open_path(root: str, path: str) -> int:
             sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
             os.close(fd)
             fd = sub
-        file_fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+        file_fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=fd)
     finally:
         os.close(fd)
     if not stat.S_ISREG(os.fstat(file_fd).st_mode):
