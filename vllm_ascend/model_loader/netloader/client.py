@@ -16,12 +16,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from vllm.logger import logger
 
+from vllm_ascend.model_loader.netloader import load_state
 from vllm_ascend.model_loader.netloader.addresses import AddressError, parse_address
 from vllm_ascend.model_loader.netloader.auth import AuthError
 from vllm_ascend.model_loader.netloader.collective import CLIENT_RANK, group_link
 from vllm_ascend.model_loader.netloader.handshake import ask_seed
+from vllm_ascend.model_loader.netloader.load_state import NO_STATE, LoadState
 from vllm_ascend.model_loader.netloader.manifest import (
     TensorSpec,
     first_difference,
@@ -119,6 +122,9 @@ class Received:
     # Bytes kept from an earlier source with the same value fingerprint that failed
     # (a resumed transfer): not part of ``nbytes``.
     reused_bytes: int = 0
+    # What the seed's load set besides tensors; checked against ``WeightFetch.model``,
+    # for the loader to ``load_state.apply``.
+    state: LoadState = NO_STATE
 
 
 @dataclass
@@ -139,6 +145,9 @@ class WeightFetch:
     # Addresses found by discovery (DNS, registry), not named by the operator: they get
     # DISCOVERED_CONNECT_S to connect and answer, not TIMEOUT.
     discovered: frozenset[str] = frozenset()
+    # The model the targets belong to: a seed's load state must apply to it (None: a
+    # fetch of bare tensors, whose caller checks any state itself).
+    model: nn.Module | None = None
 
     def __post_init__(self) -> None:
         self._summary = ManifestSummary(
@@ -246,7 +255,8 @@ class WeightFetch:
             )
             reply = ask_seed(
                 conn, body, self.settings.secret,
-                Deadline(handshake_s, f"handshake with {address}"), reply_cap(len(self.specs)),
+                Deadline(handshake_s, f"handshake with {address}"),
+                reply_cap(len(self.specs)) + load_state.WIRE_BYTES,
             )
             accepted = self._accepted(address, reply, fingerprint, resume)
             progress = self._begin_relay(accepted) if offer_relay else None
@@ -280,7 +290,8 @@ class WeightFetch:
             stats.wait_s, stats.verify_s, stats.copy_s,
             f"; resumed at tensor {accepted.start}: {reused} bytes reused" if reused else "",
         )
-        return Received(address, nbytes, seconds, accepted.digests, accepted.checkpoint, reused)
+        return Received(address, nbytes, seconds, accepted.digests, accepted.checkpoint, reused,
+                        accepted.state)
 
     def _accepted(
         self, address: str, reply: dict[str, Any], fingerprint: str | None,
@@ -301,7 +312,7 @@ class WeightFetch:
             raise ProtocolError(f"expected '{ACCEPT}', got '{clean(kind, 40)}'")
         accepted = parse_accept(reply, len(self.specs), (self.settings.data_plane,),
                                 _MAX_BUCKET_BYTES, resume.start if resume is not None else 0)
-        values = value_fingerprint(self.specs, accepted.digests)
+        values = value_fingerprint(self.specs, accepted.digests, accepted.state)
         if accepted.start and resume is not None and values != resume.values:
             raise ProtocolError(
                 f"seed resumes at tensor {accepted.start} but serves values {values}, "
@@ -318,6 +329,11 @@ class WeightFetch:
         mine = self.settings.identity.get("checkpoint")
         if mine is not None and accepted.checkpoint != mine:
             raise SourceRefused(f"seed serves checkpoint {accepted.checkpoint}, this side {mine}")
+        if self.model is not None:
+            try:
+                load_state.check(self.model, accepted.state)
+            except load_state.LoadStateError as e:
+                raise SourceRefused(str(e)) from e
         if resume is not None and accepted.start == 0:
             logger.info(
                 "Netloader rank %s: %s sends from tensor 0 (it serves values %s, not the "
@@ -376,8 +392,7 @@ class WeightFetch:
 
     def _begin_relay(self, accepted: Accept) -> RelayProgress:
         assert self.relay is not None
-        progress = self.relay.begin(self.specs, self.targets, accepted.digests,
-                                    accepted.checkpoint)
+        progress = self.relay.begin(self.specs, self.targets, accepted)
         logger.info(
             "Netloader rank %s relays on port %d: passes on each tensor once verified",
             self._rank, self.relay.port,

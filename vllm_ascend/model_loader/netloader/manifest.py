@@ -27,6 +27,8 @@ import blake3
 import torch
 from torch import nn
 
+from vllm_ascend.model_loader.netloader.load_state import NO_STATE, LoadState
+
 _THREADED_DIGEST_BYTES = 1 << 20
 # What a model is to its instance: the served model, or the draft a speculative decoder
 # loads beside it. Each has its own listener, and a listener only serves its own role.
@@ -138,7 +140,10 @@ class LoadedWeights:
     which an in-place change to the model's original no longer reaches. vLLM's loaded
     parameters are contiguous."""
 
-    def __init__(self, named: list[tuple[str, torch.Tensor]], digests: list[str]):
+    def __init__(
+        self, named: list[tuple[str, torch.Tensor]], digests: list[str],
+        state: LoadState = NO_STATE, dropped: tuple[str, ...] = (),
+    ):
         if len(named) != len(digests):
             raise ValueError("one digest per tensor is needed")
         self.tensors: tuple[torch.Tensor, ...] = tuple(
@@ -146,14 +151,23 @@ class LoadedWeights:
         )
         self.specs: tuple[TensorSpec, ...] = tuple(spec_of(name, t) for name, t in named)
         self.digests: tuple[str, ...] = tuple(digests)
+        # What load_weights set besides tensors (``load_state``): served with them.
+        self.state = state
+        # Tensors whose loaded bytes this seed did not keep (``seed_cache``): meta
+        # tensors stand in for them, and a seed with any refuses clients.
+        self.dropped = dropped
         self.total_bytes = sum(spec.nbytes for spec in self.specs)
-        self._fingerprint = value_fingerprint(self.specs, self.digests)
+        self._fingerprint = value_fingerprint(self.specs, self.digests, state)
 
     @classmethod
-    def capture(cls, model: nn.Module, digests: list[str] | None = None) -> "LoadedWeights":
+    def capture(
+        cls, model: nn.Module, digests: list[str] | None = None, state: LoadState = NO_STATE
+    ) -> "LoadedWeights":
         """Views of ``model``'s tensors now; digests computed unless already known."""
         named = model_tensors(model)
-        return cls(named, digests if digests is not None else [digest(t) for _, t in named])
+        return cls(
+            named, digests if digests is not None else [digest(t) for _, t in named], state
+        )
 
     def changed(self) -> list[str]:
         """Names of tensors whose bytes no longer match the digest taken at load."""
@@ -168,10 +182,16 @@ class LoadedWeights:
         return self._fingerprint
 
 
-def value_fingerprint(specs: Sequence[TensorSpec], digests: Sequence[str]) -> str:
-    """sha256 over every tensor's name and value digest, in manifest order (64 hex
-    digits): equal fingerprints mean equal loaded weights, byte for byte."""
+def value_fingerprint(
+    specs: Sequence[TensorSpec], digests: Sequence[str], state: LoadState = NO_STATE
+) -> str:
+    """sha256 over every tensor's name and value digest, in manifest order, then the
+    load state's digest if the load set any (64 hex digits): equal fingerprints mean
+    equal loaded weights, byte for byte, and equal state set while loading."""
     h = hashlib.sha256()
     for spec, d in zip(specs, digests, strict=True):
         h.update(f"{spec.name}:{d};".encode())
+    state_digest = state.digest()
+    if state_digest is not None:
+        h.update(f"load_state:{state_digest};".encode())
     return h.hexdigest()

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_ascend.model_loader.netloader.addresses import AddressError, parse_address
+from vllm_ascend.model_loader.netloader.load_state import NO_STATE, LoadState, LoadStateError
 
 MAGIC = b"NLDR"
 PROTOCOL_VERSION = 2
@@ -467,15 +468,18 @@ class Accept:
     checkpoint: str | None
     # The first tensor the seed sends: 0, or the client's ``Resume.start``.
     start: int = 0
+    # What the seed's load set besides tensors, for the client to replay.
+    state: LoadState = NO_STATE
 
 
 def accept(
     digests: list[str], bucket_bytes: int, data_plane: str, checkpoint: str | None,
-    start: int = 0,
+    start: int = 0, state: LoadState = NO_STATE,
 ) -> dict[str, Any]:
     return {
         "type": ACCEPT, "digests": digests, "bucket_bytes": bucket_bytes,
         "data_plane": data_plane, "checkpoint": checkpoint, "start": start,
+        "state": state.to_wire(),
     }
 
 
@@ -503,8 +507,12 @@ def parse_accept(
     start = optional_field(msg, "start", int) or 0
     if start not in (0, resume_at):
         raise ProtocolError(f"accept starts at tensor {start}; this client offered {resume_at}")
+    try:
+        state = LoadState.from_wire(msg.get("state", []))
+    except LoadStateError as e:
+        raise ProtocolError(f"accept carries a malformed load state: {e}") from e
     return Accept(digests, bucket_bytes, plane, sha256_field(msg, "checkpoint", optional=True),
-                  start)
+                  start, state)
 
 
 def info(description: dict[str, Any]) -> dict[str, Any]:

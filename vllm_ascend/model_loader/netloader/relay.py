@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, TensorSpec
+from vllm_ascend.model_loader.netloader.protocol import Accept
 
 if TYPE_CHECKING:
     from vllm_ascend.model_loader.netloader.seed import SeedServer
@@ -109,15 +110,14 @@ class RelayListener:
         self.progress: RelayProgress | None = None
 
     def begin(
-        self, specs: Sequence[TensorSpec], targets: Sequence[torch.Tensor], digests: list[str],
-        checkpoint: str | None,
+        self, specs: Sequence[TensorSpec], targets: Sequence[torch.Tensor], accepted: Accept,
     ) -> RelayProgress:
         """Serve ``targets`` (views the fetch is filling) as they are verified, as the
-        weights of ``checkpoint`` (what the upstream seed's proved answer named)."""
+        weights, load state and checkpoint the upstream seed's proved ``accepted`` named."""
         weights = LoadedWeights([(s.name, t) for s, t in zip(specs, targets, strict=True)],
-                                digests)
+                                accepted.digests, accepted.state)
         self.progress = RelayProgress(len(specs))
-        self.seed = self._make_seed(weights, self.progress, self._sock, checkpoint)
+        self.seed = self._make_seed(weights, self.progress, self._sock, accepted.checkpoint)
         return self.progress
 
     def serving_complete(self) -> "SeedServer | None":

@@ -1,0 +1,182 @@
+"""State that ``load_weights`` sets besides tensors: recorded, carried, checked, replayed.
+
+The models here stand in for vLLM's EAGLE heads, which set ``has_own_embed_tokens`` /
+``has_own_lm_head`` on the instance while loading (the class says False)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tests.toy import IDENTITY, SMALL_BUCKET, fetch_for, make_toy, untouched
+from vllm_ascend.model_loader.netloader import load_state
+from vllm_ascend.model_loader.netloader.addresses import listen
+from vllm_ascend.model_loader.netloader.load_state import Change, LoadState, LoadStateError
+from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
+from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
+
+
+class Head(nn.Module):
+    has_own_embed_tokens: bool = False
+    has_own_lm_head: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.helper = object()
+
+
+def loaded(model: nn.Module, **flags: object) -> LoadState:
+    """What a load that sets ``flags`` on ``model`` records."""
+    before = load_state.snapshot(model)
+    for name, value in flags.items():
+        setattr(model, name, value)
+    return load_state.changes(before, load_state.snapshot(model))
+
+
+def test_flags_set_while_loading_are_recorded_with_what_they_were():
+    state = loaded(Head(), has_own_embed_tokens=True)
+    assert state.changes == (Change("", "has_own_embed_tokens", False, None, True),)
+    assert state.uncarried == ()
+    assert state.describe() == ["has_own_embed_tokens=True"]
+
+
+def test_a_load_that_sets_nothing_has_no_state_and_keeps_the_fingerprint():
+    model = make_toy(1)
+    state = loaded(model)
+    assert state == load_state.NO_STATE and state.digest() is None
+    plain = LoadedWeights.capture(model)
+    assert LoadedWeights.capture(model, state=state).value_fingerprint() == (
+        plain.value_fingerprint()
+    )
+
+
+def test_state_is_part_of_the_value_fingerprint():
+    model = make_toy(1)
+    flagged = LoadedWeights.capture(model, state=loaded(Head(), has_own_lm_head=True))
+    assert flagged.value_fingerprint() != LoadedWeights.capture(model).value_fingerprint()
+
+
+def test_a_replaced_object_or_tensor_attribute_is_state_that_cannot_be_carried():
+    head = Head()
+    state = loaded(head, helper=object(), table=torch.zeros(2))
+    assert state.changes == ()
+    assert sorted(state.uncarried) == ["helper (object)", "table (Tensor)"]
+
+
+def test_wire_form_round_trips_with_types_kept():
+    head = Head()
+    state = loaded(head, has_own_lm_head=True, ids=(1, 2), names=["a"], scale=0.5, gone=None)
+    again = LoadState.from_wire(state.to_wire())
+    assert again.changes == state.changes
+    assert type(again.changes[1].after) is tuple and type(again.changes[2].after) is list
+    assert again.digest() == state.digest()
+
+
+@pytest.mark.parametrize("item", [
+    ["", "__class__", False, None, 1],              # dunder
+    ["", "not an identifier", False, None, 1],
+    ["", "x", False, None, {"nested": 1}],          # not plain
+    ["", "x", False, None, [[1]]],                  # nested list
+    ["", "x", False, None, math.nan],               # not finite
+    ["", "x", False, None, "s" * 1000],              # long string
+    ["", "x", 0, None, 1],                          # had is not a bool
+    ["", "x", False, None],                         # short
+    [1, "x", False, None, 1],                       # module not a string
+])
+def test_malformed_entries_are_refused(item):
+    with pytest.raises(LoadStateError):
+        LoadState.from_wire([item])
+
+
+def test_too_many_changes_are_refused():
+    with pytest.raises(LoadStateError):
+        LoadState.from_wire([["", f"a{i}", False, None, 1] for i in range(1025)])
+
+
+def test_check_accepts_what_applies_and_apply_replays_it():
+    seed_state = loaded(Head(), has_own_embed_tokens=True)
+    client = Head()
+    load_state.check(client, seed_state)
+    load_state.apply(client, seed_state)
+    assert client.has_own_embed_tokens is True
+    assert Head().has_own_embed_tokens is False  # the class is untouched
+
+
+@pytest.mark.parametrize("change, why", [
+    (Change("missing", "flag", False, None, True), "lacks"),
+    (Change("", "has_own_lm_head", True, False, True), "starts from"),  # not on the instance here
+    (Change("", "training", True, False, True), "starts from"),          # True here
+    (Change("", "forward", False, None, "x"), "its class holds"),       # a method
+    (Change("", "has_own_lm_head", False, None, 1), "its class holds"), # bool becomes int
+])
+def test_check_refuses_state_that_does_not_apply_to_this_model(change, why):
+    with pytest.raises(LoadStateError, match=why):
+        load_state.check(Head(), LoadState((change,)))
+
+
+class FlaggedToy(nn.Module):
+    """The toy model inside a head whose load sets a flag."""
+
+    has_own_lm_head: bool = False
+
+    def __init__(self, seed: int | None) -> None:
+        super().__init__()
+        self.body = make_toy(seed)
+
+
+def flagged_seed(seed_model: FlaggedToy, state: LoadState) -> SeedServer:
+    return SeedServer(
+        LoadedWeights.capture(seed_model, state=state),
+        SeedSettings(IDENTITY, 0, "127.0.0.1", 5.0, bucket_bytes=SMALL_BUCKET),
+        listen("127.0.0.1", 0),
+    ).start()
+
+
+def test_client_receives_the_seeds_state_with_its_tensors():
+    seed_model = FlaggedToy(3)
+    seed = flagged_seed(seed_model, loaded(seed_model, has_own_lm_head=True))
+    try:
+        client = FlaggedToy(None)
+        fetch = fetch_for(client)
+        fetch.model = client
+        received = fetch.run([seed.address])
+    finally:
+        seed.stop()
+    assert received is not None, fetch.reasons
+    assert received.state == seed.weights.state
+    assert client.has_own_lm_head is False  # replayed by the loader, after the fetch
+    load_state.apply(client, received.state)
+    assert client.has_own_lm_head is True
+    assert seed.describe()["load_state"] == ["has_own_lm_head=True"]
+
+
+def test_client_refuses_a_state_that_names_other_modules_before_any_byte():
+    seed_model = FlaggedToy(3)
+    state = LoadState((Change("body.nowhere", "flag", False, None, True),))
+    seed = flagged_seed(seed_model, state)
+    try:
+        client = FlaggedToy(None)
+        fetch = fetch_for(client)
+        fetch.model = client
+        assert fetch.run([seed.address]) is None
+    finally:
+        seed.stop()
+    (reason,) = fetch.reasons
+    assert "refused" in reason and "lacks" in reason
+    assert untouched(client)
+
+
+def test_seed_whose_load_set_uncarried_state_refuses_clients():
+    seed_model = FlaggedToy(3)
+    seed = flagged_seed(seed_model, loaded(seed_model, helper=object()))
+    try:
+        client = FlaggedToy(None)
+        fetch = fetch_for(client)
+        assert fetch.run([seed.address]) is None
+    finally:
+        seed.stop()
+    (reason,) = fetch.reasons
+    assert "cannot carry: helper (object)" in reason
+    assert untouched(client)
