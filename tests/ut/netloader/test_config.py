@@ -378,3 +378,34 @@ def test_a_send_limit_that_moves_less_than_1_mib_per_timeout_names_both_keys():
         "SEND_LIMIT_MB_PER_S": 0.1, "TIMEOUT": 5, "MIN_RATE_MB_PER_S": 0.1,
     })
     assert "TIMEOUT" in str(error)
+
+
+# --- keys from configs written for vllm-ascend's netloader ---------------------------
+
+
+def test_int8_cache_keys_default_to_keeping_every_loaded_copy_in_place():
+    config = parse_config({})
+    assert (config.int8_cache, config.int8_cache_name) == ("hbm", None)
+
+
+@pytest.mark.parametrize("value, mode", [("hbm", "hbm"), ("DRAM", "dram"), ("no", "no")])
+def test_int8_cache_modes(value, mode):
+    assert parse_config({"INT8_CACHE": value}).int8_cache == mode
+
+
+@pytest.mark.parametrize("value", ["npu", "", None, 1, ["hbm"]])
+def test_bad_int8_cache_names_the_key(value):
+    with pytest.raises(NetloaderConfigError, match="INT8_CACHE must be one of"):
+        parse_config({"INT8_CACHE": value})
+
+
+def test_int8_cache_name_is_a_list_of_name_fragments():
+    config = parse_config({"INT8_CACHE": "dram", "INT8_CACHE_NAME": ["qweight", "scales"]})
+    assert config.int8_cache_name == ("qweight", "scales")
+    assert parse_config({"INT8_CACHE_NAME": None}).int8_cache_name is None
+
+
+@pytest.mark.parametrize("value", ["qweight", [""], [1], {"a": 1}])
+def test_bad_int8_cache_name_names_the_key(value):
+    with pytest.raises(NetloaderConfigError, match="INT8_CACHE_NAME must be a list"):
+        parse_config({"INT8_CACHE_NAME": value})

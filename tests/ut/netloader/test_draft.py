@@ -44,12 +44,40 @@ def test_draft_sources_and_ports_are_apart_from_the_targets():
     assert [config.listen_port_for_rank(r, draft=True) for r in (0, 3)] == [8000, 8003]
 
 
-def test_draft_without_its_keys_gets_no_sources_and_a_free_port():
+def test_draft_without_its_keys_uses_the_target_ports_plus_10000_like_vllm_ascend():
+    config = parse_config({
+        "SOURCE": [
+            {"device_id": 0, "sources": ["10.0.0.1:7000", "[fd00::2]:7000", "10.0.0.3:60000"]},
+            {"device_id": 1, "sources": ["10.0.0.1:7001"]},
+            {"dns": "seeds.ns.svc:7000"},
+        ],
+        "LISTEN_PORT": 7000,
+    })
+    # 60000 + 10000 is no port: that seed has no draft listener by this rule.
+    assert [str(s) for s in config.sources_for_rank(0, draft=True)] == [
+        "10.0.0.1:17000", "[fd00::2]:17000", "seeds.ns.svc:17000",
+    ]
+    assert [str(s) for s in config.sources_for_rank(1, draft=True)] == [
+        "10.0.0.1:17001", "seeds.ns.svc:17000",
+    ]
+    assert config.listen_port_for_rank(0, draft=True) == 17000
+    assert config.listen_port_for_rank(3, draft=True) == 17003
+
+
+def test_draft_keys_win_over_the_derived_ones():
     config = parse_config({
         "SOURCE": [{"device_id": 0, "sources": ["10.0.0.1:7000"]}], "LISTEN_PORT": 7000,
+        "DRAFT_SOURCE": [{"device_id": 0, "sources": ["10.0.0.9:9000"]}],
+        "DRAFT_LISTEN_PORT": 9000,
     })
-    assert config.sources_for_rank(0, draft=True) == ()
-    assert config.listen_port_for_rank(0, draft=True) == 0
+    assert config.sources_for_rank(0, draft=True) == ("10.0.0.9:9000",)
+    assert config.listen_port_for_rank(0, draft=True) == 9000
+
+
+def test_derived_draft_port_past_65535_names_listen_port():
+    config = parse_config({"LISTEN_PORT": 60000})
+    with pytest.raises(NetloaderConfigError, match=r"LISTEN_PORT 60000 \+ 10000"):
+        config.listen_port_for_rank(0, draft=True)
 
 
 @pytest.mark.parametrize(
@@ -145,9 +173,9 @@ def test_target_and_draft_listeners_bind_apart_on_fixed_ports(tmp_path):
             seed.stop()
 
 
-def test_draft_without_draft_listen_port_takes_a_free_port_beside_a_fixed_target(tmp_path):
+def test_draft_without_draft_listen_port_listens_10000_above_a_fixed_target(tmp_path):
     config = parse_config({"LISTEN_PORT": 7000, "OUTPUT_PREFIX": str(tmp_path / "s")})
-    assert listener_for(config, 0, DRAFT) == (0, str(tmp_path / "sdraft"))
+    assert listener_for(config, 0, DRAFT) == (17000, str(tmp_path / "sdraft"))
     assert listener_for(parse_config({}), 0, DRAFT) == (0, None)
 
 

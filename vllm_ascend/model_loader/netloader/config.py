@@ -24,6 +24,10 @@ from vllm_ascend.model_loader.netloader.transfer import PROGRESS_BYTES
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_BUCKET_MB = 64
 DEFAULT_MIN_RATE_MB_PER_S = 1.0
+# vllm-ascend's netloader puts a draft model's seed here above the target's port.
+DRAFT_PORT_OFFSET = 10000
+# INT8_CACHE values (see seed_cache.py for what each keeps where).
+INT8_CACHE_MODES = ("hbm", "dram", "no")
 
 
 class NetloaderConfigError(ValueError):
@@ -85,6 +89,10 @@ class NetloaderConfig:
     # Ship vLLM's compile cache with the weights: None ("auto") only between instances
     # that share a secret, True also without one (an explicit opt-in), False never.
     compile_cache: bool | None = None
+    # Where a seed keeps the loaded copy of tensors that processing replaced ("hbm",
+    # "dram", "no"), and which names that covers (None: all); see seed_cache.py.
+    int8_cache: str = "hbm"
+    int8_cache_name: tuple[str, ...] | None = None
 
     def compile_cache_enabled(self) -> bool:
         """Whether this instance fetches (as a client) and serves (as a seed) its
@@ -101,23 +109,51 @@ class NetloaderConfig:
         in the order to try them; a ``DnsSource`` stands for every address its name
         resolves to at load time (``discovery.expand``)."""
         found: list[str | DnsSource] = []
-        for entry in self.draft_sources if draft else self.sources:
+        for entry in self._draft_sources() if draft else self.sources:
             if isinstance(entry, DnsSource):
                 found.append(entry)
             elif entry.device_id == rank:
                 found.extend(entry.sources)
         return tuple(found)
 
+    def _draft_sources(self) -> tuple[SourceEntry | DnsSource, ...]:
+        """DRAFT_SOURCE, else SOURCE with every port moved up by DRAFT_PORT_OFFSET:
+        where a seed whose draft listener took the default port has it (the layout
+        vllm-ascend's netloader uses)."""
+        if self.draft_sources:
+            return self.draft_sources
+        moved: list[SourceEntry | DnsSource] = []
+        for entry in self.sources:
+            if isinstance(entry, DnsSource):
+                if entry.base_port + DRAFT_PORT_OFFSET <= 65535:
+                    moved.append(DnsSource(entry.host, entry.base_port + DRAFT_PORT_OFFSET))
+                continue
+            addresses = []
+            for address in entry.sources:
+                host, port = parse_address(address)
+                if port + DRAFT_PORT_OFFSET <= 65535:
+                    addresses.append(format_address(host, port + DRAFT_PORT_OFFSET))
+            if addresses:
+                moved.append(SourceEntry(entry.device_id, tuple(addresses)))
+        return tuple(moved)
+
     def listen_port_for_rank(self, rank: int, draft: bool = False) -> int:
         """Port for rank ``rank``'s seed listener (its draft model's if ``draft``);
-        0 asks the OS for a free one."""
-        base = self.draft_listen_port if draft else self.listen_port
+        0 asks the OS for a free one. A draft without DRAFT_LISTEN_PORT listens on
+        LISTEN_PORT + DRAFT_PORT_OFFSET + rank, as vllm-ascend's netloader does."""
+        key, base = ("DRAFT_LISTEN_PORT", self.draft_listen_port) if draft else (
+            "LISTEN_PORT", self.listen_port)
+        offset = 0
+        if draft and base is None and self.listen_port is not None:
+            key, base, offset = "LISTEN_PORT", self.listen_port, DRAFT_PORT_OFFSET
         if base is None:
             return 0
-        port = base + rank
+        port = base + offset + rank
         if port > 65535:
-            key = "DRAFT_LISTEN_PORT" if draft else "LISTEN_PORT"
-            raise NetloaderConfigError(f"{key} {base} + rank {rank} = {port} exceeds 65535")
+            plus = f" + {offset} (draft)" if offset else ""
+            raise NetloaderConfigError(
+                f"{key} {base}{plus} + rank {rank} = {port} exceeds 65535"
+            )
         return port
 
 
@@ -312,6 +348,25 @@ def _parse_compile_cache(value: Any) -> bool | None:
     return value
 
 
+def _parse_int8_cache(value: Any) -> str:
+    if not isinstance(value, str) or value.lower() not in INT8_CACHE_MODES:
+        raise NetloaderConfigError(
+            f"INT8_CACHE must be one of {', '.join(map(repr, INT8_CACHE_MODES))}, got {value!r}"
+        )
+    return value.lower()
+
+
+def _parse_int8_cache_name(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(n, str) and n for n in value):
+        raise NetloaderConfigError(
+            f"INT8_CACHE_NAME must be a list of non-empty parameter name fragments "
+            f"or null, got {value!r}"
+        )
+    return tuple(value)
+
+
 def _read_secret(path: Any) -> bytes:
     if not isinstance(path, str) or not path:
         raise NetloaderConfigError("SECRET_FILE must be a non-empty path string")
@@ -352,6 +407,8 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "EXPECTED_FINGERPRINT": ("expected_fingerprint", _parse_fingerprint),
     "REGISTRY": ("registry", _parse_registry),
     "COMPILE_CACHE": ("compile_cache", _parse_compile_cache),
+    "INT8_CACHE": ("int8_cache", _parse_int8_cache),
+    "INT8_CACHE_NAME": ("int8_cache_name", _parse_int8_cache_name),
     "DRAFT_LISTEN_PORT": (
         "draft_listen_port", functools.partial(_parse_listen_port, key="DRAFT_LISTEN_PORT")
     ),

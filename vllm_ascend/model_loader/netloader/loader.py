@@ -19,7 +19,7 @@ import dataclasses
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -32,7 +32,7 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.platforms import current_platform
 from vllm.utils.network_utils import get_ip
 
-from vllm_ascend.model_loader.netloader import compile_cache
+from vllm_ascend.model_loader.netloader import compile_cache, load_state
 from vllm_ascend.model_loader.netloader.addresses import format_address, listen
 from vllm_ascend.model_loader.netloader.client import ClientSettings, Received, WeightFetch
 from vllm_ascend.model_loader.netloader.config import NetloaderConfig, parse_config
@@ -64,6 +64,7 @@ from vllm_ascend.model_loader.netloader.metrics import CLIENT, FAILED, METRICS, 
 from vllm_ascend.model_loader.netloader.protocol import COLLECTIVE, TCP
 from vllm_ascend.model_loader.netloader.relay import RelayListener, RelayProgress
 from vllm_ascend.model_loader.netloader.seed import Provenance, SeedServer, SeedSettings
+from vllm_ascend.model_loader.netloader.seed_cache import Retention, retain
 
 # The seed of each (global rank, role) in this process; a reload replaces it. A draft
 # model (role DRAFT) has a listener of its own (see ``listener_for``), its seeds in
@@ -112,6 +113,53 @@ class NetloaderModelLoader(BaseModelLoader):
     def download_model(self, model_config: ModelConfig) -> None:
         self._disk.download_model(model_config)
 
+    def get_all_weights(
+        self, model_config: ModelConfig, model: nn.Module
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The checkpoint's weights, read from disk exactly as ``auto`` reads them:
+        what vLLM's ``reload_weights`` (vllm/model_executor/model_loader/reload/
+        inplace.py, reached by ``collective_rpc("reload_weights")``) loads into a
+        running model. A reload is always from disk; no seed is asked.
+
+        This rank's seed goes on serving only if the reload reads the checkpoint it
+        serves: its views of the as-loaded tensors then hold the same values after
+        the reload. A reload from another checkpoint stops it (its identity would
+        name the old weights; vLLM keeps no as-loaded copy of the new ones to send),
+        and the instance serves as a seed again after its next start."""
+        self._rank = _global_rank()
+        self._role = model_role(model_config)
+        self._stop_seed_unless_same_checkpoint(model_config)
+        return self._disk.get_all_weights(model_config, model)
+
+    def _stop_seed_unless_same_checkpoint(self, model_config: ModelConfig) -> None:
+        key = (self._rank, self._role)
+        seed = _SEEDS.get(key)
+        if seed is None:
+            return
+        serving = seed.identity.get("checkpoint")
+        files = weight_files(model_config.model, model_config.revision,
+                             self.load_config.download_dir)
+        try:
+            reloading = checkpoint_fingerprint(files) if files else None
+        except CheckpointError as e:
+            reloading = None
+            logger.warning("Netloader rank %d: no checkpoint fingerprint: %s", self._rank, e)
+        if serving is not None and reloading == serving:
+            logger.info(
+                "Netloader rank %d %s: reloading checkpoint %s from %s; the seed on %s "
+                "goes on serving it", self._rank, self._role, serving[:12], model_config.model,
+                seed.address,
+            )
+            return
+        logger.warning(
+            "Netloader rank %d %s: reloading from %s (checkpoint %s), not the checkpoint "
+            "%s this rank's seed serves: the seed on %s stops",
+            self._rank, self._role, model_config.model,
+            reloading[:12] if reloading else "unknown", (serving or "unknown")[:12],
+            seed.address,
+        )
+        _stop_seed(key)
+
     def load_model(
         self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = ""
     ) -> nn.Module:
@@ -123,7 +171,7 @@ class NetloaderModelLoader(BaseModelLoader):
         self.fallback_reasons = ()
         self._relay_seed = None
         model = super().load_model(vllm_config, model_config, prefix)
-        self._start_seed()
+        self._start_seed(model)
         return model
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
@@ -131,6 +179,7 @@ class NetloaderModelLoader(BaseModelLoader):
         self._identity = self._identity_of(model_config)
         self._fallback_kind = None
         self.reused_bytes = 0
+        before = load_state.snapshot(model)
         received = self._fetch(model)
         if received is None:
             if self._fallback_kind is not None:
@@ -145,10 +194,21 @@ class NetloaderModelLoader(BaseModelLoader):
             if self._identity["checkpoint"] is None:
                 # A node without weight files now holds the seed's checkpoint.
                 self._identity = {**self._identity, "checkpoint": received.checkpoint}
+            # What the seed's load_weights set besides tensors (checked before the fetch).
+            load_state.apply(model, received.state)
             self._fetch_compile_cache(model, received.source)
+        state = load_state.changes(before, load_state.snapshot(model))
+        if state.changes or state.uncarried:
+            logger.info(
+                "Netloader rank %d %s: loading set %s%s", self._rank, self._role,
+                ", ".join(state.describe()) or "no plain state",
+                f"; state Netloader cannot carry: {', '.join(state.uncarried)}"
+                if state.uncarried else "",
+            )
         # The relay whose fetch filled the model already holds its weights and digests.
         relay = self._relay_seed
-        self._loaded = relay.weights if relay is not None else LoadedWeights.capture(model, digests)
+        self._loaded = (relay.weights if relay is not None
+                        else LoadedWeights.capture(model, digests, state))
         self.load_seconds = time.perf_counter() - start
         logger.info(
             "Netloader rank %d %s loaded %d tensors (%.3f GB) from %s in %.3f s%s",
@@ -200,6 +260,21 @@ class NetloaderModelLoader(BaseModelLoader):
                 "loading from disk", self._rank, self._role,
             )
             return None
+        meta = [n for n, t in _parameters_and_buffers(model) if t.is_meta]
+        if meta:
+            # vLLM's online quantization (e.g. --quantization fp8 over a bf16
+            # checkpoint) creates these in load_weights: there is nothing to receive into.
+            self._fallback_kind = "meta_tensors"
+            self.fallback_reasons = (
+                f"{len(meta)} tensors are on the meta device until load_weights "
+                f"(quantization {self._identity['quantization']}, e.g. {meta[0]}): "
+                "online quantization cannot be fetched",
+            )
+            logger.warning(
+                "Netloader rank %d %s: %s; loading from disk", self._rank, self._role,
+                self.fallback_reasons[0],
+            )
+            return None
         named = model_tensors(model)
         if not all(t.is_contiguous() for _, t in named):
             self._fallback_kind = "non_contiguous"
@@ -231,6 +306,7 @@ class NetloaderModelLoader(BaseModelLoader):
             relay=relay,
             reasons=list(notes),
             discovered=frozenset(discovered),
+            model=model,
         )
         METRICS.started(CLIENT)
         self._fallback_kind = "seeds_failed"
@@ -401,20 +477,34 @@ class NetloaderModelLoader(BaseModelLoader):
             return self.config.data_plane
         return TCP if current_platform.device_type == "cpu" else COLLECTIVE
 
-    def _start_seed(self) -> None:
-        loaded = self._loaded
-        assert loaded is not None and self._identity is not None
+    def _start_seed(self, model: nn.Module) -> None:
+        """Serve the loaded weights, keeping what processing replaced as INT8_CACHE
+        says (``seed_cache``)."""
+        assert self._loaded is not None and self._identity is not None
+        retention = Retention(self.config.int8_cache, self.config.int8_cache_name)
+        loaded, retained = retain(self._loaded, model, retention)
+        log = logger.warning if retained.dropped else logger.info
+        log(
+            "Netloader seed rank %d %s keeps %d loaded tensor(s), %.3f GB, beyond the "
+            "running model (INT8_CACHE %s)%s", self._rank, self._role, retained.tensors,
+            retained.nbytes / 1e9, retained.mode,
+            f"; dropped {len(retained.dropped)} (e.g. {retained.dropped[0]}), so it refuses "
+            "every client" if retained.dropped else "",
+        )
         key = (self._rank, self._role)
         provenance = Provenance(self.weights_source, self.load_seconds, self.fallback_reasons,
                                 self.reused_bytes)
         if self._relay_seed is not None:
             self._relay_seed.promote(provenance)
+            self._relay_seed.keep(loaded, retained)
             _SEEDS[key] = self._relay_seed
         else:
             _stop_seed(key)
             _SEEDS[key] = self._bound(
                 lambda host, sock: SeedServer(loaded, self._seed_settings(host), sock, provenance)
-            ).start()
+            )
+            _SEEDS[key].keep(loaded, retained)
+            _SEEDS[key].start()
         self._announce(_SEEDS[key])
         self._relay_seed = None
         self._loaded = None
@@ -447,10 +537,11 @@ class NetloaderModelLoader(BaseModelLoader):
         try:
             sock = listen(host, port)
         except OSError as e:
-            setting = (
-                f"DRAFT_LISTEN_PORT {self.config.draft_listen_port}" if self._role == DRAFT
-                else f"LISTEN_PORT {self.config.listen_port}"
-            )
+            setting = f"LISTEN_PORT {self.config.listen_port}"
+            if self._role == DRAFT and self.config.draft_listen_port is not None:
+                setting = f"DRAFT_LISTEN_PORT {self.config.draft_listen_port}"
+            elif self._role == DRAFT:
+                setting += " + 10000 for a draft"
             raise RuntimeError(
                 f"Netloader {self._role} seed rank {self._rank} cannot listen on "
                 f"{host}:{port} ({setting}): {e}"
@@ -498,8 +589,9 @@ def listener_for(config: NetloaderConfig, rank: int, role: str) -> tuple[int, st
     """(port, address-file prefix) of rank ``rank``'s listener for a ``role`` model.
 
     The target listens on LISTEN_PORT + rank and writes {OUTPUT_PREFIX}{rank}.txt; a
-    draft on DRAFT_LISTEN_PORT + rank and writes {OUTPUT_PREFIX}draft{rank}.txt. Port 0
-    (the key unset) asks the OS for a free port."""
+    draft on DRAFT_LISTEN_PORT + rank (unset: LISTEN_PORT + 10000 + rank) and writes
+    {OUTPUT_PREFIX}draft{rank}.txt. Port 0 (neither key set) asks the OS for a free
+    port."""
     draft = role == DRAFT
     prefix = config.output_prefix
     return (
@@ -524,6 +616,10 @@ def _worker_device() -> torch.device:
     if current_platform.device_type == "cpu":
         return torch.device("cpu")
     return torch.device(current_platform.device_type, torch.accelerator.current_device_index())
+
+
+def _parameters_and_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*model.named_parameters(), *model.named_buffers()]
 
 
 def _global_rank() -> int:

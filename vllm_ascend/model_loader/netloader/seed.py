@@ -54,6 +54,7 @@ from vllm_ascend.model_loader.netloader.protocol import (
     send_last,
 )
 from vllm_ascend.model_loader.netloader.relay import RelayProgress, RelayStalled
+from vllm_ascend.model_loader.netloader.seed_cache import Retained
 from vllm_ascend.model_loader.netloader.stream import StreamLink
 from vllm_ascend.model_loader.netloader.transfer import (
     BUCKET_BYTES,
@@ -138,6 +139,8 @@ class SeedServer:
         self.settings = settings
         self._provenance = provenance or Provenance()
         self._progress = progress
+        # What this seed keeps beyond the running model (set once it is processed).
+        self._retained: Retained | None = None
         self._manifest_sha = manifest_sha256(weights.specs)
         self._manifest_wire = [spec.to_wire() for spec in weights.specs]
         self._lock = threading.Lock()
@@ -181,17 +184,25 @@ class SeedServer:
             self._provenance = provenance
             self._progress = None
 
+    def keep(self, weights: LoadedWeights, retained: Retained) -> None:
+        """Serve ``weights`` (the same tensors as kept by ``seed_cache.retain``) from
+        now on; transfers under way finish with what they started with."""
+        with self._lock:
+            self.weights = weights
+            self._retained = retained
+
     def describe(self) -> dict[str, Any]:
         """What this seed serves, for operators and tests (the ``info`` request)."""
         with self._lock:
             active, completed, provenance = self._active, self._completed, self._provenance
-            progress = self._progress
+            progress, retained = self._progress, self._retained
         return {
             "identity": self.identity,
             "address": self.address,
             "tensors": len(self.weights.specs),
             "bytes": self.weights.total_bytes,
             "value_fingerprint": self.weights.value_fingerprint(),
+            "load_state": self.weights.state.describe(),
             "data_plane": self.settings.data_plane,
             "serves_compile_cache": self.settings.compile_cache is not None,
             "loaded_from": provenance.loaded_from,
@@ -203,6 +214,7 @@ class SeedServer:
             "completed_transfers": completed,
             "open_connections": self._listener.open_connections,
             "evicted_connections": self._listener.evicted,
+            **(retained.describe() if retained is not None else {}),
         }
 
     # --- one connection ------------------------------------------------------------------
@@ -320,6 +332,19 @@ class SeedServer:
                 f"there vs {len(self.weights.specs)} of {self.weights.total_bytes} here "
                 f"(sha256 {theirs.sha256[:12]} vs {self._manifest_sha[:12]})"
             )
+        dropped = self.weights.dropped
+        if dropped:
+            return "dropped", (
+                f"this seed keeps no loaded copy of {len(dropped)} tensor(s) that "
+                f"processing replaced (INT8_CACHE / INT8_CACHE_NAME), e.g. "
+                f"{dropped[0]}: it cannot send this model"
+            )
+        uncarried = self.weights.state.uncarried
+        if uncarried:
+            return "load_state", (
+                f"this seed's load set state Netloader cannot carry: "
+                f"{', '.join(uncarried[:5])}{' ...' if len(uncarried) > 5 else ''}"
+            )
         with self._lock:
             progress = self._progress
         if progress is not None and progress.failure is not None:
@@ -355,11 +380,13 @@ class SeedServer:
 
     def _send(self, conn: Connection, side: SeedSide, deadline: Deadline, first: int) -> bool:
         """Send every tensor from ``first`` on; True if the client verified them all."""
-        settings, weights = self.settings, self.weights
+        settings = self.settings
+        with self._lock:
+            weights = self.weights
         plane = settings.data_plane
         side.answer(
             accept(list(weights.digests), settings.bucket_bytes, plane,
-                   self.identity.get("checkpoint"), first),
+                   self.identity.get("checkpoint"), first, weights.state),
             deadline,
         )
         total = bytes_from(weights.specs, first)
@@ -385,12 +412,12 @@ class SeedServer:
         start = time.perf_counter()
         if plane == TCP:
             link = StreamLink(conn.sock, settings.timeout_s, total, pacer, deadline_s)
-            sent = self._send_on(link, wait_ready, first)
+            sent = self._send_on(link, weights, wait_ready, first)
         else:
             setup = Deadline(settings.handshake_s, f"group set-up with {conn.peer}")
             with group_link(conn.sock, SEED_RANK, settings.timeout_s, settings.device, setup,
                             pacer, deadline_s) as group:
-                sent = self._send_on(group, wait_ready, first)
+                sent = self._send_on(group, weights, wait_ready, first)
         seconds = time.perf_counter() - start
         done = recv_msg(conn.sock, Deadline(settings.timeout_s, f"'done' from {conn.peer}"),
                         MAX_REQUEST_BYTES, expect=DONE)
@@ -403,10 +430,12 @@ class SeedServer:
         )
         return verified
 
-    def _send_on(self, link: Link, wait_ready: WaitReady | None, first: int) -> int:
+    def _send_on(
+        self, link: Link, weights: LoadedWeights, wait_ready: WaitReady | None, first: int
+    ) -> int:
         try:
             return send_weights(
-                link, self.weights.tensors, self.weights.specs, self.settings.bucket_bytes,
+                link, weights.tensors, weights.specs, self.settings.bucket_bytes,
                 wait_ready, first,
             )
         except RelayStalled as e:

@@ -1,0 +1,115 @@
+"""What a seed keeps beyond its running model, and where (INT8_CACHE, INT8_CACHE_NAME).
+
+A seed sends the model *as loaded* (see ``manifest``). Where
+``process_weights_after_loading`` replaced a tensor (CPU oneDNN packing, Ascend NZ
+layouts, int8 weights repacked by a quantization method), the running model no
+longer holds the loaded bytes: only the seed's view keeps them alive, and that copy
+is the seed's memory cost. vllm-ascend's netloader names the same choice with
+``INT8_CACHE`` (``hbm`` / ``dram`` / ``no``) and ``INT8_CACHE_NAME`` (which
+parameters it covers); here they mean:
+
+- ``hbm`` (the default): keep the loaded copy where it was loaded, in device memory.
+- ``dram``: move it to host memory after processing (on CPU the same as ``hbm``); the
+  device data plane copies each bucket to the device as it sends.
+- ``no``: keep nothing beyond the running model. Such a seed can serve a model only if
+  processing replaced no tensor; otherwise it refuses every client, saying which
+  tensors it lacks, and they load elsewhere.
+- ``INT8_CACHE_NAME``: a list of name fragments; only replaced tensors whose name
+  contains one are kept (as ``INT8_CACHE`` says). A replaced tensor outside it is
+  dropped like ``no``, with the same refusal.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
+
+HBM, DRAM, NO = "hbm", "dram", "no"
+CACHE_MODES = (HBM, DRAM, NO)
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Where the loaded copies go (``mode``) and which names they cover (None: all)."""
+
+    mode: str = HBM
+    names: tuple[str, ...] | None = None
+
+    def covers(self, name: str) -> bool:
+        return self.mode != NO and (self.names is None or any(n in name for n in self.names))
+
+
+@dataclass(frozen=True)
+class Retained:
+    """What the seed keeps beyond the running model, for ``info`` and the guide's
+    per-model figures. ``dropped``: tensors it can no longer send."""
+
+    mode: str
+    tensors: int
+    nbytes: int
+    dropped: tuple[str, ...] = ()
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "int8_cache": self.mode,
+            "retained_tensors": self.tensors,
+            "retained_bytes": self.nbytes,
+            "dropped_tensors": len(self.dropped),
+        }
+
+
+def runtime_storages(model: nn.Module) -> set[int]:
+    """Addresses of the storages the running model uses: parameters, buffers, tensors
+    kept as plain module attributes and tensors held by kernel closures (vLLM CPU's
+    GEMM dispatch keeps packed weights there)."""
+    found: list[torch.Tensor] = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor):
+                found.append(value)
+            for cell in getattr(value, "__closure__", None) or ():
+                try:
+                    content = cell.cell_contents
+                except ValueError:  # an empty cell
+                    continue
+                if isinstance(content, torch.Tensor):
+                    found.append(content)
+    return _storages(found)
+
+
+def retain(
+    weights: LoadedWeights, model: nn.Module, retention: Retention
+) -> tuple[LoadedWeights, Retained]:
+    """``weights`` as this seed keeps them once ``model`` is processed: each loaded
+    tensor the model no longer uses stays, moves to host memory, or is dropped (a
+    meta tensor of the same shape stands in, so the manifest is unchanged)."""
+    live = runtime_storages(model)
+    kept: list[torch.Tensor] = []
+    dropped: list[str] = []
+    count = nbytes = 0
+    for spec, t in zip(weights.specs, weights.tensors, strict=True):
+        if t.nbytes == 0 or t.is_meta or _storage(t) in live:
+            kept.append(t)
+        elif not retention.covers(spec.name):
+            kept.append(torch.empty(t.shape, dtype=t.dtype, device="meta"))
+            dropped.append(spec.name)
+        else:
+            kept.append(t.to("cpu") if retention.mode == DRAM else t)
+            count += 1
+            nbytes += t.nbytes
+    named = [(spec.name, t) for spec, t in zip(weights.specs, kept, strict=True)]
+    return (
+        LoadedWeights(named, list(weights.digests), weights.state, tuple(dropped)),
+        Retained(retention.mode, count, nbytes, tuple(dropped)),
+    )
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _storages(tensors: Iterable[torch.Tensor]) -> set[int]:
+    return {_storage(t) for t in tensors if not t.is_meta and t.nbytes}
