@@ -33,7 +33,14 @@ from vllm_ascend.model_loader.netloader.manifest import (
     plan_buckets,
     spec_of,
 )
-from vllm_ascend.model_loader.netloader.protocol import ACCEPT, REFUSE, challenge, redirect
+from vllm_ascend.model_loader.netloader.protocol import (
+    ACCEPT,
+    REFUSE,
+    TCP,
+    Accept,
+    challenge,
+    redirect,
+)
 from vllm_ascend.model_loader.netloader.relay import RelayListener, RelayProgress
 from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
 
@@ -68,7 +75,8 @@ def relay_verified_first_bucket(
     specs = [spec_of(n, t) for n, t in named]
     relay = relay_listener(timeout_s=timeout_s, min_rate=min_rate)
     progress = relay.begin(
-        specs, [t for _, t in named], list(LoadedWeights.capture(model).digests), None
+        specs, [t for _, t in named],
+        Accept(list(LoadedWeights.capture(model).digests), SMALL_BUCKET, TCP, None),
     )
     progress.verified(len(plan_buckets(specs, SMALL_BUCKET)[0]))
     return relay, progress, specs
@@ -305,7 +313,8 @@ def test_a_relay_sends_only_what_its_fetch_verified():
     first_bucket = plan_buckets(specs, SMALL_BUCKET)[0]
     relay = relay_listener(timeout_s=1.0)
     progress = relay.begin(
-        specs, [t for _, t in named], list(LoadedWeights.capture(model).digests), None
+        specs, [t for _, t in named],
+        Accept(list(LoadedWeights.capture(model).digests), SMALL_BUCKET, TCP, None),
     )
     progress.verified(len(first_bucket))
     try:

@@ -118,7 +118,7 @@ def test_identity_difference_non_dict(theirs):
 
 
 @pytest.mark.parametrize(
-    "field, value", [("vllm_version", "0.31.0"), ("torch_version", "2.12.0"), ("layout", 2)]
+    "field, value", [("vllm_version", "0.31.0"), ("torch_version", "2.12.0"), ("layout", 1)]
 )
 def test_other_software_is_another_identity(field, value):
     reason = identity_difference(identity(), dict(identity(), **{field: value}))

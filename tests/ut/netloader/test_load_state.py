@@ -70,8 +70,80 @@ def test_wire_form_round_trips_with_types_kept():
     state = loaded(head, has_own_lm_head=True, ids=(1, 2), names=["a"], scale=0.5, gone=None)
     again = LoadState.from_wire(state.to_wire())
     assert again.changes == state.changes
-    assert type(again.changes[1].after) is tuple and type(again.changes[2].after) is list
+    after = {c.attr: c.after for c in again.changes}
+    assert type(after["ids"]) is tuple and type(after["names"]) is list
     assert again.digest() == state.digest()
+
+
+def test_a_fresh_empty_table_is_carried_and_each_model_gets_its_own():
+    """DeepSeek-V2's load_weights starts ``self._pending_indexer_wk_fp8 = {}``."""
+    state = loaded(Head(), _pending_indexer_wk_fp8={})
+    assert state.uncarried == () and state.describe() == ["_pending_indexer_wk_fp8={}"]
+    again = LoadState.from_wire(state.to_wire())
+    a, b = Head(), Head()
+    for model in (a, b):
+        load_state.check(model, again)
+        load_state.apply(model, again)
+    assert a._pending_indexer_wk_fp8 == {} and a._pending_indexer_wk_fp8 is not (
+        b._pending_indexer_wk_fp8)
+
+
+def test_a_list_changed_in_place_is_seen_and_the_state_keeps_its_own_copy():
+    head = Head()
+    head.ids = [1]
+    before = load_state.snapshot(head)
+    head.ids.append(2)
+    state = load_state.changes(before, load_state.snapshot(head))
+    assert state.describe() == ["ids=[1, 2]"]
+    digest = state.digest()
+    head.ids.append(3)  # the running model goes on; what is served does not
+    assert state.describe() == ["ids=[1, 2]"] and state.digest() == digest
+
+
+def test_equal_states_have_one_wire_form_whatever_the_order_of_the_load():
+    a, b = Head(), Head()
+    first = loaded(a, x=1, has_own_lm_head=True)
+    second = loaded(b, has_own_lm_head=True, x=1)
+    assert first.to_wire() == second.to_wire() and first.digest() == second.digest()
+    with pytest.raises(LoadStateError, match="not sorted"):
+        LoadState.from_wire(list(reversed(first.to_wire())))
+    with pytest.raises(LoadStateError, match="not sorted"):
+        LoadState.from_wire([first.to_wire()[0]] * 2)
+
+
+def test_a_change_that_changes_nothing_is_malformed():
+    with pytest.raises(LoadStateError, match="changes nothing"):
+        LoadState.from_wire([["", "x", True, 1, 1]])
+    with pytest.raises(LoadStateError, match="malformed"):
+        LoadState.from_wire([["", "x", False, 1, 2]])  # not set before, yet a value
+    # -0.0 is another value than 0.0 (its canonical form differs).
+    assert LoadState.from_wire([["", "x", True, 0.0, -0.0]]).changes[0].after == 0.0
+
+
+@pytest.mark.parametrize("change", [
+    Change("inner", "weight", False, None, 1),   # a parameter
+    Change("inner", "bias", False, None, None),  # a parameter set to None
+    Change("", "inner", False, None, None),      # a submodule
+])
+def test_check_refuses_state_that_names_a_parameter_buffer_or_submodule(change):
+    head = Head()
+    with pytest.raises(LoadStateError, match="a parameter, buffer or module"):
+        load_state.check(head, LoadState((change,)))
+    assert isinstance(head.inner.bias, nn.Parameter) and isinstance(head.inner, nn.Linear)
+
+
+class WithProperty(Head):
+    @property
+    def boom(self) -> nn.Module:
+        raise RuntimeError("a getter the seed made us run")
+
+
+def test_check_walks_submodules_only_and_cleans_what_it_reports():
+    with pytest.raises(LoadStateError, match="lacks"):
+        load_state.check(WithProperty(), LoadState((Change("boom", "x", False, None, 1),)))
+    with pytest.raises(LoadStateError) as raised:
+        load_state.check(Head(), LoadState((Change("x\n\x1b[31mFAKE", "y", False, None, 1),)))
+    assert "\n" not in str(raised.value) and "\x1b" not in str(raised.value)
 
 
 @pytest.mark.parametrize("item", [

@@ -433,6 +433,18 @@ def test_a_resume_round_trips_and_the_accept_may_start_where_it_was_offered():
     assert protocol.parse_accept(old, 3, ("tcp",), 1 << 30, 2).start == 0
 
 
+def test_an_accept_carries_the_load_state_and_must_carry_one():
+    state = [["", "has_own_embed_tokens", False, None, True]]
+    got = protocol.parse_accept(accept_of(state=state), 3, ("tcp",), 1 << 30)
+    assert got.state.describe() == ["has_own_embed_tokens=True"]
+    without = {k: v for k, v in accept_of().items() if k != "state"}
+    with pytest.raises(ProtocolError, match="state"):
+        protocol.parse_accept(without, 3, ("tcp",), 1 << 30)
+    with pytest.raises(ProtocolError, match="malformed load state"):
+        protocol.parse_accept(accept_of(state=[["", "x", False, None, {"a": 1}]]), 3,
+                              ("tcp",), 1 << 30)
+
+
 @pytest.mark.parametrize("start, offered", [(1, 2), (2, 0), (5, 0), (-1, 0), ("2", 2)])
 def test_an_accept_that_starts_where_the_client_did_not_offer_is_a_protocol_error(
     start, offered

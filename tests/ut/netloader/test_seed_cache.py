@@ -7,7 +7,7 @@ from tests.toy import IDENTITY, SMALL_BUCKET, fetch_for, make_toy, untouched
 from vllm_ascend.model_loader.netloader.addresses import listen
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, byte_view
 from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
-from vllm_ascend.model_loader.netloader.seed_cache import Retention, retain, runtime_storages
+from vllm_ascend.model_loader.netloader.seed_cache import Retention, retain
 
 
 def processed(seed: int) -> tuple[torch.nn.Module, LoadedWeights]:
@@ -26,22 +26,30 @@ def processed(seed: int) -> tuple[torch.nn.Module, LoadedWeights]:
 
 def test_retained_tensors_are_those_processing_replaced():
     model, loaded = processed(1)
-    kept, retained = retain(loaded, model, Retention())
+    kept, retained = retain(loaded, Retention())
     assert retained.tensors == 2  # embed.weight (tied head) and proj.weight
     assert retained.nbytes == model.proj.weight.nbytes + 300 * 64 * 2
     assert retained.dropped == () and kept.dropped == ()
     assert kept.value_fingerprint() == loaded.value_fingerprint()
     assert all(torch.equal(byte_view(a), byte_view(b))
                for a, b in zip(kept.tensors, loaded.tensors, strict=True))
-    # The packed copy in the closure is the model's own: it counts as running memory.
-    assert model.kernel.__closure__[0].cell_contents.untyped_storage().data_ptr() in (
-        runtime_storages(model)
-    )
+
+
+
+def test_a_loaded_tensor_the_model_still_holds_anywhere_is_not_retained():
+    """A list, a closure, a bound partial: wherever the running model keeps the loaded
+    storage, it is the model's memory, not the seed's."""
+    model, loaded = processed(1)
+    proj = next(t for spec, t in zip(loaded.specs, loaded.tensors, strict=True)
+                if spec.name == "proj.weight")
+    model.tables = [proj.view(-1)]  # type: ignore[assignment]
+    _, retained = retain(loaded, Retention())
+    assert retained.tensors == 1  # only embed.weight now
 
 
 def test_a_model_that_processing_left_alone_costs_nothing_extra():
     model = make_toy(1)
-    _, retained = retain(LoadedWeights.capture(model), model, Retention("no"))
+    _, retained = retain(LoadedWeights.capture(model), Retention("no"))
     assert (retained.tensors, retained.nbytes, retained.dropped) == (0, 0, ())
 
 
@@ -52,7 +60,7 @@ def test_a_model_that_processing_left_alone_costs_nothing_extra():
 ])
 def test_what_the_cache_does_not_cover_is_dropped_and_the_seed_refuses(retention, dropped):
     model, loaded = processed(1)
-    kept, retained = retain(loaded, model, retention)
+    kept, retained = retain(loaded, retention)
     assert list(retained.dropped) == dropped
     assert kept.specs == loaded.specs  # the manifest stays; meta tensors stand in
     assert all(t.is_meta for spec, t in zip(kept.specs, kept.tensors, strict=True)
@@ -76,7 +84,7 @@ def test_what_the_cache_does_not_cover_is_dropped_and_the_seed_refuses(retention
 
 def test_a_seed_that_keeps_the_replaced_tensors_in_host_memory_serves_them():
     model, loaded = processed(2)
-    kept, retained = retain(loaded, model, Retention("dram"))
+    kept, retained = retain(loaded, Retention("dram"))
     seed = SeedServer(kept, SeedSettings(IDENTITY, 0, "127.0.0.1", 5.0,
                                          bucket_bytes=SMALL_BUCKET), listen("127.0.0.1", 0))
     seed.keep(kept, retained)

@@ -27,8 +27,9 @@ import blake3
 from vllm_ascend.model_loader.netloader.manifest import TARGET
 
 # Version of what Netloader sends: the model as loaded, before post-processing, in
-# ``manifest.model_tensors`` order. Bump it when that changes.
-LAYOUT_VERSION = 1
+# ``manifest.model_tensors`` order, with the load state (2: since ``load_state``). Bump it
+# when that changes.
+LAYOUT_VERSION = 2
 SAMPLE_BYTES = 4096
 _STRIDE_BYTES = 64 << 20
 _MAX_SAFETENSORS_HEADER = 100 << 20

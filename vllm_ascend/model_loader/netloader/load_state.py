@@ -16,10 +16,13 @@ byte moves, and ``apply`` replays the changes once the tensors are verified. The
 changes are also part of the value fingerprint, so resume, relays and
 EXPECTED_FINGERPRINT pin them as they pin the tensors.
 
-Only plain values are carried (None, bool, int, float, str, and short tuples or
-lists of those). A load that replaces any other attribute (an object, a tensor
-that is not a parameter or buffer) makes state Netloader cannot carry: such a seed
-refuses clients with that reason, and they load from disk.
+Only plain values are carried (None, bool, int, float, str, short tuples or lists
+of those, and an empty dict: the scratch tables some loads start, e.g. DeepSeek-V2's
+``_pending_indexer_wk_fp8``). A load that replaces any other attribute (an object,
+a tensor that is neither parameter nor buffer) makes state Netloader cannot carry:
+such a seed refuses clients with that reason, and they load from disk. A change may
+never name a parameter, buffer or submodule: those are tensors the fetch verifies,
+or structure the client built itself.
 """
 
 import hashlib
@@ -40,6 +43,7 @@ MAX_ITEMS = 64
 # MAX_CHANGES entries of flags and short names; a seed that needs more is refused.
 WIRE_BYTES = 1 << 20
 _SCALARS = (type(None), bool, int, float, str)
+_TENSOR_SLOTS = ("_parameters", "_buffers", "_modules")
 
 
 class LoadStateError(ValueError):
@@ -66,7 +70,8 @@ class Change:
 
     @classmethod
     def from_wire(cls, item: Any) -> "Change":
-        """Parse a peer's entry; raises LoadStateError if it is malformed."""
+        """Parse a peer's entry; raises LoadStateError if it is malformed (a change
+        that changes nothing included)."""
         ok = (
             isinstance(item, list) and len(item) == 5
             and isinstance(item[0], str) and len(item[0]) <= MAX_NAME_CHARS
@@ -74,16 +79,21 @@ class Change:
             and not item[1].startswith("__") and len(item[1]) <= MAX_NAME_CHARS
             and isinstance(item[2], bool)
             and _is_plain(_unwire(item[3])) and _is_plain(_unwire(item[4]))
+            and (item[2] or item[3] is None)
         )
         if not ok:
-            raise LoadStateError(f"malformed load state entry {str(item)[:200]}")
-        return cls(item[0], item[1], item[2], _unwire(item[3]), _unwire(item[4]))
+            raise LoadStateError(f"malformed load state entry {clean(item, 200)}")
+        change = cls(item[0], item[1], item[2], _unwire(item[3]), _unwire(item[4]))
+        if change.had and _same(change.before, change.after):
+            raise LoadStateError(f"load state entry {clean(change.name, 200)} changes nothing")
+        return change
 
 
 @dataclass(frozen=True)
 class LoadState:
-    """The plain attributes one load changed, in module order, and the attributes it
-    changed that are not plain (``uncarried``, names only: a seed with any refuses)."""
+    """The plain attributes one load changed, sorted by module and attribute, and the
+    attributes it changed that are not plain (``uncarried``, names only: a seed with
+    any refuses)."""
 
     changes: tuple[Change, ...] = ()
     uncarried: tuple[str, ...] = ()
@@ -93,11 +103,15 @@ class LoadState:
 
     @classmethod
     def from_wire(cls, items: Any) -> "LoadState":
-        """Parse a peer's list of changes (bounded); raises LoadStateError."""
+        """Parse a peer's list of changes (bounded, sorted, no name twice): one wire
+        form per state, so equal states have equal digests. Raises LoadStateError."""
         if not isinstance(items, list) or len(items) > MAX_CHANGES:
-            raise LoadStateError("load state is not a list of at most "
-                                 f"{MAX_CHANGES} changes")
-        return cls(tuple(Change.from_wire(item) for item in items))
+            raise LoadStateError(f"load state is not a list of at most {MAX_CHANGES} changes")
+        parsed = tuple(Change.from_wire(item) for item in items)
+        keys = [(c.module, c.attr) for c in parsed]
+        if keys != sorted(set(keys)):
+            raise LoadStateError("load state entries are not sorted, or one appears twice")
+        return cls(parsed)
 
     def digest(self) -> str | None:
         """sha256 of the changes' canonical wire form, or None when there are none."""
@@ -116,14 +130,14 @@ _ABSENT = object()
 
 
 def snapshot(model: "nn.Module") -> dict[tuple[str, str], Any]:
-    """Every module's instance attributes: plain values as they are, anything else
-    as a marker of its identity (so a replaced object shows as changed)."""
+    """Every module's instance attributes: copies of plain values, anything else as a
+    marker of its identity (so a replaced object shows as changed)."""
     found: dict[tuple[str, str], Any] = {}
     for module_name, module in model.named_modules():
         for attr, value in vars(module).items():
-            if attr in ("_parameters", "_buffers", "_modules"):
+            if attr in _TENSOR_SLOTS:
                 continue
-            found[(module_name, attr)] = value if _is_plain(value) else _Opaque(value)
+            found[(module_name, attr)] = _copy(value) if _is_plain(value) else _Opaque(value)
     return found
 
 
@@ -132,7 +146,7 @@ def changes(before: dict[tuple[str, str], Any], after: dict[tuple[str, str], Any
     attributes the load removed count as uncarried)."""
     carried: list[Change] = []
     uncarried: list[str] = []
-    for key, value in after.items():
+    for key, value in sorted(after.items(), key=lambda item: item[0]):
         old = before.get(key, _ABSENT)
         if old is not _ABSENT and _same(old, value):
             continue
@@ -149,35 +163,46 @@ def changes(before: dict[tuple[str, str], Any], after: dict[tuple[str, str], Any
 
 def check(model: "nn.Module", state: LoadState) -> None:
     """Raise LoadStateError unless every change applies to ``model`` as it is now:
-    the module exists, the attribute holds the change's ``before`` (or is not set on
-    the instance), and an attribute the class defines keeps its type."""
+    the module exists (found through submodules only, never a property), the
+    attribute is no parameter, buffer or submodule, it holds the change's ``before``
+    (or is not set on the instance), and an attribute the class defines keeps its
+    type."""
     for change in state.changes:
-        try:
-            module = model.get_submodule(change.module)
-        except AttributeError as e:
-            raise LoadStateError(f"load state names module '{change.module[:100]}', "
-                                 "which this model lacks") from e
+        module = _submodule(model, change.module)
+        name = clean(change.name, 200)
+        if any(change.attr in getattr(module, slot, {}) for slot in _TENSOR_SLOTS):
+            raise LoadStateError(f"load state names {name}, a parameter, buffer or module")
         own = vars(module)
         if change.had != (change.attr in own) or (
             change.had and not _same(own[change.attr], change.before)
         ):
-            raise LoadStateError(
-                f"load state of {change.name[:200]} starts from "
-                f"{change.before if change.had else 'unset'!r}, here "
-                f"{own.get(change.attr, 'unset')!r}"
-            )
+            here = clean(own[change.attr], 60) if change.attr in own else "unset"
+            there = clean(change.before, 60) if change.had else "unset"
+            raise LoadStateError(f"load state of {name} starts from {there}, here {here}")
         inherited = getattr(type(module), change.attr, _ABSENT)
         if inherited is not _ABSENT and type(inherited) is not type(change.after):
             raise LoadStateError(
-                f"load state sets {change.name[:200]} to a {type(change.after).__name__}, "
+                f"load state sets {name} to a {type(change.after).__name__}, "
                 f"its class holds a {type(inherited).__name__}"
             )
 
 
 def apply(model: "nn.Module", state: LoadState) -> None:
-    """Replay ``state`` on ``model`` (``check`` it first)."""
+    """Replay ``state`` on ``model`` (``check`` it first): plain instance attributes,
+    each a fresh copy, written as the load itself wrote them."""
     for change in state.changes:
-        setattr(model.get_submodule(change.module), change.attr, change.after)
+        vars(_submodule(model, change.module))[change.attr] = _copy(change.after)
+
+
+def _submodule(model: "nn.Module", path: str) -> "nn.Module":
+    module = model
+    for part in path.split(".") if path else ():
+        child = vars(module).get("_modules", {}).get(part)
+        if child is None:
+            raise LoadStateError(f"load state names module '{clean(path, 100)}', "
+                                 "which this model lacks")
+        module = child
+    return module
 
 
 class _Opaque:
@@ -194,9 +219,16 @@ class _Opaque:
     __hash__ = None  # type: ignore[assignment]
 
 
+def _type_name(value: Any) -> str:
+    return type(value.value if isinstance(value, _Opaque) else value).__name__
+
+
 def _is_plain(value: Any) -> bool:
-    if type(value) in (tuple, list):
+    kind = type(value)
+    if kind in (tuple, list):
         return len(value) <= MAX_ITEMS and all(_is_scalar(v) for v in value)
+    if kind is dict:
+        return not value
     return _is_scalar(value)
 
 
@@ -209,30 +241,45 @@ def _is_scalar(value: Any) -> bool:
     return kind is not str or len(value) <= MAX_STR_CHARS
 
 
+def _copy(value: Any) -> Any:
+    """A plain value that shares no list or dict with the model."""
+    return type(value)(value) if type(value) in (list, dict) else value
+
+
 def _same(a: Any, b: Any) -> bool:
-    """Equal values of the same types (True is not 1, (1,) is not [1])."""
+    """Equal plain values of the same types, by their canonical wire form (True is not
+    1, (1,) is not [1], -0.0 is not 0.0); opaque values by identity."""
     if isinstance(a, _Opaque) or isinstance(b, _Opaque):
         return a == b
-    if type(a) is not type(b):
+    if type(a) is not type(b) or not (_is_plain(a) and _is_plain(b)):
         return False
-    if type(a) in (tuple, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return bool(a == b)
+    if type(a) is dict:
+        return a == b  # both empty
+    return json.dumps(_wire(a)) == json.dumps(_wire(b))
 
 
 def _wire(value: Any) -> Any:
-    """A tuple travels as {"tuple": [...]} so it comes back a tuple, not a list."""
-    return {"tuple": list(value)} if type(value) is tuple else value
+    """A tuple travels as {"tuple": [...]} so it comes back a tuple, not a list; an
+    empty dict as {"dict": []}."""
+    if type(value) is tuple:
+        return {"tuple": list(value)}
+    if type(value) is dict:
+        return {"dict": []}
+    return value
 
 
 def _unwire(value: Any) -> Any:
     if isinstance(value, dict):
-        items = value.get("tuple")
-        if len(value) == 1 and isinstance(items, list):
-            return tuple(items)
+        if len(value) == 1 and isinstance(value.get("tuple"), list):
+            return tuple(value["tuple"])
+        if value == {"dict": []}:
+            return {}
         return _ABSENT  # not plain: from_wire refuses it
     return value
 
 
-def _type_name(value: Any) -> str:
-    return type(value.value if isinstance(value, _Opaque) else value).__name__
+def clean(value: Any, limit: int) -> str:
+    """A peer's (or the model's) value as printable text of at most ``limit`` chars."""
+    text = repr(value) if not isinstance(value, str) else value
+    text = "".join(c if c.isprintable() else "?" for c in text[: limit * 4])
+    return text[:limit]

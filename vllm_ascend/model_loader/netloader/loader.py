@@ -88,6 +88,8 @@ class NetloaderModelLoader(BaseModelLoader):
         )
         self._rank = 0
         self._role = TARGET
+        # The served model's path, when a speculative decoder loads a draft beside it.
+        self._target_path: str | None = None
         self._parallel_config: Any = None
         self._identity: dict[str, Any] | None = None
         self._device = torch.device("cpu")
@@ -168,10 +170,11 @@ class NetloaderModelLoader(BaseModelLoader):
         self._parallel_config = vllm_config.parallel_config
         self._device = _worker_device()
         self._spread_key = _spread_key(vllm_config)
+        self._target_path = _target_path(vllm_config)
         self.fallback_reasons = ()
         self._relay_seed = None
         model = super().load_model(vllm_config, model_config, prefix)
-        self._start_seed(model)
+        self._start_seed()
         return model
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
@@ -194,8 +197,6 @@ class NetloaderModelLoader(BaseModelLoader):
             if self._identity["checkpoint"] is None:
                 # A node without weight files now holds the seed's checkpoint.
                 self._identity = {**self._identity, "checkpoint": received.checkpoint}
-            # What the seed's load_weights set besides tensors (checked before the fetch).
-            load_state.apply(model, received.state)
             self._fetch_compile_cache(model, received.source)
         state = load_state.changes(before, load_state.snapshot(model))
         if state.changes or state.uncarried:
@@ -219,8 +220,10 @@ class NetloaderModelLoader(BaseModelLoader):
         )
 
     def _identity_of(self, model_config: ModelConfig) -> dict[str, Any]:
-        # MODEL names the served model; a draft is always named by its own path.
-        name = (self.config.model if self._role == TARGET else None) or model_config.model
+        # MODEL names the served model, and a draft that is its own checkpoint (MTP
+        # layers); any other draft is named by its own path.
+        names_model = self._role == TARGET or model_config.model == self._target_path
+        name = (self.config.model if names_model else None) or model_config.model
         files = weight_files(
             model_config.model, model_config.revision, self.load_config.download_dir
         )
@@ -312,6 +315,10 @@ class NetloaderModelLoader(BaseModelLoader):
         self._fallback_kind = "seeds_failed"
         try:
             received = fetch.run(addresses)
+            if received is not None:
+                # What the seed's load_weights set besides tensors: checked against
+                # this model before the first byte, plain instance attributes now.
+                load_state.apply(model, received.state)
         except Exception as e:  # noqa: BLE001 - a peer's answer must never keep the instance from starting: disk is always right
             logger.exception("Netloader rank %d: fetch failed with an unexpected error", self._rank)
             fetch.reasons.append(f"unexpected error: {type(e).__name__}: {e}")
@@ -324,7 +331,8 @@ class NetloaderModelLoader(BaseModelLoader):
             if received is not None:
                 METRICS.ended(CLIENT, OK, received.nbytes, received.seconds)
             if relay is not None:
-                self._relay_seed = relay.serving_complete()
+                # A relay goes on as the seed only of a model this fetch filled.
+                self._relay_seed = relay.serving_complete() if received is not None else None
                 if self._relay_seed is None:
                     relay.close()
         # Also kept when a later source served: the operator sees every failed seed.
@@ -416,8 +424,16 @@ class NetloaderModelLoader(BaseModelLoader):
         return self._registry
 
     def _announce(self, seed: SeedServer) -> None:
-        """Publish ``seed`` in the registry until it stops (REGISTRY set)."""
+        """Publish ``seed`` in the registry until it stops (REGISTRY set), unless it
+        refuses every client (it dropped tensors, or its load set uncarried state)."""
         if self.config.registry is None:
+            return
+        if seed.weights.dropped or seed.weights.state.uncarried:
+            logger.warning(
+                "Netloader seed rank %d %s: not announcing %s in registry %s: it refuses "
+                "every client (see its info)", self._rank, self._role, seed.address,
+                self.config.registry,
+            )
             return
         key = (self._rank, self._role)
         _stop_announcer(key)
@@ -477,12 +493,12 @@ class NetloaderModelLoader(BaseModelLoader):
             return self.config.data_plane
         return TCP if current_platform.device_type == "cpu" else COLLECTIVE
 
-    def _start_seed(self, model: nn.Module) -> None:
+    def _start_seed(self) -> None:
         """Serve the loaded weights, keeping what processing replaced as INT8_CACHE
-        says (``seed_cache``)."""
+        says (``seed_cache``; the model is processed by now)."""
         assert self._loaded is not None and self._identity is not None
         retention = Retention(self.config.int8_cache, self.config.int8_cache_name)
-        loaded, retained = retain(self._loaded, model, retention)
+        loaded, retained = retain(self._loaded, retention)
         log = logger.warning if retained.dropped else logger.info
         log(
             "Netloader seed rank %d %s keeps %d loaded tensor(s), %.3f GB, beyond the "
@@ -578,6 +594,14 @@ def _spread_key(vllm_config: VllmConfig) -> str:
     if getattr(parallel, "nnodes", 1) > 1:
         return f"{parallel.master_addr}:{parallel.master_port}"
     return vllm_config.instance_id or str(os.getpid())
+
+
+def _target_path(vllm_config: VllmConfig) -> str | None:
+    """The served model's path when the instance runs a speculative decoder
+    (vLLM's ``SpeculativeConfig.target_model_config``), else None."""
+    spec = getattr(vllm_config, "speculative_config", None)
+    target = getattr(spec, "target_model_config", None)
+    return getattr(target, "model", None)
 
 
 def running_seeds() -> dict[tuple[int, str], SeedServer]:

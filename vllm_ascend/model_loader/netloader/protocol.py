@@ -508,7 +508,9 @@ def parse_accept(
     if start not in (0, resume_at):
         raise ProtocolError(f"accept starts at tensor {start}; this client offered {resume_at}")
     try:
-        state = LoadState.from_wire(msg.get("state", []))
+        # Required: a seed that sends none cannot tell a load that set nothing from one
+        # whose state it drops (peers before the load state differ in ``layout`` too).
+        state = LoadState.from_wire(field(msg, "state", list))
     except LoadStateError as e:
         raise ProtocolError(f"accept carries a malformed load state: {e}") from e
     return Accept(digests, bucket_bytes, plane, sha256_field(msg, "checkpoint", optional=True),

@@ -383,6 +383,11 @@ class SeedServer:
         settings = self.settings
         with self._lock:
             weights = self.weights
+        if weights.dropped:
+            # ``keep`` dropped tensors since ``_refusal`` looked (a relay, processed).
+            side.refuse(f"this seed keeps no loaded copy of {weights.dropped[0]}",
+                        retry=False, deadline=deadline)
+            return False
         plane = settings.data_plane
         side.answer(
             accept(list(weights.digests), settings.bucket_bytes, plane,

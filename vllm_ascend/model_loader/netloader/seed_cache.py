@@ -19,11 +19,9 @@ parameters it covers); here they mean:
   dropped like ``no``, with the same refusal.
 """
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
 
@@ -61,37 +59,26 @@ class Retained:
         }
 
 
-def runtime_storages(model: nn.Module) -> set[int]:
-    """Addresses of the storages the running model uses: parameters, buffers, tensors
-    kept as plain module attributes and tensors held by kernel closures (vLLM CPU's
-    GEMM dispatch keeps packed weights there)."""
-    found: list[torch.Tensor] = [*model.parameters(), *model.buffers()]
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, torch.Tensor):
-                found.append(value)
-            for cell in getattr(value, "__closure__", None) or ():
-                try:
-                    content = cell.cell_contents
-                except ValueError:  # an empty cell
-                    continue
-                if isinstance(content, torch.Tensor):
-                    found.append(content)
-    return _storages(found)
-
-
 def retain(
-    weights: LoadedWeights, model: nn.Module, retention: Retention
+    weights: LoadedWeights, retention: Retention
 ) -> tuple[LoadedWeights, Retained]:
-    """``weights`` as this seed keeps them once ``model`` is processed: each loaded
-    tensor the model no longer uses stays, moves to host memory, or is dropped (a
-    meta tensor of the same shape stands in, so the manifest is unchanged)."""
-    live = runtime_storages(model)
+    """``weights`` as this seed keeps them once the model is processed: each loaded
+    tensor nothing else uses any more stays, moves to host memory, or is dropped (a
+    meta tensor of the same shape stands in, so the manifest is unchanged).
+
+    "Nothing else" is told by the storage's reference count (``_storage_Use_Count``,
+    torch 2.x): a storage held by more tensors than the seed's own views is still the
+    running model's, wherever the model keeps it (parameters, buffers, attributes,
+    lists, kernel closures). Call it once the model is processed."""
+    own: dict[tuple[str, int], int] = {}
+    for t in weights.tensors:
+        if _counted(t):
+            own[_key(t)] = own.get(_key(t), 0) + 1
     kept: list[torch.Tensor] = []
     dropped: list[str] = []
     count = nbytes = 0
     for spec, t in zip(weights.specs, weights.tensors, strict=True):
-        if t.nbytes == 0 or t.is_meta or _storage(t) in live:
+        if not _counted(t) or _holders(t) > own[_key(t)]:
             kept.append(t)
         elif not retention.covers(spec.name):
             kept.append(torch.empty(t.shape, dtype=t.dtype, device="meta"))
@@ -107,9 +94,18 @@ def retain(
     )
 
 
-def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
+def _counted(t: torch.Tensor) -> bool:
+    return not t.is_meta and t.nbytes > 0
 
 
-def _storages(tensors: Iterable[torch.Tensor]) -> set[int]:
-    return {_storage(t) for t in tensors if not t.is_meta and t.nbytes}
+def _key(t: torch.Tensor) -> tuple[str, int]:
+    return str(t.device), t.untyped_storage().data_ptr()
+
+
+def _holders(t: torch.Tensor) -> int:
+    """Tensors (and storage objects) that hold ``t``'s storage, the one made here
+    for asking not counted."""
+    storage = t.untyped_storage()
+    return int(torch._C._storage_Use_Count(storage._cdata)) - 1
+
+
