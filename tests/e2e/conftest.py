@@ -40,7 +40,9 @@ def model(workdir) -> str:
 def seed(model, workdir):
     """A netloader seed (from disk) and the `auto` disk-load reference outputs."""
     # A short TIMEOUT: the fault tests wait for the seed to give up on silent clients.
-    seed = netloader_server(model, workdir, "seed", "0", keys={"TIMEOUT": SEED_TIMEOUT_S})
+    # Dev mode: test_netloader_reload.py reloads its weights through /collective_rpc.
+    seed = netloader_server(model, workdir, "seed", "0", keys={"TIMEOUT": SEED_TIMEOUT_S},
+                            env={"VLLM_SERVER_DEV_MODE": "1"})
     disk = VllmServer(
         model, load_format="auto", cpu_bind="1", log_path=workdir / "disk.log",
         extra_args=SERVER_ARGS,

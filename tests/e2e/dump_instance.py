@@ -14,6 +14,15 @@ Test seams (faults injected at the client -> data plane boundary):
   --swarm N --swarm-from ADDR
                     after loading, fetch this model from ADDR N times at once and
                     compare every copy with this instance's own loaded weights
+  --llm JSON        more keyword arguments for vllm.LLM (speculative_config, quantization,
+                    enable_lora, runner, tensor_parallel_size, ...)
+  --generate        put greedy texts and per-token logprobs of PROMPTS in the report
+                    (embeddings for a pooling model), one prompt at a time; with
+                    --lora PATH also those of each prompt with that LoRA adapter, and
+                    with --image-prompt P that of prompt P with one generated image
+  --reload          call reload_weights (vLLM's in-place reload) before dumping
+  --reload-from P   the same, from the checkpoint in directory P
+  --serve           after the report, go on serving as a seed until stdin ends
   --serve-tampered  after loading, serve a hostile seed of this model: the first
                     buffer (rotary cache) holds other values under a matching digest,
                     and the last tensor's digest is wrong, so a client's transfer fails
@@ -50,6 +59,83 @@ def runtime_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
                 if isinstance(content, torch.Tensor):
                     found[f"closure:{mod_name}.{attr}.{i}"] = content
     return {k: v.detach().cpu().contiguous().clone() for k, v in found.items()}
+
+
+PROMPTS = [
+    "The quickest way to start a new server is",
+    "Once upon a time, in a data center far away,",
+]
+
+
+def draft_view(worker: Any) -> dict[str, Any]:
+    """A speculative decoder's draft as its proposer runs it: the flags its load set,
+    which modules it shares with the target, and every draft tensor's blake3."""
+    from vllm_ascend.model_loader.netloader.manifest import digest
+
+    runner = worker.model_runner
+    drafter = getattr(runner, "drafter", None)
+    draft = getattr(drafter, "model", None)
+    if draft is None:
+        return {}
+    target = runner.get_model()
+    draft_ids = {id(m) for m in draft.modules()}
+    return {
+        "class": type(draft).__name__,
+        "flags": {f: getattr(draft, f) for f in ("has_own_embed_tokens", "has_own_lm_head")
+                  if hasattr(draft, f)},
+        # Target modules the draft runs with (the proposer shares them in place).
+        "shared": sorted(name for name, m in target.named_modules()
+                         if name and id(m) in draft_ids and not list(m.children())),
+        "digests": {name: digest(t) for name, t in runtime_tensors(draft).items()},
+    }
+
+
+def test_image() -> Any:
+    """A 64x48 RGB gradient: the same pixels every run."""
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 48))
+    image.putdata([(x * 4 % 256, y * 5 % 256, x * y % 256) for y in range(48) for x in range(64)])
+    return image
+
+
+def outputs(llm: Any, lora: str | None, image_prompt: str | None) -> dict[str, Any]:
+    """Greedy completions (or embeddings) of PROMPTS, one request each."""
+    from vllm import SamplingParams
+
+    if llm.llm_engine.model_config.runner_type == "pooling":
+        return {"embeddings": [llm.embed([p], use_tqdm=False)[0].outputs.embedding
+                               for p in PROMPTS]}
+    params = SamplingParams(temperature=0, max_tokens=16, logprobs=1)
+
+    def run(request: Any, prompts: list[Any] = PROMPTS) -> list[Any]:
+        done = []
+        for prompt in prompts:
+            out = llm.generate([prompt], params, use_tqdm=False, lora_request=request)
+            o = out[0].outputs[0]
+            done.append([o.text, [next(iter(d.values())).logprob for d in o.logprobs]])
+        return done
+
+    found: dict[str, Any] = {"greedy": run(None)}
+    if image_prompt is not None:
+        found["image"] = run(None, [{"prompt": image_prompt,
+                                     "multi_modal_data": {"image": test_image()}}])
+    if lora is not None:
+        from vllm.lora.request import LoRARequest
+
+        found["lora"] = run(LoRARequest("adapter", 1, lora))
+    return found
+
+
+def spec_counts(llm: Any) -> dict[str, float]:
+    """Draft tokens proposed and accepted so far (0 without a draft)."""
+    counts = {"drafted": 0.0, "accepted": 0.0}
+    for metric in llm.get_metrics():
+        for key, name in (("drafted", "vllm:spec_decode_num_draft_tokens"),
+                          ("accepted", "vllm:spec_decode_num_accepted_tokens")):
+            if metric.name == name:
+                counts[key] += float(getattr(metric, "value", 0))
+    return counts
 
 
 def install_fault(fault: str) -> None:
@@ -144,8 +230,19 @@ def main() -> None:
     parser.add_argument("--swarm", type=int, default=0)
     parser.add_argument("--swarm-from")
     parser.add_argument("--serve-tampered", action="store_true")
+    parser.add_argument("--llm", default="{}")
+    parser.add_argument("--generate", action="store_true")
+    parser.add_argument("--lora")
+    parser.add_argument("--image-prompt")
+    parser.add_argument("--reload", action="store_true")
+    parser.add_argument("--reload-from")
+    parser.add_argument("--serve", action="store_true")
     args = parser.parse_args()
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    more = json.loads(args.llm)
+    if args.generate:
+        more.setdefault("disable_log_stats", False)  # LLM.get_metrics needs the stats
+    if more.get("tensor_parallel_size", 1) == 1:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from safetensors.torch import save_file
     from vllm import LLM
 
@@ -153,9 +250,19 @@ def main() -> None:
         install_fault(args.fault)
     llm = LLM(
         args.model, load_format=args.load_format, max_model_len=256, enforce_eager=True,
-        model_loader_extra_config=json.loads(args.extra),
+        model_loader_extra_config=json.loads(args.extra), **more,
     )
-    (tensors,) = llm.apply_model(runtime_tensors)
+    if args.reload:
+        llm.collective_rpc("reload_weights")
+    if args.reload_from:
+        llm.collective_rpc("reload_weights", kwargs={"weights_path": args.reload_from})
+    # By module name, not __main__: with TP > 1 the functions travel to the workers.
+    from tests.e2e import dump_instance as this
+
+    per_rank = llm.apply_model(this.runtime_tensors)
+    tensors = per_rank[0] if len(per_rank) == 1 else {
+        f"rank{r}:{name}": t for r, ts in enumerate(per_rank) for name, t in ts.items()
+    }
     save_file(tensors, args.out)
     # The engine runs in this process, so its Netloader seed (if any) is visible here.
     from vllm_ascend.model_loader.netloader.loader import running_seeds
@@ -165,7 +272,13 @@ def main() -> None:
     }
     if args.swarm:
         report["swarm"] = swarm(args.swarm, args.swarm_from)
+    if args.generate:
+        report["outputs"] = outputs(llm, args.lora, args.image_prompt)
+        report["spec"] = spec_counts(llm)
+        report["draft"] = llm.collective_rpc(this.draft_view)[0]
     print("DUMP " + json.dumps(report), flush=True)
+    if args.serve:
+        sys.stdin.read()
     if args.serve_tampered:
         print("TAMPERED " + serve_tampered(), flush=True)
         sys.stdin.read()

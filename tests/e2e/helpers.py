@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -115,3 +116,55 @@ def seed_hello(address: str, **fields: object) -> dict:
     summary = ManifestSummary(len(specs), sum(s.nbytes for s in specs), manifest_sha256(specs))
     body = hello(query_seed(address)["identity"], summary, None, False, (TCP,))
     return {**body, "nonce": new_nonce(), **fields}
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json",
+                   ".bin.index.json")
+
+
+def weightless_copy(model: str, out: Path) -> str:
+    """``model``'s directory without its weight files: a node that has the config and
+    tokenizer but must get the weights from a seed."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in Path(model).iterdir():
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
+            (out / f.name).write_bytes(f.read_bytes())
+    return str(out)
+
+
+class ServingDump:
+    """An in-process instance (tests/e2e/dump_instance.py ... --serve) that dumps its
+    tensors and report and then serves as a seed until ``stop``; its output goes to
+    ``{out}.log``."""
+
+    def __init__(self, model: str, out: Path, extra: dict, *more: str,
+                 env: dict[str, str] | None = None):
+        self.out = out
+        self.log = Path(f"{out}.log")
+        with open(self.log, "w") as log:
+            self._proc = subprocess.Popen(
+                dump_command(model, out, "netloader", extra, *more, "--serve"), cwd=REPO,
+                env={**os.environ, **DUMP_ENV, **(env or {})}, stdin=subprocess.PIPE,
+                stdout=log, stderr=subprocess.STDOUT, text=True,
+            )
+
+    def report(self, timeout_s: float = 300) -> tuple[dict, dict]:
+        """Its tensors and report, once it printed them (it goes on serving)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            lines = [x for x in self.log.read_text().splitlines() if x.startswith("DUMP ")]
+            if lines:
+                return load_file(str(self.out)), json.loads(lines[-1].removeprefix("DUMP "))
+            assert self._proc.poll() is None, self.log.read_text()[-6000:]
+            time.sleep(0.5)
+        raise AssertionError(f"no report within {timeout_s} s: {self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()
+            try:
+                self._proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()

@@ -225,3 +225,12 @@ def test_address_files_do_not_collide_for_any_rank(tmp_path):
         for rank in range(64) for role in (TARGET, DRAFT)
     }
     assert len(files) == 128
+
+
+def test_draft_expected_fingerprint_is_its_own_key():
+    config = parse_config({"EXPECTED_FINGERPRINT": "a" * 64,
+                           "DRAFT_EXPECTED_FINGERPRINT": "b" * 64})
+    assert (config.expected_fingerprint, config.draft_expected_fingerprint) == (
+        "a" * 64, "b" * 64)
+    with pytest.raises(NetloaderConfigError, match="DRAFT_EXPECTED_FINGERPRINT must be"):
+        parse_config({"DRAFT_EXPECTED_FINGERPRINT": "B" * 64})

@@ -83,6 +83,9 @@ class NetloaderConfig:
     # The checkpoint or value fingerprint a seed's weights must have (a node without
     # weight files names the weights it accepts this way).
     expected_fingerprint: str | None = None
+    # The same for a speculative decoder's draft model (see ``loader``: a draft that is
+    # the target's own checkpoint takes EXPECTED_FINGERPRINT).
+    draft_expected_fingerprint: str | None = None
     # Where seeds register and clients look them up ("redis://host:port/db"); a hint,
     # never a trust decision (see discovery.py).
     registry: str | None = None
@@ -319,10 +322,10 @@ def _parse_data_plane(value: Any) -> str:
     return str(value)
 
 
-def _parse_fingerprint(value: Any) -> str:
+def _parse_fingerprint(value: Any, key: str = "EXPECTED_FINGERPRINT") -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
         raise NetloaderConfigError(
-            "EXPECTED_FINGERPRINT must be 64 lowercase hex digits (a seed's "
+            f"{key} must be 64 lowercase hex digits (a seed's "
             f"checkpoint or value fingerprint, from netloader-query), got {value!r}"
         )
     return value
@@ -405,6 +408,10 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "RELAY": ("relay", _parse_relay),
     "DATA_PLANE": ("data_plane", _parse_data_plane),
     "EXPECTED_FINGERPRINT": ("expected_fingerprint", _parse_fingerprint),
+    "DRAFT_EXPECTED_FINGERPRINT": (
+        "draft_expected_fingerprint",
+        functools.partial(_parse_fingerprint, key="DRAFT_EXPECTED_FINGERPRINT"),
+    ),
     "REGISTRY": ("registry", _parse_registry),
     "COMPILE_CACHE": ("compile_cache", _parse_compile_cache),
     "INT8_CACHE": ("int8_cache", _parse_int8_cache),

@@ -88,8 +88,10 @@ class NetloaderModelLoader(BaseModelLoader):
         )
         self._rank = 0
         self._role = TARGET
-        # The served model's path, when a speculative decoder loads a draft beside it.
+        # The served model's path, when a speculative decoder loads a draft beside it,
+        # and whether the model loading now is that checkpoint (a target, or MTP layers).
         self._target_path: str | None = None
+        self._target_checkpoint = False
         self._parallel_config: Any = None
         self._identity: dict[str, Any] | None = None
         self._device = torch.device("cpu")
@@ -222,7 +224,8 @@ class NetloaderModelLoader(BaseModelLoader):
     def _identity_of(self, model_config: ModelConfig) -> dict[str, Any]:
         # MODEL names the served model, and a draft that is its own checkpoint (MTP
         # layers); any other draft is named by its own path.
-        names_model = self._role == TARGET or model_config.model == self._target_path
+        self._target_checkpoint = model_config.model == self._target_path
+        names_model = self._role == TARGET or self._target_checkpoint
         name = (self.config.model if names_model else None) or model_config.model
         files = weight_files(
             model_config.model, model_config.revision, self.load_config.download_dir
@@ -255,7 +258,7 @@ class NetloaderModelLoader(BaseModelLoader):
                 self._rank, self._role, "DRAFT_SOURCE" if draft else "SOURCE",
             )
             return None
-        if self._identity["checkpoint"] is None and self.config.expected_fingerprint is None:
+        if self._identity["checkpoint"] is None and self._expected_fingerprint() is None:
             self._fallback_kind = "no_weight_files"
             logger.warning(
                 "Netloader rank %d %s: no weight files on this node and no "
@@ -459,11 +462,20 @@ class NetloaderModelLoader(BaseModelLoader):
             identity=self._identity,
             timeout_s=self.config.timeout_s,
             secret=self.config.secret,
-            expected_fingerprint=self.config.expected_fingerprint,
+            expected_fingerprint=self._expected_fingerprint(),
             data_plane=self._data_plane(),
             device=self._device,
             min_rate_bytes_per_s=self.config.min_rate_mb_per_s * 1e6,
         )
+
+    def _expected_fingerprint(self) -> str | None:
+        """EXPECTED_FINGERPRINT for the target and for a draft that is the target's own
+        checkpoint (MTP layers); DRAFT_EXPECTED_FINGERPRINT for any other draft."""
+        if self._role == TARGET:
+            return self.config.expected_fingerprint
+        if self.config.draft_expected_fingerprint is not None:
+            return self.config.draft_expected_fingerprint
+        return self.config.expected_fingerprint if self._target_checkpoint else None
 
     def _seed_settings(self, host: str) -> SeedSettings:
         assert self._identity is not None
