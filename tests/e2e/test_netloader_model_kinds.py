@@ -68,8 +68,10 @@ KINDS: dict[str, Kind] = {
     # has no cpu_gemm_wna16 kernel to run them: runtime tensors only.
     "awq": Kind(("--kind", "awq"), generate=False),
     "gptq": Kind(("--kind", "gptq"), generate=False),
-    # A seed without LoRA serves a client with it (the adapter is not a weight).
+    # A seed without LoRA serves a client with it, and the other way round (vLLM wraps
+    # the layers for LoRA after loading: the adapter is not a weight).
     "lora": Kind((), LORA, lora=("--kind", "lora"), seed_llm={}),
+    "lora-seed": Kind((), {}, seed_llm=LORA),
     "embed": Kind(("--kind", "embed"), {"runner": "pooling"}),
     "vl": Kind(("--kind", "vl"), {"limit_mm_per_prompt": {"image": 1}},
                image_prompt="User:<image>Describe it.<end_of_utterance>\nAssistant:"),
@@ -152,7 +154,13 @@ def prove(workdir: Path, name: str, kind: Kind) -> dict:
     if kind.generate:
         assert client["outputs"] == disk["outputs"]
         assert client["draft"] == disk["draft"]
+        # Draft tokens proposed and accepted (vLLM's spec_decode counters, as /metrics
+        # shows them): the same on the client as on the disk load and the seed.
         assert client["spec"] == disk["spec"]
+        if spec is not None:
+            # Random heads may have none accepted (EAGLE-3 here); all propose.
+            assert disk["spec"]["drafted"] > 0
+            assert served["spec"] == disk["spec"]
         # Not vacuous: every prompt generated tokens (or an embedding).
         assert all(v for v in disk["outputs"].values())
     if kind.seed_llm is None:
