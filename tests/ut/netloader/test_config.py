@@ -405,7 +405,7 @@ def test_int8_cache_name_is_a_list_of_name_fragments():
     assert parse_config({"INT8_CACHE_NAME": None}).int8_cache_name is None
 
 
-@pytest.mark.parametrize("value", ["qweight", [""], [1], {"a": 1}])
+@pytest.mark.parametrize("value", ["qweight", [""], [1], {"a": 1}, []])
 def test_bad_int8_cache_name_names_the_key(value):
-    with pytest.raises(NetloaderConfigError, match="INT8_CACHE_NAME must be a list"):
+    with pytest.raises(NetloaderConfigError, match="INT8_CACHE_NAME must be a non-empty list"):
         parse_config({"INT8_CACHE_NAME": value})

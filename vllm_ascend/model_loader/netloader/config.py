@@ -362,10 +362,13 @@ def _parse_int8_cache(value: Any) -> str:
 def _parse_int8_cache_name(value: Any) -> tuple[str, ...] | None:
     if value is None:
         return None
-    if not isinstance(value, list) or not all(isinstance(n, str) and n for n in value):
+    # An empty list would keep nothing: that is INT8_CACHE "no", said plainly.
+    if not isinstance(value, list) or not value or not all(
+        isinstance(n, str) and n for n in value
+    ):
         raise NetloaderConfigError(
-            f"INT8_CACHE_NAME must be a list of non-empty parameter name fragments "
-            f"or null, got {value!r}"
+            f"INT8_CACHE_NAME must be a non-empty list of parameter name fragments "
+            f"or null (to keep nothing, set INT8_CACHE \"no\"), got {value!r}"
         )
     return tuple(value)
 
