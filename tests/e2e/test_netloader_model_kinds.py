@@ -3,8 +3,9 @@ support matrix points here).
 
 For each kind, three in-process vLLM CPU instances (tests/e2e/dump_instance.py):
 an ``auto`` disk load (the reference), a Netloader seed that loaded from disk, and a
-client whose model directory has no weight files, so it can only get them from the
-seed (EXPECTED_FINGERPRINT names the seed's value fingerprint). The client's greedy
+client whose model directory (and draft directory) has no weight files, so it can
+only get them from the seed (EXPECTED_FINGERPRINT and DRAFT_EXPECTED_FINGERPRINT name
+the seed's checkpoint fingerprints). The client's greedy
 texts and per-token logprobs (embeddings, for a pooling model) equal the disk
 load's, its runtime tensors after processing equal the disk load's bit for bit,
 and what its load set besides tensors equals the seed's. Every seed also reports
@@ -35,8 +36,8 @@ pytestmark = pytest.mark.e2e
 @dataclass(frozen=True)
 class Kind:
     """How to make a model kind and run it: ``make`` arguments for
-    tools/make_tiny_model.py, ``llm`` keyword arguments for vllm.LLM (``{draft}``
-    in a speculative config stands for the draft's directory)."""
+    tools/make_tiny_model.py, ``llm`` keyword arguments for vllm.LLM (a ``draft``
+    kind's directory goes in the speculative config)."""
 
     make: tuple[str, ...]
     llm: dict = field(default_factory=dict)
@@ -82,6 +83,14 @@ def build(workdir: Path, name: str, args: tuple[str, ...]) -> str:
     path = workdir / "kinds" / name
     make_tiny_model([str(path), *args])
     return str(path)
+
+
+def hide_weights(model: Path) -> None:
+    """Move the weight files out of ``model``'s directory (to its ``hidden`` sibling)."""
+    hidden = model.with_name(model.name + "-hidden")
+    hidden.mkdir(exist_ok=True)
+    for f in model.glob("*.safetensors"):
+        f.rename(hidden / f.name)
 
 
 def seeds_of(prefix: Path, ranks: int, draft: bool) -> dict[str, list[dict]]:
@@ -134,6 +143,11 @@ def prove(workdir: Path, name: str, kind: Kind) -> dict:
                 extra[key] = [{"device_id": r, "sources": [s["address"]]}
                               for r, s in enumerate(seeds[role])]
         bare = weightless_copy(model, out / f"{name}-bare")
+        if kind.draft is not None:
+            # A draft is named by its own path, so the client's is the seed's, with its
+            # weight files taken away now that the seed and `auto` have loaded them.
+            extra["DRAFT_EXPECTED_FINGERPRINT"] = seeds["draft"][0]["identity"]["checkpoint"]
+            hide_weights(Path(spec["model"]))
         # A serving instance too: its seeds (in worker processes at TP > 1) answer
         # ``info`` until it stops.
         started = ServingDump(bare, out / f"{name}-client.safetensors", extra, *more,

@@ -74,6 +74,13 @@ def test_draft_keys_win_over_the_derived_ones():
     assert config.listen_port_for_rank(0, draft=True) == 9000
 
 
+def test_an_empty_draft_source_means_no_draft_seeds():
+    config = parse_config({
+        "SOURCE": [{"device_id": 0, "sources": ["10.0.0.1:7000"]}], "DRAFT_SOURCE": [],
+    })
+    assert config.sources_for_rank(0, draft=True) == ()
+
+
 def test_derived_draft_port_past_65535_names_listen_port():
     config = parse_config({"LISTEN_PORT": 60000})
     with pytest.raises(NetloaderConfigError, match=r"LISTEN_PORT 60000 \+ 10000"):

@@ -72,7 +72,8 @@ class NetloaderConfig:
     # Shared secret from SECRET_FILE or $NETLOADER_SECRET; kept out of repr and logs.
     secret: bytes | None = field(default=None, repr=False)
     # A speculative decoder's draft model has seeds and a listener of its own.
-    draft_sources: tuple[SourceEntry | DnsSource, ...] = ()
+    # None: not set (derived from SOURCE); () set empty (the draft loads from disk).
+    draft_sources: tuple[SourceEntry | DnsSource, ...] | None = None
     draft_listen_port: int | None = None
     # Listen before the fetch and pass verified tensors on to the clients a busy seed
     # sends here (see relay.RelayListener).
@@ -123,7 +124,7 @@ class NetloaderConfig:
         """DRAFT_SOURCE, else SOURCE with every port moved up by DRAFT_PORT_OFFSET:
         where a seed whose draft listener took the default port has it (the layout
         vllm-ascend's netloader uses)."""
-        if self.draft_sources:
+        if self.draft_sources is not None:
             return self.draft_sources
         moved: list[SourceEntry | DnsSource] = []
         for entry in self.sources:
