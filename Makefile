@@ -64,7 +64,7 @@ e2e: setup model
 	NETLOADER_TEST_MODEL=$(abspath $(TINY_MODEL)) $(PY) -m pytest tests/e2e -v $(PYTEST_ARGS)
 
 test: setup model lint
-	NETLOADER_TEST_MODEL=$(abspath $(TINY_MODEL)) $(PY) -m pytest tests -v -rA $(PYTEST_ARGS)
+	NETLOADER_TEST_MODEL=$(abspath $(TINY_MODEL)) $(PY) -m pytest tests -v -rA --durations=30 $(PYTEST_ARGS)
 
 # Prints one JSON object last; writes the plot under docs/ (see benchmarks/run_all.py).
 bench: setup

@@ -23,6 +23,8 @@ Test seams (faults injected at the client -> data plane boundary):
   --reload          call reload_weights (vLLM's in-place reload) before dumping
   --reload-from P   the same, from the checkpoint in directory P
   --serve           after the report, go on serving as a seed until stdin ends
+  --then-file F     then drop this instance and start another in this process, with the
+                    arguments (a JSON list) the test writes to F once it knows them
   --serve-tampered  after loading, serve a hostile seed of this model: the first
                     buffer (rotary cache) holds other values under a matching digest,
                     and the last tensor's digest is wrong, so a client's transfer fails
@@ -220,7 +222,7 @@ def swarm(n: int, address: str) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
     parser.add_argument("out")
@@ -237,7 +239,13 @@ def main() -> None:
     parser.add_argument("--reload", action="store_true")
     parser.add_argument("--reload-from")
     parser.add_argument("--serve", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--then-file")
+    return parser
+
+
+def instance(args: argparse.Namespace) -> None:
+    """Start one instance, dump it, print its report, serve if asked; returns with the
+    instance gone (its LLM is dropped with this frame)."""
     more = json.loads(args.llm)
     if args.generate:
         more.setdefault("disable_log_stats", False)  # LLM.get_metrics needs the stats
@@ -273,8 +281,10 @@ def main() -> None:
     if args.swarm:
         report["swarm"] = swarm(args.swarm, args.swarm_from)
     if args.generate:
+        # vLLM's counters are process-wide: an earlier instance's counts are subtracted.
+        before = spec_counts(llm)
         report["outputs"] = outputs(llm, args.lora, args.image_prompt)
-        report["spec"] = spec_counts(llm)
+        report["spec"] = {k: v - before[k] for k, v in spec_counts(llm).items()}
         report["draft"] = llm.collective_rpc(this.draft_view)[0]
     print("DUMP " + json.dumps(report), flush=True)
     if args.serve:
@@ -282,6 +292,27 @@ def main() -> None:
     if args.serve_tampered:
         print("TAMPERED " + serve_tampered(), flush=True)
         sys.stdin.read()
+
+
+def main() -> None:
+    args = parser().parse_args()
+    instance(args)
+    if args.then_file:
+        # A second instance in this process, once the test has written its arguments:
+        # it saves the ~10 s of importing vLLM again (the e2e model-kind tests).
+        import gc
+
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        gc.collect()
+        cleanup_dist_env_and_memory()
+        deadline = time.monotonic() + 300
+        while not os.path.exists(args.then_file):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"no {args.then_file} within 300 s")
+            time.sleep(0.2)
+        with open(args.then_file, encoding="utf-8") as f:
+            instance(parser().parse_args(json.load(f)))
 
 
 if __name__ == "__main__":

@@ -64,10 +64,13 @@ def netloader_server(
 
 def dump_command(model: str, out: Path, load_format: str, extra: dict, *more: str) -> list[str]:
     """The command line of an in-process instance (tests/e2e/dump_instance.py)."""
-    return [
-        sys.executable, "-m", "tests.e2e.dump_instance", model, str(out),
-        "--load-format", load_format, "--extra", json.dumps(extra), *more,
-    ]
+    return [sys.executable, "-m", "tests.e2e.dump_instance",
+            *dump_args(model, out, load_format, extra, *more)]
+
+
+def dump_args(model: str, out: Path, load_format: str, extra: dict, *more: str) -> list[str]:
+    """dump_instance's arguments (also what a ``--then-file`` holds)."""
+    return [model, str(out), "--load-format", load_format, "--extra", json.dumps(extra), *more]
 
 
 DUMP_ENV = {
@@ -133,31 +136,41 @@ def weightless_copy(model: str, out: Path) -> str:
 
 
 class ServingDump:
-    """An in-process instance (tests/e2e/dump_instance.py ... --serve) that dumps its
-    tensors and report and then serves as a seed until ``stop``; its output goes to
-    ``{out}.log``."""
+    """An in-process instance (tests/e2e/dump_instance.py) started in the background
+    that dumps its tensors and report and then, with ``serve``, serves as a seed until
+    ``stop``; its output goes to ``{out}.log``."""
 
     def __init__(self, model: str, out: Path, extra: dict, *more: str,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, load_format: str = "netloader",
+                 serve: bool = True):
         self.out = out
         self.log = Path(f"{out}.log")
+        command = dump_command(model, out, load_format, extra, *more,
+                               *(["--serve"] if serve else []))
         with open(self.log, "w") as log:
             self._proc = subprocess.Popen(
-                dump_command(model, out, "netloader", extra, *more, "--serve"), cwd=REPO,
-                env={**os.environ, **DUMP_ENV, **(env or {})}, stdin=subprocess.PIPE,
-                stdout=log, stderr=subprocess.STDOUT, text=True,
+                command, cwd=REPO, env={**os.environ, **DUMP_ENV, **(env or {})},
+                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True,
             )
 
-    def report(self, timeout_s: float = 300) -> tuple[dict, dict]:
-        """Its tensors and report, once it printed them (it goes on serving)."""
+    def report(
+        self, timeout_s: float = 300, index: int = 0, out: Path | None = None
+    ) -> tuple[dict, dict]:
+        """Its tensors and report, once it printed them (it goes on serving); with
+        ``--then-file``, ``index`` 1 and ``out`` name the second instance's."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            exited = self._proc.poll() is not None
             lines = [x for x in self.log.read_text().splitlines() if x.startswith("DUMP ")]
-            if lines:
-                return load_file(str(self.out)), json.loads(lines[-1].removeprefix("DUMP "))
-            assert self._proc.poll() is None, self.log.read_text()[-6000:]
+            if len(lines) > index:
+                report = json.loads(lines[index].removeprefix("DUMP "))
+                return load_file(str(out or self.out)), report
+            assert not exited, self.log.read_text()[-6000:]
             time.sleep(0.5)
         raise AssertionError(f"no report within {timeout_s} s: {self.log.read_text()[-3000:]}")
+
+    def running(self) -> bool:
+        return self._proc.poll() is None
 
     def stop(self) -> None:
         if self._proc.poll() is None:
