@@ -23,16 +23,29 @@ from vllm_ascend.model_loader.netloader.manifest import (
 )
 from vllm_ascend.model_loader.netloader.protocol import TCP
 from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
-from vllm_ascend.model_loader.netloader.seed_cache import Retention, retain
+from vllm_ascend.model_loader.netloader.seed_cache import Retained, Retention, retain
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda", 0)
 
 
-def seed_of(weights: LoadedWeights, bucket: int = SMALL_BUCKET) -> SeedServer:
+def seed_of(
+    weights: LoadedWeights, bucket: int = SMALL_BUCKET, retained: Retained | None = None
+) -> SeedServer:
     settings = SeedSettings(IDENTITY, 0, "127.0.0.1", 30.0, bucket_bytes=bucket,
                             data_plane=TCP, device=CUDA)
-    return SeedServer(weights, settings, listen("127.0.0.1", 0))
+    return SeedServer(weights, settings, listen("127.0.0.1", 0), retained=retained)
+
+
+def fetched_from(weights: LoadedWeights, retained: Retained | None = None) -> torch.nn.Module:
+    """A zeroed toy model on the device, filled from a seed serving ``weights``."""
+    seed = seed_of(weights, retained=retained).start()
+    try:
+        client = make_toy(None).to(CUDA)
+        fetch_into(client, seed.address)
+    finally:
+        seed.stop()
+    return client
 
 
 def fetch_into(model: torch.nn.Module, address: str) -> WeightFetch:
@@ -53,13 +66,7 @@ def assert_same(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 def test_device_tensors_travel_to_a_device_client_over_the_tcp_plane():
     source = make_toy(1).to(CUDA)
-    seed = seed_of(LoadedWeights.capture(source)).start()
-    try:
-        client = make_toy(None).to(CUDA)
-        fetch_into(client, seed.address)
-    finally:
-        seed.stop()
-    assert_same(client, source)
+    assert_same(fetched_from(LoadedWeights.capture(source)), source)
 
 
 def test_a_seed_keeping_replaced_tensors_in_host_memory_serves_a_device_client():
@@ -72,15 +79,7 @@ def test_a_seed_keeping_replaced_tensors_in_host_memory_serves_a_device_client()
     moved = [spec.name for spec, t in zip(kept.specs, kept.tensors, strict=True)
              if t.device.type == "cpu"]
     assert moved == ["proj.weight"] and retained.nbytes == source.proj.weight.nbytes
-    seed = seed_of(kept)
-    seed.keep(kept, retained)
-    seed.start()
-    try:
-        client = make_toy(None).to(CUDA)
-        fetch_into(client, seed.address)
-    finally:
-        seed.stop()
-    assert_same(client, want)
+    assert_same(fetched_from(kept, retained), want)
 
 
 def test_a_device_tensors_digest_is_its_host_copys():

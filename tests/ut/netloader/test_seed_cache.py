@@ -1,5 +1,7 @@
 """What a seed keeps beyond its running model (INT8_CACHE / INT8_CACHE_NAME)."""
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from tests.toy import IDENTITY, SMALL_BUCKET, fetch_for, make_toy, untouched
 from vllm_ascend.model_loader.netloader.addresses import listen
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, byte_view
 from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
-from vllm_ascend.model_loader.netloader.seed_cache import Retention, retain
+from vllm_ascend.model_loader.netloader.seed_cache import Retained, Retention, retain
 
 
 def processed(seed: int) -> tuple[torch.nn.Module, LoadedWeights]:
@@ -22,6 +24,20 @@ def processed(seed: int) -> tuple[torch.nn.Module, LoadedWeights]:
         model.embed.weight.data = torch.empty(0, dtype=packed.dtype)
     model.kernel = lambda x: x @ packed  # type: ignore[assignment]
     return model, loaded
+
+
+def fetch_from(kept: LoadedWeights, retained: Retained) -> tuple[torch.nn.Module, Any, Any, dict]:
+    """A zeroed toy client's fetch from a seed serving ``kept``: (client, fetch, what it
+    received or None, the seed's ``info`` afterwards)."""
+    settings = SeedSettings(IDENTITY, 0, "127.0.0.1", 5.0, bucket_bytes=SMALL_BUCKET)
+    seed = SeedServer(kept, settings, listen("127.0.0.1", 0), retained=retained).start()
+    try:
+        client = make_toy(None)
+        fetch = fetch_for(client)
+        received = fetch.run([seed.address])
+        return client, fetch, received, seed.describe()
+    finally:
+        seed.stop()
 
 
 def test_retained_tensors_are_those_processing_replaced():
@@ -65,17 +81,8 @@ def test_what_the_cache_does_not_cover_is_dropped_and_the_seed_refuses(retention
     assert kept.specs == loaded.specs  # the manifest stays; meta tensors stand in
     assert all(t.is_meta for spec, t in zip(kept.specs, kept.tensors, strict=True)
                if spec.name in dropped)
-    seed = SeedServer(kept, SeedSettings(IDENTITY, 0, "127.0.0.1", 5.0,
-                                         bucket_bytes=SMALL_BUCKET), listen("127.0.0.1", 0))
-    seed.keep(kept, retained)
-    seed.start()
-    try:
-        client = make_toy(None)
-        fetch = fetch_for(client)
-        assert fetch.run([seed.address]) is None
-        info = seed.describe()
-    finally:
-        seed.stop()
+    client, fetch, received, info = fetch_from(kept, retained)
+    assert received is None
     (reason,) = fetch.reasons
     assert f"keeps no loaded copy of {len(dropped)} tensor(s)" in reason
     assert untouched(client)
@@ -85,17 +92,7 @@ def test_what_the_cache_does_not_cover_is_dropped_and_the_seed_refuses(retention
 def test_a_seed_that_keeps_the_replaced_tensors_in_host_memory_serves_them():
     model, loaded = processed(2)
     kept, retained = retain(loaded, Retention("dram"))
-    seed = SeedServer(kept, SeedSettings(IDENTITY, 0, "127.0.0.1", 5.0,
-                                         bucket_bytes=SMALL_BUCKET), listen("127.0.0.1", 0))
-    seed.keep(kept, retained)
-    seed.start()
-    try:
-        client = make_toy(None)
-        fetch = fetch_for(client)
-        received = fetch.run([seed.address])
-        info = seed.describe()
-    finally:
-        seed.stop()
+    client, fetch, received, info = fetch_from(kept, retained)
     assert received is not None, fetch.reasons
     want = make_toy(2)
     assert torch.equal(client.proj.weight, want.proj.weight)

@@ -134,13 +134,14 @@ class SeedServer:
         sock: socket.socket,
         provenance: Provenance | None = None,
         progress: RelayProgress | None = None,
+        retained: Retained | None = None,
     ):
         self.weights = weights
         self.settings = settings
         self._provenance = provenance or Provenance()
         self._progress = progress
-        # What this seed keeps beyond the running model (set once it is processed).
-        self._retained: Retained | None = None
+        # What this seed keeps beyond the running model (a relay's: once it is processed).
+        self._retained = retained
         self._manifest_sha = manifest_sha256(weights.specs)
         self._manifest_wire = [spec.to_wire() for spec in weights.specs]
         self._lock = threading.Lock()
