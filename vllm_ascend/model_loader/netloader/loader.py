@@ -35,7 +35,11 @@ from vllm.utils.network_utils import get_ip
 from vllm_ascend.model_loader.netloader import compile_cache, load_state
 from vllm_ascend.model_loader.netloader.addresses import format_address, listen
 from vllm_ascend.model_loader.netloader.client import ClientSettings, Received, WeightFetch
-from vllm_ascend.model_loader.netloader.config import NetloaderConfig, parse_config
+from vllm_ascend.model_loader.netloader.config import (
+    DRAFT_PORT_OFFSET,
+    NetloaderConfig,
+    parse_config,
+)
 from vllm_ascend.model_loader.netloader.discovery import (
     DNS_TIMEOUT_S,
     Announcer,
@@ -141,13 +145,7 @@ class NetloaderModelLoader(BaseModelLoader):
         if seed is None:
             return
         serving = seed.identity.get("checkpoint")
-        files = weight_files(model_config.model, model_config.revision,
-                             self.load_config.download_dir)
-        try:
-            reloading = checkpoint_fingerprint(files) if files else None
-        except CheckpointError as e:
-            reloading = None
-            logger.warning("Netloader rank %d: no checkpoint fingerprint: %s", self._rank, e)
+        reloading = self._checkpoint_of(model_config)
         if serving is not None and reloading == serving:
             logger.info(
                 "Netloader rank %d %s: reloading checkpoint %s from %s; the seed on %s "
@@ -227,24 +225,31 @@ class NetloaderModelLoader(BaseModelLoader):
         self._target_checkpoint = model_config.model == self._target_path
         names_model = self._role == TARGET or self._target_checkpoint
         name = (self.config.model if names_model else None) or model_config.model
-        files = weight_files(
-            model_config.model, model_config.revision, self.load_config.download_dir
-        )
-        checkpoint = None
-        if files:
-            t0 = time.perf_counter()
-            try:
-                checkpoint = checkpoint_fingerprint(files)
-            except CheckpointError as e:
-                # The disk loader will say what is wrong with the file, if it is used.
-                logger.warning("Netloader rank %d: no checkpoint fingerprint: %s", self._rank, e)
-            logger.info(
-                "Netloader rank %d %s checkpoint fingerprint %s (%d files, %.3f s)",
-                self._rank, self._role, checkpoint, len(files), time.perf_counter() - t0,
-            )
+        checkpoint = self._checkpoint_of(model_config)
         return model_identity(
             model_config, self._parallel_config, self._rank, name, self._role, checkpoint
         )
+
+    def _checkpoint_of(self, model_config: ModelConfig) -> str | None:
+        """``checkpoint_fingerprint`` of the model's weight files (None: it has none,
+        or one cannot be read)."""
+        files = weight_files(
+            model_config.model, model_config.revision, self.load_config.download_dir
+        )
+        if not files:
+            return None
+        checkpoint = None
+        t0 = time.perf_counter()
+        try:
+            checkpoint = checkpoint_fingerprint(files)
+        except CheckpointError as e:
+            # The disk loader will say what is wrong with the file, if it is used.
+            logger.warning("Netloader rank %d: no checkpoint fingerprint: %s", self._rank, e)
+        logger.info(
+            "Netloader rank %d %s checkpoint fingerprint %s (%d files, %.3f s)",
+            self._rank, self._role, checkpoint, len(files), time.perf_counter() - t0,
+        )
+        return checkpoint
 
     def _fetch(self, model: nn.Module) -> Received | None:
         """What a seed delivered into ``model``, or None to load from disk (the model
@@ -529,10 +534,9 @@ class NetloaderModelLoader(BaseModelLoader):
         else:
             _stop_seed(key)
             _SEEDS[key] = self._bound(
-                lambda host, sock: SeedServer(loaded, self._seed_settings(host), sock, provenance)
-            )
-            _SEEDS[key].keep(loaded, retained)
-            _SEEDS[key].start()
+                lambda host, sock: SeedServer(loaded, self._seed_settings(host), sock, provenance,
+                                              retained=retained)
+            ).start()
         self._announce(_SEEDS[key])
         self._relay_seed = None
         self._loaded = None
@@ -569,7 +573,7 @@ class NetloaderModelLoader(BaseModelLoader):
             if self._role == DRAFT and self.config.draft_listen_port is not None:
                 setting = f"DRAFT_LISTEN_PORT {self.config.draft_listen_port}"
             elif self._role == DRAFT:
-                setting += " + 10000 for a draft"
+                setting += f" + {DRAFT_PORT_OFFSET} for a draft"
             raise RuntimeError(
                 f"Netloader {self._role} seed rank {self._rank} cannot listen on "
                 f"{host}:{port} ({setting}): {e}"
