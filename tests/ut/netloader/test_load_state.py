@@ -121,6 +121,18 @@ def test_a_change_that_changes_nothing_is_malformed():
 
 
 @pytest.mark.parametrize("change", [
+    Change("", "_parameters", True, {}, 5),          # a table every module keeps
+    Change("inner", "_buffers", True, {}, None),
+    Change("", "training", True, True, "x"),         # not a bool any more
+])
+def test_check_refuses_state_that_names_what_every_torch_module_keeps(change):
+    head = Head()
+    head._parameters.clear()  # an empty table is a plain value: it must still be refused
+    with pytest.raises(LoadStateError, match="which every torch module keeps"):
+        load_state.check(head, LoadState((change,)))
+
+
+@pytest.mark.parametrize("change", [
     Change("inner", "weight", False, None, 1),   # a parameter
     Change("inner", "bias", False, None, None),  # a parameter set to None
     Change("", "inner", False, None, None),      # a submodule
@@ -179,7 +191,7 @@ def test_check_accepts_what_applies_and_apply_replays_it():
 @pytest.mark.parametrize("change, why", [
     (Change("missing", "flag", False, None, True), "lacks"),
     (Change("", "has_own_lm_head", True, False, True), "starts from"),  # not on the instance here
-    (Change("", "training", True, False, True), "starts from"),          # True here
+    (Change("", "training", True, False, True), "every torch module keeps"),
     (Change("", "forward", False, None, "x"), "its class holds"),       # a method
     (Change("", "has_own_lm_head", False, None, 1), "its class holds"), # bool becomes int
 ])

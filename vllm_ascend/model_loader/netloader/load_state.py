@@ -25,6 +25,7 @@ never name a parameter, buffer or submodule: those are tensors the fetch verifie
 or structure the client built itself.
 """
 
+import functools
 import hashlib
 import json
 import math
@@ -170,6 +171,10 @@ def check(model: "nn.Module", state: LoadState) -> None:
     for change in state.changes:
         module = _submodule(model, change.module)
         name = clean(change.name, 200)
+        if change.attr in _module_machinery():
+            # ``training``, ``_parameters``, hooks...: what every nn.Module keeps, which
+            # no load sets (``snapshot`` skips the tensor tables; a peer may not).
+            raise LoadStateError(f"load state names {name}, which every torch module keeps")
         if any(change.attr in getattr(module, slot, {}) for slot in _TENSOR_SLOTS):
             raise LoadStateError(f"load state names {name}, a parameter, buffer or module")
         own = vars(module)
@@ -192,6 +197,14 @@ def apply(model: "nn.Module", state: LoadState) -> None:
     each a fresh copy, written as the load itself wrote them."""
     for change in state.changes:
         vars(_submodule(model, change.module))[change.attr] = _copy(change.after)
+
+
+@functools.cache
+def _module_machinery() -> frozenset[str]:
+    """The instance attributes of a bare ``torch.nn.Module``."""
+    from torch import nn
+
+    return frozenset(vars(nn.Module()))
 
 
 def _submodule(model: "nn.Module", path: str) -> "nn.Module":
