@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -41,11 +42,62 @@ BASE_ENV: dict[str, str] = {
 }
 
 
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+# Ports this process has handed out; a second caller gets another one.
+_GIVEN_PORTS: set[int] = set()
+# Lowest fixed port to hand out (Ray's default worker ports are 10002-19999), and the room
+# kept below the kernel's ephemeral range for ports derived from one (the draft listener
+# defaults to LISTEN_PORT + 10000 + rank).
+_FIXED_PORT_LOW = 20000
+_DERIVED_PORT_ROOM = 10000 + 64
+
+
+def _ephemeral_low() -> int:
+    """First port of the kernel's ephemeral range (Linux ``ip_local_port_range``)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # the Linux default
+
+
+def free_port(span: int = 1) -> int:
+    """Return a TCP port P on 127.0.0.1 such that P .. P + span - 1 were free a moment ago.
+
+    The port is drawn below the kernel's ephemeral range (and low enough that
+    ``P + 10000 + rank`` stays below it too), so no process that asks the kernel for a
+    port (vLLM's ``get_open_port``, torch.distributed, ZeroMQ) can be given it between
+    this probe and the server's own bind: a port from ``bind(0)`` could, and a seed's
+    fixed listener then failed with EADDRINUSE (seen in CI). Falls back to ``bind(0)``
+    where the range below the ephemeral ports is too small.
+
+    Raises:
+        RuntimeError: when no free span turns up in 200 draws.
+    """
+    high = _ephemeral_low() - _DERIVED_PORT_ROOM - span
+    rng = random.SystemRandom()
+    for _ in range(200):
+        if high > _FIXED_PORT_LOW:
+            base = rng.randrange(_FIXED_PORT_LOW, high)
+        else:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", 0))
+                base = int(s.getsockname()[1])
+        ports = range(base, base + span)
+        if any(port in _GIVEN_PORTS or not _bindable(port) for port in ports):
+            continue
+        _GIVEN_PORTS.update(ports)
+        return base
+    raise RuntimeError(f"no {span} consecutive free TCP port(s) on 127.0.0.1")
+
+
+def _bindable(port: int) -> bool:
+    """True when a listening socket could bind ``127.0.0.1:port`` just now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class VllmServer:

@@ -72,8 +72,6 @@ def spec_seed(model, workdir):
     """A netloader seed (target and draft from disk, both on fixed ports) and the
     outputs and draft counts of an `auto` instance with the same speculative config."""
     ports = {"LISTEN_PORT": free_port(), "DRAFT_LISTEN_PORT": free_port()}
-    while ports["DRAFT_LISTEN_PORT"] == ports["LISTEN_PORT"]:
-        ports["DRAFT_LISTEN_PORT"] = free_port()
     prefix = workdir / "spec-seed-"
     seed = spec_server(model, workdir, "spec-seed", "0", {"OUTPUT_PREFIX": str(prefix), **ports})
     disk = spec_server(model, workdir, "spec-auto", "1", None)

@@ -13,12 +13,11 @@ hidden states into, and the first request kills the engine with ``AssertionError
 ``sync_and_gather_intermediate_tensors``). The PP instances here therefore compile.
 """
 
-import socket
 
 import pytest
 
 from tests.e2e.helpers import SERVER_ARGS, address_of, greedy, start_all
-from tools.vllm_server import VllmServer
+from tools.vllm_server import VllmServer, free_port
 from vllm_ascend.model_loader.netloader.client import query_seed
 
 pytestmark = pytest.mark.e2e
@@ -42,20 +41,6 @@ def two_rank_server(
     )
 
 
-def free_port_pair() -> int:
-    """A port P such that P and P + 1 were both free a moment ago."""
-    for _ in range(50):
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            try:
-                b.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no two consecutive free ports")
-
-
 def infos(addresses: list[str]) -> list[dict]:
     return [query_seed(address) for address in addresses]
 
@@ -64,7 +49,7 @@ class TestTensorParallel:
     @pytest.fixture(scope="class")
     def tp_seed(self, model, workdir):
         """A TP=2 netloader seed from disk on LISTEN_PORT, and TP=2 `auto` outputs."""
-        port = free_port_pair()
+        port = free_port(span=2)
         prefix = workdir / "tp-seed-"
         seed = two_rank_server(
             model, workdir, "tp-seed", TP2, {"OUTPUT_PREFIX": str(prefix), "LISTEN_PORT": port}

@@ -10,7 +10,6 @@ loader's config.
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tools.vllm_server import free_port
 from vllm_ascend.model_loader.netloader import RAY_EXTRA_VARS, carry_secret_to_ray_workers
 from vllm_ascend.model_loader.netloader.auth import SECRET_ENV
 
@@ -85,9 +85,7 @@ def test_without_a_secret_nothing_changes(monkeypatch):
 def ray_head() -> Iterator[str]:
     if not RAY.exists():
         pytest.skip("ray is not installed (make setup installs it)")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     # The head, and so every worker it starts, has no secret in its environment: a worker
     # gets one only from what the driver hands it.
     env = {k: v for k, v in os.environ.items() if k not in (SECRET_ENV, RAY_EXTRA_VARS)}

@@ -1,7 +1,6 @@
 """A speculative decoder's draft model beside the target: own keys, own listener, own
 identity. (The real thing on vLLM runs in tests/e2e/test_netloader_draft.py.)"""
 
-import socket
 import types
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 
 from tests.toy import IDENTITY, fetch_for, make_toy, serving
 from tools.make_tiny_model import main as make_tiny_model
+from tools.vllm_server import free_port
 from vllm_ascend.model_loader.netloader.addresses import listen
 from vllm_ascend.model_loader.netloader.client import WeightFetch
 from vllm_ascend.model_loader.netloader.config import NetloaderConfigError, parse_config
@@ -148,9 +148,7 @@ def test_vllm_marks_the_draft_model_config_and_only_it(tiny_model):
 
 
 def test_target_and_draft_listeners_bind_apart_on_fixed_ports(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        base = probe.getsockname()[1]
+    base = free_port(span=12)
     config = parse_config({
         "LISTEN_PORT": base, "DRAFT_LISTEN_PORT": base + 10,
         "OUTPUT_PREFIX": str(tmp_path / "seed-"),
