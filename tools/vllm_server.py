@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -41,6 +42,9 @@ BASE_ENV: dict[str, str] = {
     "PYTHONUNBUFFERED": "1",
 }
 
+
+# "SomeError: text" as Python prints an exception's last line (after any log prefix).
+_EXCEPTION_LINE = re.compile(r"\b[A-Z][A-Za-z]*(?:Error|Exception): .*$")
 
 # Ports this process has handed out; a second caller gets another one.
 _GIVEN_PORTS: set[int] = set()
@@ -193,14 +197,14 @@ class VllmServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"vLLM server on port {self.port} exited with code "
-                                   f"{self.proc.returncode}:\n{self.log_tail()}")
+                                   f"{self.proc.returncode}:\n{self.failure_text()}")
             if self.health_ok():
                 self.startup_seconds = time.monotonic() - self._started_at
                 logger.info("vLLM on port %d healthy after %.1f s", self.port, self.startup_seconds)
                 return
             time.sleep(0.5)
         raise RuntimeError(f"vLLM server on port {self.port} not healthy after {timeout:.0f} s:\n"
-                           f"{self.log_tail()}")
+                           f"{self.failure_text()}")
 
     def complete(self, prompts: list[str], max_tokens: int = 32, timeout: float = 120) -> list[str]:
         """Greedy completions, one text per prompt, in prompt order.
@@ -236,6 +240,21 @@ class VllmServer:
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def failure_text(self, causes: int = 8, lines: int = 40) -> str:
+        """What a failed start printed: the distinct exception lines first, then the tail.
+
+        A worker's root cause is logged well above the engine's own traceback, which
+        fills the tail alone; CI shows only the end of pytest's report."""
+        seen: dict[str, None] = {}
+        for line in self.log_text().splitlines():
+            found = _EXCEPTION_LINE.search(line)
+            if found:
+                seen.setdefault(found.group(0).strip(), None)
+        found_causes = list(seen)[-causes:]
+        listed = "\n".join(found_causes)
+        return (f"exceptions logged (last {len(found_causes)}):\n{listed}\n"
+                f"log tail:\n{self.log_tail(lines)}")
 
     def stop(self, timeout: float = 30) -> None:
         """SIGTERM the whole process group, SIGKILL it after ``timeout``; idempotent."""
