@@ -33,7 +33,7 @@ def wait_for_file(path: Path, server: VllmServer, timeout: float = 120) -> str:
         if path.exists():
             return path.read_text().strip()
         if server.proc is not None and server.proc.poll() is not None:
-            raise RuntimeError(f"server exited before writing {path}:\n{server.log_tail()}")
+            raise RuntimeError(f"server exited before writing {path}:\n{server.failure_text()}")
         time.sleep(0.2)
     raise RuntimeError(f"{path} did not appear within {timeout:.0f} s")
 

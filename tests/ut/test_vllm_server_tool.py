@@ -9,6 +9,7 @@ import socket
 
 from tools import vllm_server
 from tools.vllm_server import VllmServer, free_port
+from vllm_ascend.model_loader.netloader.config import DRAFT_PORT_OFFSET
 
 
 def test_ports_lie_below_the_ephemeral_range_with_room_for_the_draft_offset():
@@ -16,7 +17,7 @@ def test_ports_lie_below_the_ephemeral_range_with_room_for_the_draft_offset():
     for _ in range(50):
         port = free_port()
         assert vllm_server._FIXED_PORT_LOW <= port
-        assert port + 10000 + 63 < low  # LISTEN_PORT + 10000 + rank: the draft default
+        assert port + DRAFT_PORT_OFFSET + 63 < low  # the draft default: LISTEN_PORT + offset + rank
 
 
 def test_a_span_is_free_and_never_handed_out_twice():
