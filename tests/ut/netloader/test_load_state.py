@@ -4,6 +4,7 @@ The models here stand in for vLLM's EAGLE heads, which set ``has_own_embed_token
 ``has_own_lm_head`` on the instance while loading (the class says False)."""
 
 import math
+import typing
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ def loaded(model: nn.Module, **flags: object) -> LoadState:
     before = load_state.snapshot(model)
     for name, value in flags.items():
         setattr(model, name, value)
-    return load_state.changes(before, load_state.snapshot(model))
+    return load_state.changes(before, load_state.snapshot(model), model)
 
 
 def test_flags_set_while_loading_are_recorded_with_what_they_were():
@@ -66,8 +67,11 @@ def test_a_replaced_object_or_tensor_attribute_is_state_that_cannot_be_carried()
 
 
 def test_wire_form_round_trips_with_types_kept():
-    head = Head()
-    state = loaded(head, has_own_lm_head=True, ids=(1, 2), names=["a"], scale=0.5, gone=None)
+    # The wire carries every plain value (``check`` decides which a client takes).
+    state = LoadState(tuple(Change("", attr, False, None, after) for attr, after in (
+        ("gone", None), ("has_own_lm_head", True), ("ids", (1, 2)), ("names", ["a"]),
+        ("scale", 0.5),
+    )))
     again = LoadState.from_wire(state.to_wire())
     assert again.changes == state.changes
     after = {c.attr: c.after for c in again.changes}
@@ -88,22 +92,20 @@ def test_a_fresh_empty_table_is_carried_and_each_model_gets_its_own():
         b._pending_indexer_wk_fp8)
 
 
-def test_a_list_changed_in_place_is_seen_and_the_state_keeps_its_own_copy():
+def test_a_list_changed_in_place_is_seen_and_not_carried():
     head = Head()
     head.ids = [1]
     before = load_state.snapshot(head)
     head.ids.append(2)
-    state = load_state.changes(before, load_state.snapshot(head))
-    assert state.describe() == ["ids=[1, 2]"]
-    digest = state.digest()
-    head.ids.append(3)  # the running model goes on; what is served does not
-    assert state.describe() == ["ids=[1, 2]"] and state.digest() == digest
+    state = load_state.changes(before, load_state.snapshot(head), head)
+    assert state.changes == ()
+    assert state.uncarried == ("ids (only flags and new empty tables are carried)",)
 
 
 def test_equal_states_have_one_wire_form_whatever_the_order_of_the_load():
     a, b = Head(), Head()
-    first = loaded(a, x=1, has_own_lm_head=True)
-    second = loaded(b, has_own_lm_head=True, x=1)
+    first = loaded(a, x={}, has_own_lm_head=True)
+    second = loaded(b, has_own_lm_head=True, x={})
     assert first.to_wire() == second.to_wire() and first.digest() == second.digest()
     with pytest.raises(LoadStateError, match="not sorted"):
         LoadState.from_wire(list(reversed(first.to_wire())))
@@ -264,3 +266,62 @@ def test_seed_whose_load_set_uncarried_state_refuses_clients():
     (reason,) = fetch.reasons
     assert "cannot carry: helper (object)" in reason
     assert untouched(client)
+
+
+class Layer(nn.Module):
+    """Instance values a forward computes with (as vLLM layers keep sizes and names)."""
+
+    supports_quant: typing.ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.eps, self.steps, self.padding_idx, self.shape = 1e-5, 2, None, (4,)
+        self.layer_name, self.enabled, self.cache = "model.layers.0", False, {}
+
+
+@pytest.mark.parametrize("change", [
+    Change("", "padding_idx", True, None, "x"),      # found by the third attack review
+    Change("", "steps", True, 2, 10**18),            # a loop bound: the forward hangs
+    Change("", "steps", True, 2, True),              # an int is no flag
+    Change("", "eps", True, 1e-5, 0.5),
+    Change("", "shape", True, (4,), (8,)),
+    Change("", "layer_name", True, "model.layers.0", "model.layers.1"),
+    Change("", "cache", True, {}, None),
+    Change("", "fresh", False, None, 7),             # a new name that is no table
+    Change("", "fresh", False, None, None),
+    Change("", "is_pooling_model", False, None, True),   # a flag nobody declared
+    Change("", "supports_quant", False, None, True),     # a ClassVar flag
+    Change("", "dump_patches", False, None, True),       # what every torch module keeps
+    Change("", "_version", False, None, 7),
+])
+def test_check_refuses_every_change_but_a_flag_or_a_new_empty_table(change):
+    layer = Layer()
+    with pytest.raises(LoadStateError, match="does not carry|every torch module keeps"):
+        load_state.check(layer, LoadState((change,)))
+    # A seed whose own load made the change refuses it as state it cannot carry.
+    if change.attr not in ("dump_patches", "_version"):
+        before = load_state.snapshot(layer)
+        setattr(layer, change.attr, change.after)
+        state = load_state.changes(before, load_state.snapshot(layer), layer)
+        assert state.changes == () and state.uncarried[0].startswith(change.attr)
+
+
+def test_a_flag_and_a_new_empty_table_are_carried():
+    layer = Layer()
+    state = LoadState((
+        Change("", "enabled", True, False, True), Change("", "table", False, None, {}),
+    ))
+    load_state.check(layer, state)
+    load_state.apply(layer, state)
+    assert layer.enabled is True and layer.table == {}
+
+
+def test_a_refusal_survives_a_client_value_whose_repr_raises():
+    class Loud:
+        def __repr__(self) -> str:
+            raise RuntimeError("repr")
+
+    head = Head()
+    head.thing = Loud()
+    with pytest.raises(LoadStateError, match="starts from"):
+        load_state.check(head, LoadState((Change("", "thing", True, False, True),)))

@@ -16,19 +16,28 @@ byte moves, and ``apply`` replays the changes once the tensors are verified. The
 changes are also part of the value fingerprint, so resume, relays and
 EXPECTED_FINGERPRINT pin them as they pin the tensors.
 
-Only plain values are carried (None, bool, int, float, str, short tuples or lists
-of those, and an empty dict: the scratch tables some loads start, e.g. DeepSeek-V2's
-``_pending_indexer_wk_fp8``). A load that replaces any other attribute (an object,
-a tensor that is neither parameter nor buffer) makes state Netloader cannot carry:
-such a seed refuses clients with that reason, and they load from disk. A change may
-never name a parameter, buffer or submodule: those are tensors the fetch verifies,
-or structure the client built itself.
+Snapshots compare plain values (None, bool, int, float, str, short tuples or lists
+of those, and an empty dict), but only two kinds of change are carried, the kinds
+vLLM's loads make: a flag that stays a flag (a bool on the instance, or one its class
+declares and not as a ``ClassVar``) and a new empty table (a name neither the instance
+nor its class has, set to ``{}``: the scratch tables some loads start, e.g.
+DeepSeek-V2's ``_pending_indexer_wk_fp8``). Any other value could drive the client's
+computation (a size, an epsilon, a loop bound, a layer name): a seed, even one that
+holds the secret, could make the client crash or hang at its first forward, after the
+loader returned and too late to fall back. A load that makes any other change (to
+another value, an object, a tensor that is neither parameter nor buffer) makes state
+Netloader cannot carry: such a seed refuses clients with that reason, and they load
+from disk; a client refuses such a change from a seed before any byte moves. A change
+may never name a parameter, buffer, submodule or what every torch module keeps: those
+are tensors the fetch verifies, or structure the client built itself.
 """
 
 import functools
 import hashlib
 import json
 import math
+import reprlib
+import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -142,9 +151,12 @@ def snapshot(model: "nn.Module") -> dict[tuple[str, str], Any]:
     return found
 
 
-def changes(before: dict[tuple[str, str], Any], after: dict[tuple[str, str], Any]) -> LoadState:
-    """What changed between two ``snapshot``s of one model (new attributes included;
-    attributes the load removed count as uncarried)."""
+def changes(
+    before: dict[tuple[str, str], Any], after: dict[tuple[str, str], Any], model: "nn.Module"
+) -> LoadState:
+    """What changed between two ``snapshot``s of ``model`` (new attributes included);
+    attributes the load removed, replaced with objects, or set to values Netloader does
+    not carry (see the module docstring) count as uncarried, with the reason."""
     carried: list[Change] = []
     uncarried: list[str] = []
     for key, value in sorted(after.items(), key=lambda item: item[0]):
@@ -156,8 +168,13 @@ def changes(before: dict[tuple[str, str], Any], after: dict[tuple[str, str], Any
         if isinstance(value, _Opaque) or isinstance(old, _Opaque):
             uncarried.append(f"{name} ({_type_name(value)})")
         else:
-            carried.append(Change(module, attr, old is not _ABSENT,
-                                  None if old is _ABSENT else old, value))
+            change = Change(module, attr, old is not _ABSENT,
+                            None if old is _ABSENT else old, value)
+            why = _not_carried(type(model.get_submodule(module)), change)
+            if why:
+                uncarried.append(f"{name} ({why})")
+            else:
+                carried.append(change)
     uncarried.extend(f"{m}.{a} (removed)" for m, a in before if (m, a) not in after)
     return LoadState(tuple(carried), tuple(uncarried))
 
@@ -190,6 +207,12 @@ def check(model: "nn.Module", state: LoadState) -> None:
                 f"load state sets {name} to a {type(change.after).__name__}, "
                 f"its class holds a {type(inherited).__name__}"
             )
+        why = _not_carried(type(module), change)
+        if why:
+            raise LoadStateError(
+                f"load state sets {name} to {clean(change.after, 60)}, which Netloader "
+                f"does not carry: {why}"
+            )
 
 
 def apply(model: "nn.Module", state: LoadState) -> None:
@@ -199,12 +222,46 @@ def apply(model: "nn.Module", state: LoadState) -> None:
         vars(_submodule(model, change.module))[change.attr] = _copy(change.after)
 
 
+def _not_carried(owner: type, change: Change) -> str | None:
+    """Why ``change`` to an instance of ``owner`` is no change Netloader carries, or
+    None when it is: a bool where a bool was (on the instance, else declared by the
+    class, not as a ``ClassVar``), or ``{}`` under a name neither has."""
+    declared = getattr(owner, change.attr, _ABSENT)
+    if type(change.after) is bool:
+        was = change.before if change.had else declared
+        if type(was) is not bool:
+            return "a flag only where a flag was"
+        if _class_var(owner, change.attr):
+            return "a flag its class declares class-wide"
+        return None
+    if type(change.after) is dict and not change.had and declared is _ABSENT:
+        return None  # a new empty table (_is_plain: only empty dicts are plain)
+    return "only flags and new empty tables are carried"
+
+
+def _class_var(owner: type, attr: str) -> bool:
+    """Whether a class in ``owner``'s MRO annotates ``attr`` as a ``ClassVar``
+    (a string annotation too, as ``from __future__ import annotations`` leaves it)."""
+    for cls in owner.__mro__:
+        annotation = vars(cls).get("__annotations__", {}).get(attr)
+        if annotation is None:
+            continue
+        if isinstance(annotation, str):
+            return annotation.split("[", 1)[0].strip() in ("ClassVar", "typing.ClassVar")
+        return typing.get_origin(annotation) is typing.ClassVar or annotation is typing.ClassVar
+    return False
+
+
 @functools.cache
 def _module_machinery() -> frozenset[str]:
-    """The instance attributes of a bare ``torch.nn.Module``."""
+    """What every ``torch.nn.Module`` keeps: a bare one's instance attributes, and the
+    data (not methods) its class holds (``_version``, ``dump_patches``...)."""
     from torch import nn
 
-    return frozenset(vars(nn.Module()))
+    held = {name for name, value in vars(nn.Module).items()
+            if not name.startswith("__") and not callable(value)
+            and not isinstance(value, (property, staticmethod, classmethod))}
+    return frozenset(vars(nn.Module())) | frozenset(held)
 
 
 def _submodule(model: "nn.Module", path: str) -> "nn.Module":
@@ -291,8 +348,16 @@ def _unwire(value: Any) -> Any:
     return value
 
 
+_REPR = reprlib.Repr()  # keyword arguments need Python 3.12
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 1024
+_REPR.maxlist = _REPR.maxtuple = 16
+
+
 def clean(value: Any, limit: int) -> str:
-    """A peer's (or the model's) value as printable text of at most ``limit`` chars."""
-    text = repr(value) if not isinstance(value, str) else value
+    """A peer's (or the model's) value as printable text of at most ``limit`` chars.
+
+    ``reprlib`` bounds the work for a large value and survives a ``__repr__`` that
+    raises (a client's own object quoted in a refusal)."""
+    text = _REPR.repr(value) if not isinstance(value, str) else value
     text = "".join(c if c.isprintable() else "?" for c in text[: limit * 4])
     return text[:limit]

@@ -198,7 +198,7 @@ class NetloaderModelLoader(BaseModelLoader):
                 # A node without weight files now holds the seed's checkpoint.
                 self._identity = {**self._identity, "checkpoint": received.checkpoint}
             self._fetch_compile_cache(model, received.source)
-        state = load_state.changes(before, load_state.snapshot(model))
+        state = load_state.changes(before, load_state.snapshot(model), model)
         if state.changes or state.uncarried:
             logger.info(
                 "Netloader rank %d %s: loading set %s%s", self._rank, self._role,
