@@ -183,8 +183,8 @@ def check(model: "nn.Module", state: LoadState) -> None:
     """Raise LoadStateError unless every change applies to ``model`` as it is now:
     the module exists (found through submodules only, never a property), the
     attribute is no parameter, buffer or submodule, it holds the change's ``before``
-    (or is not set on the instance), and an attribute the class defines keeps its
-    type."""
+    (or is not set on the instance), an attribute the class defines keeps its type,
+    and the change is one Netloader carries (``_not_carried``)."""
     for change in state.changes:
         module = _submodule(model, change.module)
         name = clean(change.name, 200)
