@@ -78,9 +78,9 @@ def synthetic_model(gb: float, tensor_mb: float, fill: bool = True) -> nn.Module
 
 
 def _seed(ready: Any, conn: Any, gb: float, tensor_mb: float, cpu: int | None) -> None:
-    from vllm_ascend.model_loader.netloader.addresses import listen
     from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
-    from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
+    from vllm_ascend.model_loader.netloader.seed.server import SeedServer, SeedSettings
+    from vllm_ascend.model_loader.netloader.wire.addresses import listen
 
     pin(cpu)
     weights = LoadedWeights.capture(synthetic_model(gb, tensor_mb))
@@ -137,7 +137,7 @@ def netloader_once(
 ) -> dict[str, Any]:
     from vllm_ascend.model_loader.netloader.client import ClientSettings, WeightFetch
     from vllm_ascend.model_loader.netloader.manifest import model_tensors, spec_of
-    from vllm_ascend.model_loader.netloader.transfer import TransferStats
+    from vllm_ascend.model_loader.netloader.planes.transfer import TransferStats
 
     named = model_tensors(synthetic_model(gb, tensor_mb, fill=False))
     if not fresh:
@@ -227,8 +227,8 @@ GLOO_CHUNK = 64 << 20
 
 
 def _gloo_sender(port_q: Any, nbytes: int, cpu: int | None) -> None:
-    from vllm_ascend.model_loader.netloader.collective import SEED_RANK, group_link
-    from vllm_ascend.model_loader.netloader.protocol import Deadline
+    from vllm_ascend.model_loader.netloader.deadline import Deadline
+    from vllm_ascend.model_loader.netloader.planes.collective import SEED_RANK, group_link
 
     pin(cpu)
     payload = torch.ones(GLOO_CHUNK, dtype=torch.uint8)
@@ -253,8 +253,8 @@ def gloo_once(nbytes: int, sender_cpu: int | None) -> dict[str, float]:
     """The same bytes over a gloo group alone: two 64 MB chunks in flight into two
     reused, touched buffers; no staging, digest or copy. What is left between this and
     the collective plane is Netloader's own work; between this and ``link``, gloo's."""
-    from vllm_ascend.model_loader.netloader.collective import CLIENT_RANK, group_link
-    from vllm_ascend.model_loader.netloader.protocol import Deadline
+    from vllm_ascend.model_loader.netloader.deadline import Deadline
+    from vllm_ascend.model_loader.netloader.planes.collective import CLIENT_RANK, group_link
 
     with peer_process(_gloo_sender, nbytes, sender_cpu) as port_q:
         port = port_q.get(timeout=60)
@@ -277,7 +277,7 @@ def gloo_once(nbytes: int, sender_cpu: int | None) -> dict[str, float]:
 
 
 def _stream_sender(port_q: Any, nbytes: int, cpu: int | None) -> None:
-    from vllm_ascend.model_loader.netloader.stream import StreamLink
+    from vllm_ascend.model_loader.netloader.planes.stream import StreamLink
 
     pin(cpu)
     payload = torch.ones(GLOO_CHUNK, dtype=torch.uint8)
@@ -298,7 +298,7 @@ def stream_once(nbytes: int, sender_cpu: int | None) -> dict[str, float]:
     """The same bytes over the host plane's framing alone: 64 MB buckets, each header
     checked, read into two reused buffers by the link's reader thread; no digest or
     copy. The host plane's counterpart of ``gloo_once``."""
-    from vllm_ascend.model_loader.netloader.stream import StreamLink
+    from vllm_ascend.model_loader.netloader.planes.stream import StreamLink
 
     with peer_process(_stream_sender, nbytes, sender_cpu) as port_q:
         port = port_q.get(timeout=60)

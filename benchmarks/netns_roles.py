@@ -90,9 +90,9 @@ def role_seed(args: argparse.Namespace) -> None:
     MB/s or 'none', bucket MB), so capped and uncapped sends share everything else."""
     import torch
 
-    from vllm_ascend.model_loader.netloader.addresses import listen
     from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
-    from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
+    from vllm_ascend.model_loader.netloader.seed.server import SeedServer, SeedSettings
+    from vllm_ascend.model_loader.netloader.wire.addresses import listen
 
     torch.set_num_threads(1)
     weights = LoadedWeights.capture(build_model(args.gb, args.tensor_mb, fill=True))
@@ -124,11 +124,11 @@ def role_client(args: argparse.Namespace) -> None:
 
     With ``--relay`` each fetch offers a relay (as a starting instance does with
     RELAY): it serves until the next fetch or 'quit', so later clients can finish."""
-    from vllm_ascend.model_loader.netloader.addresses import listen
     from vllm_ascend.model_loader.netloader.client import ClientSettings, WeightFetch
     from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, model_tensors, spec_of
-    from vllm_ascend.model_loader.netloader.relay import RelayListener, RelayProgress
-    from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
+    from vllm_ascend.model_loader.netloader.seed.relay import RelayListener, RelayProgress
+    from vllm_ascend.model_loader.netloader.seed.server import SeedServer, SeedSettings
+    from vllm_ascend.model_loader.netloader.wire.addresses import listen
 
     named = model_tensors(build_model(args.gb, args.tensor_mb, fill=False))
     for _, t in named:
@@ -168,7 +168,7 @@ def role_prober(args: argparse.Namespace) -> None:
     """'info' round trips to a seed every PROBE_INTERVAL_S: what a user of the seed's
     host sees of its responsiveness (the seed's threads and its uplink's queue)."""
     from vllm_ascend.model_loader.netloader.client import query_seed
-    from vllm_ascend.model_loader.netloader.protocol import ProtocolError
+    from vllm_ascend.model_loader.netloader.wire.errors import ProtocolError
 
     samples: list[tuple[float, float, bool]] = []
     stop = threading.Event()

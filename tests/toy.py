@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from vllm_ascend.model_loader.netloader.addresses import listen
 from vllm_ascend.model_loader.netloader.client import ClientSettings, WeightFetch
 from vllm_ascend.model_loader.netloader.identity import LAYOUT_VERSION
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, model_tensors, spec_of
-from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
+from vllm_ascend.model_loader.netloader.seed.server import SeedServer, SeedSettings
+from vllm_ascend.model_loader.netloader.wire.addresses import listen
 
 IDENTITY: dict[str, Any] = {
     "model": "toy",
@@ -152,8 +152,6 @@ def count_metrics(folder: Any, monkeypatch: Any) -> None:
     monkeypatch.setenv(metrics.METRICS_DIR_ENV, str(folder))
     fresh = metrics.ProcessMetrics()
     monkeypatch.setattr(metrics, "METRICS", fresh)
-    for module in ("seed", "client", "loader"):
-        monkeypatch.setattr(f"vllm_ascend.model_loader.netloader.{module}.METRICS", fresh)
 
 
 def scrape(folder: Any) -> dict[tuple[str, tuple], float]:

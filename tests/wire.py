@@ -6,19 +6,12 @@ import socket
 import struct
 from typing import Any
 
-from vllm_ascend.model_loader.netloader.addresses import parse_address
-from vllm_ascend.model_loader.netloader.auth import new_nonce
+from vllm_ascend.model_loader.netloader.deadline import Deadline
 from vllm_ascend.model_loader.netloader.manifest import manifest_sha256, model_tensors, spec_of
-from vllm_ascend.model_loader.netloader.protocol import (
-    CHALLENGE,
-    MAGIC,
-    PROTOCOL_VERSION,
-    TCP,
-    Deadline,
-    ManifestSummary,
-    hello,
-    recv_msg,
-)
+from vllm_ascend.model_loader.netloader.wire.addresses import parse_address
+from vllm_ascend.model_loader.netloader.wire.auth import new_nonce
+from vllm_ascend.model_loader.netloader.wire.frames import MAGIC, PROTOCOL_VERSION, recv_msg
+from vllm_ascend.model_loader.netloader.wire.messages import CHALLENGE, TCP, ManifestSummary, hello
 
 
 def frame(msg: object, version: int = PROTOCOL_VERSION) -> bytes:

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from tests.toy import IDENTITY, SMALL_BUCKET, make_toy
-from vllm_ascend.model_loader.netloader.addresses import listen
 from vllm_ascend.model_loader.netloader.client import ClientSettings, WeightFetch
 from vllm_ascend.model_loader.netloader.manifest import (
     LoadedWeights,
@@ -21,9 +20,10 @@ from vllm_ascend.model_loader.netloader.manifest import (
     model_tensors,
     spec_of,
 )
-from vllm_ascend.model_loader.netloader.protocol import TCP
-from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
-from vllm_ascend.model_loader.netloader.seed_cache import Retained, Retention, retain
+from vllm_ascend.model_loader.netloader.seed.retention import Retained, Retention, retain
+from vllm_ascend.model_loader.netloader.seed.server import SeedServer, SeedSettings
+from vllm_ascend.model_loader.netloader.wire.addresses import listen
+from vllm_ascend.model_loader.netloader.wire.messages import TCP
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda", 0)

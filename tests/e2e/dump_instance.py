@@ -143,7 +143,7 @@ def spec_counts(llm: Any) -> dict[str, float]:
 def install_fault(fault: str) -> None:
     """Wrap the client's host data plane (``client.StreamLink``): the module seam."""
     from vllm_ascend.model_loader.netloader import client
-    from vllm_ascend.model_loader.netloader.stream import StreamLink
+    from vllm_ascend.model_loader.netloader.planes.stream import StreamLink
 
     class FaultyLink(StreamLink):
         def receive(self, sizes: Any) -> Iterator[torch.Tensor]:
@@ -160,10 +160,10 @@ def install_fault(fault: str) -> None:
 
 def serve_tampered() -> str:
     """Replace this process's seed with a hostile one (see the module doc)."""
-    from vllm_ascend.model_loader.netloader.addresses import listen
     from vllm_ascend.model_loader.netloader.loader import running_seeds
     from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, digest
-    from vllm_ascend.model_loader.netloader.seed import SeedServer
+    from vllm_ascend.model_loader.netloader.seed.server import SeedServer
+    from vllm_ascend.model_loader.netloader.wire.addresses import listen
 
     (own,) = running_seeds().values()
     weights = own.weights

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tools.vllm_server import VllmServer
-from vllm_ascend.model_loader.netloader.auth import new_nonce
+from vllm_ascend.model_loader.netloader.wire.auth import new_nonce
 
 PROMPTS = [
     "The quickest way to start a new server is",
@@ -107,7 +107,7 @@ def seed_hello(address: str, **fields: object) -> dict:
     replaced."""
     from vllm_ascend.model_loader.netloader.client import _ask, query_seed
     from vllm_ascend.model_loader.netloader.manifest import TensorSpec, manifest_sha256
-    from vllm_ascend.model_loader.netloader.protocol import (
+    from vllm_ascend.model_loader.netloader.wire.messages import (
         TCP,
         ManifestSummary,
         hello,

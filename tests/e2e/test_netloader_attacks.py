@@ -34,7 +34,8 @@ from tests.wire import challenge_of, frame, read
 from tools.make_tiny_model import main as make_tiny_model
 from tools.vllm_server import VllmServer
 from vllm_ascend.model_loader.netloader.client import query_seed
-from vllm_ascend.model_loader.netloader.protocol import ACCEPT, MAGIC, PROTOCOL_VERSION
+from vllm_ascend.model_loader.netloader.wire.frames import MAGIC, PROTOCOL_VERSION
+from vllm_ascend.model_loader.netloader.wire.messages import ACCEPT
 
 pytestmark = pytest.mark.e2e
 

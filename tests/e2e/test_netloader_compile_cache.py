@@ -14,7 +14,7 @@ import pytest
 from tests.e2e.helpers import SERVER_ARGS, address_of, greedy, start_all
 from tools.vllm_server import VllmServer
 from vllm_ascend.model_loader.netloader.client import query_seed
-from vllm_ascend.model_loader.netloader.compile_cache import AOT_SUBDIR
+from vllm_ascend.model_loader.netloader.compile_cache.naming import AOT_SUBDIR
 
 pytestmark = pytest.mark.e2e
 

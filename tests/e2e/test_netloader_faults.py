@@ -30,14 +30,10 @@ from tests.e2e.helpers import (
     start_all,
 )
 from tests.wire import challenge_of, frame, read
-from vllm_ascend.model_loader.netloader.auth import AuthError
 from vllm_ascend.model_loader.netloader.client import query_seed
-from vllm_ascend.model_loader.netloader.protocol import (
-    HELLO,
-    MAGIC,
-    PROTOCOL_VERSION,
-    REFUSE,
-)
+from vllm_ascend.model_loader.netloader.wire.auth import AuthError
+from vllm_ascend.model_loader.netloader.wire.frames import MAGIC, PROTOCOL_VERSION, REFUSE
+from vllm_ascend.model_loader.netloader.wire.messages import HELLO
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.e2e.helpers import address_of, greedy, netloader_server, start_all
 from tools.redis_server import RedisServer
 from vllm_ascend.model_loader.netloader.client import query_seed
-from vllm_ascend.model_loader.netloader.discovery import HEARTBEAT_S
+from vllm_ascend.model_loader.netloader.fleet.registry import HEARTBEAT_S
 
 pytestmark = pytest.mark.e2e
 

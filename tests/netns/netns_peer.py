@@ -40,10 +40,9 @@ def dns_client(name: str, seed_value: int, spread_key: str) -> None:
     import torch
 
     from tests.toy import fetch_for
-    from vllm_ascend.model_loader.netloader.addresses import parse_address
-    from vllm_ascend.model_loader.netloader.config import DnsSource
-    from vllm_ascend.model_loader.netloader.discovery import expand
+    from vllm_ascend.model_loader.netloader.fleet.dns import DnsSource, expand
     from vllm_ascend.model_loader.netloader.manifest import model_tensors
+    from vllm_ascend.model_loader.netloader.wire.addresses import parse_address
 
     candidates, notes = expand([DnsSource(*parse_address(name))], 0, spread_key)
     model = make_toy(None)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tools.netns import Topology
-from vllm_ascend.model_loader.netloader.discovery import spread
+from vllm_ascend.model_loader.netloader.fleet.dns import spread
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "seeds.netloader.test"

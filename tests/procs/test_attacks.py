@@ -24,17 +24,11 @@ from tests.toy import (
     wait_for,
 )
 from tests.wire import challenge_of, connect, frame, hello_for, read
-from vllm_ascend.model_loader.netloader.auth import new_nonce
 from vllm_ascend.model_loader.netloader.client import query_seed
 from vllm_ascend.model_loader.netloader.manifest import model_tensors
-from vllm_ascend.model_loader.netloader.protocol import (
-    ACCEPT,
-    MAGIC,
-    PROTOCOL_VERSION,
-    accept,
-    challenge,
-    data_header,
-)
+from vllm_ascend.model_loader.netloader.wire.auth import new_nonce
+from vllm_ascend.model_loader.netloader.wire.frames import MAGIC, PROTOCOL_VERSION, data_header
+from vllm_ascend.model_loader.netloader.wire.messages import ACCEPT, accept, challenge
 
 SECRET = b"attack-test-secret-0123456789"
 HEADER = struct.Struct("!4sBI")

@@ -9,22 +9,16 @@ import pytest
 from tests.procs.toy_seed import toy_seed
 from tests.toy import IDENTITY, assert_same_tensors, fetch_for, make_toy, untouched
 from tests.wire import challenge_of, connect, frame, hello_for, read
-from vllm_ascend.model_loader.netloader.auth import (
+from vllm_ascend.model_loader.netloader.client import query_seed
+from vllm_ascend.model_loader.netloader.wire.auth import (
     AuthError,
     client_proof,
     new_nonce,
     seed_proof,
 )
-from vllm_ascend.model_loader.netloader.client import query_seed
-from vllm_ascend.model_loader.netloader.protocol import (
-    ACCEPT,
-    HELLO,
-    INFO,
-    REFUSE,
-    ProtocolError,
-    accept,
-    challenge,
-)
+from vllm_ascend.model_loader.netloader.wire.errors import ProtocolError
+from vllm_ascend.model_loader.netloader.wire.frames import REFUSE
+from vllm_ascend.model_loader.netloader.wire.messages import ACCEPT, HELLO, INFO, accept, challenge
 
 SECRET = b"correct horse battery staple 42"
 WRONG = b"incorrect horse battery staple 4"

@@ -13,7 +13,9 @@ import torch
 
 from tests.toy import bf16_tensors
 from tests.wire import frame, tcp_pair
-from vllm_ascend.model_loader.netloader.collective import (
+from vllm_ascend.model_loader.netloader.deadline import Deadline, DeadlineExceeded
+from vllm_ascend.model_loader.netloader.manifest import digest, plan_buckets, spec_of
+from vllm_ascend.model_loader.netloader.planes.collective import (
     CHUNK_BYTES,
     CLIENT_RANK,
     RECV_DEPTH,
@@ -21,19 +23,14 @@ from vllm_ascend.model_loader.netloader.collective import (
     TunnelStore,
     group_link,
 )
-from vllm_ascend.model_loader.netloader.manifest import digest, plan_buckets, spec_of
-from vllm_ascend.model_loader.netloader.protocol import (
-    Deadline,
-    DeadlineExceeded,
-    ProtocolError,
-    store_record,
-)
-from vllm_ascend.model_loader.netloader.transfer import (
-    TransferError,
+from vllm_ascend.model_loader.netloader.planes.progress import TransferError
+from vllm_ascend.model_loader.netloader.planes.transfer import (
     TransferStats,
     recv_weights,
     send_weights,
 )
+from vllm_ascend.model_loader.netloader.wire.errors import ProtocolError
+from vllm_ascend.model_loader.netloader.wire.messages import store_record
 
 BUCKET = 64 << 10
 CPU = torch.device("cpu")

@@ -15,25 +15,23 @@ import blake3
 import pytest
 
 from tests.toy import serving
-from vllm_ascend.model_loader.netloader.auth import AuthError
-from vllm_ascend.model_loader.netloader.compile_cache import (
+from vllm_ascend.model_loader.netloader.compile_cache.fetching import (
     CACHE_ERRORS,
     CacheFetch,
     CacheRefused,
-    CacheRejected,
-    CacheServing,
-    NoCache,
     fetch,
+)
+from vllm_ascend.model_loader.netloader.compile_cache.naming import (
+    CacheRejected,
+    NoCache,
     host_signature,
-    list_cache,
 )
-from vllm_ascend.model_loader.netloader.handshake import open_as_seed
-from vllm_ascend.model_loader.netloader.protocol import (
-    CacheFile,
-    CacheRequest,
-    Deadline,
-    data_header,
-)
+from vllm_ascend.model_loader.netloader.compile_cache.serving import CacheServing, list_cache
+from vllm_ascend.model_loader.netloader.deadline import Deadline
+from vllm_ascend.model_loader.netloader.wire.auth import AuthError
+from vllm_ascend.model_loader.netloader.wire.frames import data_header
+from vllm_ascend.model_loader.netloader.wire.handshake import open_as_seed
+from vllm_ascend.model_loader.netloader.wire.messages import CacheFile, CacheRequest
 
 H = "a" * 64
 H2 = "b" * 64
@@ -246,7 +244,7 @@ def test_seed_swapping_a_file_for_a_symlink_after_listing_sends_nothing_else(tmp
     secret = tmp_path / "outside"
     secret.write_bytes(b"x = 1\n")
     target.symlink_to(secret)
-    from vllm_ascend.model_loader.netloader.compile_cache import send_files
+    from vllm_ascend.model_loader.netloader.compile_cache.serving import send_files
 
     a, b = socket.socketpair()
     with a, b, pytest.raises(OSError) as raised:
@@ -264,7 +262,7 @@ def test_seed_swapping_a_file_for_a_fifo_after_listing_fails_at_once(tmp_path):
     target = seed_root / f"{H}/inductor_cache/fm/cfm.py"
     target.unlink()
     os.mkfifo(target)
-    from vllm_ascend.model_loader.netloader.compile_cache import send_files
+    from vllm_ascend.model_loader.netloader.compile_cache.serving import send_files
 
     a, b = socket.socketpair()
     result: list[BaseException] = []

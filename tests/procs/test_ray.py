@@ -19,7 +19,7 @@ import pytest
 
 from tools.vllm_server import free_port
 from vllm_ascend.model_loader.netloader import RAY_EXTRA_VARS, carry_secret_to_ray_workers
-from vllm_ascend.model_loader.netloader.auth import SECRET_ENV
+from vllm_ascend.model_loader.netloader.wire.auth import SECRET_ENV
 
 SECRET = "ray-test-secret-0123456789abcdef"
 RAY = Path(sys.executable).with_name("ray")

@@ -13,7 +13,7 @@ import redis
 
 from tests.toy import IDENTITY, fetch_for, make_toy, serving, wait_for
 from tools.redis_server import RedisServer
-from vllm_ascend.model_loader.netloader.discovery import (
+from vllm_ascend.model_loader.netloader.fleet.registry import (
     Announcer,
     RedisRegistry,
     RegistryError,

@@ -24,8 +24,6 @@ from tests.toy import (
     wait_for,
 )
 from tests.wire import challenge_of, connect, frame, hello_for, read
-from vllm_ascend.model_loader.netloader.addresses import listen
-from vllm_ascend.model_loader.netloader.auth import new_nonce
 from vllm_ascend.model_loader.netloader.client import Received, WeightFetch, query_seed
 from vllm_ascend.model_loader.netloader.manifest import (
     LoadedWeights,
@@ -33,16 +31,18 @@ from vllm_ascend.model_loader.netloader.manifest import (
     plan_buckets,
     spec_of,
 )
-from vllm_ascend.model_loader.netloader.protocol import (
+from vllm_ascend.model_loader.netloader.seed.relay import RelayListener, RelayProgress
+from vllm_ascend.model_loader.netloader.seed.server import SeedServer, SeedSettings
+from vllm_ascend.model_loader.netloader.wire.addresses import listen
+from vllm_ascend.model_loader.netloader.wire.auth import new_nonce
+from vllm_ascend.model_loader.netloader.wire.frames import REFUSE
+from vllm_ascend.model_loader.netloader.wire.messages import (
     ACCEPT,
-    REFUSE,
     TCP,
     Accept,
     challenge,
     redirect,
 )
-from vllm_ascend.model_loader.netloader.relay import RelayListener, RelayProgress
-from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
 
 # The toy model is about 1.3 MB: at this cap a transfer from the seed lasts about 3 s,
 # so the clients a test starts meanwhile find the seed still sending.

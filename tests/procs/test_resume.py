@@ -18,10 +18,11 @@ from tests.toy import (
     wait_for,
 )
 from tests.wire import challenge_of, connect, frame, hello_for, read, summary_of
-from vllm_ascend.model_loader.netloader.auth import new_nonce
 from vllm_ascend.model_loader.netloader.client import query_seed
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, model_tensors
-from vllm_ascend.model_loader.netloader.protocol import REFUSE, accept, challenge
+from vllm_ascend.model_loader.netloader.wire.auth import new_nonce
+from vllm_ascend.model_loader.netloader.wire.frames import REFUSE
+from vllm_ascend.model_loader.netloader.wire.messages import accept, challenge
 
 PLANES = ["tcp", "collective"]
 

@@ -23,7 +23,8 @@ from tests.toy import (
 from tests.wire import challenge_of, connect, frame, hello_for, read
 from vllm_ascend.model_loader.netloader.client import Received, WeightFetch, query_seed
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, model_tensors
-from vllm_ascend.model_loader.netloader.protocol import ACCEPT, HELLO, REFUSE
+from vllm_ascend.model_loader.netloader.wire.frames import REFUSE
+from vllm_ascend.model_loader.netloader.wire.messages import ACCEPT, HELLO
 
 PLANES = ["tcp", "collective"]
 

@@ -15,8 +15,8 @@ from tests.toy import IDENTITY, SMALL_BUCKET, make_toy
 def flip_one_byte_in_first_transfer() -> None:
     """Test seam at seed -> transfer: the first transfer sends a copy of the largest
     tensor with a single flipped bit, under the digests of the true values."""
-    from vllm_ascend.model_loader.netloader import seed
     from vllm_ascend.model_loader.netloader.manifest import byte_view
+    from vllm_ascend.model_loader.netloader.seed import server as seed
 
     send = seed.send_weights
     done: list[bool] = []
@@ -36,7 +36,7 @@ def flip_one_byte_in_first_transfer() -> None:
 def die_after_buckets(n: int) -> None:
     """Test seam at seed -> transfer: the process exits (as if killed) when its first
     transfer is about to send bucket ``n``, once buckets 0 .. n-1 have left."""
-    from vllm_ascend.model_loader.netloader import seed
+    from vllm_ascend.model_loader.netloader.seed import server as seed
 
     send = seed.send_weights
 
@@ -60,9 +60,9 @@ def die_after_buckets(n: int) -> None:
 
 
 def _serve(ready: Any, stop: Any, seed_value: int, options: dict[str, Any]) -> None:
-    from vllm_ascend.model_loader.netloader.addresses import listen
     from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
-    from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
+    from vllm_ascend.model_loader.netloader.seed.server import SeedServer, SeedSettings
+    from vllm_ascend.model_loader.netloader.wire.addresses import listen
 
     if options.pop("corrupt_first"):
         flip_one_byte_in_first_transfer()

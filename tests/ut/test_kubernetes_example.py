@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vllm_ascend.model_loader.netloader.config import DnsSource, parse_config
-from vllm_ascend.model_loader.netloader.discovery import parse_registry_url
+from vllm_ascend.model_loader.netloader.config import parse_config
+from vllm_ascend.model_loader.netloader.fleet.dns import DnsSource
+from vllm_ascend.model_loader.netloader.fleet.registry import parse_registry_url
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "netloader" / "kubernetes"
 MOUNT_ROOT = "/etc/netloader"

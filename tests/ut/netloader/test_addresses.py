@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from vllm_ascend.model_loader.netloader.addresses import (
+from vllm_ascend.model_loader.netloader.wire.addresses import (
     AddressError,
     format_address,
     is_host_name,

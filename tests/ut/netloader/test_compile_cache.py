@@ -6,17 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from vllm_ascend.model_loader.netloader.compile_cache import (
-    CacheRejected,
-    allow_cpu_aot_load,
-    host_signature,
-    list_cache,
-)
+from vllm_ascend.model_loader.netloader.compile_cache.cpu_aot_shim import allow_cpu_aot_load
+from vllm_ascend.model_loader.netloader.compile_cache.naming import CacheRejected, host_signature
+from vllm_ascend.model_loader.netloader.compile_cache.serving import list_cache
 from vllm_ascend.model_loader.netloader.config import NetloaderConfigError, parse_config
-from vllm_ascend.model_loader.netloader.protocol import (
+from vllm_ascend.model_loader.netloader.wire.errors import ProtocolError
+from vllm_ascend.model_loader.netloader.wire.messages import (
     MAX_CACHE_NAMES,
     CacheRequest,
-    ProtocolError,
     parse_compile_cache_reply,
     parse_request,
 )
@@ -240,7 +237,7 @@ def test_names_follow_vllms_recipe_for_every_kv_cache_layout():
     from vllm.config import VllmConfig
     from vllm.v1.attention.backends.utils import record_kv_cache_layout
 
-    from vllm_ascend.model_loader.netloader.compile_cache import module_hashes
+    from vllm_ascend.model_loader.netloader.compile_cache.naming import module_hashes
 
     class Compiled(nn.Module):
         def forward(self, x):

@@ -9,8 +9,8 @@ import threading
 import torch
 
 from tests.toy import fetch_for, make_toy, serving
-from vllm_ascend.model_loader.netloader import seed as seed_module
 from vllm_ascend.model_loader.netloader.client import query_seed
+from vllm_ascend.model_loader.netloader.seed import server as seed_module
 
 
 def test_every_connection_thread_makes_the_captured_device_current(monkeypatch):

@@ -8,21 +8,23 @@ from collections import Counter
 
 import pytest
 
-from vllm_ascend.model_loader.netloader import discovery
 from vllm_ascend.model_loader.netloader.config import (
-    DnsSource,
     NetloaderConfigError,
     SourceEntry,
     parse_config,
 )
-from vllm_ascend.model_loader.netloader.discovery import (
+from vllm_ascend.model_loader.netloader.fleet import dns, registry
+from vllm_ascend.model_loader.netloader.fleet.dns import (
     DiscoveryError,
-    SeedRecord,
+    DnsSource,
     expand,
-    model_key,
-    registry_candidates,
     resolve,
     spread,
+)
+from vllm_ascend.model_loader.netloader.fleet.registry import (
+    SeedRecord,
+    model_key,
+    registry_candidates,
 )
 
 CHECKPOINT = "c" * 64
@@ -71,7 +73,7 @@ def test_a_malformed_registry_is_a_config_error(url):
 
 def test_a_registry_url_is_kept():
     assert parse_config({"REGISTRY": "redis://[::1]:6380/2"}).registry == "redis://[::1]:6380/2"
-    assert discovery.parse_registry_url("redis://seeds-registry") == ("seeds-registry", 6379, 0)
+    assert registry.parse_registry_url("redis://seeds-registry") == ("seeds-registry", 6379, 0)
 
 
 def test_rendezvous_order_is_stable_per_key_and_spreads_over_keys():
@@ -139,7 +141,7 @@ def test_a_resolver_that_hangs_costs_its_timeout(monkeypatch):
         release.wait(30)
         raise socket.gaierror("released")
 
-    monkeypatch.setattr(discovery.socket, "getaddrinfo", hangs)
+    monkeypatch.setattr(dns.socket, "getaddrinfo", hangs)
     start = time.monotonic()
     try:
         with pytest.raises(DiscoveryError, match="did not resolve within 0.3 s"):

@@ -10,7 +10,6 @@ import torch
 from tests.toy import IDENTITY, fetch_for, make_toy, serving
 from tools.make_tiny_model import main as make_tiny_model
 from tools.vllm_server import free_port
-from vllm_ascend.model_loader.netloader.addresses import listen
 from vllm_ascend.model_loader.netloader.client import WeightFetch
 from vllm_ascend.model_loader.netloader.config import NetloaderConfigError, parse_config
 from vllm_ascend.model_loader.netloader.identity import identity_difference, model_identity
@@ -21,7 +20,8 @@ from vllm_ascend.model_loader.netloader.manifest import (
     LoadedWeights,
     model_tensors,
 )
-from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
+from vllm_ascend.model_loader.netloader.seed.server import SeedServer, SeedSettings
+from vllm_ascend.model_loader.netloader.wire.addresses import listen
 
 # --- config: DRAFT_SOURCE and DRAFT_LISTEN_PORT ------------------------------------------
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.toy import serving
 from vllm_ascend.model_loader.netloader.client import query_seed
-from vllm_ascend.model_loader.netloader.listener import Connection, Listener
+from vllm_ascend.model_loader.netloader.seed.listener import Connection, Listener
 
 
 class FlakySocket:

@@ -12,10 +12,10 @@ from torch import nn
 
 from tests.toy import IDENTITY, SMALL_BUCKET, fetch_for, make_toy, untouched
 from vllm_ascend.model_loader.netloader import load_state
-from vllm_ascend.model_loader.netloader.addresses import listen
 from vllm_ascend.model_loader.netloader.load_state import Change, LoadState, LoadStateError
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
-from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
+from vllm_ascend.model_loader.netloader.seed.server import SeedServer, SeedSettings
+from vllm_ascend.model_loader.netloader.wire.addresses import listen
 
 
 class Head(nn.Module):

@@ -9,26 +9,21 @@ import time
 import pytest
 
 from tests.wire import tcp_pair
-from vllm_ascend.model_loader.netloader import protocol
-from vllm_ascend.model_loader.netloader.protocol import (
-    MAGIC,
-    PROTOCOL_VERSION,
-    REFUSE,
-    Deadline,
-    DeadlineExceeded,
-    ProtocolError,
-    field,
-)
+from vllm_ascend.model_loader.netloader.deadline import Deadline, DeadlineExceeded
+from vllm_ascend.model_loader.netloader.wire import errors, frames, messages
+from vllm_ascend.model_loader.netloader.wire.errors import ProtocolError
+from vllm_ascend.model_loader.netloader.wire.frames import MAGIC, PROTOCOL_VERSION, REFUSE
+from vllm_ascend.model_loader.netloader.wire.messages import field
 
 CAP = 1 << 20
 
 
 def recv_msg(sock, expect=None, cap=CAP, seconds=5.0):
-    return protocol.recv_msg(sock, Deadline(seconds, "test"), cap, expect)
+    return frames.recv_msg(sock, Deadline(seconds, "test"), cap, expect)
 
 
 def send_msg(sock, msg):
-    protocol.send_msg(sock, msg, Deadline(5.0, "test"))
+    frames.send_msg(sock, msg, Deadline(5.0, "test"))
 
 # Built here, not taken from the module, so the tests pin the wire format.
 HEADER = struct.Struct("!4sBI")
@@ -161,7 +156,7 @@ def test_length_at_the_cap_is_read(pair):
 
 
 def test_a_seed_reads_at_most_a_few_kib_from_any_peer():
-    assert protocol.MAX_REQUEST_BYTES <= 16 * 1024
+    assert frames.MAX_REQUEST_BYTES <= 16 * 1024
 
 
 @pytest.mark.parametrize(
@@ -274,7 +269,7 @@ def test_an_expired_deadline_fails_before_any_io(pair):
     time.sleep(0.05)
     a.sendall(frame(b'{"type":"done"}'))
     with pytest.raises(DeadlineExceeded):
-        protocol.recv_msg(b, deadline, CAP)
+        frames.recv_msg(b, deadline, CAP)
 
 
 def test_send_to_closed_peer_raises_oserror():
@@ -336,7 +331,7 @@ def test_send_last_waits_for_a_peer_that_is_done_sending():
     with sender, peer:
         sender.sendall(b"x" * 100_000)  # more than the other side will ever read
         sender.shutdown(socket.SHUT_WR)
-        protocol.send_last(peer, {"type": REFUSE, "reason": "bad request"}, Deadline(5, "t"))
+        frames.send_last(peer, {"type": REFUSE, "reason": "bad request"}, Deadline(5, "t"))
         peer.close()
         got = b""
         while chunk := sender.recv(4096):  # a reset here would raise and lose the refusal
@@ -345,15 +340,15 @@ def test_send_last_waits_for_a_peer_that_is_done_sending():
 
 
 def test_send_last_gives_up_on_a_peer_that_keeps_sending(monkeypatch):
-    monkeypatch.setattr(protocol, "_LINGER_BYTES", 1 << 16)
+    monkeypatch.setattr(frames, "_LINGER_BYTES", 1 << 16)
     sender, peer = tcp_pair()
     with sender, peer:
         sender.setblocking(False)
         sender.send(b"x" * (1 << 18))  # fills buffers past the linger budget; never closes
         begun = time.monotonic()
-        protocol.send_last(peer, {"type": REFUSE, "reason": "bad request"}, Deadline(5, "t"))
+        frames.send_last(peer, {"type": REFUSE, "reason": "bad request"}, Deadline(5, "t"))
         # Bounded by the byte budget, not by the peer: it returns although data still flows.
-        assert time.monotonic() - begun < protocol._LINGER_S + 1.0
+        assert time.monotonic() - begun < frames._LINGER_S + 1.0
         assert sender.recv(1 << 16)[:4] == MAGIC
 
 
@@ -361,17 +356,17 @@ def test_send_last_gives_up_on_a_peer_that_keeps_sending(monkeypatch):
 
 NONCE = "0123456789abcdef" * 2
 GOOD_HELLO = {
-    **protocol.hello(
-        {"model": "m"}, protocol.ManifestSummary(3, 30, "a" * 64), 7001, False, ("tcp",)
+    **messages.hello(
+        {"model": "m"}, messages.ManifestSummary(3, 30, "a" * 64), 7001, False, ("tcp",)
     ),
     "nonce": NONCE,
 }
 
 
 def test_a_hello_parses_into_its_request():
-    request = protocol.parse_request(GOOD_HELLO)
+    request = messages.parse_request(GOOD_HELLO)
     assert (request.kind, request.relay_port, request.direct) == ("hello", 7001, False)
-    assert request.manifest == protocol.ManifestSummary(3, 30, "a" * 64)
+    assert request.manifest == messages.ManifestSummary(3, 30, "a" * 64)
     assert request.data_planes == ("tcp",) and request.wire is GOOD_HELLO
 
 
@@ -408,40 +403,40 @@ def test_a_hello_parses_into_its_request():
 )
 def test_a_hostile_hello_is_a_protocol_error(change):
     with pytest.raises(ProtocolError):
-        protocol.parse_request({**GOOD_HELLO, **change})
+        messages.parse_request({**GOOD_HELLO, **change})
 
 
 def accept_of(**change):
-    return {**protocol.accept(["d" * 64] * 3, 1 << 20, "tcp", "c" * 64), **change}
+    return {**messages.accept(["d" * 64] * 3, 1 << 20, "tcp", "c" * 64), **change}
 
 
 def test_an_accept_parses_against_what_was_asked():
-    got = protocol.parse_accept(accept_of(), 3, ("tcp",), 1 << 30)
-    assert got == protocol.Accept(["d" * 64] * 3, 1 << 20, "tcp", "c" * 64)
+    got = messages.parse_accept(accept_of(), 3, ("tcp",), 1 << 30)
+    assert got == messages.Accept(["d" * 64] * 3, 1 << 20, "tcp", "c" * 64)
 
 
 def test_a_resume_round_trips_and_the_accept_may_start_where_it_was_offered():
-    resume = protocol.Resume(2, "a" * 64)
-    msg = {**protocol.hello({"model": "m"}, protocol.ManifestSummary(3, 30, "a" * 64), None,
+    resume = messages.Resume(2, "a" * 64)
+    msg = {**messages.hello({"model": "m"}, messages.ManifestSummary(3, 30, "a" * 64), None,
                             False, ("tcp",), resume=resume), "nonce": NONCE}
-    assert protocol.parse_request(msg).resume == resume
-    assert protocol.parse_request(GOOD_HELLO).resume is None
-    assert protocol.parse_accept(accept_of(start=2), 3, ("tcp",), 1 << 30, 2).start == 2
-    assert protocol.parse_accept(accept_of(start=0), 3, ("tcp",), 1 << 30, 2).start == 0
+    assert messages.parse_request(msg).resume == resume
+    assert messages.parse_request(GOOD_HELLO).resume is None
+    assert messages.parse_accept(accept_of(start=2), 3, ("tcp",), 1 << 30, 2).start == 2
+    assert messages.parse_accept(accept_of(start=0), 3, ("tcp",), 1 << 30, 2).start == 0
     # A seed that predates resuming sends no start: it sends everything.
     old = {k: v for k, v in accept_of().items() if k != "start"}
-    assert protocol.parse_accept(old, 3, ("tcp",), 1 << 30, 2).start == 0
+    assert messages.parse_accept(old, 3, ("tcp",), 1 << 30, 2).start == 0
 
 
 def test_an_accept_carries_the_load_state_and_must_carry_one():
     state = [["", "has_own_embed_tokens", False, None, True]]
-    got = protocol.parse_accept(accept_of(state=state), 3, ("tcp",), 1 << 30)
+    got = messages.parse_accept(accept_of(state=state), 3, ("tcp",), 1 << 30)
     assert got.state.describe() == ["has_own_embed_tokens=True"]
     without = {k: v for k, v in accept_of().items() if k != "state"}
     with pytest.raises(ProtocolError, match="state"):
-        protocol.parse_accept(without, 3, ("tcp",), 1 << 30)
+        messages.parse_accept(without, 3, ("tcp",), 1 << 30)
     with pytest.raises(ProtocolError, match="malformed load state"):
-        protocol.parse_accept(accept_of(state=[["", "x", False, None, {"a": 1}]]), 3,
+        messages.parse_accept(accept_of(state=[["", "x", False, None, {"a": 1}]]), 3,
                               ("tcp",), 1 << 30)
 
 
@@ -450,7 +445,7 @@ def test_an_accept_that_starts_where_the_client_did_not_offer_is_a_protocol_erro
     start, offered
 ):
     with pytest.raises(ProtocolError):
-        protocol.parse_accept(accept_of(start=start), 3, ("tcp",), 1 << 30, offered)
+        messages.parse_accept(accept_of(start=start), 3, ("tcp",), 1 << 30, offered)
 
 
 @pytest.mark.parametrize(
@@ -473,7 +468,7 @@ def test_an_accept_that_starts_where_the_client_did_not_offer_is_a_protocol_erro
 )
 def test_a_hostile_accept_is_a_protocol_error(change):
     with pytest.raises(ProtocolError):
-        protocol.parse_accept(accept_of(**change), 3, ("tcp",), 1 << 30)
+        messages.parse_accept(accept_of(**change), 3, ("tcp",), 1 << 30)
 
 
 @pytest.mark.parametrize(
@@ -494,21 +489,21 @@ def test_a_hostile_accept_is_a_protocol_error(change):
 )
 def test_a_hostile_redirect_is_a_protocol_error(relay):
     with pytest.raises(ProtocolError):
-        protocol.parse_redirect(protocol.redirect(relay, "f" * 64))  # type: ignore[arg-type]
+        messages.parse_redirect(messages.redirect(relay, "f" * 64))  # type: ignore[arg-type]
 
 
 def test_a_redirect_must_name_the_value_fingerprint():
-    assert protocol.parse_redirect(protocol.redirect("[::1]:7000", "f" * 64)) == (
+    assert messages.parse_redirect(messages.redirect("[::1]:7000", "f" * 64)) == (
         "[::1]:7000", "f" * 64
     )
     with pytest.raises(ProtocolError):
-        protocol.parse_redirect({"type": "redirect", "relay": "h:1", "value_fingerprint": "0"})
+        messages.parse_redirect({"type": "redirect", "relay": "h:1", "value_fingerprint": "0"})
 
 
 @pytest.mark.parametrize("nonce", ["", "g" * 32, NONCE + "0", None, 5])
 def test_a_hostile_challenge_is_a_protocol_error(nonce):
     with pytest.raises(ProtocolError):
-        protocol.parse_challenge({"type": "challenge", "nonce": nonce, "auth": False})
+        messages.parse_challenge({"type": "challenge", "nonce": nonce, "auth": False})
 
 
 # --- bulk-data headers ---------------------------------------------------------------------
@@ -516,32 +511,32 @@ def test_a_hostile_challenge_is_a_protocol_error(nonce):
 
 def test_a_bucket_header_must_match_the_plan(pair):
     a, b = pair
-    header = protocol.data_header(3, 1000)
-    protocol.parse_data_header(header, 3, 1000, b, Deadline(1, "t"))
+    header = frames.data_header(3, 1000)
+    frames.parse_data_header(header, 3, 1000, b, Deadline(1, "t"))
     for index, length in [(4, 1000), (3, 1001), (3, 2**63)]:
         with pytest.raises(ProtocolError, match="where the plan has bucket 3 of 1000 bytes"):
-            protocol.parse_data_header(
-                protocol.data_header(index, length), 3, 1000, b, Deadline(1, "t")
+            frames.parse_data_header(
+                frames.data_header(index, length), 3, 1000, b, Deadline(1, "t")
             )
     with pytest.raises(ProtocolError, match="bad data magic"):
-        protocol.parse_data_header(b"XXXX" + header[4:], 3, 1000, b, Deadline(1, "t"))
+        frames.parse_data_header(b"XXXX" + header[4:], 3, 1000, b, Deadline(1, "t"))
 
 
 def test_an_abort_frame_carries_the_senders_reason(pair):
     a, b = pair
-    frame_ = protocol.abort_frame("relay stalled")
-    a.sendall(frame_[protocol.DATA_HEADER_BYTES:])
+    frame_ = frames.abort_frame("relay stalled")
+    a.sendall(frame_[frames.DATA_HEADER_BYTES:])
     with pytest.raises(ProtocolError, match="sender aborted at bucket 2: relay stalled"):
-        protocol.parse_data_header(
-            frame_[: protocol.DATA_HEADER_BYTES], 2, 10, b, Deadline(1, "t")
+        frames.parse_data_header(
+            frame_[: frames.DATA_HEADER_BYTES], 2, 10, b, Deadline(1, "t")
         )
 
 
 def test_an_abort_frame_with_an_overlong_reason_is_not_read(pair):
     a, b = pair
-    header = struct.pack("!4sIQ", protocol.DATA_MAGIC, protocol.ABORT, 2**40)
+    header = struct.pack("!4sIQ", frames.DATA_MAGIC, frames.ABORT, 2**40)
     with pytest.raises(ProtocolError, match="over-long reason"):
-        protocol.parse_data_header(header, 0, 10, b, Deadline(1, "t"))
+        frames.parse_data_header(header, 0, 10, b, Deadline(1, "t"))
 
 
 # --- review findings: peer strings that broke the client or the logs ----------------------
@@ -554,13 +549,13 @@ def test_an_abort_frame_with_an_overlong_reason_is_not_read(pair):
 )
 def test_a_lone_surrogate_or_a_newline_in_a_request_is_a_protocol_error(change):
     with pytest.raises(ProtocolError):
-        protocol.parse_request({**GOOD_HELLO, **change})
+        messages.parse_request({**GOOD_HELLO, **change})
 
 
 def test_a_lone_surrogate_in_a_digest_is_a_protocol_error():
     digests = ["d" * 63 + "\ud800", "d" * 64, "d" * 64]
     with pytest.raises(ProtocolError):
-        protocol.parse_accept(accept_of(digests=digests), 3, ("tcp",), 1 << 30)
+        messages.parse_accept(accept_of(digests=digests), 3, ("tcp",), 1 << 30)
 
 
 @pytest.mark.parametrize(
@@ -570,21 +565,21 @@ def test_a_lone_surrogate_in_a_digest_is_a_protocol_error():
 )
 def test_a_redirect_names_an_ip_with_a_short_zone(relay):
     with pytest.raises(ProtocolError):
-        protocol.parse_redirect(protocol.redirect(relay, "f" * 64))
+        messages.parse_redirect(messages.redirect(relay, "f" * 64))
 
 
 def test_peer_text_reaches_logs_as_printable_ascii():
-    reason = protocol.text({"reason": "a\nb\x1b[31m\ud800é" + "x" * 5000}, "reason")
+    reason = errors.text({"reason": "a\nb\x1b[31m\ud800é" + "x" * 5000}, "reason")
     assert reason.isascii() and reason.isprintable() and "\n" not in reason
     assert reason.startswith("a\\nb\\x1b[31m\\ud800\\xe9") and len(reason) < 5000
-    done = protocol.done(False, "é" * 5000)
-    assert len(json.dumps(done)) < protocol.MAX_REQUEST_BYTES
+    done = messages.done(False, "é" * 5000)
+    assert len(json.dumps(done)) < frames.MAX_REQUEST_BYTES
 
 
 def test_a_hostile_resume_is_refused_in_a_short_reason_that_names_the_field():
     huge = {**GOOD_HELLO, "resume": {"start": 10**4000, "values": "a" * 64}}
     with pytest.raises(ProtocolError) as e:
-        protocol.parse_request(huge)
+        messages.parse_request(huge)
     assert len(str(e.value)) < 100
     with pytest.raises(ProtocolError, match="'resume'"):
-        protocol.parse_request({**GOOD_HELLO, "resume": {"start": "1", "values": "a" * 64}})
+        messages.parse_request({**GOOD_HELLO, "resume": {"start": "1", "values": "a" * 64}})

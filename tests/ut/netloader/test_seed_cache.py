@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from tests.toy import IDENTITY, SMALL_BUCKET, fetch_for, make_toy, untouched
-from vllm_ascend.model_loader.netloader.addresses import listen
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, byte_view
-from vllm_ascend.model_loader.netloader.seed import SeedServer, SeedSettings
-from vllm_ascend.model_loader.netloader.seed_cache import Retained, Retention, retain
+from vllm_ascend.model_loader.netloader.seed.retention import Retained, Retention, retain
+from vllm_ascend.model_loader.netloader.seed.server import SeedServer, SeedSettings
+from vllm_ascend.model_loader.netloader.wire.addresses import listen
 
 
 def processed(seed: int) -> tuple[torch.nn.Module, LoadedWeights]:

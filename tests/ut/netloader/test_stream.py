@@ -12,14 +12,11 @@ import torch
 from tests.toy import bf16_tensors
 from tests.wire import tcp_pair
 from vllm_ascend.model_loader.netloader.manifest import digest, plan_buckets, spec_of
-from vllm_ascend.model_loader.netloader.protocol import ProtocolError, abort_frame, data_header
-from vllm_ascend.model_loader.netloader.stream import StreamLink
-from vllm_ascend.model_loader.netloader.transfer import (
-    PROGRESS_BYTES,
-    TransferError,
-    recv_weights,
-    send_weights,
-)
+from vllm_ascend.model_loader.netloader.planes.progress import PROGRESS_BYTES, TransferError
+from vllm_ascend.model_loader.netloader.planes.stream import StreamLink
+from vllm_ascend.model_loader.netloader.planes.transfer import recv_weights, send_weights
+from vllm_ascend.model_loader.netloader.wire.errors import ProtocolError
+from vllm_ascend.model_loader.netloader.wire.frames import abort_frame, data_header
 
 BUCKET = 256 << 10
 
@@ -114,7 +111,7 @@ def test_a_slow_sender_that_keeps_progressing_finishes_past_the_limit():
     assert TOTAL > 2 * PROGRESS_BYTES
 
     def slow() -> None:
-        from vllm_ascend.model_loader.netloader.transfer import Pacer
+        from vllm_ascend.model_loader.netloader.planes.progress import Pacer
 
         send_weights(StreamLink(a, 5.0, TOTAL, Pacer(PROGRESS_BYTES / 0.6)), model(1), SPECS,
                      BUCKET)
@@ -192,7 +189,7 @@ def test_extra_bytes_after_the_last_bucket_are_never_read():
 def test_a_sender_that_moves_just_enough_still_meets_the_transfers_deadline():
     # 1 MiB every 0.8 s passes a 1 s no-progress window for ever; the transfer's
     # deadline (TIMEOUT + size at the minimum rate) still ends it.
-    from vllm_ascend.model_loader.netloader.transfer import Pacer
+    from vllm_ascend.model_loader.netloader.planes.progress import Pacer
 
     a, b = tcp_pair()
 
@@ -246,7 +243,7 @@ def test_a_receiver_that_reads_a_bucket_of_small_tensors_drop_by_drop_is_cut_off
 
 def test_keepalives_renew_the_window_and_only_the_deadline_ends_them():
     a, b = tcp_pair()
-    from vllm_ascend.model_loader.netloader.protocol import keepalive_frame
+    from vllm_ascend.model_loader.netloader.wire.frames import keepalive_frame
 
     def keep_alive_forever() -> None:
         try:

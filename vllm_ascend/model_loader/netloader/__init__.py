@@ -35,7 +35,7 @@ def carry_secret_to_ray_workers() -> None:
     so that vLLM's Ray executors hand it to every worker, as the multiprocessing
     executor does by inheritance. vLLM loads plugins in the driver and in the engine
     core before it builds an executor, so this runs before the variables are copied."""
-    from vllm_ascend.model_loader.netloader.auth import SECRET_ENV
+    from vllm_ascend.model_loader.netloader.wire.auth import SECRET_ENV
 
     if SECRET_ENV not in os.environ:
         return

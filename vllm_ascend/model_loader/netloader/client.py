@@ -19,11 +19,8 @@ import torch
 from torch import nn
 from vllm.logger import logger
 
-from vllm_ascend.model_loader.netloader import load_state
-from vllm_ascend.model_loader.netloader.addresses import AddressError, parse_address
-from vllm_ascend.model_loader.netloader.auth import AuthError
-from vllm_ascend.model_loader.netloader.collective import CLIENT_RANK, group_link
-from vllm_ascend.model_loader.netloader.handshake import ask_seed
+from vllm_ascend.model_loader.netloader import load_state, metrics
+from vllm_ascend.model_loader.netloader.deadline import Deadline
 from vllm_ascend.model_loader.netloader.load_state import NO_STATE, LoadState
 from vllm_ascend.model_loader.netloader.manifest import (
     TensorSpec,
@@ -31,19 +28,36 @@ from vllm_ascend.model_loader.netloader.manifest import (
     manifest_sha256,
     value_fingerprint,
 )
-from vllm_ascend.model_loader.netloader.metrics import METRICS
-from vllm_ascend.model_loader.netloader.protocol import (
-    ACCEPT,
+from vllm_ascend.model_loader.netloader.planes.collective import CLIENT_RANK, group_link
+from vllm_ascend.model_loader.netloader.planes.progress import (
+    DEFAULT_MIN_RATE_BYTES_PER_S,
+    TransferError,
+    transfer_deadline_s,
+)
+from vllm_ascend.model_loader.netloader.planes.stream import StreamLink
+from vllm_ascend.model_loader.netloader.planes.transfer import (
+    TransferStats,
+    bytes_from,
+    recv_weights,
+)
+from vllm_ascend.model_loader.netloader.seed.relay import RelayListener, RelayProgress
+from vllm_ascend.model_loader.netloader.wire.addresses import AddressError, parse_address
+from vllm_ascend.model_loader.netloader.wire.auth import AuthError
+from vllm_ascend.model_loader.netloader.wire.errors import ProtocolError, clean, text
+from vllm_ascend.model_loader.netloader.wire.frames import (
     MANIFEST_BYTES_PER_TENSOR,
-    REDIRECT,
     REFUSE,
+    reply_cap,
+    send_msg,
+)
+from vllm_ascend.model_loader.netloader.wire.handshake import ask_seed
+from vllm_ascend.model_loader.netloader.wire.messages import (
+    ACCEPT,
+    REDIRECT,
     TCP,
     Accept,
-    Deadline,
     ManifestSummary,
-    ProtocolError,
     Resume,
-    clean,
     done,
     field,
     hello,
@@ -52,19 +66,6 @@ from vllm_ascend.model_loader.netloader.protocol import (
     parse_accept,
     parse_redirect,
     parse_refuse,
-    reply_cap,
-    send_msg,
-    text,
-)
-from vllm_ascend.model_loader.netloader.relay import RelayListener, RelayProgress
-from vllm_ascend.model_loader.netloader.stream import StreamLink
-from vllm_ascend.model_loader.netloader.transfer import (
-    DEFAULT_MIN_RATE_BYTES_PER_S,
-    TransferError,
-    TransferStats,
-    bytes_from,
-    recv_weights,
-    transfer_deadline_s,
 )
 
 _BUSY_RETRY_S = 0.5
@@ -140,7 +141,7 @@ class WeightFetch:
     targets: Sequence[torch.Tensor]
     # This instance's own listener: offered to the seed as a relay for the clients that
     # come after it, and started by the first transfer a seed accepts.
-    relay: RelayListener | None = None
+    relay: "RelayListener[Any] | None" = None
     reasons: list[str] = dataclasses.field(default_factory=list)
     # Addresses found by discovery (DNS, registry), not named by the operator: they get
     # DISCOVERED_CONNECT_S to connect and answer, not TIMEOUT.
@@ -206,7 +207,7 @@ class WeightFetch:
             except Redirected as e:
                 if direct:
                     raise ProtocolError("seed redirected a request that asked it not to") from e
-                METRICS.relay_hop()
+                metrics.METRICS.relay_hop()
                 received = self._via_relay(e.relay, e.value_fingerprint, address)
                 if received is not None:
                     return received

@@ -12,14 +12,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_ascend.model_loader.netloader.addresses import (
+from vllm_ascend.model_loader.netloader.fleet.dns import DnsSource
+from vllm_ascend.model_loader.netloader.fleet.registry import RegistryError, parse_registry_url
+from vllm_ascend.model_loader.netloader.planes.progress import PROGRESS_BYTES
+from vllm_ascend.model_loader.netloader.wire.addresses import (
     AddressError,
     format_address,
     parse_address,
 )
-from vllm_ascend.model_loader.netloader.auth import MIN_SECRET_BYTES, SECRET_ENV
-from vllm_ascend.model_loader.netloader.protocol import DATA_PLANES
-from vllm_ascend.model_loader.netloader.transfer import PROGRESS_BYTES
+from vllm_ascend.model_loader.netloader.wire.auth import MIN_SECRET_BYTES, SECRET_ENV
+from vllm_ascend.model_loader.netloader.wire.messages import DATA_PLANES
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_BUCKET_MB = 64
@@ -40,19 +42,6 @@ class SourceEntry:
 
     device_id: int
     sources: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class DnsSource:
-    """A DNS name whose every address is a seed host: rank ``r``'s seed listens on
-    ``base_port + r`` there (``{"dns": "name:port"}`` in SOURCE; e.g. a Kubernetes
-    headless Service, which resolves to the addresses of its ready pods)."""
-
-    host: str
-    base_port: int
-
-    def __str__(self) -> str:
-        return format_address(self.host, self.base_port)
 
 
 @dataclass(frozen=True)
@@ -333,7 +322,6 @@ def _parse_fingerprint(value: Any, key: str = "EXPECTED_FINGERPRINT") -> str:
 
 
 def _parse_registry(value: Any) -> str:
-    from vllm_ascend.model_loader.netloader.discovery import RegistryError, parse_registry_url
 
     try:
         parse_registry_url(value)

@@ -36,10 +36,11 @@ import functools
 import hashlib
 import json
 import math
-import reprlib
 import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from vllm_ascend.model_loader.netloader.wire.errors import clean
 
 if TYPE_CHECKING:  # no torch at run time: ``protocol`` parses load states
     from torch import nn
@@ -346,18 +347,3 @@ def _unwire(value: Any) -> Any:
             return {}
         return _ABSENT  # not plain: from_wire refuses it
     return value
-
-
-_REPR = reprlib.Repr()  # keyword arguments need Python 3.12
-_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 1024
-_REPR.maxlist = _REPR.maxtuple = 16
-
-
-def clean(value: Any, limit: int) -> str:
-    """A peer's (or the model's) value as printable text of at most ``limit`` chars.
-
-    ``reprlib`` bounds the work for a large value and survives a ``__repr__`` that
-    raises (a client's own object quoted in a refusal)."""
-    text = _REPR.repr(value) if not isinstance(value, str) else value
-    text = "".join(c if c.isprintable() else "?" for c in text[: limit * 4])
-    return text[:limit]

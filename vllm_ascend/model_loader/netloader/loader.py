@@ -32,21 +32,20 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.platforms import current_platform
 from vllm.utils.network_utils import get_ip
 
-from vllm_ascend.model_loader.netloader import compile_cache, load_state
-from vllm_ascend.model_loader.netloader.addresses import format_address, listen
+from vllm_ascend.model_loader.netloader import load_state, metrics
 from vllm_ascend.model_loader.netloader.client import ClientSettings, Received, WeightFetch
+from vllm_ascend.model_loader.netloader.compile_cache import cpu_aot_shim, fetching, naming, serving
 from vllm_ascend.model_loader.netloader.config import (
     DRAFT_PORT_OFFSET,
     NetloaderConfig,
     parse_config,
 )
-from vllm_ascend.model_loader.netloader.discovery import (
-    DNS_TIMEOUT_S,
+from vllm_ascend.model_loader.netloader.fleet.dns import DNS_TIMEOUT_S, expand
+from vllm_ascend.model_loader.netloader.fleet.registry import (
     Announcer,
     Registry,
     RegistryError,
     SeedRecord,
-    expand,
     model_key,
     open_registry,
     registry_candidates,
@@ -64,11 +63,12 @@ from vllm_ascend.model_loader.netloader.manifest import (
     model_tensors,
     spec_of,
 )
-from vllm_ascend.model_loader.netloader.metrics import CLIENT, FAILED, METRICS, OK, REFUSED
-from vllm_ascend.model_loader.netloader.protocol import COLLECTIVE, TCP
-from vllm_ascend.model_loader.netloader.relay import RelayListener, RelayProgress
-from vllm_ascend.model_loader.netloader.seed import Provenance, SeedServer, SeedSettings
-from vllm_ascend.model_loader.netloader.seed_cache import Retention, retain
+from vllm_ascend.model_loader.netloader.metrics import CLIENT, FAILED, OK, REFUSED
+from vllm_ascend.model_loader.netloader.seed.relay import RelayListener, RelayProgress
+from vllm_ascend.model_loader.netloader.seed.retention import Retention, retain
+from vllm_ascend.model_loader.netloader.seed.server import Provenance, SeedServer, SeedSettings
+from vllm_ascend.model_loader.netloader.wire.addresses import format_address, listen
+from vllm_ascend.model_loader.netloader.wire.messages import COLLECTIVE, TCP
 
 # The seed of each (global rank, role) in this process; a reload replaces it. A draft
 # model (role DRAFT) has a listener of its own (see ``listener_for``), its seeds in
@@ -116,7 +116,7 @@ class NetloaderModelLoader(BaseModelLoader):
         self._fallback_kind: str | None = None
         if current_platform.device_type == "cpu" and self.config.compile_cache is not False:
             # Without it vLLM 0.32 on CPU cannot load any compile cache (see there).
-            compile_cache.allow_cpu_aot_load()
+            cpu_aot_shim.allow_cpu_aot_load()
 
     def download_model(self, model_config: ModelConfig) -> None:
         self._disk.download_model(model_config)
@@ -186,7 +186,7 @@ class NetloaderModelLoader(BaseModelLoader):
         received = self._fetch(model)
         if received is None:
             if self._fallback_kind is not None:
-                METRICS.fallback(self._fallback_kind)
+                metrics.METRICS.fallback(self._fallback_kind)
             self._disk.load_weights(model, model_config)
             self.weights_source = "disk"
             digests = None
@@ -319,7 +319,7 @@ class NetloaderModelLoader(BaseModelLoader):
             discovered=frozenset(discovered),
             model=model,
         )
-        METRICS.started(CLIENT)
+        metrics.METRICS.started(CLIENT)
         self._fallback_kind = "seeds_failed"
         try:
             received = fetch.run(addresses)
@@ -333,11 +333,11 @@ class NetloaderModelLoader(BaseModelLoader):
             self._fallback_kind = "unexpected_error"
             received = None
         finally:
-            METRICS.stopped(CLIENT)
+            metrics.METRICS.stopped(CLIENT)
             for reason in fetch.reasons[len(notes):]:
-                METRICS.ended(CLIENT, REFUSED if " refused: " in reason else FAILED)
+                metrics.METRICS.ended(CLIENT, REFUSED if " refused: " in reason else FAILED)
             if received is not None:
-                METRICS.ended(CLIENT, OK, received.nbytes, received.seconds)
+                metrics.METRICS.ended(CLIENT, OK, received.nbytes, received.seconds)
             if relay is not None:
                 # A relay goes on as the seed only of a model this fetch filled.
                 self._relay_seed = relay.serving_complete() if received is not None else None
@@ -372,7 +372,7 @@ class NetloaderModelLoader(BaseModelLoader):
                 "" if self.config.compile_cache is False else " and no shared secret",
             )
             return
-        compile_cache.install_from_seed(model, address, compile_cache.CacheFetch(
+        fetching.install_from_seed(model, address, fetching.CacheFetch(
             timeout_s=self.config.timeout_s,
             min_rate_bytes_per_s=self.config.min_rate_mb_per_s * 1e6,
             secret=self.config.secret,
@@ -497,8 +497,8 @@ class NetloaderModelLoader(BaseModelLoader):
             data_plane=self._data_plane(),
             device=self._device,
             min_rate_bytes_per_s=self.config.min_rate_mb_per_s * 1e6,
-            compile_cache=compile_cache.CacheServing(
-                compile_cache.aot_cache_dir(), self.config.timeout_s,
+            compile_cache=serving.CacheServing(
+                naming.aot_cache_dir(), self.config.timeout_s,
                 self.config.min_rate_mb_per_s * 1e6,
             ) if self.config.compile_cache_enabled() else None,
         )

@@ -11,9 +11,9 @@ import json
 import os
 import sys
 
-from vllm_ascend.model_loader.netloader.addresses import AddressError, parse_address
 from vllm_ascend.model_loader.netloader.client import SOURCE_ERRORS, query_seed
 from vllm_ascend.model_loader.netloader.config import NetloaderConfigError, parse_config
+from vllm_ascend.model_loader.netloader.wire.addresses import AddressError, parse_address
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,21 +28,17 @@ from collections.abc import Callable, Generator, Sequence
 
 import torch
 
+from vllm_ascend.model_loader.netloader.deadline import Deadline
 from vllm_ascend.model_loader.netloader.manifest import byte_view
-from vllm_ascend.model_loader.netloader.protocol import (
+from vllm_ascend.model_loader.netloader.planes.progress import Pacer, Progress, TransferError
+from vllm_ascend.model_loader.netloader.planes.transfer import empty_bytes
+from vllm_ascend.model_loader.netloader.wire.errors import ProtocolError
+from vllm_ascend.model_loader.netloader.wire.frames import (
     DATA_HEADER_BYTES,
-    Deadline,
-    ProtocolError,
     abort_frame,
     data_header,
     keepalive_frame,
     parse_data_header,
-)
-from vllm_ascend.model_loader.netloader.transfer import (
-    Pacer,
-    Progress,
-    TransferError,
-    empty_bytes,
 )
 
 RECV_DEPTH = 2

@@ -11,26 +11,28 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_ascend.model_loader.netloader.auth import (
+from vllm_ascend.model_loader.netloader.deadline import Deadline
+from vllm_ascend.model_loader.netloader.wire.auth import (
     AuthError,
     client_proof,
     new_nonce,
     proof_matches,
     seed_proof,
 )
-from vllm_ascend.model_loader.netloader.protocol import (
-    CHALLENGE,
+from vllm_ascend.model_loader.netloader.wire.frames import (
     MAX_REQUEST_BYTES,
     REFUSE,
-    Deadline,
+    recv_msg,
+    send_last,
+    send_msg,
+)
+from vllm_ascend.model_loader.netloader.wire.messages import (
+    CHALLENGE,
     Request,
     challenge,
     parse_challenge,
     parse_request,
-    recv_msg,
     refuse,
-    send_last,
-    send_msg,
 )
 
 

@@ -13,15 +13,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
 import torch
 
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, TensorSpec
-from vllm_ascend.model_loader.netloader.protocol import Accept
-
-if TYPE_CHECKING:
-    from vllm_ascend.model_loader.netloader.seed import SeedServer
+from vllm_ascend.model_loader.netloader.wire.messages import Accept
 
 
 class RelayStalled(Exception):
@@ -91,22 +88,27 @@ class RelayProgress:
             keepalive()  # outside the lock: it writes to a client
 
 
+class RelaySeed(Protocol):
+    """What ``RelayListener`` needs of the seed it starts (``server.SeedServer``)."""
+
+    def stop(self) -> None: ...
+
+
+_Seed = TypeVar("_Seed", bound=RelaySeed)
 # (weights, progress, bound listening socket, the upstream seed's checkpoint fingerprint)
 # -> a started seed over them
-MakeRelaySeed = Callable[
-    [LoadedWeights, RelayProgress, socket.socket, "str | None"], "SeedServer"
-]
+MakeRelaySeed = Callable[[LoadedWeights, RelayProgress, socket.socket, "str | None"], _Seed]
 
 
-class RelayListener:
+class RelayListener(Generic[_Seed]):
     """A starting instance's listening socket, bound before its fetch so that its port
     can go in the hello, and the relay seed that ``begin`` starts on it."""
 
-    def __init__(self, sock: socket.socket, make_seed: MakeRelaySeed):
+    def __init__(self, sock: socket.socket, make_seed: MakeRelaySeed[_Seed]):
         self._sock = sock
         self.port: int = sock.getsockname()[1]
         self._make_seed = make_seed
-        self.seed: SeedServer | None = None
+        self.seed: _Seed | None = None
         self.progress: RelayProgress | None = None
 
     def begin(
@@ -120,7 +122,7 @@ class RelayListener:
         self.seed = self._make_seed(weights, self.progress, self._sock, accepted.checkpoint)
         return self.progress
 
-    def serving_complete(self) -> "SeedServer | None":
+    def serving_complete(self) -> _Seed | None:
         """The relay's seed if its fetch delivered every tensor, else None."""
         if self.seed is not None and self.progress is not None and self.progress.complete:
             return self.seed

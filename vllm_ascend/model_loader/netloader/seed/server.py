@@ -20,53 +20,53 @@ from typing import Any
 import torch
 from vllm.logger import logger
 
-from vllm_ascend.model_loader.netloader import compile_cache
-from vllm_ascend.model_loader.netloader.addresses import format_address
-from vllm_ascend.model_loader.netloader.auth import SECRET_ENV, AuthError
-from vllm_ascend.model_loader.netloader.collective import SEED_RANK, group_link
-from vllm_ascend.model_loader.netloader.handshake import SeedSide, open_as_seed
+from vllm_ascend.model_loader.netloader import metrics
+from vllm_ascend.model_loader.netloader.compile_cache import serving
+from vllm_ascend.model_loader.netloader.deadline import Deadline
 from vllm_ascend.model_loader.netloader.identity import identity_difference
-from vllm_ascend.model_loader.netloader.listener import Connection, Listener
 from vllm_ascend.model_loader.netloader.manifest import (
     DRAFT,
     LoadedWeights,
     manifest_sha256,
 )
-from vllm_ascend.model_loader.netloader.metrics import FAILED, METRICS, OK, RELAY, SEED
-from vllm_ascend.model_loader.netloader.protocol import (
+from vllm_ascend.model_loader.netloader.metrics import FAILED, OK, RELAY, SEED
+from vllm_ascend.model_loader.netloader.planes.collective import SEED_RANK, group_link
+from vllm_ascend.model_loader.netloader.planes.progress import (
+    DEFAULT_MIN_RATE_BYTES_PER_S,
+    Pacer,
+    TransferError,
+    transfer_deadline_s,
+)
+from vllm_ascend.model_loader.netloader.planes.stream import StreamLink
+from vllm_ascend.model_loader.netloader.planes.transfer import (
+    BUCKET_BYTES,
+    Link,
+    WaitReady,
+    bytes_from,
+    send_weights,
+    use_device,
+)
+from vllm_ascend.model_loader.netloader.seed.listener import Connection, Listener
+from vllm_ascend.model_loader.netloader.seed.relay import RelayProgress, RelayStalled
+from vllm_ascend.model_loader.netloader.seed.retention import Retained
+from vllm_ascend.model_loader.netloader.wire.addresses import format_address
+from vllm_ascend.model_loader.netloader.wire.auth import SECRET_ENV, AuthError
+from vllm_ascend.model_loader.netloader.wire.errors import ProtocolError, clean
+from vllm_ascend.model_loader.netloader.wire.frames import MAX_REQUEST_BYTES, recv_msg, send_last
+from vllm_ascend.model_loader.netloader.wire.handshake import SeedSide, open_as_seed
+from vllm_ascend.model_loader.netloader.wire.messages import (
     COMPILE_CACHE,
     DONE,
     HELLO,
     INFO,
-    MAX_REQUEST_BYTES,
     TCP,
-    Deadline,
-    ProtocolError,
     Request,
     accept,
-    clean,
     info,
     manifest_reply,
     parse_done,
-    recv_msg,
     redirect,
     refuse,
-    send_last,
-)
-from vllm_ascend.model_loader.netloader.relay import RelayProgress, RelayStalled
-from vllm_ascend.model_loader.netloader.seed_cache import Retained
-from vllm_ascend.model_loader.netloader.stream import StreamLink
-from vllm_ascend.model_loader.netloader.transfer import (
-    BUCKET_BYTES,
-    DEFAULT_MIN_RATE_BYTES_PER_S,
-    Link,
-    Pacer,
-    TransferError,
-    WaitReady,
-    bytes_from,
-    send_weights,
-    transfer_deadline_s,
-    use_device,
 )
 
 MAX_CONCURRENT_TRANSFERS = 4
@@ -98,7 +98,7 @@ class SeedSettings:
     min_rate_bytes_per_s: float = DEFAULT_MIN_RATE_BYTES_PER_S
     # This instance's vLLM compile cache, if it may be served (COMPILE_CACHE); None:
     # compile cache requests are refused.
-    compile_cache: "compile_cache.CacheServing | None" = None
+    compile_cache: "serving.CacheServing | None" = None
 
     @property
     def who(self) -> str:
@@ -237,11 +237,11 @@ class SeedServer:
         try:
             side = open_as_seed(conn.sock, self.settings.secret, deadline)
         except ProtocolError as e:
-            METRICS.refusal("bad_request")
+            metrics.METRICS.refusal("bad_request")
             send_last(conn.sock, refuse(f"bad request: {e}", retry=False), deadline)
             raise
         except AuthError as e:
-            METRICS.refusal("auth")
+            metrics.METRICS.refusal("auth")
             # Nothing but this fixed reason goes back: no identity, no manifest.
             send_last(conn.sock, refuse(str(e), retry=False), deadline)
             raise
@@ -252,7 +252,7 @@ class SeedServer:
         elif request.kind == HELLO:
             self._hello(conn, side, deadline)
         elif request.kind == COMPILE_CACHE:
-            compile_cache.serve(conn.sock, side, self.settings.compile_cache,
+            serving.serve(conn.sock, side, self.settings.compile_cache,
                                 self.settings.who, conn.peer, deadline)
         else:
             side.answer_last(manifest_reply(self._manifest_wire), deadline)
@@ -261,7 +261,7 @@ class SeedServer:
         refusal = self._refusal(side.request)
         if refusal is not None:
             kind, reason = refusal
-            METRICS.refusal(kind)
+            metrics.METRICS.refusal(kind)
             logger.warning("Netloader seed %s refused %s: %s", self.settings.who, conn.peer, reason)
             side.refuse(reason, retry=False, deadline=deadline)
             return
@@ -275,21 +275,21 @@ class SeedServer:
             side.answer_last(redirect(tail, self.weights.value_fingerprint()), deadline)
             return
         if route == "busy":
-            METRICS.refusal("busy")
+            metrics.METRICS.refusal("busy")
             side.refuse("seed is busy", retry=True, deadline=deadline)
             return
         verified = False
         with self._lock:
             role = RELAY if self._progress is not None else SEED
-        METRICS.started(role)
+        metrics.METRICS.started(role)
         start = time.perf_counter()
         first = 0
         try:
             first = self._resume_at(side.request)
             verified = self._send(conn, side, deadline, first)
         finally:
-            METRICS.stopped(role)
-            METRICS.ended(role, OK if verified else FAILED,
+            metrics.METRICS.stopped(role)
+            metrics.METRICS.ended(role, OK if verified else FAILED,
                           bytes_from(self.weights.specs, first), time.perf_counter() - start)
             with self._lock:
                 self._active -= 1

@@ -1,51 +1,33 @@
-"""Finding seeds without hand-typed addresses: DNS names and a registry.
+"""Seeds found in a registry (``REGISTRY: "redis://host:port/db"``).
 
-Both produce *candidates* only. Whatever a DNS answer or a registry record says, the
-handshake decides (identity, shared secret, manifest, digests), so a stale record, a
-poisoned entry or another model's seed costs one refused attempt, never wrong weights.
-And neither can keep an instance from starting: a name that does not resolve, a
-registry that is down, slow or empty is a reason in the log, and the client goes on
-with its other sources or the disk.
-
-- **DNS** (``{"dns": "name:port"}`` in SOURCE): every address the name resolves to is
-  a seed host, rank ``r`` at ``port + r``. A Kubernetes headless Service resolves to
-  the addresses of its ready pods. The addresses are tried in an order drawn from this
-  instance's id by rendezvous (highest-random-weight) hashing, Thaler and Ravishankar,
-  "Using name-based mappings to increase hit rates", IEEE/ACM ToN 6(1), 1998: every
-  rank of one instance tries the same seed first, and instances spread evenly.
-- **Registry** (``REGISTRY: "redis://host:port/db"``): each seed publishes a record
-  (address, rank, role, checkpoint fingerprint, active transfers, relaying) under its
-  model key, refreshed every ``HEARTBEAT_S`` with a time-to-live of ``RECORD_TTL_S``,
-  and withdraws it when it stops; a client reads the live records of its own model
-  key, role and rank and tries the least loaded first. ``Registry`` is the interface
-  a store implements; ``RedisRegistry`` is the one there is.
+Each seed publishes a record (address, rank, role, checkpoint fingerprint, active
+transfers, relaying) under its model key, refreshed every ``HEARTBEAT_S`` with a
+time-to-live of ``RECORD_TTL_S``, and withdraws it when it stops; a client reads the
+live records of its own model key, role and rank and tries the least loaded first.
+``Registry`` is the interface a store implements; ``RedisRegistry`` is the one there
+is. A record is a candidate only: the handshake decides (see ``fleet``).
 """
 
 import contextlib
 import hashlib
 import json
-import socket
 import threading
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from vllm.logger import logger
-
-from vllm_ascend.model_loader.netloader.addresses import (
+from vllm_ascend.model_loader.netloader.deadline import CallTimedOut, call_within
+from vllm_ascend.model_loader.netloader.fleet.dns import MAX_CANDIDATES, DiscoveryError, spread
+from vllm_ascend.model_loader.netloader.log import get_logger
+from vllm_ascend.model_loader.netloader.wire.addresses import (
     AddressError,
     format_address,
     parse_address,
 )
-from vllm_ascend.model_loader.netloader.config import DnsSource
 
-# A name lookup that takes longer than this is a failed source (getaddrinfo has no
-# timeout of its own; the resolver's is 5 s per try, resolv.conf(5)).
-DNS_TIMEOUT_S = 5.0
-# The most addresses one DNS name or one registry lookup contributes (each gets
-# client.DISCOVERED_CONNECT_S to answer).
-MAX_CANDIDATES = 8
+logger = get_logger(__name__)
+
 HEARTBEAT_S = 5.0
 RECORD_TTL_S = 15.0
 # Each socket read or connect of a registry command (redis-py's socket timeouts), and
@@ -82,101 +64,8 @@ _KEY_PREFIX = "netloader"
 _NOT_IN_MODEL_KEY = ("rank", "role", "checkpoint")
 
 
-class DiscoveryError(Exception):
-    """A DNS name or a registry could not be read; the message names which."""
-
-
 class RegistryError(DiscoveryError):
     """A registry URL is malformed or the registry cannot be reached."""
-
-
-# --- DNS ---------------------------------------------------------------------------------
-
-
-def resolve(host: str, timeout_s: float = DNS_TIMEOUT_S) -> list[str]:
-    """Every IP address ``host`` resolves to (IPv4 and IPv6, the resolver's order,
-    no duplicates). Raises ``DiscoveryError`` if the lookup fails or takes longer
-    than ``timeout_s`` (the lookup then finishes in a daemon thread, unused)."""
-    result: list[Any] = []
-
-    def lookup() -> None:
-        try:
-            result.append(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM))
-        except (OSError, UnicodeError) as e:
-            result.append(e)
-
-    thread = threading.Thread(target=lookup, name=f"netloader-dns-{host}", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if not result:
-        raise DiscoveryError(f"DNS name {host!r} did not resolve within {timeout_s:g} s")
-    if isinstance(result[0], BaseException):
-        raise DiscoveryError(f"DNS name {host!r} does not resolve: {result[0]}")
-    addresses: list[str] = []
-    for family, _, _, _, sockaddr in result[0]:
-        ip = str(sockaddr[0])
-        if family == socket.AF_INET6 and sockaddr[3]:
-            ip = f"{ip.partition('%')[0]}%{sockaddr[3]}"
-        if ip not in addresses:
-            addresses.append(ip)
-    return addresses
-
-
-def spread(addresses: Iterable[str], key: str) -> list[str]:
-    """``addresses`` ordered by rendezvous hashing on ``key``: sha256(key, address),
-    highest first. The same key gives the same order (all ranks of one instance);
-    different keys give independent orders (instances spread over seeds), and adding
-    or removing one address leaves the others' order unchanged."""
-    return sorted(
-        addresses, key=lambda a: hashlib.sha256(f"{key}\0{a}".encode()).digest(), reverse=True
-    )
-
-
-def expand(
-    entries: Sequence[str | DnsSource],
-    rank: int,
-    spread_key: str,
-    exclude: Iterable[str] = (),
-    resolver: Callable[[str, float], list[str]] = resolve,
-    timeout_s: float = DNS_TIMEOUT_S,
-) -> tuple[list[str], list[str]]:
-    """(seed addresses for ``rank`` in the order to try them, why a name gave none).
-
-    A static address stays where it is; a ``DnsSource`` is replaced by its name's
-    addresses at ``base_port + rank``, in ``spread`` order, at most
-    ``MAX_CANDIDATES``. Addresses in ``exclude`` (this rank's own listener) and
-    repeats are left out."""
-    skip = set(exclude)
-    addresses: list[str] = []
-    notes: list[str] = []
-    for entry in entries:
-        if isinstance(entry, str):
-            found = [entry]
-        else:
-            port = entry.base_port + rank
-            if port > 65535:
-                notes.append(f"dns {entry}: port {entry.base_port} + rank {rank} exceeds 65535")
-                continue
-            try:
-                ips = resolver(entry.host, timeout_s)
-            except DiscoveryError as e:
-                notes.append(f"dns {entry}: {e}")
-                continue
-            found = spread([format_address(ip, port) for ip in ips], spread_key)
-            found = [a for a in found if a not in skip][:MAX_CANDIDATES]
-            if not found:
-                notes.append(f"dns {entry}: no address but this instance's own")
-            logger.info(
-                "Netloader rank %d: %s resolved to %d seed address(es): %s",
-                rank, entry, len(found), ", ".join(found),
-            )
-        for address in found:
-            if address not in addresses and address not in skip:
-                addresses.append(address)
-    return addresses, notes
-
-
-# --- registry ----------------------------------------------------------------------------
 
 
 def model_key(identity: dict[str, Any]) -> str:
@@ -366,36 +255,33 @@ class RedisRegistry:
         ``deadline_s``: redis-py's socket timeouts bound each read, not a command whose
         reply drips. On the deadline that connection is closed under the helper, which
         then ends with an error."""
-        result: list[Any] = []
         clients: list[Any] = []  # made in the helper: connecting is part of the deadline
 
-        def target() -> None:
+        def call() -> Any:
             try:
                 clients.append(self._connect())
-                result.append((True, run(clients[0])))
-            except Exception as e:  # noqa: BLE001 - any answer of a registry is one failed operation
-                result.append((False, e))
+                return run(clients[0])
             finally:
                 for client in clients:
                     with contextlib.suppress(Exception):
                         client.close()
 
-        thread = threading.Thread(target=target, name=f"netloader-registry-{what}", daemon=True)
-        thread.start()
-        thread.join(self._deadline_s)
-        if not result:
+        def close_under_it() -> None:
             for client in list(clients):
                 with contextlib.suppress(Exception):  # best effort; the helper is a daemon
                     client.close()
+
+        try:
+            return call_within(call, self._deadline_s, f"netloader-registry-{what}",
+                               on_timeout=close_under_it)
+        except CallTimedOut:
             raise RegistryError(
                 f"registry {self.name}: {what} failed: no answer within {self._deadline_s:g} s"
-            )
-        ok, value = result[0]
-        if not ok:
+            ) from None
+        except Exception as e:  # noqa: BLE001 - any answer of a registry is one failed operation
             raise RegistryError(
-                f"registry {self.name}: {what} failed: {type(value).__name__}: {value}"
-            ) from value
-        return value
+                f"registry {self.name}: {what} failed: {type(e).__name__}: {e}"
+            ) from e
 
     @staticmethod
     def _index(key: str, role: str, rank: int) -> str:

@@ -38,24 +38,13 @@ from torch.distributed.distributed_c10d import GroupName
 from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
 from vllm.platforms import current_platform
 
+from vllm_ascend.model_loader.netloader.deadline import Deadline, DeadlineExceeded
 from vllm_ascend.model_loader.netloader.manifest import byte_view
-from vllm_ascend.model_loader.netloader.protocol import (
-    MAX_REQUEST_BYTES,
-    STORE,
-    Deadline,
-    DeadlineExceeded,
-    ProtocolError,
-    parse_store_record,
-    recv_msg,
-    send_msg,
-    store_record,
-)
-from vllm_ascend.model_loader.netloader.transfer import (
-    Pacer,
-    TransferError,
-    copy_bytes,
-    empty_bytes,
-)
+from vllm_ascend.model_loader.netloader.planes.progress import Pacer, TransferError
+from vllm_ascend.model_loader.netloader.planes.transfer import copy_bytes, empty_bytes
+from vllm_ascend.model_loader.netloader.wire.errors import ProtocolError
+from vllm_ascend.model_loader.netloader.wire.frames import MAX_REQUEST_BYTES, recv_msg, send_msg
+from vllm_ascend.model_loader.netloader.wire.messages import STORE, parse_store_record, store_record
 
 SEED_RANK = 0
 CLIENT_RANK = 1
