@@ -409,3 +409,21 @@ def test_int8_cache_name_is_a_list_of_name_fragments():
 def test_bad_int8_cache_name_names_the_key(value):
     with pytest.raises(NetloaderConfigError, match="INT8_CACHE_NAME must be a non-empty list"):
         parse_config({"INT8_CACHE_NAME": value})
+
+
+def test_parsing_the_config_imports_neither_torch_nor_vllm():
+    """The config and the wire stay light: a tool (or vLLM's API server) that only
+    parses the extra config does not pay torch's import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from vllm_ascend.model_loader.netloader.config import parse_config\n"
+        "parse_config({'SOURCE': [{'dns': 'seeds:7000'}], 'REGISTRY': 'redis://r:6379/0'},"
+        " environ={})\n"
+        "print(sorted(m for m in ('torch', 'vllm') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr

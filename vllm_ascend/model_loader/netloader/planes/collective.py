@@ -22,7 +22,6 @@ the whole transfer within its wall-clock deadline (``transfer.transfer_deadline_
 import contextlib
 import os
 import socket
-import threading
 import time
 import uuid
 from collections import deque
@@ -38,7 +37,12 @@ from torch.distributed.distributed_c10d import GroupName
 from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
 from vllm.platforms import current_platform
 
-from vllm_ascend.model_loader.netloader.deadline import Deadline, DeadlineExceeded
+from vllm_ascend.model_loader.netloader.deadline import (
+    CallTimedOut,
+    Deadline,
+    DeadlineExceeded,
+    call_within,
+)
 from vllm_ascend.model_loader.netloader.manifest import byte_view
 from vllm_ascend.model_loader.netloader.planes.progress import Pacer, TransferError
 from vllm_ascend.model_loader.netloader.planes.transfer import copy_bytes, empty_bytes
@@ -152,46 +156,22 @@ def group_link(
 def _within(
     deadline: Deadline, conn: socket.socket, make: Callable[[], ProcessGroup]
 ) -> ProcessGroup:
-    """``make()`` in a helper thread, within ``deadline``. The group's constructor
-    cannot be interrupted, and gloo's connect to a peer that died during set-up was seen
-    to outlast its own timeout (> 25 s at a 10 s TIMEOUT): at the deadline the tunnel
+    """``make()`` within ``deadline`` (``call_within``). The group's constructor cannot
+    be interrupted, and gloo's connect to a peer that died during set-up was seen to
+    outlast its own timeout (> 25 s at a 10 s TIMEOUT): at the deadline the tunnel
     connection is shut down under the helper (its store calls then fail), a group it
     still makes is destroyed, and ``DeadlineExceeded`` is raised here."""
-    result: list[tuple[bool, Any]] = []
-    abandoned: list[bool] = []
-    lock = threading.Lock()
 
-    def target() -> None:
-        try:
-            pg = make()
-        except BaseException as e:  # noqa: BLE001 - handed to the caller below
-            with lock:
-                result.append((False, e))
-            return
-        with lock:
-            if not abandoned:
-                result.append((True, pg))
-                return
-        stateless_destroy_torch_distributed_process_group(pg)
-
-    thread = threading.Thread(target=target, name="netloader-group-setup", daemon=True)
-    thread.start()
-    try:
-        left = deadline.remaining()
-    except DeadlineExceeded:
-        left = 0.0
-    thread.join(left)
-    with lock:
-        if not result:
-            abandoned.append(True)
-    if abandoned:
+    def shut_down() -> None:
         with contextlib.suppress(OSError):
             conn.shutdown(socket.SHUT_RDWR)
-        raise DeadlineExceeded(f"{deadline.what} took longer than {deadline.seconds:g} s")
-    ok, value = result[0]
-    if not ok:
-        raise value
-    return value  # type: ignore[no-any-return]
+
+    try:
+        return call_within(make, deadline.left_or_zero(), "netloader-group-setup",
+                           on_timeout=shut_down,
+                           discard=stateless_destroy_torch_distributed_process_group)
+    except CallTimedOut:
+        raise DeadlineExceeded(f"{deadline.what} took longer than {deadline.seconds:g} s") from None
 
 
 def _group_on(store: PrefixStore, rank: int, timeout: timedelta, local_host: str) -> ProcessGroup:
