@@ -160,8 +160,8 @@ def install_fault(fault: str) -> None:
 
 def serve_tampered() -> str:
     """Replace this process's seed with a hostile one (see the module doc)."""
-    from vllm_ascend.model_loader.netloader.loader import running_seeds
     from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, digest
+    from vllm_ascend.model_loader.netloader.seed.running import running_seeds
     from vllm_ascend.model_loader.netloader.seed.server import SeedServer
     from vllm_ascend.model_loader.netloader.wire.addresses import listen
 
@@ -184,8 +184,8 @@ def serve_tampered() -> str:
 def swarm(n: int, address: str) -> dict[str, Any]:
     """N concurrent fetches of this instance's own model from ``address``."""
     from vllm_ascend.model_loader.netloader.client import ClientSettings, WeightFetch
-    from vllm_ascend.model_loader.netloader.loader import running_seeds
     from vllm_ascend.model_loader.netloader.manifest import byte_view
+    from vllm_ascend.model_loader.netloader.seed.running import running_seeds
 
     (own,) = running_seeds().values()
     weights = own.weights
@@ -273,7 +273,7 @@ def instance(args: argparse.Namespace) -> None:
     }
     save_file(tensors, args.out)
     # The engine runs in this process, so its Netloader seed (if any) is visible here.
-    from vllm_ascend.model_loader.netloader.loader import running_seeds
+    from vllm_ascend.model_loader.netloader.seed.running import running_seeds
 
     report: dict[str, Any] = {
         "tensors": len(tensors), "seeds": [s.describe() for s in running_seeds().values()],

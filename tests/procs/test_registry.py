@@ -7,12 +7,16 @@ import logging
 import socket
 import threading
 import time
+from dataclasses import astuple
 
 import pytest
 import redis
+import torch
 
 from tests.toy import IDENTITY, fetch_for, make_toy, serving, wait_for
 from tools.redis_server import RedisServer
+from vllm_ascend.model_loader.netloader.config import parse_config
+from vllm_ascend.model_loader.netloader.fleet.candidates import Candidates, find_candidates
 from vllm_ascend.model_loader.netloader.fleet.registry import (
     Announcer,
     RedisRegistry,
@@ -21,7 +25,8 @@ from vllm_ascend.model_loader.netloader.fleet.registry import (
     model_key,
     registry_candidates,
 )
-from vllm_ascend.model_loader.netloader.manifest import model_tensors
+from vllm_ascend.model_loader.netloader.manifest import TARGET, model_tensors
+from vllm_ascend.model_loader.netloader.plan import LoadPlan
 
 KEY = "k" * 64
 CHECKPOINT = "c" * 64
@@ -176,18 +181,13 @@ def test_a_heartbeat_that_raises_keeps_beating():
                    for t in threading.enumerate())
 
 
-def loader_with(extra: dict):
-    """A Netloader loader as vLLM builds it, about to fetch rank 0's target."""
-    from vllm.config.load import LoadConfig
-
-    from vllm_ascend.model_loader.netloader.loader import NetloaderModelLoader
-
-    loader = NetloaderModelLoader(
-        LoadConfig(load_format="netloader", model_loader_extra_config=extra)
-    )
-    loader._identity = {**IDENTITY, "checkpoint": CHECKPOINT}
-    loader._spread_key = "instance"
-    return loader
+def candidates_for(extra: dict) -> Candidates:
+    """The candidates rank 0's target of an instance with extra config ``extra`` tries
+    (``fleet.candidates``, as the loader's fetch asks for them)."""
+    config = parse_config(extra, environ={})
+    plan = LoadPlan(config, 0, TARGET, torch.device("cpu"), {**IDENTITY, "checkpoint": CHECKPOINT},
+                    "instance")
+    return find_candidates(plan, config.sources_for_rank(0), own=[])
 
 
 @pytest.mark.parametrize("how", ["down", "silent"])
@@ -197,12 +197,11 @@ def test_a_registry_that_is_down_or_silent_leaves_the_static_sources(how):
     if how == "down":
         silent.close()
     try:
-        loader = loader_with({
+        start = time.monotonic()
+        addresses, discovered, notes = astuple(candidates_for({
             "REGISTRY": f"redis://127.0.0.1:{port}/0",
             "SOURCE": [{"device_id": 0, "sources": ["10.0.0.9:7000"]}],
-        })
-        start = time.monotonic()
-        addresses, discovered, notes = loader._candidates(loader.config.sources_for_rank(0))
+        }))
         assert time.monotonic() - start < 15
         assert addresses == ["10.0.0.9:7000"] and discovered == set()
         (note,) = notes
@@ -217,11 +216,10 @@ def test_registry_seeds_come_before_static_ones_and_never_twice(server):
     key = model_key(identity)
     registry.publish(key, SeedRecord("10.0.0.1:7000", 0, "target", CHECKPOINT, 1), 30)
     registry.publish(key, SeedRecord("10.0.0.2:7000", 0, "target", CHECKPOINT, 0), 30)
-    loader = loader_with({
+    addresses, discovered, notes = astuple(candidates_for({
         "REGISTRY": server.url,
         "SOURCE": [{"device_id": 0, "sources": ["10.0.0.1:7000", "10.0.0.3:7000"]}],
-    })
-    addresses, discovered, notes = loader._candidates(loader.config.sources_for_rank(0))
+    }))
     assert addresses == ["10.0.0.2:7000", "10.0.0.1:7000", "10.0.0.3:7000"] and notes == []
     assert discovered == {"10.0.0.1:7000", "10.0.0.2:7000"}
 

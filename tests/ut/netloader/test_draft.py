@@ -13,13 +13,13 @@ from tools.vllm_server import free_port
 from vllm_ascend.model_loader.netloader.client import WeightFetch
 from vllm_ascend.model_loader.netloader.config import NetloaderConfigError, parse_config
 from vllm_ascend.model_loader.netloader.identity import identity_difference, model_identity
-from vllm_ascend.model_loader.netloader.loader import listener_for, model_role
 from vllm_ascend.model_loader.netloader.manifest import (
     DRAFT,
     TARGET,
     LoadedWeights,
     model_tensors,
 )
+from vllm_ascend.model_loader.netloader.plan import listener_for, model_role
 from vllm_ascend.model_loader.netloader.seed.server import SeedServer, SeedSettings
 from vllm_ascend.model_loader.netloader.wire.addresses import listen
 

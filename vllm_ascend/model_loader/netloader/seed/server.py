@@ -30,6 +30,7 @@ from vllm_ascend.model_loader.netloader.manifest import (
     manifest_sha256,
 )
 from vllm_ascend.model_loader.netloader.metrics import FAILED, OK, RELAY, SEED
+from vllm_ascend.model_loader.netloader.plan import LoadOutcome
 from vllm_ascend.model_loader.netloader.planes.collective import SEED_RANK, group_link
 from vllm_ascend.model_loader.netloader.planes.progress import (
     DEFAULT_MIN_RATE_BYTES_PER_S,
@@ -110,17 +111,6 @@ class SeedSettings:
         return min(self.timeout_s, HANDSHAKE_S)
 
 
-@dataclass(frozen=True)
-class Provenance:
-    """Where a seed's weights came from, for ``info``."""
-
-    loaded_from: str = "disk"
-    load_seconds: float | None = None
-    fallback_reasons: tuple[str, ...] = ()
-    # Bytes a resumed fetch kept from a source that failed (not sent again).
-    reused_bytes: int = 0
-
-
 class SeedServer:
     """Serves one rank's loaded weights on the bound ``sock`` until stopped.
 
@@ -132,13 +122,14 @@ class SeedServer:
         weights: LoadedWeights,
         settings: SeedSettings,
         sock: socket.socket,
-        provenance: Provenance | None = None,
+        outcome: LoadOutcome | None = None,
         progress: RelayProgress | None = None,
         retained: Retained | None = None,
     ):
         self.weights = weights
         self.settings = settings
-        self._provenance = provenance or Provenance()
+        # How this seed's own load ended (a relay's: "relaying its fetch" until promoted).
+        self._outcome = outcome or LoadOutcome()
         self._progress = progress
         # What this seed keeps beyond the running model (a relay's: once it is processed).
         self._retained = retained
@@ -179,10 +170,10 @@ class SeedServer:
     def stop(self) -> None:
         self._listener.stop()
 
-    def promote(self, provenance: Provenance) -> None:
+    def promote(self, outcome: LoadOutcome) -> None:
         """A relay whose own fetch completed goes on as this instance's seed."""
         with self._lock:
-            self._provenance = provenance
+            self._outcome = outcome
             self._progress = None
 
     def keep(self, weights: LoadedWeights, retained: Retained) -> None:
@@ -195,7 +186,7 @@ class SeedServer:
     def describe(self) -> dict[str, Any]:
         """What this seed serves, for operators and tests (the ``info`` request)."""
         with self._lock:
-            active, completed, provenance = self._active, self._completed, self._provenance
+            active, completed, outcome = self._active, self._completed, self._outcome
             progress, retained = self._progress, self._retained
         return {
             "identity": self.identity,
@@ -206,10 +197,10 @@ class SeedServer:
             "load_state": self.weights.state.describe(),
             "data_plane": self.settings.data_plane,
             "serves_compile_cache": self.settings.compile_cache is not None,
-            "loaded_from": provenance.loaded_from,
-            "load_seconds": provenance.load_seconds,
-            "fallback_reasons": list(provenance.fallback_reasons),
-            "reused_bytes": provenance.reused_bytes,
+            "loaded_from": outcome.loaded_from,
+            "load_seconds": outcome.load_seconds,
+            "fallback_reasons": list(outcome.fallback_reasons),
+            "reused_bytes": outcome.reused_bytes,
             "relaying": progress is not None and not progress.complete,
             "active_transfers": active,
             "completed_transfers": completed,

@@ -1,0 +1,179 @@
+"""One fetch into a built model: the checks before any seed is asked, the candidates,
+this instance's relay, and a model as clean as before when it fails.
+
+A failed fetch needs no rebuilt model: only digest-verified bytes ever reach it, so
+every parameter holds either its initial value or exactly the seed's, and the disk
+loader then writes every parameter (vLLM's own check: "Following weights were not
+initialized from checkpoint"). Buffers the disk loader never writes (rotary caches) are
+restored from a copy taken before the fetch, so the model equals a fresh disk load bit
+for bit. With RELAY (the default) the listener opens before the fetch and already
+passes verified tensors on to the clients seeds send here; a fetch that fails closes it.
+
+This module reports; the loader decides (``Fetched.received`` None: load from disk).
+"""
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from vllm_ascend.model_loader.netloader import load_state, metrics
+from vllm_ascend.model_loader.netloader.client import ClientSettings, Received, WeightFetch
+from vllm_ascend.model_loader.netloader.compile_cache.fetching import (
+    CacheFetch,
+    install_from_seed,
+)
+from vllm_ascend.model_loader.netloader.fleet.candidates import Candidates, find_candidates
+from vllm_ascend.model_loader.netloader.log import get_logger
+from vllm_ascend.model_loader.netloader.manifest import model_tensors, spec_of
+from vllm_ascend.model_loader.netloader.metrics import CLIENT, FAILED, OK, REFUSED
+from vllm_ascend.model_loader.netloader.plan import LoadPlan
+from vllm_ascend.model_loader.netloader.seed.running import RunningSeeds
+from vllm_ascend.model_loader.netloader.seed.server import SeedServer
+
+logger = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """How a fetch ended: what a seed delivered, or that the disk must load."""
+
+    received: Received | None = None
+    # Why each seed that was tried could not serve, and why discovery found none; also
+    # kept when a later source served (the operator sees every failed seed).
+    reasons: tuple[str, ...] = ()
+    # Why the disk must load, for the fallbacks metric (None: no seed was asked for).
+    fallback: str | None = None
+    # The relay whose fetch filled the model: it goes on as this rank's seed.
+    relay_seed: SeedServer | None = None
+
+
+def fetch_weights(model: nn.Module, plan: LoadPlan, seeds: RunningSeeds) -> Fetched:
+    """What a seed delivered into ``model``, or why not (the model then holds exactly
+    what it held before, buffers included)."""
+    config = plan.config
+    entries = config.sources_for_rank(plan.rank, plan.draft)
+    if not entries and config.registry is None:
+        logger.info("%s has no %s and no REGISTRY: loading from disk",
+                    plan.who, "DRAFT_SOURCE" if plan.draft else "SOURCE")
+        return Fetched()
+    if plan.identity["checkpoint"] is None and plan.expected_fingerprint() is None:
+        logger.warning(
+            "%s: no weight files on this node and no EXPECTED_FINGERPRINT, so no seed's "
+            "weights can be told to be this model's; loading from disk", plan.who,
+        )
+        return Fetched(fallback="no_weight_files")
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        # vLLM's online quantization (e.g. --quantization fp8 over a bf16 checkpoint)
+        # creates these in load_weights: there is nothing to receive into.
+        reason = (f"{len(meta)} tensors are on the meta device until load_weights "
+                  f"(quantization {plan.identity['quantization']}, e.g. {meta[0]}): "
+                  "online quantization cannot be fetched")
+        logger.warning("%s: %s; loading from disk", plan.who, reason)
+        return Fetched(reasons=(reason,), fallback="meta_tensors")
+    if not all(t.is_contiguous() for _, t in model_tensors(model)):
+        logger.warning("%s: model has non-contiguous tensors; loading from disk", plan.who)
+        return Fetched(fallback="non_contiguous")
+    if config.registry is not None:
+        seeds.withdraw(plan.key)  # our own earlier record (a reload) must not be a candidate
+    try:
+        found = find_candidates(plan, entries, seeds.own_addresses(plan))
+    except Exception as e:  # noqa: BLE001 - a registry's or resolver's answer must never keep the instance from starting
+        logger.exception("%s: seed discovery failed", plan.who)
+        found = Candidates([], frozenset(), [f"seed discovery failed: {type(e).__name__}: {e}"])
+    if not found.addresses:
+        logger.warning("%s: no seed found (%s); loading from disk",
+                       plan.who, "; ".join(found.notes))
+        return Fetched(reasons=tuple(found.notes), fallback="no_seed_found")
+    fetched = _from_seeds(model, plan, seeds, found)
+    if fetched.received is not None:
+        _install_compile_cache(model, plan, fetched.received.source)
+    return fetched
+
+
+def client_settings(plan: LoadPlan) -> ClientSettings:
+    """How this rank's client fetches, from the config."""
+    config = plan.config
+    return ClientSettings(
+        identity=plan.identity,
+        timeout_s=config.timeout_s,
+        secret=config.secret,
+        expected_fingerprint=plan.expected_fingerprint(),
+        data_plane=plan.data_plane(),
+        device=plan.device,
+        min_rate_bytes_per_s=config.min_rate_mb_per_s * 1e6,
+    )
+
+
+def _from_seeds(
+    model: nn.Module, plan: LoadPlan, seeds: RunningSeeds, found: Candidates
+) -> Fetched:
+    named = model_tensors(model)
+    buffers = [(t, t.clone()) for _, t in model.named_buffers() if not t.is_meta]
+    relay = seeds.open_relay(plan) if plan.config.relay else None
+    fetch = WeightFetch(
+        settings=client_settings(plan),
+        specs=[spec_of(n, t) for n, t in named],
+        targets=[t for _, t in named],
+        relay=relay,
+        reasons=list(found.notes),
+        discovered=found.discovered,
+        model=model,
+    )
+    metrics.METRICS.started(CLIENT)
+    fallback = "seeds_failed"
+    received: Received | None = None
+    relay_seed: SeedServer | None = None
+    try:
+        received = fetch.run(found.addresses)
+        if received is not None:
+            # What the seed's load_weights set besides tensors: checked against this
+            # model before the first byte, plain instance attributes now.
+            load_state.apply(model, received.state)
+    except Exception as e:  # noqa: BLE001 - a peer's answer must never keep the instance from starting: disk is always right
+        logger.exception("%s: fetch failed with an unexpected error", plan.who)
+        fetch.reasons.append(f"unexpected error: {type(e).__name__}: {e}")
+        fallback = "unexpected_error"
+        received = None
+    finally:
+        metrics.METRICS.stopped(CLIENT)
+        for reason in fetch.reasons[len(found.notes):]:
+            metrics.METRICS.ended(CLIENT, REFUSED if " refused: " in reason else FAILED)
+        if received is not None:
+            metrics.METRICS.ended(CLIENT, OK, received.nbytes, received.seconds)
+        if relay is not None:
+            # A relay goes on as the seed only of a model this fetch filled.
+            relay_seed = relay.serving_complete() if received is not None else None
+            if relay_seed is None:
+                relay.close()
+    reasons = tuple(fetch.reasons)
+    if received is None:
+        for buffer, before in buffers:
+            buffer.copy_(before)
+        logger.warning("%s: no seed could serve it (%s); loading from disk",
+                       plan.who, "; ".join(reasons))
+        return Fetched(None, reasons, fallback)
+    if reasons:
+        logger.warning("%s: %d source(s) failed before %s served (%s)",
+                       plan.who, len(reasons), received.source, "; ".join(reasons))
+    return Fetched(received, reasons, None, relay_seed)
+
+
+def _install_compile_cache(model: nn.Module, plan: LoadPlan, address: str) -> None:
+    """Install the compile cache of the seed that served the weights, for vLLM's
+    warm-up to load instead of compiling (COMPILE_CACHE; ``compile_cache``)."""
+    config = plan.config
+    if not config.compile_cache_enabled():
+        logger.info(
+            "%s: not asking %s for its compile cache (COMPILE_CACHE %s%s)",
+            plan.who, address, "false" if config.compile_cache is False else "auto",
+            "" if config.compile_cache is False else " and no shared secret",
+        )
+        return
+    install_from_seed(model, address, CacheFetch(
+        timeout_s=config.timeout_s,
+        min_rate_bytes_per_s=config.min_rate_mb_per_s * 1e6,
+        secret=config.secret,
+    ), f"rank {plan.rank} {plan.role}")
+
+

@@ -1,0 +1,226 @@
+"""The seeds this process runs: one per (global rank, role), its registry record, and
+stopping them.
+
+A worker serves one seed per model it loaded: the target, and a speculative decoder's
+draft (role DRAFT), which has a listener of its own, its seeds in DRAFT_SOURCE and an
+identity no target listener accepts. A reload replaces a rank's seed; a relay that
+filled the model goes on as it. ``SEEDS`` is this process's one ``RunningSeeds``; at
+exit it withdraws every registry record, so clients are not offered a seed that is
+gone until its record expires.
+"""
+
+import atexit
+import socket
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from vllm.utils.network_utils import get_ip
+
+from vllm_ascend.model_loader.netloader.compile_cache.naming import aot_cache_dir
+from vllm_ascend.model_loader.netloader.compile_cache.serving import CacheServing
+from vllm_ascend.model_loader.netloader.fleet.registry import (
+    Announcer,
+    SeedRecord,
+    model_key,
+    open_registry,
+)
+from vllm_ascend.model_loader.netloader.log import get_logger, who
+from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
+from vllm_ascend.model_loader.netloader.plan import LoadOutcome, LoadPlan
+from vllm_ascend.model_loader.netloader.seed.relay import RelayListener, RelayProgress
+from vllm_ascend.model_loader.netloader.seed.retention import Retention, retain
+from vllm_ascend.model_loader.netloader.seed.server import SeedServer, SeedSettings
+from vllm_ascend.model_loader.netloader.wire.addresses import format_address, listen
+
+logger = get_logger(__name__)
+
+_Key = tuple[int, str]
+_Bound = TypeVar("_Bound", SeedServer, RelayListener[SeedServer])
+
+
+class RunningSeeds:
+    """The seed of each (global rank, role) in this process and its registry heartbeat
+    (REGISTRY set); every change to either goes through here."""
+
+    def __init__(self) -> None:
+        self._seeds: dict[_Key, SeedServer] = {}
+        self._announcers: dict[_Key, Announcer] = {}
+        self._lock = threading.RLock()
+
+    def seeds(self) -> dict[_Key, SeedServer]:
+        """The seeds this process serves, keyed by (global rank, role)."""
+        with self._lock:
+            return dict(self._seeds)
+
+    def own_addresses(self, plan: LoadPlan) -> list[str]:
+        """Where this rank's listener is or will be: never a seed to fetch from."""
+        port = plan.listen_port
+        own = [format_address(get_ip(), port)] if port else []
+        seed = self.seeds().get(plan.key)
+        if seed is not None:
+            own.append(seed.address)
+        return own
+
+    def withdraw(self, key: _Key) -> None:
+        """Stop ``key``'s registry heartbeat and withdraw its record (bounded, never
+        raises): before a lookup, our own earlier record (a reload) must not send us
+        to ourselves."""
+        with self._lock:
+            old = self._announcers.pop(key, None)
+        if old is not None:
+            old.stop()
+
+    def stop(self, key: _Key) -> None:
+        """Withdraw ``key``'s record and stop its seed."""
+        self.withdraw(key)
+        with self._lock:
+            old = self._seeds.pop(key, None)
+        if old is not None:
+            old.stop()
+
+    def withdraw_all(self) -> None:
+        for key in list(self._announcers):
+            self.withdraw(key)
+
+    def reloading(self, key: _Key, checkpoint: str | None, source: str) -> None:
+        """A reload reads ``checkpoint`` from ``source``: ``key``'s seed goes on only if
+        it serves that checkpoint (its views of the as-loaded tensors then hold the same
+        values after the reload); otherwise it stops, as its identity would name the old
+        weights and vLLM keeps no as-loaded copy of the new ones to send."""
+        seed = self.seeds().get(key)
+        if seed is None:
+            return
+        rank, role = key
+        serving = seed.identity.get("checkpoint")
+        if serving is not None and checkpoint == serving:
+            logger.info("%s: reloading checkpoint %s from %s; the seed on %s goes on serving it",
+                        who(rank, role), serving[:12], source, seed.address)
+            return
+        logger.warning(
+            "%s: reloading from %s (checkpoint %s), not the checkpoint %s this rank's seed "
+            "serves: the seed on %s stops", who(rank, role), source,
+            checkpoint[:12] if checkpoint else "unknown", (serving or "unknown")[:12],
+            seed.address,
+        )
+        self.stop(key)
+
+    def open_relay(self, plan: LoadPlan) -> RelayListener[SeedServer]:
+        """This rank's listener, bound before its fetch so that the seeds it asks can
+        send the clients after it here (RELAY)."""
+        # A reload's relay needs the port of the seed that served the model before.
+        self.stop(plan.key)
+
+        def make_relay(host: str, sock: socket.socket) -> RelayListener[SeedServer]:
+            def start(w: LoadedWeights, p: RelayProgress, s: socket.socket,
+                      checkpoint: str | None) -> SeedServer:
+                # A node without weight files relays the checkpoint its seed named.
+                relaying = LoadOutcome("relaying its fetch", None, ())
+                return SeedServer(w, seed_settings(plan.holding(checkpoint), host), s,
+                                  relaying, p).start()
+
+            return RelayListener(sock, start)
+
+        return _bound(plan, make_relay)
+
+    def start(
+        self, plan: LoadPlan, loaded: LoadedWeights, outcome: LoadOutcome,
+        relay_seed: SeedServer | None = None,
+    ) -> SeedServer:
+        """Serve ``loaded`` (the model is processed by now), keeping what processing
+        replaced as INT8_CACHE says (``retention``): the relay that filled the model
+        goes on as the seed, else a new seed takes this rank's port."""
+        retention = Retention(plan.config.int8_cache, plan.config.int8_cache_name)
+        loaded, retained = retain(loaded, retention)
+        log = logger.warning if retained.dropped else logger.info
+        log(
+            "%s keeps %d loaded tensor(s), %.3f GB, beyond the running model (INT8_CACHE "
+            "%s)%s", who(plan.rank, plan.role, seed=True), retained.tensors,
+            retained.nbytes / 1e9, retained.mode,
+            f"; dropped {len(retained.dropped)} (e.g. {retained.dropped[0]}), so it refuses "
+            "every client" if retained.dropped else "",
+        )
+        if relay_seed is not None:
+            relay_seed.promote(outcome)
+            relay_seed.keep(loaded, retained)
+            seed = relay_seed
+        else:
+            self.stop(plan.key)
+            seed = _bound(plan, lambda host, sock: SeedServer(
+                loaded, seed_settings(plan, host), sock, outcome, retained=retained,
+            )).start()
+        with self._lock:
+            self._seeds[plan.key] = seed
+        self._announce(plan, seed)
+        return seed
+
+    def _announce(self, plan: LoadPlan, seed: SeedServer) -> None:
+        """Publish ``seed`` in the registry until it stops (REGISTRY set), unless it
+        refuses every client (it dropped tensors, or its load set uncarried state)."""
+        registry = plan.config.registry
+        if registry is None:
+            return
+        name = who(plan.rank, plan.role, seed=True)
+        if seed.weights.dropped or seed.weights.state.uncarried:
+            logger.warning("%s: not announcing %s in registry %s: it refuses every client "
+                           "(see its info)", name, seed.address, registry)
+            return
+        self.withdraw(plan.key)
+
+        def record() -> SeedRecord:
+            info = seed.describe()
+            return SeedRecord(seed.address, plan.rank, plan.role, seed.identity.get("checkpoint"),
+                              info["active_transfers"], info["relaying"])
+
+        announcer = Announcer(open_registry(registry), model_key(seed.identity), record).start()
+        with self._lock:
+            self._announcers[plan.key] = announcer
+        logger.info("%s: announcing %s in registry %s", name, seed.address, registry)
+
+
+SEEDS = RunningSeeds()
+atexit.register(SEEDS.withdraw_all)
+
+
+def running_seeds() -> dict[_Key, SeedServer]:
+    """The seeds this process serves, keyed by (global rank, role)."""
+    return SEEDS.seeds()
+
+
+def seed_settings(plan: LoadPlan, host: str) -> SeedSettings:
+    """How this rank's seed serves, from the config (``host``: where it listens)."""
+    config = plan.config
+    limit = config.send_limit_mb_per_s
+    return SeedSettings(
+        identity=plan.identity,
+        rank=plan.rank,
+        host=host,
+        timeout_s=config.timeout_s,
+        bucket_bytes=config.bucket_mb << 20,
+        send_limit_bytes_per_s=limit * 1e6 if limit is not None else None,
+        secret=config.secret,
+        output_prefix=plan.output_prefix,
+        data_plane=plan.data_plane(),
+        device=plan.device,
+        min_rate_bytes_per_s=config.min_rate_mb_per_s * 1e6,
+        compile_cache=CacheServing(
+            aot_cache_dir(), config.timeout_s, config.min_rate_mb_per_s * 1e6,
+        ) if config.compile_cache_enabled() else None,
+    )
+
+
+def _bound(plan: LoadPlan, make: Callable[[str, socket.socket], _Bound]) -> _Bound:
+    """``make(host, sock)`` with a socket bound on this rank's listener address; a port
+    that is taken fails start-up with a message naming the setting."""
+    host = get_ip()
+    port = plan.listen_port
+    try:
+        sock = listen(host, port)
+    except OSError as e:
+        raise RuntimeError(
+            f"Netloader {plan.role} seed rank {plan.rank} cannot listen on "
+            f"{host}:{port} ({plan.listen_setting()}): {e}"
+        ) from e
+    return make(host, sock)
+
+
