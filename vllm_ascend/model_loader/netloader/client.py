@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from vllm.logger import logger
 
 from vllm_ascend.model_loader.netloader import load_state, metrics
 from vllm_ascend.model_loader.netloader.deadline import Deadline
 from vllm_ascend.model_loader.netloader.load_state import NO_STATE, LoadState
+from vllm_ascend.model_loader.netloader.log import get_logger, who
 from vllm_ascend.model_loader.netloader.manifest import (
     TensorSpec,
     first_difference,
@@ -67,6 +67,8 @@ from vllm_ascend.model_loader.netloader.wire.messages import (
     parse_redirect,
     parse_refuse,
 )
+
+logger = get_logger(__name__)
 
 _BUSY_RETRY_S = 0.5
 _MAX_BUCKET_BYTES = 1 << 30
@@ -170,8 +172,9 @@ class WeightFetch:
         self._held = max(self._held, n)
 
     @property
-    def _rank(self) -> Any:
-        return self.settings.identity.get("rank")
+    def _who(self) -> str:
+        """``Netloader rank 0``: how this fetch's lines start."""
+        return who(self.settings.identity.get("rank"))
 
     def run(self, addresses: Sequence[str]) -> Received | None:
         for address in addresses:
@@ -193,8 +196,8 @@ class WeightFetch:
             reason = f"{label} failed: {type(e).__name__}: {e}"
         self.reasons.append(reason)
         logger.warning(
-            "Netloader rank %s: no verified model from %s after %.3f s (%s)%s",
-            self._rank, address, time.perf_counter() - start, reason, then,
+            "%s: no verified model from %s after %.3f s (%s)%s",
+            self._who, address, time.perf_counter() - start, reason, then,
         )
         return None
 
@@ -278,15 +281,15 @@ class WeightFetch:
                 send_msg(conn, done(True), Deadline(timeout_s, f"'done' to {address}"))
             except SOURCE_ERRORS as e:
                 # Every tensor is verified: only the seed's count of transfers misses it.
-                logger.warning("Netloader rank %s: 'done' to %s failed: %s", self._rank, address, e)
+                logger.warning("%s: 'done' to %s failed: %s", self._who, address, e)
         seconds = time.perf_counter() - start
         reused = self._summary.nbytes - nbytes
         stats = self.stats
         logger.info(
-            "Netloader rank %s received %d bytes from %s over %s in %.3f s (%.2f GB/s), "
+            "%s received %d bytes from %s over %s in %.3f s (%.2f GB/s), "
             "all %d digests verified (waited %.3f s for data, verified %.3f s, copied "
             "%.3f s)%s",
-            self._rank, nbytes, address, accepted.data_plane, seconds,
+            self._who, nbytes, address, accepted.data_plane, seconds,
             nbytes / max(seconds, 1e-9) / 1e9, len(accepted.digests),
             stats.wait_s, stats.verify_s, stats.copy_s,
             f"; resumed at tensor {accepted.start}: {reused} bytes reused" if reused else "",
@@ -337,8 +340,8 @@ class WeightFetch:
                 raise SourceRefused(str(e)) from e
         if resume is not None and accepted.start == 0:
             logger.info(
-                "Netloader rank %s: %s sends from tensor 0 (it serves values %s, not the "
-                "%s of the %d tensors held)", self._rank, address, values[:12],
+                "%s: %s sends from tensor 0 (it serves values %s, not the "
+                "%s of the %d tensors held)", self._who, address, values[:12],
                 resume.values[:12], resume.start,
             )
         if values != self._held_values:
@@ -395,8 +398,8 @@ class WeightFetch:
         assert self.relay is not None
         progress = self.relay.begin(self.specs, self.targets, accepted)
         logger.info(
-            "Netloader rank %s relays on port %d: passes on each tensor once verified",
-            self._rank, self.relay.port,
+            "%s relays on port %d: passes on each tensor once verified",
+            self._who, self.relay.port,
         )
         return progress
 

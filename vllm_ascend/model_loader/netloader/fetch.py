@@ -174,6 +174,6 @@ def _install_compile_cache(model: nn.Module, plan: LoadPlan, address: str) -> No
         timeout_s=config.timeout_s,
         min_rate_bytes_per_s=config.min_rate_mb_per_s * 1e6,
         secret=config.secret,
-    ), f"rank {plan.rank} {plan.role}")
+    ), plan.who)
 
 

@@ -34,7 +34,10 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-from vllm.logger import logger
+from vllm_ascend.model_loader.netloader.log import get_logger
+
+logger = get_logger(__name__)
+
 
 METRICS_DIR_ENV = "NETLOADER_METRICS_DIR"
 # Seconds; a tiny model moves in well under 1 s, a large one over a slow link in minutes.

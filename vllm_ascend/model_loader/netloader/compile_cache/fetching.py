@@ -198,23 +198,23 @@ def install_from_seed(
         request = cache_request(model)
         installed = fetch(address, request, settings)
     except NoCache as e:
-        logger.info("Netloader %s: no compile cache installed: %s", who, e)
+        logger.info("%s: no compile cache installed: %s", who, e)
         return None
     except CacheRefused as e:
-        logger.warning("Netloader %s: seed %s refused its compile cache: %s", who, address, e)
+        logger.warning("%s: seed %s refused its compile cache: %s", who, address, e)
         return None
     except (*CACHE_ERRORS, CacheRejected) as e:
         logger.warning(
-            "Netloader %s: compile cache from %s not installed after %.3f s (%s: %s); vLLM "
+            "%s: compile cache from %s not installed after %.3f s (%s: %s); vLLM "
             "compiles the model itself", who, address, time.perf_counter() - start,
             type(e).__name__, e,
         )
         return None
     except Exception:  # noqa: BLE001 - vLLM internals (the names) may change: compiling is always right
-        logger.exception("Netloader %s: compile cache fetch from %s failed", who, address)
+        logger.exception("%s: compile cache fetch from %s failed", who, address)
         return None
     logger.info(
-        "Netloader %s installed the compile cache from seed %s: %s (%d files, %d bytes) "
+        "%s installed the compile cache from seed %s: %s (%d files, %d bytes) "
         "in %.3f s%s", who, address, ", ".join(installed.hashes) or "nothing new",
         installed.files, installed.nbytes, installed.seconds,
         f"; already here: {', '.join(installed.present)}" if installed.present else "",

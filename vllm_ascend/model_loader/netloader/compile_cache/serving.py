@@ -110,12 +110,12 @@ def serve(
                 expect=DONE,
             ))
             log = logger.info if ok else logger.warning
-            log("Netloader seed %s sent its compile cache to %s: %d files, %d bytes in %.3f s "
+            log("%s sent its compile cache to %s: %d files, %d bytes in %.3f s "
                 "(%s), client %s", who, peer, len(files), total, time.perf_counter() - start,
                 ", ".join(sorted({f.path.split("/")[0][:12] for f in files})),
                 "installed it" if ok else f"rejected it: {reason}")
         else:
-            logger.info("Netloader seed %s has no compile cache for %s's names", who, peer)
+            logger.info("%s has no compile cache for %s's names", who, peer)
     finally:
         serving.slots.release()
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_ascend.model_loader.netloader.deadline import CallTimedOut, call_within
-from vllm_ascend.model_loader.netloader.log import get_logger
+from vllm_ascend.model_loader.netloader.log import get_logger, who
 from vllm_ascend.model_loader.netloader.wire.addresses import format_address
 
 logger = get_logger(__name__)
@@ -116,8 +116,8 @@ def expand(
             if not found:
                 notes.append(f"dns {entry}: no address but this instance's own")
             logger.info(
-                "Netloader rank %d: %s resolved to %d seed address(es): %s",
-                rank, entry, len(found), ", ".join(found),
+                "%s: %s resolved to %d seed address(es): %s",
+                who(rank), entry, len(found), ", ".join(found),
             )
         for address in found:
             if address not in addresses and address not in skip:

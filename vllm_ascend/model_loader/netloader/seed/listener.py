@@ -24,7 +24,10 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from vllm.logger import logger
+from vllm_ascend.model_loader.netloader.log import get_logger
+
+logger = get_logger(__name__)
+
 
 MAX_CONNECTIONS = 32
 ACCEPT_RATE = 200.0

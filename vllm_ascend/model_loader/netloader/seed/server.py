@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from vllm.logger import logger
 
 from vllm_ascend.model_loader.netloader import metrics
 from vllm_ascend.model_loader.netloader.compile_cache import serving
 from vllm_ascend.model_loader.netloader.deadline import Deadline
 from vllm_ascend.model_loader.netloader.identity import identity_difference
+from vllm_ascend.model_loader.netloader.log import get_logger, who
 from vllm_ascend.model_loader.netloader.manifest import (
     DRAFT,
     LoadedWeights,
@@ -70,6 +70,8 @@ from vllm_ascend.model_loader.netloader.wire.messages import (
     refuse,
 )
 
+logger = get_logger(__name__)
+
 MAX_CONCURRENT_TRANSFERS = 4
 # The most a handshake may take, whatever TIMEOUT says: a few small frames.
 HANDSHAKE_S = 10.0
@@ -103,8 +105,9 @@ class SeedSettings:
 
     @property
     def who(self) -> str:
-        """"rank 0", or "rank 0 draft" for a draft model's seed: every log line names it."""
-        return f"rank {self.rank}" + (" draft" if self.identity.get("role") == DRAFT else "")
+        """``Netloader seed rank 0`` (``... rank 0 draft`` for a draft model's seed):
+        how every line of this seed starts."""
+        return who(self.rank, DRAFT if self.identity.get("role") == DRAFT else None, seed=True)
 
     @property
     def handshake_s(self) -> float:
@@ -143,7 +146,8 @@ class SeedServer:
         self._tail: str | None = None
         self.port: int = sock.getsockname()[1]
         self.address = format_address(settings.host, self.port)
-        self._listener = Listener(sock, self._handle, f"netloader-seed-{settings.who}")
+        self._listener = Listener(sock, self._handle, f"netloader-seed-rank-{settings.rank}"
+                                  + ("-draft" if settings.identity.get("role") == DRAFT else ""))
         self.ready = threading.Event()
 
     @property
@@ -153,7 +157,7 @@ class SeedServer:
     def start(self) -> "SeedServer":
         self._write_address_file()
         logger.info(
-            "Netloader seed %s listening on %s: %d tensors, %.3f GB, %s data plane",
+            "%s listening on %s: %d tensors, %.3f GB, %s data plane",
             self.settings.who, self.address, len(self.weights.specs),
             self.weights.total_bytes / 1e9, self.settings.data_plane,
         )
@@ -219,9 +223,9 @@ class SeedServer:
             use_device(self.settings.device)
             self._serve(conn)
         except (ProtocolError, AuthError, TransferError, RelayStalled, OSError) as e:
-            logger.warning("Netloader seed %s: client %s failed: %s", who, peer, e)
+            logger.warning("%s: client %s failed: %s", who, peer, e)
         except Exception:  # noqa: BLE001 - connection thread top level, see above
-            logger.exception("Netloader seed %s: client %s hit an error", who, peer)
+            logger.exception("%s: client %s hit an error", who, peer)
 
     def _serve(self, conn: Connection) -> None:
         deadline = Deadline(self.settings.handshake_s, f"handshake with {conn.peer}")
@@ -253,7 +257,7 @@ class SeedServer:
         if refusal is not None:
             kind, reason = refusal
             metrics.METRICS.refusal(kind)
-            logger.warning("Netloader seed %s refused %s: %s", self.settings.who, conn.peer, reason)
+            logger.warning("%s refused %s: %s", self.settings.who, conn.peer, reason)
             side.refuse(reason, retry=False, deadline=deadline)
             return
         relay = self._relay_address(conn, side.request)
@@ -261,7 +265,7 @@ class SeedServer:
         if route == "redirect":
             assert tail is not None
             logger.info(
-                "Netloader seed %s sends %s to relay %s", self.settings.who, conn.peer, tail
+                "%s sends %s to relay %s", self.settings.who, conn.peer, tail
             )
             side.answer_last(redirect(tail, self.weights.value_fingerprint()), deadline)
             return
@@ -389,7 +393,7 @@ class SeedServer:
         total = bytes_from(weights.specs, first)
         if first:
             logger.info(
-                "Netloader seed %s resumes %s at tensor %d of %d: the client holds %d bytes "
+                "%s resumes %s at tensor %d of %d: the client holds %d bytes "
                 "of these values, %d to send",
                 settings.who, conn.peer, first, len(weights.specs),
                 weights.total_bytes - total, total,
@@ -421,7 +425,7 @@ class SeedServer:
         verified, reason = parse_done(done)
         log = logger.info if verified else logger.warning
         log(
-            "Netloader seed %s sent to %s over %s: %d bytes in %.3f s (%.2f GB/s), client %s",
+            "%s sent to %s over %s: %d bytes in %.3f s (%.2f GB/s), client %s",
             settings.who, conn.peer, plane, sent, seconds, sent / max(seconds, 1e-9) / 1e9,
             "verified all digests" if verified else f"rejected: {reason}",
         )
