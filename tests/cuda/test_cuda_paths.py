@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tests.toy import IDENTITY, SMALL_BUCKET, make_toy
+from tests.helpers.toy import IDENTITY, SMALL_BUCKET, make_toy
 from vllm_ascend.model_loader.netloader.client import ClientSettings, WeightFetch
 from vllm_ascend.model_loader.netloader.manifest import (
     LoadedWeights,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import (
+from tests.helpers.e2e import (
     SERVER_ARGS,
     address_of,
     dump,

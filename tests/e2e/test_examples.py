@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import REPO
+from tests.helpers.e2e import REPO
 from tools.vllm_server import free_port
 
 pytestmark = pytest.mark.e2e

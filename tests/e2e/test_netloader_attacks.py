@@ -17,7 +17,8 @@ import psutil
 import pytest
 
 from tests import wire
-from tests.e2e.helpers import (
+from tests.e2e.test_netloader_faults import assert_seed_serves_correctly
+from tests.helpers.e2e import (
     DUMP_ENV,
     PROMPTS,
     REPO,
@@ -29,8 +30,7 @@ from tests.e2e.helpers import (
     seed_hello,
     start_all,
 )
-from tests.e2e.test_netloader_faults import assert_seed_serves_correctly
-from tests.wire import challenge_of, frame, read
+from tests.helpers.wire import challenge_of, frame, read
 from tools.make_tiny_model import main as make_tiny_model
 from tools.vllm_server import VllmServer
 from vllm_ascend.model_loader.netloader.client import query_seed

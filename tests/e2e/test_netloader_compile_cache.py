@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import SERVER_ARGS, address_of, greedy, start_all
+from tests.helpers.e2e import SERVER_ARGS, address_of, greedy, start_all
 from tools.vllm_server import VllmServer
 from vllm_ascend.model_loader.netloader.client import query_seed
 from vllm_ascend.model_loader.netloader.compile_cache.naming import AOT_SUBDIR

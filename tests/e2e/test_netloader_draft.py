@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from tests.e2e.helpers import PROMPTS, SERVER_ARGS, address_of, greedy, start_all
+from tests.helpers.e2e import PROMPTS, SERVER_ARGS, address_of, greedy, start_all
 from tools.vllm_server import VllmServer, free_port
 from vllm_ascend.model_loader.netloader.client import query_seed
 

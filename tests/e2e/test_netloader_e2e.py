@@ -10,7 +10,7 @@ from each instance's own seed ``info`` answer, not from its log.
 import pytest
 import torch
 
-from tests.e2e.helpers import address_of, dump, greedy, netloader_server, start_all
+from tests.helpers.e2e import address_of, dump, greedy, netloader_server, start_all
 from tools.make_tiny_model import main as make_tiny_model
 from vllm_ascend.model_loader.netloader.client import query_seed
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from tests import wire
 from tests.e2e.conftest import SEED_TIMEOUT_S
-from tests.e2e.helpers import (
+from tests.helpers.e2e import (
     DUMP_ENV,
     REPO,
     address_of,
@@ -29,7 +29,7 @@ from tests.e2e.helpers import (
     seed_hello,
     start_all,
 )
-from tests.wire import challenge_of, frame, read
+from tests.helpers.wire import challenge_of, frame, read
 from vllm_ascend.model_loader.netloader.client import query_seed
 from vllm_ascend.model_loader.netloader.wire.auth import AuthError
 from vllm_ascend.model_loader.netloader.wire.frames import MAGIC, PROTOCOL_VERSION, REFUSE

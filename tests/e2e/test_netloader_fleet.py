@@ -10,7 +10,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.helpers import address_of, greedy, netloader_server, start_all
+from tests.helpers.e2e import address_of, greedy, netloader_server, start_all
 from tools.redis_server import RedisServer
 from vllm_ascend.model_loader.netloader.client import query_seed
 from vllm_ascend.model_loader.netloader.fleet.registry import HEARTBEAT_S

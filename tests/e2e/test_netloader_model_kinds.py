@@ -1,7 +1,7 @@
 """The model kinds operators serve, each given the dense model's proof (the guide's
 support matrix points here).
 
-For each kind, three in-process vLLM CPU instances (tests/e2e/dump_instance.py):
+For each kind, three in-process vLLM CPU instances (tests/helpers/dump_instance.py):
 an ``auto`` disk load (the reference), a Netloader seed that loaded from disk, and a
 client whose model directory (and draft directory) has no weight files, so it can
 only get them from the seed (EXPECTED_FINGERPRINT and DRAFT_EXPECTED_FINGERPRINT name
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import (
+from tests.helpers.e2e import (
     ServingDump,
     address_of,
     assert_equal_tensors,

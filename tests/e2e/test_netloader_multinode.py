@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import REPO, SERVER_ARGS, address_of
+from tests.helpers.e2e import REPO, SERVER_ARGS, address_of
 from tools.netns import Topology
 from tools.vllm_server import BASE_ENV
 
@@ -75,7 +75,7 @@ class TwoHostInstance:
 
 
 def probe(net: Topology, node: str, *args: str, timeout_s: float = 300) -> object:
-    proc = net.popen(node, [sys.executable, "-m", "tests.e2e.netns_probe", *args], cwd=REPO,
+    proc = net.popen(node, [sys.executable, "-m", "tests.helpers.netns_probe", *args], cwd=REPO,
                      env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
                      text=True)
     out, _ = proc.communicate(timeout=timeout_s + 60)

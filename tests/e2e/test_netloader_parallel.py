@@ -16,7 +16,7 @@ hidden states into, and the first request kills the engine with ``AssertionError
 
 import pytest
 
-from tests.e2e.helpers import SERVER_ARGS, address_of, greedy, start_all
+from tests.helpers.e2e import SERVER_ARGS, address_of, greedy, start_all
 from tools.vllm_server import VllmServer, free_port
 from vllm_ascend.model_loader.netloader.client import query_seed
 

@@ -3,7 +3,7 @@ sending are chained through each other's relays (RELAY, on by default)."""
 
 import pytest
 
-from tests.e2e.helpers import address_of, greedy, netloader_server, start_all
+from tests.helpers.e2e import address_of, greedy, netloader_server, start_all
 from vllm_ascend.model_loader.netloader.client import query_seed
 
 pytestmark = pytest.mark.e2e

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from tests.e2e.helpers import assert_equal_tensors, dump, greedy
+from tests.helpers.e2e import assert_equal_tensors, dump, greedy
 from tools.make_tiny_model import main as make_tiny_model
 from vllm_ascend.model_loader.netloader.client import query_seed
 

@@ -17,7 +17,7 @@ from vllm_ascend.model_loader.netloader.fleet.dns import spread
 REPO = Path(__file__).resolve().parents[2]
 NAME = "seeds.netloader.test"
 PORT = 41000
-PEER = [sys.executable, "-m", "tests.netns.netns_peer"]
+PEER = [sys.executable, "-m", "tests.helpers.netns_peer"]
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None,

@@ -26,7 +26,7 @@ def test_transfer_between_namespaces_needs_no_interface_setting(plane):
     # (127.0.0.1 here), which the other namespace cannot reach.
     env = {k: v for k, v in os.environ.items() if k != "GLOO_SOCKET_IFNAME"}
     env["PYTHONPATH"] = str(REPO)
-    peer = [sys.executable, "-m", "tests.netns.netns_peer"]
+    peer = [sys.executable, "-m", "tests.helpers.netns_peer"]
     with Topology(["seed", "client"], rate_mbit=None) as net:
         seed = net.popen(
             "seed", [*peer, "seed", net.address("seed"), "11", plane], cwd=REPO, env=env,

@@ -14,8 +14,7 @@ import psutil
 import pytest
 import torch
 
-from tests.procs.toy_seed import toy_seed
-from tests.toy import (
+from tests.helpers.toy import (
     IDENTITY,
     assert_same_tensors,
     fetch_for,
@@ -23,7 +22,8 @@ from tests.toy import (
     untouched,
     wait_for,
 )
-from tests.wire import challenge_of, connect, frame, hello_for, read
+from tests.helpers.toy_seed import toy_seed
+from tests.helpers.wire import challenge_of, connect, frame, hello_for, read
 from vllm_ascend.model_loader.netloader.client import query_seed
 from vllm_ascend.model_loader.netloader.manifest import model_tensors
 from vllm_ascend.model_loader.netloader.wire.auth import new_nonce
@@ -347,7 +347,7 @@ HOSTILE = {
 
 
 def _plan() -> list[tuple[int, int]]:
-    from tests.toy import SMALL_BUCKET
+    from tests.helpers.toy import SMALL_BUCKET
     from vllm_ascend.model_loader.netloader.manifest import plan_buckets, spec_of
 
     specs = [spec_of(n, t) for n, t in model_tensors(make_toy(None))]

@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from tests.procs.toy_seed import toy_seed
-from tests.toy import IDENTITY, assert_same_tensors, fetch_for, make_toy, untouched
-from tests.wire import challenge_of, connect, frame, hello_for, read
+from tests.helpers.toy import IDENTITY, assert_same_tensors, fetch_for, make_toy, untouched
+from tests.helpers.toy_seed import toy_seed
+from tests.helpers.wire import challenge_of, connect, frame, hello_for, read
 from vllm_ascend.model_loader.netloader.client import query_seed
 from vllm_ascend.model_loader.netloader.wire.auth import (
     AuthError,

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from tests.toy import bf16_tensors
-from tests.wire import frame, tcp_pair
+from tests.helpers.toy import bf16_tensors
+from tests.helpers.wire import frame, tcp_pair
 from vllm_ascend.model_loader.netloader.deadline import Deadline, DeadlineExceeded
 from vllm_ascend.model_loader.netloader.manifest import digest, plan_buckets, spec_of
 from vllm_ascend.model_loader.netloader.planes.collective import (

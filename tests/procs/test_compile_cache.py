@@ -14,7 +14,7 @@ from pathlib import Path
 import blake3
 import pytest
 
-from tests.toy import serving
+from tests.helpers.toy import serving
 from vllm_ascend.model_loader.netloader.compile_cache.fetching import (
     CACHE_ERRORS,
     CacheFetch,

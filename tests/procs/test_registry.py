@@ -13,7 +13,7 @@ import pytest
 import redis
 import torch
 
-from tests.toy import IDENTITY, fetch_for, make_toy, serving, wait_for
+from tests.helpers.toy import IDENTITY, fetch_for, make_toy, serving, wait_for
 from tools.redis_server import RedisServer
 from vllm_ascend.model_loader.netloader.config import parse_config
 from vllm_ascend.model_loader.netloader.fleet.candidates import Candidates, find_candidates

@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.procs.toy_seed import toy_seed
-from tests.toy import (
+from tests.helpers.toy import (
     IDENTITY,
     SMALL_BUCKET,
     assert_same_tensors,
@@ -23,7 +22,8 @@ from tests.toy import (
     scrape,
     wait_for,
 )
-from tests.wire import challenge_of, connect, frame, hello_for, read
+from tests.helpers.toy_seed import toy_seed
+from tests.helpers.wire import challenge_of, connect, frame, hello_for, read
 from vllm_ascend.model_loader.netloader.client import Received, WeightFetch, query_seed
 from vllm_ascend.model_loader.netloader.manifest import (
     LoadedWeights,

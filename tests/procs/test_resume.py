@@ -6,9 +6,7 @@ import socket
 import pytest
 import torch
 
-from tests.procs.test_attacks import fake_seed
-from tests.procs.toy_seed import toy_seed
-from tests.toy import (
+from tests.helpers.toy import (
     IDENTITY,
     assert_same_tensors,
     fetch_for,
@@ -17,7 +15,9 @@ from tests.toy import (
     serving,
     wait_for,
 )
-from tests.wire import challenge_of, connect, frame, hello_for, read, summary_of
+from tests.helpers.toy_seed import toy_seed
+from tests.helpers.wire import challenge_of, connect, frame, hello_for, read, summary_of
+from tests.procs.test_attacks import fake_seed
 from vllm_ascend.model_loader.netloader.client import query_seed
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, model_tensors
 from vllm_ascend.model_loader.netloader.wire.auth import new_nonce

@@ -10,8 +10,7 @@ import time
 import pytest
 import torch
 
-from tests.procs.toy_seed import fetch_forever, toy_seed
-from tests.toy import (
+from tests.helpers.toy import (
     IDENTITY,
     assert_same_tensors,
     fetch_for,
@@ -20,7 +19,8 @@ from tests.toy import (
     untouched,
     wait_for,
 )
-from tests.wire import challenge_of, connect, frame, hello_for, read
+from tests.helpers.toy_seed import fetch_forever, toy_seed
+from tests.helpers.wire import challenge_of, connect, frame, hello_for, read
 from vllm_ascend.model_loader.netloader.client import Received, WeightFetch, query_seed
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, model_tensors
 from vllm_ascend.model_loader.netloader.wire.frames import REFUSE

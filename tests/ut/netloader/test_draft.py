@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.toy import IDENTITY, fetch_for, make_toy, serving
+from tests.helpers.toy import IDENTITY, fetch_for, make_toy, serving
 from tools.make_tiny_model import main as make_tiny_model
 from tools.vllm_server import free_port
 from vllm_ascend.model_loader.netloader.client import WeightFetch

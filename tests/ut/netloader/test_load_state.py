@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.toy import IDENTITY, SMALL_BUCKET, fetch_for, make_toy, untouched
+from tests.helpers.toy import IDENTITY, SMALL_BUCKET, fetch_for, make_toy, untouched
 from vllm_ascend.model_loader.netloader import load_state
 from vllm_ascend.model_loader.netloader.load_state import Change, LoadState, LoadStateError
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from tests.toy import IDENTITY, count_metrics, fetch_for, make_toy, scrape, serving
+from tests.helpers.toy import IDENTITY, count_metrics, fetch_for, make_toy, scrape, serving
 from vllm_ascend.model_loader.netloader.metrics import (
     CLIENT,
     METRICS_DIR_ENV,

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from tests.toy import IDENTITY, SMALL_BUCKET, make_toy
+from tests.helpers.toy import IDENTITY, SMALL_BUCKET, make_toy
 
 
 def flip_one_byte_in_first_transfer() -> None:
@@ -127,7 +127,7 @@ def fetch_forever(address: str, receiving: Any) -> None:
 
     It sends on the pipe ``receiving`` once the transfer starts, so the test kills it
     mid-transfer, not during the handshake."""
-    from tests.toy import fetch_for
+    from tests.helpers.toy import fetch_for
     from vllm_ascend.model_loader.netloader import client
 
     recv = client.recv_weights

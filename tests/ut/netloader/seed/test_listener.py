@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.toy import serving
+from tests.helpers.toy import serving
 from vllm_ascend.model_loader.netloader.client import query_seed
 from vllm_ascend.model_loader.netloader.seed.listener import Connection, Listener
 

@@ -30,7 +30,7 @@ Test seams (faults injected at the client -> data plane boundary):
                     and the last tensor's digest is wrong, so a client's transfer fails
                     at its very end; prints TAMPERED <address> and serves until stdin ends
 
-    python -m tests.e2e.dump_instance MODEL OUT.safetensors [--load-format F] [--extra JSON]
+    python -m tests.helpers.dump_instance MODEL OUT.safetensors [--load-format F] [--extra JSON]
 """
 
 import argparse
@@ -265,7 +265,7 @@ def instance(args: argparse.Namespace) -> None:
     if args.reload_from:
         llm.collective_rpc("reload_weights", kwargs={"weights_path": args.reload_from})
     # By module name, not __main__: with TP > 1 the functions travel to the workers.
-    from tests.e2e import dump_instance as this
+    from tests.helpers import dump_instance as this
 
     per_rank = llm.apply_model(this.runtime_tensors)
     tensors = per_rank[0] if len(per_rank) == 1 else {

@@ -1,9 +1,9 @@
 """Run inside a network namespace, where the test process cannot reach: wait for a
 vLLM server, take its greedy outputs, or ask seeds for ``info``; prints one JSON line.
 
-    python -m tests.e2e.netns_probe wait URL TIMEOUT_S
-    python -m tests.e2e.netns_probe greedy URL MODEL
-    python -m tests.e2e.netns_probe info ADDRESS [ADDRESS ...]
+    python -m tests.helpers.netns_probe wait URL TIMEOUT_S
+    python -m tests.helpers.netns_probe greedy URL MODEL
+    python -m tests.helpers.netns_probe info ADDRESS [ADDRESS ...]
 """
 
 import json
@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 
-from tests.e2e.helpers import PROMPTS
+from tests.helpers.e2e import PROMPTS
 
 
 def wait(url: str, timeout_s: float) -> bool:
@@ -29,7 +29,7 @@ def wait(url: str, timeout_s: float) -> bool:
 
 
 def greedy(url: str, model: str) -> list:
-    """As tests.e2e.helpers.greedy: text and per-token logprobs, one prompt a request."""
+    """As tests.helpers.e2e.greedy: text and per-token logprobs, one prompt a request."""
     out = []
     for prompt in PROMPTS:
         request = {"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0,

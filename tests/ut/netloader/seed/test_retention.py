@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.toy import IDENTITY, SMALL_BUCKET, fetch_for, make_toy, untouched
+from tests.helpers.toy import IDENTITY, SMALL_BUCKET, fetch_for, make_toy, untouched
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, byte_view
 from vllm_ascend.model_loader.netloader.seed.retention import Retained, Retention, retain
 from vllm_ascend.model_loader.netloader.seed.server import SeedServer, SeedSettings

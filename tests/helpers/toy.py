@@ -2,7 +2,7 @@
 
 Seeds made here run in this process (threads, real sockets on 127.0.0.1); tests that
 need a seed in another process (to kill it, limit its descriptors, watch its memory)
-use ``tests.procs.toy_seed``.
+use ``tests.helpers.toy_seed``.
 """
 
 import time

@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from tests.toy import bf16_tensors
-from tests.wire import tcp_pair
+from tests.helpers.toy import bf16_tensors
+from tests.helpers.wire import tcp_pair
 from vllm_ascend.model_loader.netloader.manifest import digest, plan_buckets, spec_of
 from vllm_ascend.model_loader.netloader.planes.progress import PROGRESS_BYTES, TransferError
 from vllm_ascend.model_loader.netloader.planes.stream import StreamLink

@@ -1,16 +1,16 @@
 """A toy seed or client as its own process, for tests that put the two in separate
-network namespaces (``python -m tests.netns.netns_peer seed|client ...``)."""
+network namespaces (``python -m tests.helpers.netns_peer seed|client ...``)."""
 
 import json
 import sys
 
-from tests.toy import make_toy
+from tests.helpers.toy import make_toy
 
 
 def seed(host: str, seed_value: int, plane: str, port: int = 0) -> None:
     """Serve make_toy(seed_value) on ``host:port``; print the address; stop at stdin's
     EOF."""
-    from tests.toy import serving
+    from tests.helpers.toy import serving
 
     with serving(seed_value, host=host, port=port, timeout_s=20.0, data_plane=plane) as server:
         print(server.address, flush=True)
@@ -21,7 +21,7 @@ def client(address: str, seed_value: int, plane: str) -> None:
     """Fetch from ``address``; print whether every tensor equals make_toy(seed_value)."""
     import torch
 
-    from tests.toy import fetch_for
+    from tests.helpers.toy import fetch_for
     from vllm_ascend.model_loader.netloader.manifest import model_tensors
 
     model = make_toy(None)
@@ -39,7 +39,7 @@ def dns_client(name: str, seed_value: int, spread_key: str) -> None:
     equals make_toy(seed_value)."""
     import torch
 
-    from tests.toy import fetch_for
+    from tests.helpers.toy import fetch_for
     from vllm_ascend.model_loader.netloader.fleet.dns import DnsSource, expand
     from vllm_ascend.model_loader.netloader.manifest import model_tensors
     from vllm_ascend.model_loader.netloader.wire.addresses import parse_address

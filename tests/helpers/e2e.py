@@ -63,8 +63,8 @@ def netloader_server(
 
 
 def dump_command(model: str, out: Path, load_format: str, extra: dict, *more: str) -> list[str]:
-    """The command line of an in-process instance (tests/e2e/dump_instance.py)."""
-    return [sys.executable, "-m", "tests.e2e.dump_instance",
+    """The command line of an in-process instance (tests/helpers/dump_instance.py)."""
+    return [sys.executable, "-m", "tests.helpers.dump_instance",
             *dump_args(model, out, load_format, extra, *more)]
 
 
@@ -136,7 +136,7 @@ def weightless_copy(model: str, out: Path) -> str:
 
 
 class ServingDump:
-    """An in-process instance (tests/e2e/dump_instance.py) started in the background
+    """An in-process instance (tests/helpers/dump_instance.py) started in the background
     that dumps its tensors and report and then, with ``serve``, serves as a seed until
     ``stop``; its output goes to ``{out}.log``."""
 

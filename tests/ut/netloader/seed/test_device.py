@@ -8,7 +8,7 @@ import threading
 
 import torch
 
-from tests.toy import fetch_for, make_toy, serving
+from tests.helpers.toy import fetch_for, make_toy, serving
 from vllm_ascend.model_loader.netloader.client import query_seed
 from vllm_ascend.model_loader.netloader.seed import server as seed_module
 
