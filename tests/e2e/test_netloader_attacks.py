@@ -16,8 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests import wire
 from tests.e2e.test_netloader_faults import assert_seed_serves_correctly
+from tests.helpers import wire
 from tests.helpers.e2e import (
     DUMP_ENV,
     PROMPTS,

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests import wire
 from tests.e2e.conftest import SEED_TIMEOUT_S
+from tests.helpers import wire
 from tests.helpers.e2e import (
     DUMP_ENV,
     REPO,
