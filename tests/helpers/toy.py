@@ -29,6 +29,8 @@ IDENTITY: dict[str, Any] = {
     "checkpoint": "c" * 64,
     "tensor_parallel_size": 1,
     "pipeline_parallel_size": 1,
+    "data_parallel": [1, 0, 1],
+    "expert_parallel": None,
     "rank": 0,
     "role": "target",
     "vllm_version": "0.0.0-test",

@@ -383,9 +383,52 @@ def test_a_send_limit_that_moves_less_than_1_mib_per_timeout_names_both_keys():
 # --- keys from configs written for vllm-ascend's netloader ---------------------------
 
 
-def test_int8_cache_keys_default_to_keeping_every_loaded_copy_in_place():
+def test_int8_cache_defaults_to_vllm_ascends_no_and_the_layout_to_auto():
+    """A drop-in vllm-ascend config never costs memory nobody asked for."""
     config = parse_config({})
-    assert (config.int8_cache, config.int8_cache_name) == ("hbm", None)
+    assert (config.int8_cache, config.int8_cache_name, config.layout) == ("no", None, "auto")
+
+
+@pytest.mark.parametrize("value, layout", [("auto", "auto"), ("Processed", "processed"),
+                                           ("loaded", "loaded")])
+def test_layout_values(value, layout):
+    assert parse_config({"LAYOUT": value}).layout == layout
+
+
+@pytest.mark.parametrize("value", ["runtime", "", None, 1])
+def test_a_bad_layout_names_the_key(value):
+    with pytest.raises(NetloaderConfigError, match="LAYOUT must be one of"):
+        parse_config({"LAYOUT": value})
+
+
+def test_vllm_ascend_lowercase_keys_mean_the_uppercase_ones():
+    config = parse_config({
+        "source": [{"device_id": 0, "sources": ["10.0.0.1:7000"]}], "model": "m",
+        "listen_port": 7100, "int8_cache": "dram", "Output_Prefix": "/tmp/seed",
+    }, environ={})
+    assert config.sources_for_rank(0) == ("10.0.0.1:7000",)
+    assert (config.model, config.listen_port, config.int8_cache) == ("m", 7100, "dram")
+    assert config.output_prefix == "/tmp/seed"
+
+
+def test_two_spellings_of_one_key_are_an_error_naming_both():
+    with pytest.raises(NetloaderConfigError, match="'LISTEN_PORT' and 'listen_port'.*LISTEN_PORT"):
+        parse_config({"LISTEN_PORT": 7000, "listen_port": 7001}, environ={})
+
+
+def test_a_lowercase_secret_inline_is_refused_as_the_uppercase_one():
+    with pytest.raises(NetloaderConfigError, match="SECRET must not be given inline"):
+        parse_config({"secret": "x" * 32}, environ={})
+
+
+def test_lowercase_keys_in_a_config_file_win_over_inline_ones(tmp_path):
+    path = tmp_path / "netloader.json"
+    path.write_text('{"listen_port": 7200, "config_file": "other.json"}')
+    with pytest.raises(NetloaderConfigError, match="must not name another CONFIG_FILE"):
+        parse_config({"CONFIG_FILE": str(path)}, environ={})
+    path.write_text('{"listen_port": 7200}')
+    assert parse_config({"CONFIG_FILE": str(path), "LISTEN_PORT": 7000},
+                        environ={}).listen_port == 7200
 
 
 @pytest.mark.parametrize("value, mode", [("hbm", "hbm"), ("DRAM", "dram"), ("no", "no")])

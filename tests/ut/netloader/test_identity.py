@@ -69,6 +69,46 @@ def test_model_identity_fields():
     json.dumps(ident)  # it travels in a hello message
 
 
+def vllm_identity(rank: int = 0, **parallel) -> dict:
+    """The identity of rank ``rank`` under a real vLLM ``ParallelConfig(**parallel)``."""
+    from vllm.config import ParallelConfig
+
+    model_config = types.SimpleNamespace(hf_config=FakeHFConfig(HF, ["ToyMoE"]),
+                                         dtype=torch.bfloat16, quantization=None,
+                                         revision=None)
+    return model_identity(model_config, ParallelConfig(**parallel), rank, "moe",
+                          checkpoint="c" * 64)
+
+
+@pytest.mark.parametrize("one, other", [
+    # The same world rank, experts sharded or not.
+    ({"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "enable_expert_parallel": True}),
+    # Experts over two data-parallel engines: rank 0 of engine 0 and of engine 1.
+    ({"data_parallel_size": 2, "data_parallel_rank": 0, "enable_expert_parallel": True},
+     {"data_parallel_size": 2, "data_parallel_rank": 1, "enable_expert_parallel": True}),
+    # One engine alone, or one of two data-parallel engines (dense: experts replicated).
+    ({}, {"data_parallel_size": 2, "data_parallel_rank": 0}),
+    # The same ranks, experts placed another way.
+    ({"enable_expert_parallel": True},
+     {"enable_expert_parallel": True, "expert_placement_strategy": "round_robin"}),
+])
+def test_identities_that_differ_only_in_expert_or_data_parallelism_refuse_each_other(one, other):
+    """Equal shapes on equal ranks can hold different experts: a seed whose experts sit
+    elsewhere must be refused before any byte, as every shape check and digest passes."""
+    difference = identity_difference(vllm_identity(**one), vllm_identity(**other))
+    assert difference is not None
+    assert "data_parallel" in difference or "expert_parallel" in difference
+
+
+def test_expert_parallel_size_and_rank_follow_vllms_sharding():
+    ident = vllm_identity(1, tensor_parallel_size=2, data_parallel_size=2,
+                          data_parallel_rank=1, enable_expert_parallel=True)
+    assert ident["data_parallel"] == [2, 1, 1]
+    assert ident["expert_parallel"] == {"size": 4, "rank": 3, "placement": "linear",
+                                        "redundant_experts": 0, "dynamic_eplb": False}
+    assert vllm_identity()["expert_parallel"] is None
+
+
 def test_model_identity_without_architectures():
     assert identity(architectures=None)["architectures"] == []
 

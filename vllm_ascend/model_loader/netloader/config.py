@@ -28,8 +28,14 @@ DEFAULT_BUCKET_MB = 64
 DEFAULT_MIN_RATE_MB_PER_S = 1.0
 # vllm-ascend's netloader puts a draft model's seed here above the target's port.
 DRAFT_PORT_OFFSET = 10000
-# INT8_CACHE values (see seed_cache.py for what each keeps where).
+# INT8_CACHE values (see seed/retention.py for what each keeps where). The default is
+# vllm-ascend's: a drop-in config never costs memory nobody asked for.
 INT8_CACHE_MODES = ("hbm", "dram", "no")
+DEFAULT_INT8_CACHE = "no"
+# LAYOUT values: which form of the weights moves (see layout.py). "auto" moves the
+# processed (runtime) layout wherever it is exact, else the loaded one.
+AUTO, PROCESSED, LOADED = "auto", "processed", "loaded"
+LAYOUTS = (AUTO, PROCESSED, LOADED)
 
 
 class NetloaderConfigError(ValueError):
@@ -83,9 +89,12 @@ class NetloaderConfig:
     # that share a secret, True also without one (an explicit opt-in), False never.
     compile_cache: bool | None = None
     # Where a seed keeps the loaded copy of tensors that processing replaced ("hbm",
-    # "dram", "no"), and which names that covers (None: all); see seed_cache.py.
-    int8_cache: str = "hbm"
+    # "dram", "no"), and which names that covers (None: all); see seed/retention.py.
+    int8_cache: str = DEFAULT_INT8_CACHE
     int8_cache_name: tuple[str, ...] | None = None
+    # Which layout moves: "auto" (processed where exact, else loaded), "processed" (never
+    # the loaded one), "loaded" (as before the processed layout existed); see layout.py.
+    layout: str = AUTO
 
     def compile_cache_enabled(self) -> bool:
         """Whether this instance fetches (as a client) and serves (as a seed) its
@@ -155,10 +164,10 @@ def parse_config(extra: Any, environ: Mapping[str, str] = os.environ) -> Netload
     ``SECRET_FILE`` wins over ``$NETLOADER_SECRET``."""
     if extra is not None and not isinstance(extra, dict):
         raise NetloaderConfigError("model loader extra config must be a JSON object")
-    raw = dict(extra or {})
+    raw = _canonical_keys(dict(extra or {}), "the extra config")
     config_file = raw.pop("CONFIG_FILE", None)
     if config_file is not None:
-        raw.update(_read_config_file(config_file))
+        raw.update(_canonical_keys(_read_config_file(config_file), f"CONFIG_FILE {config_file!r}"))
     if "SECRET" in raw:
         # vLLM logs its whole config, the extra config included, at start-up.
         raise NetloaderConfigError(
@@ -194,6 +203,26 @@ def parse_config(extra: Any, environ: Mapping[str, str] = os.environ) -> Netload
     return config
 
 
+def _canonical_keys(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """``raw`` with every key in its uppercase spelling: vllm-ascend's netloader takes
+    its keys in either case (``listen_port`` is ``LISTEN_PORT``). Two spellings of one
+    key are an error that names both; an unknown key stays as it is (and is refused by
+    name later)."""
+    known = {*_PARSERS, "CONFIG_FILE", "SECRET_FILE", "SECRET"}
+    canonical: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in raw.items():
+        upper = key.upper() if isinstance(key, str) and key.upper() in known else key
+        if upper in spelled:
+            raise NetloaderConfigError(
+                f"{where} gives {spelled[upper]!r} and {key!r}, two spellings of {upper}: "
+                f"keep one"
+            )
+        spelled[upper] = key
+        canonical[upper] = value
+    return canonical
+
+
 def _read_config_file(path: Any) -> dict[str, Any]:
     if not isinstance(path, str) or not path:
         raise NetloaderConfigError("CONFIG_FILE must be a non-empty path string")
@@ -206,7 +235,7 @@ def _read_config_file(path: Any) -> dict[str, Any]:
         raise NetloaderConfigError(f"CONFIG_FILE {path!r} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise NetloaderConfigError(f"CONFIG_FILE {path!r} must hold a JSON object")
-    if "CONFIG_FILE" in data:
+    if any(isinstance(k, str) and k.upper() == "CONFIG_FILE" for k in data):
         raise NetloaderConfigError(f"CONFIG_FILE {path!r} must not name another CONFIG_FILE")
     return data
 
@@ -348,6 +377,14 @@ def _parse_int8_cache(value: Any) -> str:
     return value.lower()
 
 
+def _parse_layout(value: Any) -> str:
+    if not isinstance(value, str) or value.lower() not in LAYOUTS:
+        raise NetloaderConfigError(
+            f"LAYOUT must be one of {', '.join(map(repr, LAYOUTS))}, got {value!r}"
+        )
+    return value.lower()
+
+
 def _parse_int8_cache_name(value: Any) -> tuple[str, ...] | None:
     if value is None:
         return None
@@ -408,6 +445,7 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "COMPILE_CACHE": ("compile_cache", _parse_compile_cache),
     "INT8_CACHE": ("int8_cache", _parse_int8_cache),
     "INT8_CACHE_NAME": ("int8_cache_name", _parse_int8_cache_name),
+    "LAYOUT": ("layout", _parse_layout),
     "DRAFT_LISTEN_PORT": (
         "draft_listen_port", functools.partial(_parse_listen_port, key="DRAFT_LISTEN_PORT")
     ),

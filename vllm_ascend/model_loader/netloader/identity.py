@@ -26,10 +26,11 @@ import blake3
 
 from vllm_ascend.model_loader.netloader.manifest import TARGET
 
-# Version of what Netloader sends: the model as loaded, before post-processing, in
-# ``manifest.model_tensors`` order, with the load state (2: since ``load_state``). Bump it
-# when that changes.
-LAYOUT_VERSION = 2
+# Version of what Netloader sends: the model's tensors in ``manifest.model_tensors``
+# order, as loaded or as processed (``layout``), with the load state. 2: since
+# ``load_state``; 3: since the processed layout and the expert/data-parallel fields.
+# Bump it when that changes.
+LAYOUT_VERSION = 3
 SAMPLE_BYTES = 4096
 _STRIDE_BYTES = 64 << 20
 _MAX_SAFETENSORS_HEADER = 100 << 20
@@ -48,6 +49,8 @@ IDENTITY_FIELDS = (
     "checkpoint",
     "tensor_parallel_size",
     "pipeline_parallel_size",
+    "data_parallel",
+    "expert_parallel",
     "rank",
     "role",
     "vllm_version",
@@ -83,11 +86,47 @@ def model_identity(
         "checkpoint": checkpoint,
         "tensor_parallel_size": parallel_config.tensor_parallel_size,
         "pipeline_parallel_size": parallel_config.pipeline_parallel_size,
+        "data_parallel": data_parallel(parallel_config),
+        "expert_parallel": expert_parallel(parallel_config, rank),
         "rank": rank,
         "role": role,
         "vllm_version": vllm.__version__,
         "torch_version": torch.__version__,
         "layout": LAYOUT_VERSION,
+    }
+
+
+def data_parallel(parallel_config: Any) -> list[int]:
+    """[data-parallel size, this engine's data-parallel rank, prefill context-parallel
+    size]: with experts sharded over data-parallel ranks, equal shapes on equal world
+    ranks hold different experts (vllm/config/parallel.py ``ParallelConfig``)."""
+    return [
+        int(getattr(parallel_config, "data_parallel_size", 1)),
+        int(getattr(parallel_config, "data_parallel_rank", 0)),
+        int(getattr(parallel_config, "prefill_context_parallel_size", 1)),
+    ]
+
+
+def expert_parallel(parallel_config: Any, rank: int) -> dict[str, Any] | None:
+    """Where this rank's experts sit, or None without expert parallelism.
+
+    vLLM shards experts over ``tp * pcp * dp`` ranks when ``enable_expert_parallel`` is
+    set (``FusedMoEParallelConfig.make``, vllm/model_executor/layers/fused_moe/config.py):
+    the size, this rank's place among them, how experts are placed on ranks
+    (``expert_placement_strategy``), how many redundant experts EPLB adds and whether
+    EPLB moves experts while serving (a seed whose placement moved refuses: see
+    ``seed.server``)."""
+    if not getattr(parallel_config, "enable_expert_parallel", False):
+        return None
+    dp_size, dp_rank, pcp = data_parallel(parallel_config)
+    inner = int(parallel_config.tensor_parallel_size) * pcp
+    eplb = getattr(parallel_config, "eplb_config", None)
+    return {
+        "size": inner * dp_size,
+        "rank": dp_rank * inner + rank % inner,
+        "placement": str(getattr(parallel_config, "expert_placement_strategy", "linear")),
+        "redundant_experts": int(getattr(eplb, "num_redundant_experts", 0) or 0),
+        "dynamic_eplb": bool(getattr(parallel_config, "enable_eplb", False)),
     }
 
 
