@@ -53,6 +53,7 @@ from vllm_ascend.model_loader.netloader.wire.frames import (
 from vllm_ascend.model_loader.netloader.wire.handshake import ask_seed
 from vllm_ascend.model_loader.netloader.wire.messages import (
     ACCEPT,
+    LOADED,
     REDIRECT,
     TCP,
     Accept,
@@ -112,6 +113,10 @@ class ClientSettings:
     device: torch.device = torch.device("cpu")
     # A transfer ends within TIMEOUT plus its size at this rate (MIN_RATE_MB_PER_S).
     min_rate_bytes_per_s: float = DEFAULT_MIN_RATE_BYTES_PER_S
+    # The layout to ask for (``layout``), and for the processed one this side's
+    # processing signature, which the seed's must equal.
+    layout: str = LOADED
+    processing: dict[str, str] | None = None
 
 
 @dataclass
@@ -128,6 +133,9 @@ class Received:
     # What the seed's load set besides tensors; checked against ``WeightFetch.model``,
     # for the loader to ``load_state.apply``.
     state: LoadState = NO_STATE
+    layout: str = LOADED
+    # The processed layout: the seed's ``layout.state_signature`` after its processing.
+    signature: str | None = None
 
 
 @dataclass
@@ -256,6 +264,7 @@ class WeightFetch:
                 self.settings.identity, self._summary,
                 self.relay.port if offer_relay and self.relay is not None else None,
                 direct, (self.settings.data_plane,), self.settings.expected_fingerprint, resume,
+                self.settings.layout, self.settings.processing,
             )
             reply = ask_seed(
                 conn, body, self.settings.secret,
@@ -288,14 +297,14 @@ class WeightFetch:
         logger.info(
             "%s received %d bytes from %s over %s in %.3f s (%.2f GB/s), "
             "all %d digests verified (waited %.3f s for data, verified %.3f s, copied "
-            "%.3f s)%s",
+            "%.3f s), %s layout%s",
             self._who, nbytes, address, accepted.data_plane, seconds,
             nbytes / max(seconds, 1e-9) / 1e9, len(accepted.digests),
-            stats.wait_s, stats.verify_s, stats.copy_s,
+            stats.wait_s, stats.verify_s, stats.copy_s, accepted.layout,
             f"; resumed at tensor {accepted.start}: {reused} bytes reused" if reused else "",
         )
         return Received(address, nbytes, seconds, accepted.digests, accepted.checkpoint, reused,
-                        accepted.state)
+                        accepted.state, accepted.layout, accepted.signature)
 
     def _accepted(
         self, address: str, reply: dict[str, Any], fingerprint: str | None,
@@ -315,7 +324,8 @@ class WeightFetch:
         if kind != ACCEPT:
             raise ProtocolError(f"expected '{ACCEPT}', got '{clean(kind, 40)}'")
         accepted = parse_accept(reply, len(self.specs), (self.settings.data_plane,),
-                                _MAX_BUCKET_BYTES, resume.start if resume is not None else 0)
+                                _MAX_BUCKET_BYTES, resume.start if resume is not None else 0,
+                                self.settings.layout)
         values = value_fingerprint(self.specs, accepted.digests, accepted.state)
         if accepted.start and resume is not None and values != resume.values:
             raise ProtocolError(

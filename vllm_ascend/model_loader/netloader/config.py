@@ -21,7 +21,7 @@ from vllm_ascend.model_loader.netloader.wire.addresses import (
     parse_address,
 )
 from vllm_ascend.model_loader.netloader.wire.auth import MIN_SECRET_BYTES, SECRET_ENV
-from vllm_ascend.model_loader.netloader.wire.messages import DATA_PLANES
+from vllm_ascend.model_loader.netloader.wire.messages import DATA_PLANES, LOADED, PROCESSED
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_BUCKET_MB = 64
@@ -34,8 +34,8 @@ INT8_CACHE_MODES = ("hbm", "dram", "no")
 DEFAULT_INT8_CACHE = "no"
 # LAYOUT values: which form of the weights moves (see layout.py). "auto" moves the
 # processed (runtime) layout wherever it is exact, else the loaded one.
-AUTO, PROCESSED, LOADED = "auto", "processed", "loaded"
-LAYOUTS = (AUTO, PROCESSED, LOADED)
+AUTO = "auto"
+LAYOUT_CHOICES = (AUTO, PROCESSED, LOADED)
 
 
 class NetloaderConfigError(ValueError):
@@ -378,9 +378,9 @@ def _parse_int8_cache(value: Any) -> str:
 
 
 def _parse_layout(value: Any) -> str:
-    if not isinstance(value, str) or value.lower() not in LAYOUTS:
+    if not isinstance(value, str) or value.lower() not in LAYOUT_CHOICES:
         raise NetloaderConfigError(
-            f"LAYOUT must be one of {', '.join(map(repr, LAYOUTS))}, got {value!r}"
+            f"LAYOUT must be one of {', '.join(map(repr, LAYOUT_CHOICES))}, got {value!r}"
         )
     return value.lower()
 

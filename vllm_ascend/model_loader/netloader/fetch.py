@@ -9,11 +9,17 @@ restored from a copy taken before the fetch, so the model equals a fresh disk lo
 for bit. With RELAY (the default) the listener opens before the fetch and already
 passes verified tensors on to the clients seeds send here; a fetch that fails closes it.
 
+A fetch in the processed layout (``processed``) fills tensors of its own instead of the
+model's (a model built on the meta device has none) and finishes inside the fetch, so
+that whatever fails there, after the last byte too, is a failed fetch like any other.
+
 This module reports; the loader decides (``Fetched.received`` None: load from disk).
 """
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from vllm_ascend.model_loader.netloader import load_state, metrics
@@ -23,12 +29,14 @@ from vllm_ascend.model_loader.netloader.compile_cache.fetching import (
     install_from_seed,
 )
 from vllm_ascend.model_loader.netloader.fleet.candidates import Candidates, find_candidates
+from vllm_ascend.model_loader.netloader.layout import LayoutError
 from vllm_ascend.model_loader.netloader.log import get_logger
 from vllm_ascend.model_loader.netloader.manifest import model_tensors, spec_of
 from vllm_ascend.model_loader.netloader.metrics import CLIENT, FAILED, OK, REFUSED
 from vllm_ascend.model_loader.netloader.plan import LoadPlan
 from vllm_ascend.model_loader.netloader.seed.running import RunningSeeds
 from vllm_ascend.model_loader.netloader.seed.server import SeedServer
+from vllm_ascend.model_loader.netloader.wire.messages import LOADED, PROCESSED
 
 logger = get_logger(__name__)
 
@@ -47,9 +55,17 @@ class Fetched:
     relay_seed: SeedServer | None = None
 
 
-def fetch_weights(model: nn.Module, plan: LoadPlan, seeds: RunningSeeds) -> Fetched:
+def fetch_weights(
+    model: nn.Module, plan: LoadPlan, seeds: RunningSeeds, layout: str = LOADED,
+    targets: Sequence[torch.Tensor] | None = None,
+    finish: Callable[[Received], None] | None = None,
+) -> Fetched:
     """What a seed delivered into ``model``, or why not (the model then holds exactly
-    what it held before, buffers included)."""
+    what it held before, buffers included).
+
+    The processed ``layout`` passes ``targets`` (one tensor per ``model_tensors`` entry,
+    which the seed's bytes fill instead of the model's) and ``finish`` (run on what was
+    received before the fetch counts as done; raising there fails it)."""
     config = plan.config
     entries = config.sources_for_rank(plan.rank, plan.draft)
     if not entries and config.registry is None:
@@ -63,7 +79,7 @@ def fetch_weights(model: nn.Module, plan: LoadPlan, seeds: RunningSeeds) -> Fetc
         )
         return Fetched(fallback="no_weight_files")
     meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if meta:
+    if meta and layout == LOADED:
         # vLLM's online quantization (e.g. --quantization fp8 over a bf16 checkpoint)
         # creates these in load_weights: there is nothing to receive into.
         reason = (f"{len(meta)} tensors are on the meta device until load_weights "
@@ -71,7 +87,7 @@ def fetch_weights(model: nn.Module, plan: LoadPlan, seeds: RunningSeeds) -> Fetc
                   "online quantization cannot be fetched")
         logger.warning("%s: %s; loading from disk", plan.who, reason)
         return Fetched(reasons=(reason,), fallback="meta_tensors")
-    if not all(t.is_contiguous() for _, t in model_tensors(model)):
+    if not all(t.is_contiguous() for _, t in model_tensors(model, meta=True)):
         logger.warning("%s: model has non-contiguous tensors; loading from disk", plan.who)
         return Fetched(fallback="non_contiguous")
     if config.registry is not None:
@@ -85,14 +101,14 @@ def fetch_weights(model: nn.Module, plan: LoadPlan, seeds: RunningSeeds) -> Fetc
         logger.warning("%s: no seed found (%s); loading from disk",
                        plan.who, "; ".join(found.notes))
         return Fetched(reasons=tuple(found.notes), fallback="no_seed_found")
-    fetched = _from_seeds(model, plan, seeds, found)
+    fetched = _from_seeds(model, plan, seeds, found, layout, targets, finish)
     if fetched.received is not None:
         _install_compile_cache(model, plan, fetched.received.source)
     return fetched
 
 
-def client_settings(plan: LoadPlan) -> ClientSettings:
-    """How this rank's client fetches, from the config."""
+def client_settings(plan: LoadPlan, layout: str = LOADED) -> ClientSettings:
+    """How this rank's client fetches ``layout``, from the config."""
     config = plan.config
     return ClientSettings(
         identity=plan.identity,
@@ -102,19 +118,22 @@ def client_settings(plan: LoadPlan) -> ClientSettings:
         data_plane=plan.data_plane(),
         device=plan.device,
         min_rate_bytes_per_s=config.min_rate_mb_per_s * 1e6,
+        layout=layout,
+        processing=plan.processing if layout == PROCESSED else None,
     )
 
 
 def _from_seeds(
-    model: nn.Module, plan: LoadPlan, seeds: RunningSeeds, found: Candidates
+    model: nn.Module, plan: LoadPlan, seeds: RunningSeeds, found: Candidates, layout: str,
+    targets: Sequence[torch.Tensor] | None, finish: Callable[[Received], None] | None,
 ) -> Fetched:
-    named = model_tensors(model)
+    named = model_tensors(model, meta=layout == PROCESSED)
     buffers = [(t, t.clone()) for _, t in model.named_buffers() if not t.is_meta]
     relay = seeds.open_relay(plan) if plan.config.relay else None
     fetch = WeightFetch(
-        settings=client_settings(plan),
+        settings=client_settings(plan, layout),
         specs=[spec_of(n, t) for n, t in named],
-        targets=[t for _, t in named],
+        targets=list(targets) if targets is not None else [t for _, t in named],
         relay=relay,
         reasons=list(found.notes),
         discovered=found.discovered,
@@ -130,6 +149,14 @@ def _from_seeds(
             # What the seed's load_weights set besides tensors: checked against this
             # model before the first byte, plain instance attributes now.
             load_state.apply(model, received.state)
+            if finish is not None:
+                finish(received)
+    except LayoutError as e:
+        logger.warning("%s: the processed layout from %s did not reproduce its model: %s",
+                       plan.who, received.source if received else "?", e)
+        fetch.reasons.append(f"processed layout not reproduced: {e}")
+        fallback = "processed_layout"
+        received = None
     except Exception as e:  # noqa: BLE001 - a peer's answer must never keep the instance from starting: disk is always right
         logger.exception("%s: fetch failed with an unexpected error", plan.who)
         fetch.reasons.append(f"unexpected error: {type(e).__name__}: {e}")

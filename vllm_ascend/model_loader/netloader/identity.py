@@ -130,6 +130,30 @@ def expert_parallel(parallel_config: Any, rank: int) -> dict[str, Any] | None:
     }
 
 
+def expert_placement(model: Any) -> str:
+    """sha256 (hex) of where this rank's experts sit now: every tensor of the model whose
+    name holds an expert map (vLLM's ``expert_map``, EPLB's logical/physical maps), as a
+    parameter, buffer or module attribute. Dynamic EPLB rewrites them when it moves
+    experts (vllm/distributed/eplb/)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, module in model.named_modules():
+        for attr, value in sorted(vars(module).items()):
+            tensors = value.items() if attr in ("_parameters", "_buffers") else [(attr, value)]
+            for leaf, t in tensors:
+                if (isinstance(t, torch.Tensor) and not t.is_meta
+                        and any(k in leaf for k in _EXPERT_MAPS)):
+                    h.update(f"{name}.{leaf}:".encode())
+                    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+_EXPERT_MAPS = ("expert_map", "logical_to_physical", "physical_to_logical")
+
+
 def config_sha256(config: dict[str, Any]) -> str:
     """sha256 of an HF config as a dict, without private keys and the transformers
     version that wrote it (neither changes the model)."""

@@ -4,7 +4,10 @@ it as a seed. This is the only place that decides to fall back to disk.
 The template of vLLM's ``BaseModelLoader.load_model`` is kept (vllm/model_executor/
 model_loader/base_loader.py): build the model, fill its weights (``load_weights``:
 ``fetch.fetch_weights``, else the disk), post-process; then this rank's seed starts
-(``seed.running``). What one load is lives in ``plan``; how a fetch goes, in ``fetch``.
+(``seed.running``). Before it, where LAYOUT allows, the processed layout is tried
+(``processed``: the model built on the meta device, processing skipped); whatever fails
+there, the template runs as if it had not been tried. What one load is lives in
+``plan``; how a fetch goes, in ``fetch``.
 """
 
 import dataclasses
@@ -21,9 +24,11 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.platforms import current_platform
 
 from vllm_ascend.model_loader.netloader import load_state, metrics
+from vllm_ascend.model_loader.netloader.client import Received
 from vllm_ascend.model_loader.netloader.compile_cache.cpu_aot_shim import allow_cpu_aot_load
 from vllm_ascend.model_loader.netloader.config import parse_config
-from vllm_ascend.model_loader.netloader.fetch import fetch_weights
+from vllm_ascend.model_loader.netloader.fetch import Fetched, fetch_weights
+from vllm_ascend.model_loader.netloader.layout import processing_signature
 from vllm_ascend.model_loader.netloader.log import get_logger, who
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
 from vllm_ascend.model_loader.netloader.plan import (
@@ -34,8 +39,10 @@ from vllm_ascend.model_loader.netloader.plan import (
     model_role,
     plan_load,
 )
+from vllm_ascend.model_loader.netloader.processed import ProcessedLoad, load_processed
 from vllm_ascend.model_loader.netloader.seed.running import SEEDS
 from vllm_ascend.model_loader.netloader.seed.server import SeedServer
+from vllm_ascend.model_loader.netloader.wire.messages import LOADED, PROCESSED
 
 logger = get_logger(__name__)
 
@@ -66,6 +73,8 @@ class NetloaderModelLoader(BaseModelLoader):
         )
         self._plan: LoadPlan | None = None
         self._filled: _Filled | None = None
+        # How the processed layout's attempt ended, for the load after it.
+        self._earlier = Fetched()
         # How the last load ended (a seed's ``info`` reports it too).
         self.outcome = LoadOutcome()
         if current_platform.device_type == "cpu" and self.config.compile_cache is not False:
@@ -92,13 +101,27 @@ class NetloaderModelLoader(BaseModelLoader):
     def load_model(
         self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = ""
     ) -> nn.Module:
-        self._plan = plan_load(self.config, vllm_config, model_config,
-                               self.load_config.download_dir)
-        self._filled = None
+        start = time.perf_counter()
+        plan = plan_load(self.config, vllm_config, model_config, self.load_config.download_dir)
+        self._plan, self._filled, self._earlier = plan, None, Fetched()
+        seeds_named = plan.config.sources_for_rank(plan.rank, plan.draft) or self.config.registry
+        if self.config.layout != LOADED and seeds_named:
+            tried = load_processed(vllm_config, model_config, plan, SEEDS, prefix)
+            if isinstance(tried, ProcessedLoad):
+                received = tried.fetched.received
+                assert received is not None
+                self.outcome = dataclasses.replace(
+                    self._outcome(received, tried.fetched.reasons, start), layout=PROCESSED)
+                self._log_loaded(tried.plan, tried.layouts.primary)
+                SEEDS.start(tried.plan, tried.model, self.outcome, received=tried.layouts,
+                            relay_seed=tried.fetched.relay_seed)
+                return tried.model
+            self._earlier = tried
         model = super().load_model(vllm_config, model_config, prefix)
         filled = self._filled
         assert filled is not None, "vLLM's load_model template calls load_weights"
-        SEEDS.start(filled.plan, filled.weights, filled.outcome, filled.relay_seed)
+        SEEDS.start(filled.plan, model, filled.outcome, loaded=filled.weights,
+                    relay_seed=filled.relay_seed)
         self._filled = None
         return model
 
@@ -106,8 +129,12 @@ class NetloaderModelLoader(BaseModelLoader):
         plan = self._plan
         assert plan is not None, "load_weights runs inside load_model"
         start = time.perf_counter()
+        if self.config.layout != LOADED:
+            # Read before processing, as a client reads it on its meta-built model.
+            plan = dataclasses.replace(plan, processing=processing_signature(model))
         before = load_state.snapshot(model)
-        fetched = fetch_weights(model, plan, SEEDS)
+        earlier = self._earlier
+        fetched = fetch_weights(model, plan, SEEDS) if _ask_again(earlier) else earlier
         received = fetched.received
         if received is None:
             if fetched.fallback is not None:
@@ -124,17 +151,40 @@ class NetloaderModelLoader(BaseModelLoader):
                 if state.uncarried else "",
             )
         relay = fetched.relay_seed
-        weights = (relay.weights if relay is not None else LoadedWeights.capture(
+        weights = (relay.layouts.primary if relay is not None else LoadedWeights.capture(
             model, received.digests if received is not None else None, state))
-        self.outcome = LoadOutcome(
+        reasons = fetched.reasons if fetched is earlier else (*earlier.reasons, *fetched.reasons)
+        self.outcome = self._outcome(received, reasons, start)
+        self._log_loaded(plan, weights)
+        self._filled = _Filled(plan, weights, self.outcome, relay)
+
+    @staticmethod
+    def _outcome(received: Received | None, reasons: tuple[str, ...], start: float) -> LoadOutcome:
+        return LoadOutcome(
             f"seed {received.source}" if received is not None else "disk",
-            time.perf_counter() - start, fetched.reasons,
+            time.perf_counter() - start, reasons,
             received.reused_bytes if received is not None else 0,
         )
+
+    def _log_loaded(self, plan: LoadPlan, weights: LoadedWeights) -> None:
+        """The line the demo's phase parser reads (examples/netloader/phases.py)."""
+        outcome = self.outcome
         logger.info(
             "%s loaded %d tensors (%.3f GB) from %s in %.3f s%s", plan.who, len(weights.specs),
-            weights.total_bytes / 1e9, self.outcome.loaded_from, self.outcome.load_seconds,
-            f" ({self.outcome.reused_bytes} bytes reused from a source that failed)"
-            if self.outcome.reused_bytes else "",
+            weights.total_bytes / 1e9, outcome.loaded_from, outcome.load_seconds,
+            f" ({outcome.reused_bytes} bytes reused from a source that failed)"
+            if outcome.reused_bytes else "",
         )
-        self._filled = _Filled(plan, weights, self.outcome, relay)
+
+
+def _ask_again(earlier: Fetched) -> bool:
+    """Whether the seeds are worth asking for the loaded layout after the processed
+    layout's attempt ended as ``earlier``: unless that attempt found no seed, or every
+    seed it found failed without answering (the same seeds would fail again; asking
+    costs their timeouts twice). A seed that refused the processed layout, or whose
+    processed layout did not reproduce its model, may still serve the loaded one."""
+    if earlier.fallback in (None, "processed_layout", "unexpected_error"):
+        return True
+    if earlier.fallback != "seeds_failed":
+        return False  # no seed found, no weight files: the same again
+    return any(" refused: " in reason for reason in earlier.reasons)

@@ -66,10 +66,12 @@ class TensorSpec:
         return cls(item[0], tuple(item[1]), item[2], item[3])
 
 
-def model_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Parameters then buffers, each tensor object once (tied ones under their first name)."""
+def model_tensors(model: nn.Module, meta: bool = False) -> list[tuple[str, torch.Tensor]]:
+    """Parameters then buffers, each tensor object once (tied ones under their first
+    name); those on the meta device only with ``meta`` (a model built there to receive
+    the processed layout, ``processed``)."""
     named = itertools.chain(model.named_parameters(), model.named_buffers())
-    return [(name, t.detach()) for name, t in named if not t.is_meta]
+    return [(name, t.detach()) for name, t in named if meta or not t.is_meta]
 
 
 def spec_of(name: str, t: torch.Tensor) -> TensorSpec:

@@ -27,7 +27,7 @@ from vllm_ascend.model_loader.netloader.identity import (
 )
 from vllm_ascend.model_loader.netloader.log import get_logger, who
 from vllm_ascend.model_loader.netloader.manifest import DRAFT, TARGET
-from vllm_ascend.model_loader.netloader.wire.messages import COLLECTIVE, TCP
+from vllm_ascend.model_loader.netloader.wire.messages import COLLECTIVE, LOADED, TCP
 
 logger = get_logger(__name__)
 
@@ -49,6 +49,8 @@ class LoadPlan:
     # Whether the model loading now is the served model's own checkpoint (a target, or
     # the MTP layers a draft loads from it); it then takes MODEL and EXPECTED_FINGERPRINT.
     target_checkpoint: bool = True
+    # This worker's ``layout.processing_signature``, once its model is built.
+    processing: dict[str, str] | None = None
 
     @property
     def key(self) -> tuple[int, str]:
@@ -114,6 +116,8 @@ class LoadOutcome:
     fallback_reasons: tuple[str, ...] = ()
     # Bytes a resumed fetch kept from a source that failed (not sent again).
     reused_bytes: int = 0
+    # The layout the weights arrived in ("processed": processing was skipped).
+    layout: str = LOADED
 
 
 def plan_load(

@@ -95,9 +95,9 @@ class RelaySeed(Protocol):
 
 
 _Seed = TypeVar("_Seed", bound=RelaySeed)
-# (weights, progress, bound listening socket, the upstream seed's checkpoint fingerprint)
-# -> a started seed over them
-MakeRelaySeed = Callable[[LoadedWeights, RelayProgress, socket.socket, "str | None"], _Seed]
+# (weights, progress, bound listening socket, the upstream seed's accept: its layout,
+# checkpoint fingerprint and processed signature) -> a started seed over them
+MakeRelaySeed = Callable[[LoadedWeights, RelayProgress, socket.socket, Accept], _Seed]
 
 
 class RelayListener(Generic[_Seed]):
@@ -115,11 +115,12 @@ class RelayListener(Generic[_Seed]):
         self, specs: Sequence[TensorSpec], targets: Sequence[torch.Tensor], accepted: Accept,
     ) -> RelayProgress:
         """Serve ``targets`` (views the fetch is filling) as they are verified, as the
-        weights, load state and checkpoint the upstream seed's proved ``accepted`` named."""
+        weights, load state, layout and checkpoint the upstream seed's proved
+        ``accepted`` named: a relay serves the layout it receives, never the other."""
         weights = LoadedWeights([(s.name, t) for s, t in zip(specs, targets, strict=True)],
                                 accepted.digests, accepted.state)
         self.progress = RelayProgress(len(specs))
-        self.seed = self._make_seed(weights, self.progress, self._sock, accepted.checkpoint)
+        self.seed = self._make_seed(weights, self.progress, self._sock, accepted)
         return self.progress
 
     def serving_complete(self) -> _Seed | None:

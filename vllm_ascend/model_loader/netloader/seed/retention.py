@@ -19,6 +19,7 @@ parameters it covers); here they mean:
   dropped like ``no``, with the same refusal.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,12 +50,15 @@ class Retained:
     tensors: int
     nbytes: int
     dropped: tuple[str, ...] = ()
+    # Of ``nbytes``, the kernel inputs the processed layout keeps (``layout.Processed``).
+    processed_bytes: int = 0
 
     def describe(self) -> dict[str, object]:
         return {
             "int8_cache": self.mode,
             "retained_tensors": self.tensors,
             "retained_bytes": self.nbytes,
+            "retained_for_processed_bytes": self.processed_bytes,
             "dropped_tensors": len(self.dropped),
         }
 
@@ -92,6 +96,20 @@ def retain(
         LoadedWeights(named, list(weights.digests), weights.state, tuple(dropped)),
         Retained(retention.mode, count, nbytes, tuple(dropped)),
     )
+
+
+def beyond_model(views: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """(storages, bytes) that only ``views`` (the seed's) hold: what a seed costs beyond
+    its running model, each storage counted once."""
+    own: dict[tuple[str, int], int] = {}
+    sizes: dict[tuple[str, int], int] = {}
+    for t in views:
+        if _counted(t):
+            own[_key(t)] = own.get(_key(t), 0) + 1
+            sizes[_key(t)] = t.untyped_storage().nbytes()
+    held = {_key(t) for t in views if _counted(t) and _holders(t) > own[_key(t)]}
+    alone = [key for key in own if key not in held]
+    return len(alone), sum(sizes[key] for key in alone)
 
 
 def _counted(t: torch.Tensor) -> bool:

@@ -10,11 +10,14 @@ gone until its record expires.
 """
 
 import atexit
+import dataclasses
+import functools
 import socket
 import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from torch import nn
 from vllm.utils.network_utils import get_ip
 
 from vllm_ascend.model_loader.netloader.compile_cache.naming import aot_cache_dir
@@ -25,13 +28,21 @@ from vllm_ascend.model_loader.netloader.fleet.registry import (
     model_key,
     open_registry,
 )
+from vllm_ascend.model_loader.netloader.identity import expert_placement
+from vllm_ascend.model_loader.netloader.layout import processed_weights, state_signature
 from vllm_ascend.model_loader.netloader.log import get_logger, who
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
 from vllm_ascend.model_loader.netloader.plan import LoadOutcome, LoadPlan
 from vllm_ascend.model_loader.netloader.seed.relay import RelayListener, RelayProgress
-from vllm_ascend.model_loader.netloader.seed.retention import Retention, retain
-from vllm_ascend.model_loader.netloader.seed.server import SeedServer, SeedSettings
+from vllm_ascend.model_loader.netloader.seed.retention import (
+    Retained,
+    Retention,
+    beyond_model,
+    retain,
+)
+from vllm_ascend.model_loader.netloader.seed.server import Layouts, SeedServer, SeedSettings
 from vllm_ascend.model_loader.netloader.wire.addresses import format_address, listen
+from vllm_ascend.model_loader.netloader.wire.messages import LOADED, PROCESSED, Accept
 
 logger = get_logger(__name__)
 
@@ -113,41 +124,47 @@ class RunningSeeds:
 
         def make_relay(host: str, sock: socket.socket) -> RelayListener[SeedServer]:
             def start(w: LoadedWeights, p: RelayProgress, s: socket.socket,
-                      checkpoint: str | None) -> SeedServer:
+                      accepted: Accept) -> SeedServer:
                 # A node without weight files relays the checkpoint its seed named.
                 relaying = LoadOutcome("relaying its fetch", None, ())
-                return SeedServer(w, seed_settings(plan.holding(checkpoint), host), s,
-                                  relaying, p).start()
+                layouts = (Layouts(w) if accepted.layout == LOADED else Layouts(
+                    None, w, accepted.signature, "this relay receives the processed layout"))
+                settings = seed_settings(plan.holding(accepted.checkpoint), host)
+                return SeedServer(layouts, settings, s, relaying, p).start()
 
             return RelayListener(sock, start)
 
         return _bound(plan, make_relay)
 
     def start(
-        self, plan: LoadPlan, loaded: LoadedWeights, outcome: LoadOutcome,
+        self, plan: LoadPlan, model: nn.Module, outcome: LoadOutcome,
+        loaded: LoadedWeights | None = None, received: Layouts | None = None,
         relay_seed: SeedServer | None = None,
     ) -> SeedServer:
-        """Serve ``loaded`` (the model is processed by now), keeping what processing
-        replaced as INT8_CACHE says (``retention``): the relay that filled the model
-        goes on as the seed, else a new seed takes this rank's port."""
-        retention = Retention(plan.config.int8_cache, plan.config.int8_cache_name)
-        loaded, retained = retain(loaded, retention)
-        log = logger.warning if retained.dropped else logger.info
-        log(
-            "%s keeps %d loaded tensor(s), %.3f GB, beyond the running model (INT8_CACHE "
-            "%s)%s", who(plan.rank, plan.role, seed=True), retained.tensors,
-            retained.nbytes / 1e9, retained.mode,
-            f"; dropped {len(retained.dropped)} (e.g. {retained.dropped[0]}), so it refuses "
-            "every client" if retained.dropped else "",
-        )
+        """Serve this rank's model (processed by now): ``loaded``, its tensors as loaded
+        (from disk, or a loaded-layout fetch), from which the processed layout is found
+        (``layout``) and what processing replaced is kept as INT8_CACHE says
+        (``retention``); or ``received``, what a processed-layout fetch delivered. The
+        relay that filled the model goes on as the seed, else a new seed takes this
+        rank's port."""
+        retained = None
+        if received is not None:
+            layouts = received
+        else:
+            assert loaded is not None, "a seed serves what was loaded or what was received"
+            layouts, retained = _layouts(plan, model, loaded)
         if relay_seed is not None:
             relay_seed.promote(outcome)
-            relay_seed.keep(loaded, retained)
+            relay_seed.keep(layouts, retained)
             seed = relay_seed
         else:
             self.stop(plan.key)
+            placement = (functools.partial(expert_placement, model)
+                         if (plan.identity.get("expert_parallel") or {}).get("dynamic_eplb")
+                         else None)
             seed = _bound(plan, lambda host, sock: SeedServer(
-                loaded, seed_settings(plan, host), sock, outcome, retained=retained,
+                layouts, seed_settings(plan, host), sock, outcome, retained=retained,
+                placement=placement,
             )).start()
         with self._lock:
             self._seeds[plan.key] = seed
@@ -161,7 +178,9 @@ class RunningSeeds:
         if registry is None:
             return
         name = who(plan.rank, plan.role, seed=True)
-        if seed.weights.dropped or seed.weights.state.uncarried:
+        layouts = seed.layouts
+        if not any(w is not None and not w.dropped and not w.state.uncarried
+                   for w in (layouts.loaded, layouts.processed)):
             logger.warning("%s: not announcing %s in registry %s: it refuses every client "
                            "(see its info)", name, seed.address, registry)
             return
@@ -187,6 +206,46 @@ def running_seeds() -> dict[_Key, SeedServer]:
     return SEEDS.seeds()
 
 
+def _layouts(
+    plan: LoadPlan, model: nn.Module, loaded: LoadedWeights
+) -> tuple[Layouts, Retained]:
+    """What a seed whose model was loaded serves: the processed layout where every
+    quantization method takes it (unless LAYOUT is loaded), and the loaded one with what
+    INT8_CACHE keeps (unless LAYOUT is processed); and what both cost beyond the running
+    model. The processed layout is found first: it tells the loaded tensors the model
+    still holds by their storages' use counts."""
+    layout = plan.config.layout
+    found, why = (None, "LAYOUT is loaded") if layout == LOADED else processed_weights(
+        model, loaded)
+    processed = found.weights if found is not None else None
+    signature = state_signature(model) if processed is not None else None
+    name = who(plan.rank, plan.role, seed=True)
+    if layout == PROCESSED:
+        kept, retained = None, Retained("no", 0, 0)
+    else:
+        kept, retained = retain(loaded, Retention(plan.config.int8_cache,
+                                                  plan.config.int8_cache_name))
+    views = [*(kept.tensors if kept is not None else ()),
+             *(processed.tensors if processed is not None else ())]
+    tensors, nbytes = beyond_model(views)
+    retained = dataclasses.replace(retained, tensors=tensors, nbytes=nbytes,
+                                   processed_bytes=found.kept_bytes if found else 0)
+    serves = [n for n, w in ((LOADED, kept), (PROCESSED, processed))
+              if w is not None and not w.dropped]
+    (logger.info if serves else logger.warning)(
+        "%s serves the %s layout; keeps %d tensor(s), %.3f GB, beyond the running model "
+        "(INT8_CACHE %s%s)%s%s", name, " and ".join(serves) or "no", retained.tensors,
+        retained.nbytes / 1e9, retained.mode,
+        f"; {len(found.kept)} kernel input(s), {found.kept_bytes / 1e9:.3f} GB, for the "
+        f"processed layout, e.g. {found.kept[0]}" if found and found.kept else "",
+        f"; the loaded layout lacks {len(retained.dropped)} tensor(s) processing replaced, "
+        f"e.g. {retained.dropped[0]}" if retained.dropped else "",
+        "" if processed is not None else f"; not the processed layout: {why}",
+    )
+    not_loaded = "LAYOUT is processed" if kept is None else ""
+    return Layouts(kept, processed, signature, not_loaded or "", why), retained
+
+
 def seed_settings(plan: LoadPlan, host: str) -> SeedSettings:
     """How this rank's seed serves, from the config (``host``: where it listens)."""
     config = plan.config
@@ -206,6 +265,7 @@ def seed_settings(plan: LoadPlan, host: str) -> SeedSettings:
         compile_cache=CacheServing(
             aot_cache_dir(), config.timeout_s, config.min_rate_mb_per_s * 1e6,
         ) if config.compile_cache_enabled() else None,
+        processing=plan.processing,
     )
 
 

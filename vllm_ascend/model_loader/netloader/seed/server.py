@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from vllm_ascend.model_loader.netloader import metrics
 from vllm_ascend.model_loader.netloader.compile_cache import serving
 from vllm_ascend.model_loader.netloader.deadline import Deadline
 from vllm_ascend.model_loader.netloader.identity import identity_difference
+from vllm_ascend.model_loader.netloader.layout import signature_difference
 from vllm_ascend.model_loader.netloader.log import get_logger, who
 from vllm_ascend.model_loader.netloader.manifest import (
     DRAFT,
@@ -60,6 +62,8 @@ from vllm_ascend.model_loader.netloader.wire.messages import (
     DONE,
     HELLO,
     INFO,
+    LAYOUTS,
+    PROCESSED,
     TCP,
     Request,
     accept,
@@ -102,6 +106,8 @@ class SeedSettings:
     # This instance's vLLM compile cache, if it may be served (COMPILE_CACHE); None:
     # compile cache requests are refused.
     compile_cache: "serving.CacheServing | None" = None
+    # This instance's ``layout.processing_signature`` (None: no processed layout).
+    processing: dict[str, str] | None = None
 
     @property
     def who(self) -> str:
@@ -114,36 +120,69 @@ class SeedSettings:
         return min(self.timeout_s, HANDSHAKE_S)
 
 
+@dataclass(frozen=True)
+class Layouts:
+    """What a seed serves in each layout (``layout``), or why it does not."""
+
+    loaded: LoadedWeights | None
+    processed: LoadedWeights | None = None
+    # The processed model's ``layout.state_signature``, which clients check theirs against.
+    signature: str | None = None
+    # Why a layout is not served (operators read it in ``info``; clients in a refusal).
+    not_loaded: str = "this seed holds the processed layout only"
+    not_processed: str = "this seed serves the loaded layout only"
+
+    def weights(self, layout: str) -> LoadedWeights | None:
+        return self.processed if layout == PROCESSED else self.loaded
+
+    def why_not(self, layout: str) -> str:
+        return self.not_processed if layout == PROCESSED else self.not_loaded
+
+    @property
+    def primary(self) -> LoadedWeights:
+        """The processed layout if served (what LAYOUT auto clients get), else the
+        loaded one."""
+        weights = self.processed if self.processed is not None else self.loaded
+        assert weights is not None, "a seed serves at least one layout"
+        return weights
+
+
 class SeedServer:
-    """Serves one rank's loaded weights on the bound ``sock`` until stopped.
+    """Serves one rank's weights on the bound ``sock`` until stopped: ``weights`` in the
+    loaded layout, or ``Layouts`` (either layout or both).
 
     A relay's seed passes ``progress``: it sends each bucket once its own fetch has
-    verified it, and refuses new clients once that fetch failed."""
+    verified it, and refuses new clients once that fetch failed. With ``placement``
+    (dynamic EPLB), a seed whose expert placement moved since it loaded refuses."""
 
     def __init__(
         self,
-        weights: LoadedWeights,
+        weights: "LoadedWeights | Layouts",
         settings: SeedSettings,
         sock: socket.socket,
         outcome: LoadOutcome | None = None,
         progress: RelayProgress | None = None,
         retained: Retained | None = None,
+        placement: Callable[[], str] | None = None,
     ):
-        self.weights = weights
+        self.layouts = weights if isinstance(weights, Layouts) else Layouts(weights)
         self.settings = settings
+        self._placement = placement
+        self._placement_at_load = placement() if placement is not None else None
         # How this seed's own load ended (a relay's: "relaying its fetch" until promoted).
         self._outcome = outcome or LoadOutcome()
         self._progress = progress
         # What this seed keeps beyond the running model (a relay's: once it is processed).
         self._retained = retained
-        self._manifest_sha = manifest_sha256(weights.specs)
-        self._manifest_wire = [spec.to_wire() for spec in weights.specs]
+        # Both layouts have the loaded manifest (``layout``): one sha serves both.
+        self._manifest_sha = manifest_sha256(self.weights.specs)
+        self._manifest_wire = [spec.to_wire() for spec in self.weights.specs]
         self._lock = threading.Lock()
         self._active = 0
         self._completed = 0
-        # The relay of the client that joined the chain last: where the next client goes
-        # while this seed is sending. Reset when it stops sending.
-        self._tail: str | None = None
+        # Per layout, the relay of the client that joined the chain last: where the next
+        # client goes while this seed is sending. Reset when it stops sending.
+        self._tails: dict[str, str] = {}
         self.port: int = sock.getsockname()[1]
         self.address = format_address(settings.host, self.port)
         self._listener = Listener(sock, self._handle, f"netloader-seed-rank-{settings.rank}"
@@ -154,12 +193,20 @@ class SeedServer:
     def identity(self) -> dict[str, Any]:
         return self.settings.identity
 
+    @property
+    def weights(self) -> LoadedWeights:
+        """The processed layout if this seed serves it, else the loaded one."""
+        return self.layouts.primary
+
     def start(self) -> "SeedServer":
         self._write_address_file()
         logger.info(
-            "%s listening on %s: %d tensors, %.3f GB, %s data plane",
+            "%s listening on %s: %d tensors, %.3f GB, %s data plane, %s layout%s",
             self.settings.who, self.address, len(self.weights.specs),
             self.weights.total_bytes / 1e9, self.settings.data_plane,
+            " and ".join(name for name in LAYOUTS if self.layouts.weights(name) is not None),
+            "" if self.layouts.processed is not None
+            else f" (not processed: {self.layouts.not_processed})",
         )
         if self.settings.secret is None and not _open_seed_warned.is_set():
             _open_seed_warned.set()
@@ -180,11 +227,12 @@ class SeedServer:
             self._outcome = outcome
             self._progress = None
 
-    def keep(self, weights: LoadedWeights, retained: Retained) -> None:
-        """Serve ``weights`` (the same tensors as kept by ``seed_cache.retain``) from
-        now on; transfers under way finish with what they started with."""
+    def keep(self, layouts: Layouts, retained: Retained | None) -> None:
+        """Serve ``layouts`` (the tensors ``retention.retain`` kept, and the processed
+        layout once the model is processed) from now on; transfers under way finish with
+        what they started with."""
         with self._lock:
-            self.weights = weights
+            self.layouts = layouts
             self._retained = retained
 
     def describe(self) -> dict[str, Any]:
@@ -192,16 +240,24 @@ class SeedServer:
         with self._lock:
             active, completed, outcome = self._active, self._completed, self._outcome
             progress, retained = self._progress, self._retained
+        layouts = self.layouts
+        weights = layouts.primary
         return {
             "identity": self.identity,
             "address": self.address,
-            "tensors": len(self.weights.specs),
-            "bytes": self.weights.total_bytes,
-            "value_fingerprint": self.weights.value_fingerprint(),
-            "load_state": self.weights.state.describe(),
+            "tensors": len(weights.specs),
+            "bytes": weights.total_bytes,
+            "value_fingerprint": weights.value_fingerprint(),
+            "load_state": weights.state.describe(),
+            "layouts": {
+                name: {"value_fingerprint": w.value_fingerprint()} if w is not None
+                else {"unavailable": layouts.why_not(name)}
+                for name in LAYOUTS for w in [layouts.weights(name)]
+            },
             "data_plane": self.settings.data_plane,
             "serves_compile_cache": self.settings.compile_cache is not None,
             "loaded_from": outcome.loaded_from,
+            "loaded_layout": outcome.layout,
             "load_seconds": outcome.load_seconds,
             "fallback_reasons": list(outcome.fallback_reasons),
             "reused_bytes": outcome.reused_bytes,
@@ -261,13 +317,16 @@ class SeedServer:
             side.refuse(reason, retry=False, deadline=deadline)
             return
         relay = self._relay_address(conn, side.request)
-        route, tail = self._route(relay, side.request.direct)
+        layout = side.request.layout
+        route, tail = self._route(relay, side.request.direct, layout)
         if route == "redirect":
             assert tail is not None
             logger.info(
                 "%s sends %s to relay %s", self.settings.who, conn.peer, tail
             )
-            side.answer_last(redirect(tail, self.weights.value_fingerprint()), deadline)
+            weights = self.layouts.weights(side.request.layout)
+            assert weights is not None  # _refusal checked it
+            side.answer_last(redirect(tail, weights.value_fingerprint()), deadline)
             return
         if route == "busy":
             metrics.METRICS.refusal("busy")
@@ -281,25 +340,28 @@ class SeedServer:
         first = 0
         try:
             first = self._resume_at(side.request)
-            verified = self._send(conn, side, deadline, first)
+            verified = self._send(conn, side, deadline, first, layout)
         finally:
             metrics.METRICS.stopped(role)
             metrics.METRICS.ended(role, OK if verified else FAILED,
-                          bytes_from(self.weights.specs, first), time.perf_counter() - start)
+                                  bytes_from(self.weights.specs, first),
+                                  time.perf_counter() - start)
             with self._lock:
                 self._active -= 1
                 if verified:
                     self._completed += 1
                 # A relay that did not get the model cannot pass it on; and once this seed
                 # is idle, the next client starts a new chain (the old one may be gone).
-                if not self._active or not verified and self._tail == relay:
-                    self._tail = None
+                if not self._active:
+                    self._tails.clear()
+                elif not verified and self._tails.get(layout) == relay:
+                    del self._tails[layout]
 
-    def _route(self, relay: str | None, direct: bool) -> tuple[str, str | None]:
-        """("redirect", the chain's tail), ("serve", None) with a transfer slot taken,
-        or ("busy", None)."""
+    def _route(self, relay: str | None, direct: bool, layout: str) -> tuple[str, str | None]:
+        """("redirect", the chain's tail for ``layout``), ("serve", None) with a
+        transfer slot taken, or ("busy", None)."""
         with self._lock:
-            tail = self._tail
+            tail = self._tails.get(layout)
             if tail is not None and self._active and not direct:
                 route = "redirect"
             elif self._active < self.settings.max_transfers:
@@ -308,7 +370,7 @@ class SeedServer:
             else:
                 return "busy", None
             if relay is not None:
-                self._tail = relay
+                self._tails[layout] = relay
             return route, tail
 
     def _refusal(self, request: Request) -> tuple[str, str] | None:
@@ -316,26 +378,43 @@ class SeedServer:
         difference = identity_difference(self.identity, request.identity)
         if difference is not None:
             return "identity", f"model identity differs: {difference}"
+        if self._placement is not None and self._placement() != self._placement_at_load:
+            return "expert_placement", (
+                "this seed's expert placement moved since it loaded (dynamic EPLB): its "
+                "experts no longer sit where a client of this rank expects them"
+            )
+        with self._lock:
+            weights = self.layouts.weights(request.layout)
+            why_not = self.layouts.why_not(request.layout)
+        if weights is None:
+            return "layout", f"this seed does not serve the {request.layout} layout: {why_not}"
+        if request.layout == PROCESSED:
+            mismatch = signature_difference(self.settings.processing or {}, request.processing)
+            if mismatch is not None:
+                return "processing", (
+                    f"processing signature differs ({mismatch}): processed tensors are valid "
+                    f"only where processing runs the same way; ask for the loaded layout"
+                )
         theirs = request.manifest
         assert theirs is not None  # a parsed hello has one
         # The count and size too: a client's resume is bounded by its count.
         if (theirs.sha256, theirs.tensors, theirs.nbytes) != (
-            self._manifest_sha, len(self.weights.specs), self.weights.total_bytes
+            self._manifest_sha, len(weights.specs), weights.total_bytes
         ):
             return "manifest", (
                 f"tensor manifest differs: {clean(theirs.tensors, 20)} tensors of "
                 f"{clean(theirs.nbytes, 20)} bytes "
-                f"there vs {len(self.weights.specs)} of {self.weights.total_bytes} here "
+                f"there vs {len(weights.specs)} of {weights.total_bytes} here "
                 f"(sha256 {theirs.sha256[:12]} vs {self._manifest_sha[:12]})"
             )
-        dropped = self.weights.dropped
+        dropped = weights.dropped
         if dropped:
             return "dropped", (
                 f"this seed keeps no loaded copy of {len(dropped)} tensor(s) that "
                 f"processing replaced (INT8_CACHE / INT8_CACHE_NAME), e.g. "
                 f"{dropped[0]}: it cannot send this model"
             )
-        uncarried = self.weights.state.uncarried
+        uncarried = weights.state.uncarried
         if uncarried:
             return "load_state", (
                 f"this seed's load set state Netloader cannot carry: "
@@ -366,28 +445,35 @@ class SeedServer:
         came from weights with this seed's value fingerprint (so they equal this seed's,
         digest for digest), else 0."""
         resume = request.resume
+        weights = self.layouts.weights(request.layout)
         if (
-            resume is None
-            or resume.values != self.weights.value_fingerprint()
-            or not 0 < resume.start < len(self.weights.specs)
+            resume is None or weights is None
+            or resume.values != weights.value_fingerprint()
+            or not 0 < resume.start < len(weights.specs)
         ):
             return 0
         return resume.start
 
-    def _send(self, conn: Connection, side: SeedSide, deadline: Deadline, first: int) -> bool:
-        """Send every tensor from ``first`` on; True if the client verified them all."""
+    def _send(
+        self, conn: Connection, side: SeedSide, deadline: Deadline, first: int, layout: str
+    ) -> bool:
+        """Send every tensor of ``layout`` from ``first`` on; True if the client verified
+        them all."""
         settings = self.settings
         with self._lock:
-            weights = self.weights
-        if weights.dropped:
+            layouts = self.layouts
+        weights = layouts.weights(layout)
+        if weights is None or weights.dropped:
             # ``keep`` dropped tensors since ``_refusal`` looked (a relay, processed).
-            side.refuse(f"this seed keeps no loaded copy of {weights.dropped[0]}",
+            missing = weights.dropped[0] if weights is not None else f"the {layout} layout"
+            side.refuse(f"this seed keeps no loaded copy of {missing}",
                         retry=False, deadline=deadline)
             return False
         plane = settings.data_plane
         side.answer(
             accept(list(weights.digests), settings.bucket_bytes, plane,
-                   self.identity.get("checkpoint"), first, weights.state),
+                   self.identity.get("checkpoint"), first, weights.state, layout,
+                   layouts.signature if layout == PROCESSED else None),
             deadline,
         )
         total = bytes_from(weights.specs, first)
@@ -425,8 +511,9 @@ class SeedServer:
         verified, reason = parse_done(done)
         log = logger.info if verified else logger.warning
         log(
-            "%s sent to %s over %s: %d bytes in %.3f s (%.2f GB/s), client %s",
+            "%s sent to %s over %s: %d bytes in %.3f s (%.2f GB/s), %s layout, client %s",
             settings.who, conn.peer, plane, sent, seconds, sent / max(seconds, 1e-9) / 1e9,
+            layout,
             "verified all digests" if verified else f"rejected: {reason}",
         )
         return verified

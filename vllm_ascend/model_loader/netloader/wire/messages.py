@@ -52,6 +52,14 @@ REQUESTS = (HELLO, INFO, MANIFEST, COMPILE_CACHE)
 TCP = "tcp"
 COLLECTIVE = "collective"
 DATA_PLANES = (TCP, COLLECTIVE)
+# Which form of the weights a transfer moves (see ``layout``): as ``load_weights`` left
+# them, or as ``process_weights_after_loading`` left them.
+LOADED = "loaded"
+PROCESSED = "processed"
+LAYOUTS = (LOADED, PROCESSED)
+# A client's processing signature (``layout.processing_signature``): a few short fields.
+_MAX_SIGNATURE_FIELDS = 8
+_MAX_SIGNATURE_CHARS = 160
 
 
 # --- field checks ------------------------------------------------------------------
@@ -141,6 +149,9 @@ class Request:
     resume: "Resume | None" = None
     # A compile cache request's names (None: another kind of request).
     cache: "CacheRequest | None" = None
+    # The layout a hello asks for, and (processed) the client's processing signature.
+    layout: str = LOADED
+    processing: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -178,12 +189,15 @@ class Resume:
 def hello(
     identity: dict[str, Any], manifest: ManifestSummary, relay_port: int | None,
     direct: bool, data_planes: tuple[str, ...], expect: str | None = None,
-    resume: Resume | None = None,
+    resume: Resume | None = None, layout: str = LOADED,
+    processing: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     msg: dict[str, Any] = {
         "type": HELLO, "identity": identity, "manifest": manifest.to_wire(),
-        "direct": direct, "data_planes": list(data_planes),
+        "direct": direct, "data_planes": list(data_planes), "layout": layout,
     }
+    if processing is not None:
+        msg["processing"] = processing
     if relay_port is not None:
         msg["relay_port"] = relay_port
     if expect is not None:
@@ -209,8 +223,9 @@ def parse_request(msg: dict[str, Any]) -> Request:
     if not _NONCE.fullmatch(nonce):
         raise ProtocolError("request nonce is not 32 hex digits")
     proof = sha256_field(msg, "proof", optional=True)
-    identity = manifest = resume = cache = None
+    identity = manifest = resume = cache = processing = None
     planes: tuple[str, ...] = ()
+    layout = LOADED
     if kind == COMPILE_CACHE:
         cache = CacheRequest.from_wire(msg)
     if kind == HELLO:
@@ -221,13 +236,28 @@ def parse_request(msg: dict[str, Any]) -> Request:
             raise ProtocolError("hello field 'data_planes' is not a non-empty list of names")
         if "resume" in msg:
             resume = Resume.from_wire(msg["resume"], manifest.tensors)
+        layout = optional_field(msg, "layout", str) or LOADED
+        if layout not in LAYOUTS:
+            raise ProtocolError(f"hello asks for layout '{clean(layout, 20)}'")
+        processing = _processing_field(msg) if layout == PROCESSED else None
     return Request(
         kind=kind, nonce=nonce, proof=proof, identity=identity, manifest=manifest,
         relay_port=port_field(msg, "relay_port"),
         direct=optional_field(msg, "direct", bool) is True,
         data_planes=planes, expect=sha256_field(msg, "expect", optional=True), wire=msg,
-        resume=resume, cache=cache,
+        resume=resume, cache=cache, layout=layout, processing=processing,
     )
+
+
+def _processing_field(msg: dict[str, Any]) -> dict[str, str]:
+    """A processed hello's processing signature: a few short string fields."""
+    value = field(msg, "processing", dict)
+    if len(value) > _MAX_SIGNATURE_FIELDS or not all(
+        isinstance(k, str) and isinstance(v, str) and len(k) <= 32
+        and len(v) <= _MAX_SIGNATURE_CHARS for k, v in value.items()
+    ):
+        raise ProtocolError("hello field 'processing' is not a few short string fields")
+    return value
 
 
 def refuse(reason: str, retry: bool) -> dict[str, Any]:
@@ -265,22 +295,29 @@ class Accept:
     start: int = 0
     # What the seed's load set besides tensors, for the client to replay.
     state: LoadState = NO_STATE
+    layout: str = LOADED
+    # The processed layout's ``layout.state_signature`` of the seed's model.
+    signature: str | None = None
 
 
 def accept(
     digests: list[str], bucket_bytes: int, data_plane: str, checkpoint: str | None,
-    start: int = 0, state: LoadState = NO_STATE,
+    start: int = 0, state: LoadState = NO_STATE, layout: str = LOADED,
+    signature: str | None = None,
 ) -> dict[str, Any]:
-    return {
+    msg = {
         "type": ACCEPT, "digests": digests, "bucket_bytes": bucket_bytes,
         "data_plane": data_plane, "checkpoint": checkpoint, "start": start,
-        "state": state.to_wire(),
+        "state": state.to_wire(), "layout": layout,
     }
+    if signature is not None:
+        msg["signature"] = signature
+    return msg
 
 
 def parse_accept(
     msg: dict[str, Any], tensors: int, offered: tuple[str, ...], max_bucket_bytes: int,
-    resume_at: int = 0,
+    resume_at: int = 0, layout: str = LOADED,
 ) -> Accept:
     """Check an accept against what this client asked for: one digest per tensor of
     its manifest, a bucket size in (0, max_bucket_bytes], a data plane it offered, and
@@ -308,8 +345,11 @@ def parse_accept(
         state = LoadState.from_wire(field(msg, "state", list))
     except LoadStateError as e:
         raise ProtocolError(f"accept carries a malformed load state: {e}") from e
+    if (optional_field(msg, "layout", str) or LOADED) != layout:
+        raise ProtocolError(f"accept serves another layout than the {layout} one asked for")
+    signature = sha256_field(msg, "signature", optional=layout != PROCESSED)
     return Accept(digests, bucket_bytes, plane, sha256_field(msg, "checkpoint", optional=True),
-                  start, state)
+                  start, state, layout, signature if layout == PROCESSED else None)
 
 
 def info(description: dict[str, Any]) -> dict[str, Any]:
