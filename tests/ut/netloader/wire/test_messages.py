@@ -287,3 +287,37 @@ def test_a_hostile_resume_is_refused_in_a_short_reason_that_names_the_field():
     assert len(str(e.value)) < 100
     with pytest.raises(ProtocolError, match="'resume'"):
         messages.parse_request({**GOOD_HELLO, "resume": {"start": "1", "values": "a" * 64}})
+
+
+def test_an_accept_must_serve_the_layout_asked_for_and_a_processed_one_its_signature():
+    processed = accept_of(layout="processed", signature="5" * 64)
+    got = messages.parse_accept(processed, 3, ("tcp",), 1 << 30, layout="processed")
+    assert (got.layout, got.signature) == ("processed", "5" * 64)
+    with pytest.raises(ProtocolError, match="another layout than the processed one"):
+        messages.parse_accept(accept_of(), 3, ("tcp",), 1 << 30, layout="processed")
+    with pytest.raises(ProtocolError, match="another layout than the loaded one"):
+        messages.parse_accept(processed, 3, ("tcp",), 1 << 30)
+    with pytest.raises(ProtocolError, match="signature"):
+        messages.parse_accept(accept_of(layout="processed"), 3, ("tcp",), 1 << 30,
+                              layout="processed")
+
+
+@pytest.mark.parametrize("processing", [
+    None, "cpu", ["cpu"], {"platform": 1}, {f"k{i}": "v" for i in range(9)},
+    {"platform": "x" * 161}, {"p" * 33: "cpu"},
+])
+def test_a_processed_hello_carries_a_few_short_signature_fields(processing):
+    msg = {**GOOD_HELLO, "layout": "processed"}
+    if processing is not None:
+        msg["processing"] = processing
+    with pytest.raises(ProtocolError, match="processing"):
+        messages.parse_request(msg)
+
+
+def test_a_hello_names_a_known_layout():
+    request = messages.parse_request({**GOOD_HELLO, "layout": "processed",
+                                      "processing": {"platform": "cpu"}})
+    assert (request.layout, request.processing) == ("processed", {"platform": "cpu"})
+    assert messages.parse_request(GOOD_HELLO).layout == "loaded"
+    with pytest.raises(ProtocolError, match="layout 'runtime'"):
+        messages.parse_request({**GOOD_HELLO, "layout": "runtime"})

@@ -1,0 +1,141 @@
+"""A seed's two layouts over real sockets: the processed one only to a client whose
+processing runs the same way, each layout refused by name where it is not served, a
+relay that serves only the layout it receives, and a seed whose experts moved."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from tests.helpers.toy import (
+    IDENTITY,
+    SMALL_BUCKET,
+    assert_same_tensors,
+    fetch_for,
+    make_toy,
+    untouched,
+)
+from vllm_ascend.model_loader.netloader.client import SourceRefused
+from vllm_ascend.model_loader.netloader.config import parse_config
+from vllm_ascend.model_loader.netloader.manifest import TARGET, LoadedWeights, spec_of
+from vllm_ascend.model_loader.netloader.plan import LoadPlan
+from vllm_ascend.model_loader.netloader.seed.running import RunningSeeds
+from vllm_ascend.model_loader.netloader.seed.server import Layouts, SeedServer, SeedSettings
+from vllm_ascend.model_loader.netloader.wire.addresses import listen
+from vllm_ascend.model_loader.netloader.wire.messages import LOADED, PROCESSED, Accept
+
+SIGNATURE = "5" * 64
+PROCESSING = {"platform": "cpu", "device": "AVX2 amx=False", "methods": "m" * 32,
+              "env": "e" * 32}
+
+
+def seed_of(layouts: Layouts, placement=None) -> SeedServer:
+    settings = SeedSettings(IDENTITY, 0, "127.0.0.1", 5.0, bucket_bytes=SMALL_BUCKET,
+                            processing=PROCESSING)
+    return SeedServer(layouts, settings, listen("127.0.0.1", 0), placement=placement).start()
+
+
+def attempt(seed: SeedServer, client: torch.nn.Module, **settings):
+    return fetch_for(client, **settings)._attempt(seed.address)
+
+
+def processed(seed_value: int = 1) -> LoadedWeights:
+    return LoadedWeights.capture(make_toy(seed_value))
+
+
+def test_the_processed_layout_reaches_a_client_whose_processing_runs_the_same_way():
+    seed = seed_of(Layouts(None, processed(), SIGNATURE))
+    try:
+        client = make_toy(None)
+        received = attempt(seed, client, layout=PROCESSED, processing=PROCESSING)
+        assert (received.layout, received.signature) == (PROCESSED, SIGNATURE)
+        assert_same_tensors(client, make_toy(1))
+    finally:
+        seed.stop()
+
+
+@pytest.mark.parametrize("field", ["platform", "device", "methods", "env"])
+def test_a_client_whose_processing_differs_is_refused_by_name_before_any_byte(field):
+    seed = seed_of(Layouts(None, processed(), SIGNATURE))
+    try:
+        client = make_toy(None)
+        theirs = {**PROCESSING, field: "other"}
+        with pytest.raises(SourceRefused, match=f"processing signature differs \\({field} "):
+            attempt(seed, client, layout=PROCESSED, processing=theirs)
+        assert untouched(client)
+    finally:
+        seed.stop()
+
+
+@pytest.mark.parametrize("served, asked", [(LOADED, PROCESSED), (PROCESSED, LOADED)])
+def test_a_layout_a_seed_does_not_serve_is_refused_by_name(served, asked):
+    weights = processed()
+    layouts = (Layouts(weights, not_processed="quantization method does not take it")
+               if served == LOADED else Layouts(None, weights, SIGNATURE))
+    seed = seed_of(layouts)
+    try:
+        client = make_toy(None)
+        with pytest.raises(SourceRefused, match=f"does not serve the {asked} layout"):
+            attempt(seed, client, layout=asked, processing=PROCESSING)
+        assert untouched(client)
+        assert seed.describe()["layouts"][asked]["unavailable"]
+    finally:
+        seed.stop()
+
+
+def test_a_relay_serves_the_layout_it_receives_and_never_the_other(monkeypatch):
+    monkeypatch.setenv("VLLM_HOST_IP", "127.0.0.1")
+    plan = LoadPlan(parse_config({}, environ={}), 0, TARGET, torch.device("cpu"),
+                    IDENTITY, "instance", processing=PROCESSING)
+    relay = RunningSeeds().open_relay(plan)
+    weights = processed(2)
+    specs = list(weights.specs)
+    accepted = Accept(list(weights.digests), SMALL_BUCKET, "tcp", IDENTITY["checkpoint"],
+                      layout=PROCESSED, signature=SIGNATURE)
+    progress = relay.begin(specs, list(weights.tensors), accepted)
+    progress.verified(len(specs))  # its own fetch verified everything
+    seed = relay.serving_complete()
+    try:
+        assert seed is not None and seed.layouts.loaded is None
+        client = make_toy(None)
+        with pytest.raises(SourceRefused, match="does not serve the loaded layout"):
+            attempt(seed, client, layout=LOADED)
+        received = attempt(seed, client, layout=PROCESSED, processing=PROCESSING)
+        assert received.signature == SIGNATURE
+        assert_same_tensors(client, make_toy(2))
+    finally:
+        relay.close()
+
+
+def test_a_seed_whose_experts_moved_refuses_every_client():
+    where = {"map": "at load"}
+    seed = seed_of(Layouts(processed(), processed(), SIGNATURE), placement=lambda: where["map"])
+    try:
+        attempt(seed, make_toy(None), layout=LOADED)  # served while the experts stay
+        where["map"] = "moved by EPLB"
+        client = make_toy(None)
+        with pytest.raises(SourceRefused, match="expert placement moved"):
+            attempt(seed, client, layout=LOADED)
+        assert untouched(client)
+    finally:
+        seed.stop()
+
+
+def test_each_layout_has_its_value_fingerprint_in_info():
+    loaded, runtime = processed(1), processed(3)
+    seed = seed_of(Layouts(loaded, runtime, SIGNATURE))
+    try:
+        info = seed.describe()
+        assert info["layouts"][LOADED]["value_fingerprint"] == loaded.value_fingerprint()
+        assert info["layouts"][PROCESSED]["value_fingerprint"] == runtime.value_fingerprint()
+        # What a LAYOUT auto client gets: the processed layout.
+        assert info["value_fingerprint"] == runtime.value_fingerprint()
+    finally:
+        seed.stop()
+
+
+def test_specs_of_both_layouts_are_the_loaded_manifest():
+    loaded, runtime = processed(1), processed(3)
+    assert [dataclasses.astuple(s) for s in loaded.specs] == [
+        dataclasses.astuple(spec_of(s.name, t)) for s, t in zip(runtime.specs, runtime.tensors,
+                                                                strict=True)]
