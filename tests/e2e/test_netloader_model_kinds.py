@@ -8,9 +8,12 @@ only get them from the seed (EXPECTED_FINGERPRINT and DRAFT_EXPECTED_FINGERPRINT
 the seed's checkpoint fingerprints). The client's greedy
 texts and per-token logprobs (embeddings, for a pooling model) equal the disk
 load's, its runtime tensors after processing equal the disk load's bit for bit,
-and what its load set besides tensors equals the seed's. Every seed also reports
-what it keeps beyond the running model (``retained_bytes``), the figure the guide
-gives per kind.
+and what its load set besides tensors equals the seed's. Each kind moves in the
+layout the guide's support matrix gives (the processed one with processing skipped,
+or the loaded one, with the seed's reason why not), and every seed reports what it
+keeps beyond the running model (``retained_bytes``), the figure the guide gives per
+kind. The seeds' configs are written as vllm-ascend's are: lowercase keys, no
+INT8_CACHE (its default, ``no``), except where the loaded layout needs a copy.
 """
 
 import json
@@ -50,6 +53,8 @@ class Kind:
     image_prompt: str | None = None
     # False where vLLM CPU loads the model but cannot run it here (tensors only).
     generate: bool = True
+    # The layout the client gets; a loaded-layout seed keeps its copies (INT8_CACHE hbm).
+    layout: str = "processed"
 
 
 EAGLE = {"speculative_config": {"method": "eagle", "num_speculative_tokens": 2}}
@@ -66,11 +71,13 @@ KINDS: dict[str, Kind] = {
     "mtp": Kind(("--kind", "mtp"), MTP),
     "moe": Kind(("--kind", "moe")),
     "moe-tp2": Kind(("--kind", "moe"), TP2),
-    "w8a8": Kind(("--kind", "w8a8")),
+    # CompressedTensorsLinearMethod, AWQ and GPTQ do not declare
+    # supports_pre_processed_weights: the loaded layout.
+    "w8a8": Kind(("--kind", "w8a8"), layout="loaded"),
     # vLLM CPU loads and processes int4 checkpoints here, but this CPU's build (AVX2)
     # has no cpu_gemm_wna16 kernel to run them: runtime tensors only.
-    "awq": Kind(("--kind", "awq"), generate=False),
-    "gptq": Kind(("--kind", "gptq"), generate=False),
+    "awq": Kind(("--kind", "awq"), generate=False, layout="loaded"),
+    "gptq": Kind(("--kind", "gptq"), generate=False, layout="loaded"),
     # A seed without LoRA serves a client with it, and the other way round (vLLM wraps
     # the layers for LoRA after loading: the adapter is not a weight).
     "lora": Kind((), LORA, lora=("--kind", "lora"), seed_llm={}),
@@ -141,8 +148,10 @@ def prove(workdir: Path, name: str, kind: Kind) -> dict:
     # MODEL names the model alike on both sides (the paths differ). The seed and the
     # `auto` reference start together; the client starts once the seed listens and
     # `auto` is done, in the same process as `auto` (one import of vLLM less) at TP=1.
-    seed = ServingDump(model, out / f"{name}-seed.safetensors",
-                       {"MODEL": name, "OUTPUT_PREFIX": f"{out}/{name}-seed-"}, *seed_more,
+    seed_extra = {"model": name, "output_prefix": f"{out}/{name}-seed-"}
+    if kind.layout == "loaded":
+        seed_extra["int8_cache"] = "hbm"
+    seed = ServingDump(model, out / f"{name}-seed.safetensors", seed_extra, *seed_more,
                        env=env or {"VLLM_CPU_OMP_THREADS_BIND": "0"})
     then = out / f"{name}-client.json"
     client_out = out / f"{name}-client.safetensors"
@@ -189,8 +198,18 @@ def prove(workdir: Path, name: str, kind: Kind) -> dict:
     for role, infos in seeds.items():
         for mine, theirs in zip(clients[role], infos, strict=True):
             assert mine["loaded_from"] == f"seed {theirs['address']}"
+            assert mine["loaded_layout"] == kind.layout
             assert mine["value_fingerprint"] == theirs["value_fingerprint"]
             assert mine["load_state"] == theirs["load_state"]
+            if kind.layout == "processed":
+                # All a seed keeps is the kernel inputs its model packed away
+                # (vLLM CPU's oneDNN linears); INT8_CACHE no keeps no loaded copy.
+                assert theirs["retained_bytes"] == theirs["retained_for_processed_bytes"]
+            else:
+                assert "pre-processed" in theirs["layouts"]["processed"]["unavailable"]
+    if kind.layout == "processed":
+        log = (started or disk_run).log.read_text(errors="replace")
+        assert log.count("processing skipped") == ranks * len(seeds), log[-3000:]
     assert_equal_tensors(received, reference)
     if kind.generate:
         assert client["outputs"] == disk["outputs"]
@@ -210,7 +229,8 @@ def prove(workdir: Path, name: str, kind: Kind) -> dict:
     elif kind.generate:
         assert served["outputs"]["greedy"] == disk["outputs"]["greedy"]
     print(f"KIND {name}: " + json.dumps({
-        role: [{k: s[k] for k in ("bytes", "retained_bytes", "retained_tensors", "load_state")}
+        role: [{k: s[k] for k in ("bytes", "retained_bytes", "retained_tensors",
+                                  "retained_for_processed_bytes", "load_state")}
                for s in infos]
         for role, infos in seeds.items()
     }))
