@@ -213,9 +213,12 @@ def test_a_node_without_weight_files_and_no_matching_fingerprint_does_not_start(
 def test_a_transfer_that_fails_at_its_very_end_leaves_a_disk_loads_buffers(
     model, workdir, disk_tensors
 ):
-    """A hostile seed (a real vLLM instance's weights) sends a rotary cache with other
-    values under a matching digest, then fails the last tensor. Before: the client's
-    disk load kept the seed's cache (the disk loader never writes that buffer)."""
+    """A hostile seed (a real vLLM instance's weights) serves a processed layout whose
+    every digest is right but whose state signature is not, so the client fails after it
+    installed and processed the tensors in a model built on the meta device; then, in
+    the loaded layout, a rotary cache with other values under a matching digest, and a
+    last tensor that fails. Before: the client's disk load kept the seed's cache (the
+    disk loader never writes that buffer)."""
     cmd = dump_command(model, workdir / "tampered-seed.safetensors", "netloader", {},
                        "--serve-tampered")
     hostile = subprocess.Popen(
@@ -240,7 +243,9 @@ def test_a_transfer_that_fails_at_its_very_end_leaves_a_disk_loads_buffers(
         hostile.wait(60)
     (info,) = report["seeds"]
     assert info["loaded_from"] == "disk"
-    assert "digest mismatch" in info["fallback_reasons"][0]
+    processed, loaded = info["fallback_reasons"]
+    assert "processed layout not reproduced" in processed and "not the seed's" in processed
+    assert "digest mismatch" in loaded
     assert_equal_tensors(tensors, disk_tensors)
 
 

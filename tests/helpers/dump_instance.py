@@ -25,10 +25,13 @@ Test seams (faults injected at the client -> data plane boundary):
   --serve           after the report, go on serving as a seed until stdin ends
   --then-file F     then drop this instance and start another in this process, with the
                     arguments (a JSON list) the test writes to F once it knows them
-  --serve-tampered  after loading, serve a hostile seed of this model: the first
-                    buffer (rotary cache) holds other values under a matching digest,
-                    and the last tensor's digest is wrong, so a client's transfer fails
-                    at its very end; prints TAMPERED <address> and serves until stdin ends
+  --serve-tampered  after loading, serve a hostile seed of this model: in the loaded
+                    layout the first buffer (rotary cache) holds other values under a
+                    matching digest, and the last tensor's digest is wrong, so a client's
+                    transfer fails at its very end; the processed layout has every digest
+                    right but another state signature, so a client fails only after it
+                    installed and processed the tensors; prints TAMPERED <address> and
+                    serves until stdin ends
 
     python -m tests.helpers.dump_instance MODEL OUT.safetensors [--load-format F] [--extra JSON]
 """
@@ -162,11 +165,14 @@ def serve_tampered() -> str:
     """Replace this process's seed with a hostile one (see the module doc)."""
     from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, digest
     from vllm_ascend.model_loader.netloader.seed.running import running_seeds
-    from vllm_ascend.model_loader.netloader.seed.server import SeedServer
+    from vllm_ascend.model_loader.netloader.seed.server import Layouts, SeedServer
     from vllm_ascend.model_loader.netloader.wire.addresses import listen
 
     (own,) = running_seeds().values()
-    weights = own.weights
+    # The dense model's processed layout holds its loaded bytes (every linear's weight
+    # is a oneDNN kernel's input): the base of both hostile layouts.
+    weights = own.layouts.processed
+    assert weights is not None
     named = [(spec.name, t) for spec, t in zip(weights.specs, weights.tensors, strict=True)]
     digests = list(weights.digests)
     first_buffer = next(i for i, (name, _) in enumerate(named) if name.endswith("cos_sin_cache"))
@@ -177,7 +183,8 @@ def serve_tampered() -> str:
     assert first_buffer < len(named) - 1, "the failure must come after the buffer"
     own.stop()
     settings = own.settings
-    hostile = SeedServer(LoadedWeights(named, digests), settings, listen(settings.host, 0))
+    layouts = Layouts(LoadedWeights(named, digests), weights, "0" * 64)
+    hostile = SeedServer(layouts, settings, listen(settings.host, 0))
     return hostile.start().address
 
 

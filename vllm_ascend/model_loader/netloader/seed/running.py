@@ -225,6 +225,8 @@ def _layouts(
     else:
         kept, retained = retain(loaded, Retention(plan.config.int8_cache,
                                                   plan.config.int8_cache_name))
+        if processed is not None and kept.dropped:
+            kept, retained = _from_processed(kept, processed, retained)
     views = [*(kept.tensors if kept is not None else ()),
              *(processed.tensors if processed is not None else ())]
     tensors, nbytes = beyond_model(views)
@@ -244,6 +246,23 @@ def _layouts(
     )
     not_loaded = "LAYOUT is processed" if kept is None else ""
     return Layouts(kept, processed, signature, not_loaded or "", why), retained
+
+
+def _from_processed(
+    kept: LoadedWeights, processed: LoadedWeights, retained: Retained
+) -> tuple[LoadedWeights, Retained]:
+    """``kept`` with each tensor INT8_CACHE dropped taken from the processed layout where
+    that holds the same bytes (a kernel input it keeps anyway): the loaded layout then
+    costs nothing more for them."""
+    tensors = list(kept.tensors)
+    for i, spec in enumerate(kept.specs):
+        if spec.name in kept.dropped and processed.digests[i] == kept.digests[i]:
+            tensors[i] = processed.tensors[i]
+    still = tuple(n for n, t in zip((s.name for s in kept.specs), tensors, strict=True)
+                  if t.is_meta)
+    named = [(spec.name, t) for spec, t in zip(kept.specs, tensors, strict=True)]
+    return (LoadedWeights(named, list(kept.digests), kept.state, still),
+            dataclasses.replace(retained, dropped=still))
 
 
 def seed_settings(plan: LoadPlan, host: str) -> SeedSettings:

@@ -249,11 +249,7 @@ class SeedServer:
             "bytes": weights.total_bytes,
             "value_fingerprint": weights.value_fingerprint(),
             "load_state": weights.state.describe(),
-            "layouts": {
-                name: {"value_fingerprint": w.value_fingerprint()} if w is not None
-                else {"unavailable": layouts.why_not(name)}
-                for name in LAYOUTS for w in [layouts.weights(name)]
-            },
+            "layouts": {name: self._layout_info(name) for name in LAYOUTS},
             "data_plane": self.settings.data_plane,
             "serves_compile_cache": self.settings.compile_cache is not None,
             "loaded_from": outcome.loaded_from,
@@ -268,6 +264,15 @@ class SeedServer:
             "evicted_connections": self._listener.evicted,
             **(retained.describe() if retained is not None else {}),
         }
+
+    def _layout_info(self, layout: str) -> dict[str, Any]:
+        weights = self.layouts.weights(layout)
+        if weights is None:
+            return {"unavailable": self.layouts.why_not(layout)}
+        if weights.dropped:
+            return {"unavailable": f"keeps no loaded copy of {len(weights.dropped)} "
+                                   f"tensor(s) (INT8_CACHE), e.g. {weights.dropped[0]}"}
+        return {"value_fingerprint": weights.value_fingerprint()}
 
     # --- one connection ------------------------------------------------------------------
 
