@@ -18,6 +18,8 @@
    copying into the model, from its log).
 4. ``benchmarks.netloader_compile_cache``: a client's time-to-healthy without and with
    the seed's compile cache (vLLM compiling with inductor, the tiny model).
+   ``benchmarks.netloader_layouts``: on a Qwen3-MoE of about 1 GB, what a seed keeps
+   beyond its model for each layout, and a client's load in each (``layouts``).
 5. ``benchmarks.netloader_fanout`` (rate-limited namespaces; N = 1, 2, 4, 8 clients with
    relays, the default, and N = 1, 2, 4 with every client fetching from the seed) and
    ``benchmarks.netloader_seed_latency`` on a shaped link and on an unshaped one.
@@ -346,6 +348,7 @@ def headline(result: dict[str, Any], gb: float) -> dict[str, Any]:
     transfer, fanout = result.get("transfer") or {}, result.get("fanout") or {}
     storage = result.get("storage") or {}
     cache = result.get("compile_cache") or {}
+    layouts = result.get("layouts") or {}
     row: dict[str, Any] = next(
         (r for r in result.get("load") or [] if r["size_gb"] == gb), {})
     load_s, warm_s = row.get("client_load_s"), row.get("disk_warm_s")
@@ -363,6 +366,15 @@ def headline(result: dict[str, Any], gb: float) -> dict[str, Any]:
         "storage_8_over_1": storage.get("storage_8_over_1"),
         "cpu_s_per_gb": cpu_per_gb(fanout, storage),
         "compile_cache_speedup": cache.get("compile_cache_speedup"),
+        # A ~1 GB Qwen3-MoE: what a seed keeps beyond its model, and a client's load,
+        # per layout (benchmarks/netloader_layouts.py).
+        "moe_layouts": {
+            layout: {
+                "seed_keeps_bytes": layouts["seed"][f"{layout}_layout_keeps_bytes"],
+                "client_netloader_load_s": layouts[f"client_{layout}"]["netloader_load_s"],
+                "client_model_loading_s": layouts[f"client_{layout}"]["model_loading_s"],
+            } for layout in ("processed", "loaded")
+        } | {"model_bytes": layouts["seed"]["model_bytes"]} if layouts else None,
         "compile_cache_s": {k: cache.get(k) for k in (
             "client_without_cache_s", "client_with_cache_s", "init_engine_without_s",
             "init_engine_with_s", "loaded_artifact", "outputs_equal")} if cache else None,
@@ -442,6 +454,10 @@ def main() -> int:
         result["compile_cache"] = bench.attempt("compile-cache", bench.run, "compile-cache", [
             py, "-m", "benchmarks.netloader_compile_cache", "--repeats", "1",
             "--workdir", str(args.workdir / "compile_cache")], 1500)
+    if not args.skip_vllm:
+        result["layouts"] = bench.attempt("layouts", bench.run, "layouts", [
+            py, "-m", "benchmarks.netloader_layouts", "--workdir", str(args.workdir / "layouts")],
+            900)
     if root:
         rate = str(args.rate_mbit)
         # Direct sends grow N-fold (8 would take a minute more, and a seed serves at
