@@ -9,9 +9,9 @@ is the processed layout's (the kernel inputs vLLM CPU's oneDNN linears packed aw
 replaced; what a seed with LAYOUT loaded keeps). Then two clients, one asking for each
 layout (LAYOUT processed, LAYOUT loaded), one after the other; from their logs: the
 Netloader load (``loaded ... in X s``: receiving, verifying, and for the processed one
-the kernels rebuilt under ``weights_already_processed``) and vLLM's whole model load
-(``Model loading took``: building the model, the load, and for the loaded one
-processing). Prints one JSON object last.
+the kernels rebuilt under ``weights_already_processed``) and the whole model load
+(``model ready in``: building the model, the load, and processing or, for the processed
+layout, rebuilding its kernels). Prints one JSON object last.
 """
 
 import argparse
@@ -29,7 +29,7 @@ from vllm_ascend.model_loader.netloader.client import query_seed
 REPO = Path(__file__).resolve().parents[1]
 LOADED = re.compile(r"Netloader rank 0 target loaded \d+ tensors \(([0-9.]+) GB\) from (\S+ \S+) "
                     r"in ([0-9.]+) s")
-MODEL_LOADING = re.compile(r"Model loading took ([0-9.]+) GiB memory and ([0-9.]+) seconds")
+READY = re.compile(r"Netloader rank 0 target: model ready in ([0-9.]+) s")
 SKIPPED = "processing skipped"
 
 
@@ -43,12 +43,11 @@ def build(workdir: Path, hidden: int, layers: int) -> Path:
 def client_figures(log: Path) -> dict[str, Any]:
     text = log.read_text(encoding="utf-8", errors="replace")
     loaded = LOADED.findall(text)
-    model_loading = MODEL_LOADING.findall(text)
+    ready = READY.findall(text)
     return {
         "loaded_from": loaded[-1][1] if loaded else None,
         "netloader_load_s": float(loaded[-1][2]) if loaded else None,
-        "model_loading_s": float(model_loading[-1][1]) if model_loading else None,
-        "model_loading_gib": float(model_loading[-1][0]) if model_loading else None,
+        "model_loading_s": float(ready[-1]) if ready else None,
         "processing_skipped": SKIPPED in text,
     }
 

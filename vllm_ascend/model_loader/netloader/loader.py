@@ -113,11 +113,13 @@ class NetloaderModelLoader(BaseModelLoader):
                 self.outcome = dataclasses.replace(
                     self._outcome(received, tried.fetched.reasons, start), layout=PROCESSED)
                 self._log_loaded(tried.plan, tried.layouts.primary)
+                self._log_whole(plan, start)
                 SEEDS.start(tried.plan, tried.model, self.outcome, received=tried.layouts,
                             relay_seed=tried.fetched.relay_seed)
                 return tried.model
             self._earlier = tried
         model = super().load_model(vllm_config, model_config, prefix)
+        self._log_whole(plan, start)
         filled = self._filled
         assert filled is not None, "vLLM's load_model template calls load_weights"
         SEEDS.start(filled.plan, model, filled.outcome, loaded=filled.weights,
@@ -165,6 +167,12 @@ class NetloaderModelLoader(BaseModelLoader):
             time.perf_counter() - start, reasons,
             received.reused_bytes if received is not None else 0,
         )
+
+    def _log_whole(self, plan: LoadPlan, start: float) -> None:
+        """The model's whole load: built, filled, processed (or its kernels rebuilt)."""
+        logger.info("%s: model ready in %.3f s (built, weights from %s in the %s layout, "
+                    "processed)", plan.who, time.perf_counter() - start,
+                    self.outcome.loaded_from, self.outcome.layout)
 
     def _log_loaded(self, plan: LoadPlan, weights: LoadedWeights) -> None:
         """The line the demo's phase parser reads (examples/netloader/phases.py)."""
