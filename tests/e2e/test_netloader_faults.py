@@ -190,9 +190,9 @@ def test_seed_killed_mid_transfer_client_resumes_from_the_next_seed(
     model, workdir, seed, disk_tensors
 ):
     """A seed capped at 1 MB/s in 1 MiB buckets is SIGKILLed ~3 s into a transfer of
-    the 8 MB model; the client goes on to the next seed in SOURCE, which serves the same
-    values, so it sends only what the client does not hold yet. The client's runtime
-    tensors equal a disk load's, bit for bit."""
+    the 8 MB model, in the processed layout (the default); the client goes on to the
+    next seed in SOURCE, which serves the same values, so it sends only what the client
+    does not hold yet. The client's runtime tensors equal a disk load's, bit for bit."""
     _, seed_address, _ = seed
     doomed = netloader_server(
         model, workdir, "doomed", "1", keys={"BUCKET_MB": 1, "SEND_LIMIT_MB_PER_S": 1}
@@ -223,6 +223,7 @@ def test_seed_killed_mid_transfer_client_resumes_from_the_next_seed(
     report = [line for line in stdout.splitlines() if line.startswith("DUMP ")][-1]
     (info,) = json.loads(report.removeprefix("DUMP "))["seeds"]
     assert info["loaded_from"] == f"seed {seed_address}"
+    assert info["loaded_layout"] == "processed"
     assert len(info["fallback_reasons"]) == 1 and doomed_address in info["fallback_reasons"][0]
     assert 0 < info["reused_bytes"] < info["bytes"]
     assert_equal_tensors(load_file(str(out)), disk_tensors)
