@@ -199,7 +199,9 @@ def prove(workdir: Path, name: str, kind: Kind) -> dict:
         for mine, theirs in zip(clients[role], infos, strict=True):
             assert mine["loaded_from"] == f"seed {theirs['address']}"
             assert mine["loaded_layout"] == kind.layout
-            assert mine["value_fingerprint"] == theirs["value_fingerprint"]
+            layout = kind.layout
+            assert (mine["layouts"][layout]["value_fingerprint"]
+                    == theirs["layouts"][layout]["value_fingerprint"])
             assert mine["load_state"] == theirs["load_state"]
             if kind.layout == "processed":
                 # All a seed keeps is the kernel inputs its model packed away

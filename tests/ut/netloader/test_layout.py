@@ -105,25 +105,44 @@ def test_a_seed_that_dropped_loaded_tensors_has_no_processed_layout():
     assert found is None and "b.weight" in why
 
 
+def processed_toy(handle: int = 12345) -> Toy:
+    """A toy processed as ``process`` does, holding the kinds of things kernels hold: a
+    closure over a handle's address, sizes in a list, a partial."""
+    model = Toy()
+    process(model)
+
+    def kernel_over(address: int):
+        return lambda x: (address, x)
+
+    model.b.kernel = kernel_over(handle)
+    model.b.sizes = [64]
+    model.b.op = functools.partial(torch.add)
+    return model
+
+
 def test_models_processed_alike_have_one_state_signature_and_any_difference_shows():
-    one, other = Toy(), Toy()
-    process(one)
-    process(other)
-    assert state_signature(one) == state_signature(other)
-    # A kernel's handle is an address: an int below a module attribute counts by type.
-    one.b.kernel = lambda x, _h=12345: x  # noqa: E731
+    # A kernel's handle is an address: an int a closure holds counts by its type.
+    assert state_signature(processed_toy(12345)) == state_signature(processed_toy(67890))
+    one, other = processed_toy(), processed_toy()
+    one.b.kernel = lambda x, _h=12345: x  # noqa: E731 - a default argument is held too
     other.b.kernel = lambda x, _h=67890: x  # noqa: E731
     assert state_signature(one) == state_signature(other)
+    reference = state_signature(processed_toy())
     for change in (
         lambda m: setattr(m.b, "packed_rows", 16),           # a plain value
         lambda m: setattr(m.b, "extra", torch.zeros(3)),     # a tensor the other lacks
         lambda m: m.register_buffer("scale", torch.ones(5)),  # a tensor's shape
         lambda m: setattr(m.b, "kernel", lambda x: x),       # another kernel
+        lambda m: setattr(m.b, "sizes", [128]),              # an int in a list
+        # The same shape in another memory order (a column-major weight).
+        lambda m: setattr(m.c, "weight", nn.Parameter(m.c.weight.detach().t().contiguous().t(),
+                                                      requires_grad=False)),
+        # A tensor held by a partial's keyword.
+        lambda m: setattr(m.b, "op", functools.partial(torch.add, other=torch.zeros(2))),
     ):
-        twin = Toy()
-        process(twin)
+        twin = processed_toy()
         change(twin)
-        assert state_signature(twin) != state_signature(other)
+        assert state_signature(twin) != reference
 
 
 def test_install_fills_a_meta_built_model_keeping_ties_and_parameter_attributes():

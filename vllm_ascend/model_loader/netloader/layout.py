@@ -49,6 +49,7 @@ from torch import nn
 
 from vllm_ascend.model_loader.netloader.log import get_logger
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, digest
+from vllm_ascend.model_loader.netloader.wire.errors import clean
 
 logger = get_logger(__name__)
 
@@ -91,8 +92,8 @@ def signature_difference(mine: dict[str, str], theirs: Any) -> str | None:
     if not isinstance(theirs, dict):
         return "processing signature is not an object"
     fields = sorted(set(mine) | {k for k in theirs if isinstance(k, str)})
-    diffs = [f"{k} {str(mine.get(k))[:40]} here vs {str(theirs.get(k))[:40]} there"
-             for k in fields if mine.get(k) != theirs.get(k)]
+    diffs = [f"{clean(k, 32)} {clean(mine.get(k), 40)} here vs {clean(theirs.get(k), 40)} "
+             f"there" for k in fields if mine.get(k) != theirs.get(k)]
     return "; ".join(diffs[:8]) or None
 
 
@@ -296,14 +297,16 @@ def state_signature(model: nn.Module) -> str:
 _MODULE_MACHINERY = frozenset(vars(nn.Module())) | {"_parameters", "_buffers", "_modules"}
 
 
-def _describe(value: Any, depth: int, seen: set[int]) -> Any:
+def _describe(value: Any, depth: int, seen: set[int], captured: bool = False) -> Any:
+    """``captured``: a value a closure or a partial holds, where an int is a kernel
+    handle's address as often as a size (compared by type there)."""
     if value is None or isinstance(value, (bool, float, str)):
         return value if not isinstance(value, str) else value[:256]
     if isinstance(value, int):
-        return value if depth == 0 else "int"
+        return "int" if captured else value
     if isinstance(value, torch.Tensor):
         return ["tensor", type(value).__name__, str(value.dtype), list(value.shape),
-                value.device.type]
+                list(value.stride()), value.storage_offset(), value.device.type]
     if isinstance(value, nn.Module):
         return ["module", type(value).__qualname__]
     if isinstance(value, (enum.Enum, torch.dtype, torch.device, torch.Size)):
@@ -312,23 +315,39 @@ def _describe(value: Any, depth: int, seen: set[int]) -> Any:
         return ["type", value.__qualname__]
     if isinstance(value, functools.partial):
         return ["partial", _describe(value.func, depth + 1, seen),
-                [_describe(a, depth + 1, seen) for a in value.args[:_ITEMS]]]
+                [_describe(a, depth + 1, seen, True) for a in value.args[:_ITEMS]],
+                [[k, _describe(v, depth + 1, seen, True)]
+                 for k, v in sorted(value.keywords.items())[:_ITEMS]]]
     if isinstance(value, types.MethodType):
         return ["method", value.__func__.__qualname__]
     if isinstance(value, types.FunctionType):
         cells = [c.cell_contents for c in value.__closure__ or () if _filled(c)]
+        cells += list(value.__defaults__ or ()) + list((value.__kwdefaults__ or {}).values())
         return ["function", value.__qualname__,
-                [_describe(c, depth + 1, seen) for c in cells[:_ITEMS]]]
+                [_describe(c, depth + 1, seen, True) for c in cells[:_ITEMS]]]
     if isinstance(value, (list, tuple)):
-        return [_describe(v, depth + 1, seen) for v in value[:_ITEMS]]
+        return [len(value), [_describe(v, depth + 1, seen, captured) for v in value[:_ITEMS]]]
+    if isinstance(value, (set, frozenset)):
+        return ["set", len(value), sorted(str(_describe(v, depth + 1, seen, captured))
+                                          for v in list(value)[:_ITEMS])]
     if isinstance(value, dict):
-        return [[str(k)[:64], _describe(v, depth + 1, seen)]
-                for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))[:_ITEMS]]
-    if dataclasses.is_dataclass(value):
-        return ["dataclass", type(value).__qualname__]  # a config: the identity covers it
+        return [len(value), [[str(k)[:64], _describe(v, depth + 1, seen, captured)]
+                             for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
+                             [:_ITEMS]]]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # A config (the identity covers it); the tensors it holds (a MoE quant
+        # config's biases) are the model's, described.
+        return ["dataclass", type(value).__qualname__,
+                [[f.name, _describe(getattr(value, f.name), depth + 1, seen)]
+                 for f in dataclasses.fields(value)
+                 if isinstance(getattr(value, f.name, None), torch.Tensor)]]
     attrs = getattr(value, "__dict__", None)
     if not isinstance(attrs, dict):
-        return ["opaque", type(value).__qualname__]
+        slots = [s for c in type(value).__mro__ for s in getattr(c, "__slots__", ())
+                 if isinstance(s, str) and hasattr(value, s)]
+        if not slots or depth >= _DEPTH:
+            return ["opaque", type(value).__qualname__]
+        attrs = {s: getattr(value, s) for s in slots}
     if depth >= _DEPTH or id(value) in seen:
         return ["object", type(value).__qualname__]
     seen.add(id(value))

@@ -15,6 +15,8 @@ builds it.
 
 import dataclasses
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import cast
 
@@ -48,6 +50,36 @@ from vllm_ascend.model_loader.netloader.wire.messages import PROCESSED
 logger = get_logger(__name__)
 
 
+@contextmanager
+def _own_rope_cache() -> Iterator[None]:
+    """vLLM shares rotary embedding modules between the models a process builds
+    (``get_rope``'s ``_ROPE_DICT``, model_executor/layers/rotary_embedding): one built
+    here on the meta device must not be handed to the model the loader builds if this
+    load fails, nor may this build take (and install tensors into) another model's."""
+    from vllm.model_executor.layers import rotary_embedding
+
+    shared = rotary_embedding._ROPE_DICT
+    rotary_embedding._ROPE_DICT = {}
+    try:
+        yield
+    finally:
+        rotary_embedding._ROPE_DICT = shared
+
+
+def _runs_on(model: nn.Module, device: torch.device) -> None:
+    """What a model built on the meta device needs to run on ``device``, as one built
+    there would: vLLM's reload metadata names the device a reload restores layers on
+    (``record_metadata_for_reloading`` took the meta device), and an attention layer's
+    KV cache placeholder (which the engine replaces) is an empty tensor there."""
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+    for module in model.modules():
+        get_layerwise_info(module).restore_device = device
+        cache = vars(module).get("kv_cache")
+        if isinstance(cache, torch.Tensor) and cache.is_meta:
+            module.kv_cache = torch.tensor([], device=device)
+
+
 @dataclass(frozen=True)
 class ProcessedLoad:
     """A model filled in the processed layout, and what its seed serves."""
@@ -68,7 +100,7 @@ def load_processed(
     registered = (set(context.static_forward_context), len(context.static_all_moe_layers))
     try:
         dtype = cast(torch.dtype, model_config.dtype)  # resolved by vLLM's ModelConfig
-        with set_default_torch_dtype(dtype), torch.device("meta"):
+        with set_default_torch_dtype(dtype), torch.device("meta"), _own_rope_cache():
             model = initialize_model(vllm_config=vllm_config, model_config=model_config,
                                      prefix=prefix)
         result = _fetch_into(model, vllm_config, model_config, plan, seeds)
@@ -106,6 +138,7 @@ def _fetch_into(
     def finish(received: Received) -> None:
         t0 = time.perf_counter()
         install(model, [(name, t) for (name, _), t in zip(named, targets, strict=True)])
+        _runs_on(model, target_device)
         with weights_already_processed():
             process_weights_after_loading(model, model_config, target_device)
         left = meta_tensors(model)

@@ -128,8 +128,14 @@ def test_each_layout_has_its_value_fingerprint_in_info():
         info = seed.describe()
         assert info["layouts"][LOADED]["value_fingerprint"] == loaded.value_fingerprint()
         assert info["layouts"][PROCESSED]["value_fingerprint"] == runtime.value_fingerprint()
-        # What a LAYOUT auto client gets: the processed layout.
-        assert info["value_fingerprint"] == runtime.value_fingerprint()
+        # The loaded layout's, comparable with a disk load's on any host; the processed
+        # one's only where the seed serves no loaded layout.
+        assert info["value_fingerprint"] == loaded.value_fingerprint()
+    finally:
+        seed.stop()
+    seed = seed_of(Layouts(None, runtime, SIGNATURE))
+    try:
+        assert seed.describe()["value_fingerprint"] == runtime.value_fingerprint()
     finally:
         seed.stop()
 
@@ -139,3 +145,43 @@ def test_specs_of_both_layouts_are_the_loaded_manifest():
     assert [dataclasses.astuple(s) for s in loaded.specs] == [
         dataclasses.astuple(spec_of(s.name, t)) for s, t in zip(runtime.specs, runtime.tensors,
                                                                 strict=True)]
+
+
+def test_a_client_without_a_relay_that_fails_beside_another_transfer_ends_cleanly(caplog):
+    """Before: the seed's clean-up took the absent relay (None) for the chain's tail,
+    deleted a tail that was not there and logged a KeyError traceback."""
+    import logging
+    import socket
+    import time
+
+    from vllm_ascend.model_loader.netloader.client import SOURCE_ERRORS
+
+    settings = SeedSettings(IDENTITY, 0, "127.0.0.1", 5.0, bucket_bytes=SMALL_BUCKET,
+                            send_limit_bytes_per_s=2e6, processing=PROCESSING)
+    seed = SeedServer(processed(), settings, listen("127.0.0.1", 0)).start()
+    caplog.set_level(logging.WARNING, logger="vllm.netloader")
+    try:
+        import threading
+
+        slow = threading.Thread(target=lambda: attempt(seed, make_toy(None), layout=LOADED),
+                                daemon=True)
+        slow.start()
+        while seed.describe()["active_transfers"] == 0:
+            time.sleep(0.01)
+        failing = fetch_for(make_toy(None), layout=LOADED)
+        real_receive = failing._receive
+
+        def receive_then_vanish(conn: socket.socket, accepted, progress):
+            conn.shutdown(socket.SHUT_RDWR)  # gone mid-transfer
+            return real_receive(conn, accepted, progress)
+
+        failing._receive = receive_then_vanish  # type: ignore[method-assign]
+        with pytest.raises(SOURCE_ERRORS):
+            failing._attempt(seed.address)
+        deadline = time.monotonic() + 5
+        while seed.describe()["active_transfers"] > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        slow.join(30)
+    finally:
+        seed.stop()
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]

@@ -150,6 +150,10 @@ class RunningSeeds:
         retained = None
         if received is not None:
             layouts = received
+            views = [w for w in (received.loaded, received.processed) if w is not None]
+            tensors, nbytes = beyond_model([t for w in views for t in w.tensors])
+            retained = Retained(plan.config.int8_cache, tensors, nbytes,
+                                processed_bytes=nbytes if received.processed else 0)
         else:
             assert loaded is not None, "a seed serves what was loaded or what was received"
             layouts, retained = _layouts(plan, model, loaded)

@@ -140,9 +140,11 @@ class Layouts:
 
     @property
     def primary(self) -> LoadedWeights:
-        """The processed layout if served (what LAYOUT auto clients get), else the
-        loaded one."""
-        weights = self.processed if self.processed is not None else self.loaded
+        """The loaded layout if it is served whole (its value fingerprint is comparable
+        with a disk load's on any platform), else the processed one."""
+        loaded = self.loaded if self.loaded is not None and not self.loaded.dropped else None
+        weights = loaded if loaded is not None or self.processed is None else self.processed
+        weights = weights if weights is not None else self.loaded
         assert weights is not None, "a seed serves at least one layout"
         return weights
 
@@ -195,7 +197,7 @@ class SeedServer:
 
     @property
     def weights(self) -> LoadedWeights:
-        """The processed layout if this seed serves it, else the loaded one."""
+        """The loaded layout if this seed serves it whole, else the processed one."""
         return self.layouts.primary
 
     def start(self) -> "SeedServer":
@@ -359,7 +361,7 @@ class SeedServer:
                 # is idle, the next client starts a new chain (the old one may be gone).
                 if not self._active:
                     self._tails.clear()
-                elif not verified and self._tails.get(layout) == relay:
+                elif not verified and relay is not None and self._tails.get(layout) == relay:
                     del self._tails[layout]
 
     def _route(self, relay: str | None, direct: bool, layout: str) -> tuple[str, str | None]:
