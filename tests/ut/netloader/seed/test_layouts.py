@@ -185,3 +185,17 @@ def test_a_client_without_a_relay_that_fails_beside_another_transfer_ends_cleanl
     finally:
         seed.stop()
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+
+
+def test_a_processing_signature_reaches_the_refusal_and_the_log_as_printable_text():
+    """Before: a peer's newline and terminal escapes went into the seed's log line."""
+    seed = seed_of(Layouts(None, processed(), SIGNATURE))
+    try:
+        forged = {**PROCESSING, "device": "x\nINFO forged line \x1b[2J"}
+        with pytest.raises(SourceRefused) as refused:
+            attempt(seed, make_toy(None), layout=PROCESSED, processing=forged)
+        reason = str(refused.value)
+        assert "processing signature differs" in reason
+        assert "\n" not in reason and "\x1b" not in reason
+    finally:
+        seed.stop()
