@@ -58,8 +58,8 @@ def relay_listener(
     )
 
     def make_seed(weights: LoadedWeights, progress: RelayProgress, sock: socket.socket,
-                  checkpoint: str | None):
-        assert checkpoint in (None, IDENTITY["checkpoint"])
+                  accepted: Accept):
+        assert accepted.checkpoint in (None, IDENTITY["checkpoint"])
         return SeedServer(weights, settings, sock, progress=progress).start()
 
     return RelayListener(listen("127.0.0.1", 0), make_seed)

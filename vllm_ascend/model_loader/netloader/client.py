@@ -54,6 +54,7 @@ from vllm_ascend.model_loader.netloader.wire.handshake import ask_seed
 from vllm_ascend.model_loader.netloader.wire.messages import (
     ACCEPT,
     LOADED,
+    PROCESSED,
     REDIRECT,
     TCP,
     Accept,
@@ -67,6 +68,7 @@ from vllm_ascend.model_loader.netloader.wire.messages import (
     parse_accept,
     parse_redirect,
     parse_refuse,
+    refuses_only_the_layout,
 )
 
 logger = get_logger(__name__)
@@ -84,11 +86,13 @@ SOURCE_ERRORS = (ProtocolError, AuthError, TransferError, OSError, AddressError,
 
 
 class SourceRefused(Exception):
-    """The seed answered, but will not serve this client (``retry``: not now)."""
+    """The seed answered, but will not serve this client (``retry``: not now;
+    ``other_layout``: not in the layout asked for, perhaps in the other)."""
 
-    def __init__(self, reason: str, retry: bool = False):
+    def __init__(self, reason: str, retry: bool = False, other_layout: bool = False):
         super().__init__(reason)
         self.retry = retry
+        self.other_layout = other_layout
 
 
 class Redirected(Exception):
@@ -170,6 +174,14 @@ class WeightFetch:
         self._held_values: str | None = None
         # Where the receiving thread spent the last transfer's time.
         self.stats = TransferStats()
+        # Whether a seed refused only the layout asked for (the other may serve).
+        self.layout_refused = False
+
+    @property
+    def held(self) -> int:
+        """How many leading targets hold bytes verified against a source's digests (where
+        a resume starts); the others may hold anything a failed source wrote."""
+        return self._held
 
     def _resume(self) -> Resume | None:
         if self._held_values is None or not 0 < self._held < len(self.specs):
@@ -200,6 +212,7 @@ class WeightFetch:
             return attempt()
         except SourceRefused as e:
             reason = f"{label} refused: {e}"
+            self.layout_refused |= e.other_layout
         except SOURCE_ERRORS as e:
             reason = f"{label} failed: {type(e).__name__}: {e}"
         self.reasons.append(reason)
@@ -318,7 +331,7 @@ class WeightFetch:
             reason, retry = parse_refuse(reply)
             if reason.startswith("tensor manifest differs"):
                 reason += self._manifest_detail(address)
-            raise SourceRefused(reason, retry)
+            raise SourceRefused(reason, retry, refuses_only_the_layout(reply))
         if kind == REDIRECT:
             raise Redirected(*parse_redirect(reply))
         if kind != ACCEPT:
@@ -338,7 +351,9 @@ class WeightFetch:
         if expected is not None and expected not in (accepted.checkpoint, values):
             raise SourceRefused(
                 f"seed serves checkpoint {accepted.checkpoint} with values {values}, "
-                f"not EXPECTED_FINGERPRINT {expected}"
+                f"not EXPECTED_FINGERPRINT {expected}",
+                # A value fingerprint names one layout: the other may match it.
+                other_layout=accepted.layout == PROCESSED,
             )
         mine = self.settings.identity.get("checkpoint")
         if mine is not None and accepted.checkpoint != mine:

@@ -53,6 +53,8 @@ class Fetched:
     fallback: str | None = None
     # The relay whose fetch filled the model: it goes on as this rank's seed.
     relay_seed: SeedServer | None = None
+    # Whether a seed refused only the layout asked for: the other one is worth asking.
+    layout_refused: bool = False
 
 
 def fetch_weights(
@@ -179,7 +181,7 @@ def _from_seeds(
             buffer.copy_(before)
         logger.warning("%s: no seed could serve it (%s); loading from disk",
                        plan.who, "; ".join(reasons))
-        return Fetched(None, reasons, fallback)
+        return Fetched(None, reasons, fallback, layout_refused=fetch.layout_refused)
     if reasons:
         logger.warning("%s: %d source(s) failed before %s served (%s)",
                        plan.who, len(reasons), received.source, "; ".join(reasons))

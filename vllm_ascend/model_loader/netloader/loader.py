@@ -187,12 +187,11 @@ class NetloaderModelLoader(BaseModelLoader):
 
 def _ask_again(earlier: Fetched) -> bool:
     """Whether the seeds are worth asking for the loaded layout after the processed
-    layout's attempt ended as ``earlier``: unless that attempt found no seed, or every
-    seed it found failed without answering (the same seeds would fail again; asking
-    costs their timeouts twice). A seed that refused the processed layout, or whose
-    processed layout did not reproduce its model, may still serve the loaded one."""
+    layout's attempt ended as ``earlier``: only where a seed refused the processed
+    layout itself (not this model), or served one that did not reproduce its model, or
+    where the processed layout was not tried at all. Every other way (no seed found, a
+    seed of another model, seeds that failed without answering) would end the same
+    again, at the cost of the seeds' timeouts twice."""
     if earlier.fallback in (None, "processed_layout", "unexpected_error"):
         return True
-    if earlier.fallback != "seeds_failed":
-        return False  # no seed found, no weight files: the same again
-    return any(" refused: " in reason for reason in earlier.reasons)
+    return earlier.fallback == "seeds_failed" and earlier.layout_refused

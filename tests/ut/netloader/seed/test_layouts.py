@@ -60,8 +60,9 @@ def test_a_client_whose_processing_differs_is_refused_by_name_before_any_byte(fi
     try:
         client = make_toy(None)
         theirs = {**PROCESSING, field: "other"}
-        with pytest.raises(SourceRefused, match=f"processing signature differs \\({field} "):
+        with pytest.raises(SourceRefused, match=f"processing signature differs \\({field} ") as e:
             attempt(seed, client, layout=PROCESSED, processing=theirs)
+        assert e.value.other_layout  # the loaded layout is worth asking for
         assert untouched(client)
     finally:
         seed.stop()
@@ -75,9 +76,15 @@ def test_a_layout_a_seed_does_not_serve_is_refused_by_name(served, asked):
     seed = seed_of(layouts)
     try:
         client = make_toy(None)
-        with pytest.raises(SourceRefused, match=f"does not serve the {asked} layout"):
+        with pytest.raises(SourceRefused, match=f"does not serve the {asked} layout") as e:
             attempt(seed, client, layout=asked, processing=PROCESSING)
+        assert e.value.other_layout
         assert untouched(client)
+        # A refusal of the client's model is not one of a layout.
+        with pytest.raises(SourceRefused, match="model identity differs") as e:
+            attempt(seed, client, layout=asked, processing=PROCESSING,
+                    identity={**IDENTITY, "model": "other"})
+        assert not e.value.other_layout
         assert seed.describe()["layouts"][asked]["unavailable"]
     finally:
         seed.stop()

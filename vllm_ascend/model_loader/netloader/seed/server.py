@@ -321,7 +321,8 @@ class SeedServer:
             kind, reason = refusal
             metrics.METRICS.refusal(kind)
             logger.warning("%s refused %s: %s", self.settings.who, conn.peer, reason)
-            side.refuse(reason, retry=False, deadline=deadline)
+            side.refuse(reason, retry=False, deadline=deadline,
+                        other_layout=kind in ("layout", "processing"))
             return
         relay = self._relay_address(conn, side.request)
         layout = side.request.layout

@@ -53,8 +53,10 @@ class SeedSide:
         """Answer, then close the connection's writing side (see ``send_last``)."""
         send_last(self.conn, self._proved(body), deadline)
 
-    def refuse(self, reason: str, retry: bool, deadline: Deadline) -> None:
-        self.answer_last(refuse(reason, retry), deadline)
+    def refuse(
+        self, reason: str, retry: bool, deadline: Deadline, other_layout: bool = False
+    ) -> None:
+        self.answer_last(refuse(reason, retry, other_layout), deadline)
 
     def _proved(self, body: dict[str, Any]) -> dict[str, Any]:
         if self.secret is None:

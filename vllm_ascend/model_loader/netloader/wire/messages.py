@@ -260,8 +260,13 @@ def _processing_field(msg: dict[str, Any]) -> dict[str, str]:
     return value
 
 
-def refuse(reason: str, retry: bool) -> dict[str, Any]:
-    return {"type": REFUSE, "reason": reason, "retry": retry}
+def refuse(reason: str, retry: bool, other_layout: bool = False) -> dict[str, Any]:
+    """A refusal; ``other_layout``: the seed might serve the layout not asked for (it
+    refused this one, not the client's model)."""
+    msg: dict[str, Any] = {"type": REFUSE, "reason": reason, "retry": retry}
+    if other_layout:
+        msg["other_layout"] = True
+    return msg
 
 
 def redirect(relay: str, value_fingerprint: str) -> dict[str, Any]:
@@ -283,6 +288,11 @@ def parse_redirect(msg: dict[str, Any]) -> tuple[str, str]:
 def parse_refuse(msg: dict[str, Any]) -> tuple[str, bool]:
     """(reason, whether the seed asks the client to try again later)."""
     return text(msg, "reason"), msg.get("retry") is True
+
+
+def refuses_only_the_layout(msg: dict[str, Any]) -> bool:
+    """Whether a refusal was of the layout asked for, not of the client's model."""
+    return msg.get("other_layout") is True
 
 
 @dataclass(frozen=True)
