@@ -7,8 +7,8 @@ as plain module attributes, and tensors captured by per-layer kernels' closures
 cannot be read; greedy outputs and logprobs cover those. The KV cache is skipped.
 
 Test seams (faults injected at the client -> data plane boundary):
-  --fault corrupt   flip one bit of the first bucket received, after the network and
-                    before the digest check
+  --fault corrupt   flip one bit of the first bucket (or piece, received in place)
+                    received, after the network and before the digest check
   --fault stall     print STALLED once the first bucket has arrived, then hang
                     (the test kills the process mid-transfer)
   --swarm N --swarm-from ADDR
@@ -157,6 +157,18 @@ def install_fault(fault: str) -> None:
                 if k == 0 and fault == "corrupt":
                     bucket[bucket.numel() // 2] ^= 1
                 yield bucket
+
+        def receive_into(self, buckets: Any, on_reached: Any = None) -> Iterator[Any]:
+            first = True
+            for position, piece in super().receive_into(buckets, on_reached):
+                if first and piece is not None and len(piece):
+                    first = False
+                    if fault == "stall":
+                        print("STALLED", flush=True)
+                        time.sleep(3600)
+                    if fault == "corrupt":
+                        piece[len(piece) // 2] ^= 1
+                yield position, piece
 
     client.StreamLink = FaultyLink  # type: ignore[misc]
 

@@ -131,6 +131,15 @@ def untouched(model: nn.Module) -> bool:
     return all(torch.count_nonzero(t) == 0 for _, t in model_tensors(model))
 
 
+def verified_prefix(client: nn.Module, seed: int, held: int) -> None:
+    """The first ``held`` tensors of ``client`` (a fetch's verified prefix) are exactly
+    ``make_toy(seed)``'s."""
+    want = model_tensors(make_toy(seed))
+    for (name, got), (_, expected) in zip(model_tensors(client)[:held], want[:held],
+                                          strict=True):
+        assert torch.equal(got, expected), name
+
+
 def only_verified(client: nn.Module, seed: int) -> None:
     """Every client tensor is untouched (zero) or exactly ``make_toy(seed)``'s."""
     want = dict(model_tensors(make_toy(seed)))

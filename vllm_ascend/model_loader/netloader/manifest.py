@@ -88,8 +88,16 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
 def digest(t: torch.Tensor) -> str:
     """blake3 of the tensor's bytes (host copy for device tensors)."""
     data = byte_view(t.contiguous()).cpu().numpy()
-    threads = blake3.blake3.AUTO if data.nbytes >= _THREADED_DIGEST_BYTES else 1
-    return blake3.blake3(data.data, max_threads=threads).hexdigest()
+    hasher = new_hasher(data.nbytes)
+    hasher.update(data.data)
+    return str(hasher.hexdigest())
+
+
+def new_hasher(nbytes: int) -> Any:
+    """The blake3 hasher ``digest`` uses for a tensor of ``nbytes`` (threaded from 1 MiB
+    on): fed piece by piece, it gives the same digest."""
+    threads = blake3.blake3.AUTO if nbytes >= _THREADED_DIGEST_BYTES else 1
+    return blake3.blake3(max_threads=threads)
 
 
 def manifest_sha256(specs: Sequence[TensorSpec]) -> str:

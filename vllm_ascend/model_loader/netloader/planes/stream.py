@@ -8,9 +8,13 @@ sends costs the other side at most the plan's own buffers; a violation is an
 exception in this one transfer. There is no second port: the connection is the one
 the client just authenticated on.
 
-The receiver reads the next bucket on a thread of its own while the caller verifies
-and copies the previous one (``RECV_DEPTH`` staging buffers), so the link does not
-idle while the host hashes. Device tensors go through host memory on both sides.
+Host targets are received straight into their own memory (``receive_into``): a reader
+thread reads each bucket's payload into the tensors it belongs to, in pieces of
+``RECV_CHUNK`` bytes, and the caller hashes each piece while the next one arrives, so
+there is neither a staging buffer nor a second copy of a byte, and verifying overlaps
+receiving. Other targets (device memory) go through ``receive``: the reader fills the
+next staging buffer (``RECV_DEPTH`` of them) while the caller verifies and copies the
+previous one. Device tensors go through host memory on both sides.
 
 Bulk reads and writes use a blocking socket with the kernel's own timeouts
 (``SO_RCVTIMEO``/``SO_SNDTIMEO``, set to what the no-progress window has left) and
@@ -42,6 +46,9 @@ from vllm_ascend.model_loader.netloader.wire.frames import (
 )
 
 RECV_DEPTH = 2
+# The piece a reader reads (and the caller hashes) at a time when receiving in place:
+# small enough that hashing keeps pace a piece behind, large enough for few wake-ups.
+RECV_CHUNK = 4 << 20
 # A paced sender's step: small, so that a capped rate reaches the receiver as a steady
 # flow, not as bursts with silences longer than its no-progress window.
 _PACED_CHUNK = 64 << 10
@@ -189,6 +196,74 @@ class StreamLink:
                 except OSError:
                     pass
             reader.join(30)
+
+    def receive_into(
+        self, buckets: Sequence[Sequence[torch.Tensor]],
+        on_reached: Callable[[int], None] | None = None,
+    ) -> Generator[tuple[int, memoryview | None], None, None]:
+        """Read each bucket straight into its tensors (flat uint8 host tensors, the
+        targets' own memory, in order) once its header matched the plan. Yields
+        (position of the tensor in the transfer, piece) for each piece that landed, then
+        (position, None) once the tensor is whole, so that the caller hashes a piece while
+        the reader reads the next. ``on_reached(n)`` hears that the first ``n`` bytes are
+        written (``memory.Populator`` faults pages in ahead of them).
+
+        Whatever a peer sends, no read goes past the tensor it fills: each is bounded by
+        that tensor's bytes, and a bucket's header is checked against the plan before any
+        of its payload is read. Closing the generator (or an error) stops the reader and
+        shuts this side's reading down."""
+        filled: queue.Queue[tuple[int, memoryview | None] | BaseException | None] = (
+            queue.Queue())
+        stop = threading.Event()
+        reader = threading.Thread(
+            target=self._read_into, args=(buckets, filled, stop, on_reached),
+            name="netloader-stream-recv", daemon=True,
+        )
+        reader.start()
+        try:
+            while (item := filled.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            if reader.is_alive():
+                try:
+                    self._sock.shutdown(socket.SHUT_RD)  # wakes a reader blocked in recv
+                except OSError:
+                    pass
+            reader.join(30)
+
+    def _read_into(
+        self,
+        buckets: Sequence[Sequence[torch.Tensor]],
+        filled: "queue.Queue[tuple[int, memoryview | None] | BaseException | None]",
+        stop: threading.Event,
+        on_reached: Callable[[int], None] | None,
+    ) -> None:
+        progress = Progress(self._timeout_s, self._total, "receiving", self._deadline_s)
+        position = written = 0
+        try:
+            for index, tensors in enumerate(buckets):
+                size = sum(t.numel() for t in tensors)
+                while self._header(index, size, progress):
+                    progress.alive()  # a relay waiting on its own fetch, which still moves
+                for t in tensors:
+                    view = _buffer(t)
+                    for start in range(0, len(view), RECV_CHUNK):
+                        if stop.is_set():
+                            return
+                        piece = view[start : start + RECV_CHUNK]
+                        self._recv_into(piece, progress)
+                        filled.put((position, piece))
+                        written += len(piece)
+                        if on_reached is not None:
+                            on_reached(written)
+                    filled.put((position, None))
+                    position += 1
+            filled.put(None)
+        except Exception as e:  # noqa: BLE001 - thread top level: every failure reaches the caller
+            filled.put(e if not stop.is_set() else TransferError("stopped"))
 
     def _read_all(
         self,

@@ -10,7 +10,7 @@ is ``progress``'s business.
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -19,8 +19,10 @@ from vllm_ascend.model_loader.netloader.manifest import (
     TensorSpec,
     byte_view,
     digest,
+    new_hasher,
     plan_buckets,
 )
+from vllm_ascend.model_loader.netloader.planes import memory
 from vllm_ascend.model_loader.netloader.planes.progress import TransferError
 
 BUCKET_BYTES = 64 * 1024 * 1024
@@ -54,7 +56,9 @@ class TransferStats:
 
     wait_s: float = 0.0  # blocked until the next bucket had arrived
     verify_s: float = 0.0  # blake3 over received bytes
-    copy_s: float = 0.0  # verified bytes into the targets, first touch of their pages included
+    # Verified bytes into the targets, first touch of their pages included (0 when they
+    # are received in place: there is no second copy).
+    copy_s: float = 0.0
 
 
 def bucket_sizes(specs: Sequence[TensorSpec], bucket_bytes: int) -> list[int]:
@@ -115,13 +119,23 @@ def recv_weights(
     """Receive ``targets[start:]`` in manifest order (the first ``start`` already hold
     verified bytes: a resumed transfer); returns the bytes received.
 
-    Each bucket arrives in the link's staging buffer, and each tensor is copied into
-    its target only after its digest matched. So whenever this raises, each target
-    holds either its old bytes or exactly the seed's: never partial or corrupted data.
-    ``on_verified(n)`` hears after each bucket that the first ``n`` targets are done."""
+    A tensor counts as done only once its digest matched: ``on_verified(n)`` hears that
+    the first ``n`` targets hold exactly the seed's bytes, in order. Host targets on a
+    link that can receive in place (``stream.StreamLink.receive_into``) are written
+    straight into their own memory, huge pages asked for and faulted in ahead
+    (``memory``), and hashed piece by piece while the next piece arrives; whenever this
+    raises, the targets not yet reported done may hold anything (the caller restores or
+    rewrites them: the disk loader writes every parameter, ``fetch`` restores buffers).
+    Other targets arrive in the link's staging buffer and are copied only once verified.
+    """
     stats = stats if stats is not None else TransferStats()
     buckets = plan_from(specs, bucket_bytes, start)
     sizes = [sum(specs[i].nbytes for i in b) for b in buckets]
+    receive_into = getattr(link, "receive_into", None)
+    if receive_into is not None and all(targets[i].device.type == "cpu"
+                                        for b in buckets for i in b):
+        _recv_in_place(receive_into, buckets, targets, specs, digests, stats, on_verified)
+        return sum(sizes)
     arrivals = link.receive(sizes)
     try:
         for bucket in buckets:
@@ -134,6 +148,48 @@ def recv_weights(
     finally:
         arrivals.close()
     return sum(sizes)
+
+
+def _recv_in_place(
+    receive_into: Callable[..., Generator[tuple[int, memoryview | None], None, None]],
+    buckets: list[list[int]],
+    targets: Sequence[torch.Tensor],
+    specs: Sequence[TensorSpec],
+    digests: Sequence[str],
+    stats: TransferStats,
+    on_verified: Callable[[int], None] | None,
+) -> None:
+    """``recv_weights`` for host targets received in place (see there)."""
+    order = [i for b in buckets for i in b]
+    memory.prepare([targets[i] for i in order])
+    populator = memory.Populator([targets[i] for i in order]).start()
+    arrivals = receive_into([[byte_view(targets[i]) for i in b] for b in buckets],
+                            populator.reached)
+    hasher: Any = None
+    current = -1
+    try:
+        while True:
+            t0 = time.perf_counter()
+            item = next(arrivals, None)
+            t1 = time.perf_counter()
+            stats.wait_s += t1 - t0
+            if item is None:
+                return
+            position, piece = item
+            i = order[position]
+            if position != current:
+                hasher, current = new_hasher(specs[i].nbytes), position
+            if piece is not None:
+                hasher.update(piece)
+            elif hasher.hexdigest() != digests[i]:
+                n = specs[i].nbytes
+                raise TransferError(f"digest mismatch for {specs[i].name} ({n} bytes)")
+            stats.verify_s += time.perf_counter() - t1
+            if piece is None and on_verified is not None:
+                on_verified(i + 1)
+    finally:
+        arrivals.close()
+        populator.stop()
 
 
 def deliver(
