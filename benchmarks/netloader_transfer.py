@@ -30,7 +30,12 @@ into its transport's part and Netloader's own (verify, copy). Each plane gets on
 untimed transfer first, and the planes take turns going first in each repeat: a
 process's first transfer pays for fresh buffers, which is not the plane's doing.
 ``overhead_s`` is the total minus the time the raw link needs for the same bytes.
-CPU seconds are per transfer, all threads of the process. Prints one JSON object last.
+CPU seconds are per transfer, all threads of the process. ``link_into_fresh`` streams
+the bytes into never-touched memory of the model's size (4 KiB pages, no advice): the
+baseline a load inside vLLM is held to (``load_vs_fresh_link`` in ``run_all``).
+``memory`` measures a 1 GB tensor never touched before: its first write at 4 KiB pages,
+and with transparent huge pages asked for and the pages faulted in first
+(``planes/memory.py``: populate, then the write). Prints one JSON object last.
 """
 
 import argparse
@@ -173,6 +178,30 @@ def _sink_buffer(nbytes: int, into: str) -> memoryview:
     if into == "touched":
         torch.frombuffer(buf, dtype=torch.uint8).fill_(1)  # write every page once
     return memoryview(buf)
+
+
+def memory_figures(gb: float = 1.0) -> dict[str, float]:
+    """Seconds to first write ``gb`` GB of never-touched memory at 4 KiB pages, and with
+    huge pages asked for and populated first (the populate, and the write after it)."""
+    from vllm_ascend.model_loader.netloader.planes import memory
+
+    nbytes = int(gb * 1e9)
+    plain = torch.empty(nbytes, dtype=torch.uint8)
+    t0 = time.perf_counter()
+    plain.fill_(1)
+    first_write_s = time.perf_counter() - t0
+    del plain
+    huge = torch.empty(nbytes, dtype=torch.uint8)
+    t0 = time.perf_counter()
+    memory.prepare([huge])
+    populated = memory.populate(huge)
+    t1 = time.perf_counter()
+    huge.fill_(1)
+    t2 = time.perf_counter()
+    return {"gb": gb, "first_write_4k_s": round(first_write_s, 3),
+            "first_write_4k_gbps": round(gb / first_write_s, 3),
+            "hugepage_populate_s": round(t1 - t0, 3), "write_after_populate_s": round(t2 - t1, 3),
+            "populate_supported": populated}
 
 
 def _tcp_sink(port_q: Any, nbytes: int, cpu: int | None, into: str) -> None:
@@ -355,6 +384,8 @@ def main() -> None:
             run["link"] = tcp_once(nbytes, seed_cpu)
             into = "fresh" if args.fresh_targets else "touched"
             run["link_into_memory"] = tcp_once(nbytes, seed_cpu, into)
+            run["link_into_fresh"] = (run["link_into_memory"] if into == "fresh"
+                                      else tcp_once(nbytes, seed_cpu, "fresh"))
             run["gloo"] = gloo_once(nbytes, seed_cpu)
             run["stream"] = stream_once(nbytes, seed_cpu)
             for plane in PLANES:
@@ -399,6 +430,8 @@ def main() -> None:
         "collective_gbps": collective["gbps"],
         "collective_ratio": collective["ratio"],
         "link_into_memory_gbps": median(runs, lambda r: r["link_into_memory"]["gbps"]),
+        "link_into_fresh_gbps": median(runs, lambda r: r["link_into_fresh"]["gbps"]),
+        "memory": memory_figures(),
         "ratio_vs_memory": median(runs, lambda r: r["tcp"]["gbps"] / r["link_into_memory"]["gbps"]),
         "gloo_gbps": median(runs, lambda r: r["gloo"]["gbps"]),
         "gloo_ratio": median(runs, lambda r: r["gloo"]["gbps"] / r["link"]["gbps"]),

@@ -29,7 +29,10 @@
 7. A plot for the docs: ``docs/source/user_guide/feature_guide/images/netloader_bench.png``.
 
 The JSON starts with the headline figures: ``ratio_tcp`` (Netloader over the host data
-plane against raw loopback TCP, step 2), ``load_vs_transfer`` (the client's load inside
+plane against raw loopback TCP, step 2), ``load_vs_fresh_link`` (the client's load inside
+vLLM against raw TCP into never-touched memory of the model's size, per byte; step 2's
+``link_into_fresh``), ``memory`` (first writes to fresh memory, and with huge pages and
+faulting ahead), ``load_vs_transfer`` (the client's load inside
 vLLM at the largest size against step 2's standalone transfer, per byte),
 ``load_vs_disk_warm`` (the same load against vLLM's default loader from a warm page
 cache), ``fanout_8_over_1`` and ``storage_8_over_1`` (time for 8 instances over time
@@ -356,8 +359,14 @@ def headline(result: dict[str, Any], gb: float) -> dict[str, Any]:
     # Per byte: the vLLM model and the transfer's synthetic one differ a little in size.
     load_vs_transfer = (round((load_s / row["bytes"]) / (transfer_s / transfer["bytes"]), 3)
                         if load_s and transfer_s else None)
+    fresh_gbps = transfer.get("link_into_fresh_gbps")
     return {
         "ratio_tcp": transfer.get("ratio"),
+        # The client's load inside vLLM against raw TCP into never-touched memory of the
+        # same size (what any loader's bytes cost to land), per byte.
+        "load_vs_fresh_link": (round(load_s / (row["bytes"] / (fresh_gbps * 1e9)), 3)
+                               if load_s and fresh_gbps else None),
+        "memory": transfer.get("memory"),
         "load_vs_transfer": load_vs_transfer,
         "load_vs_disk_warm": round(load_s / warm_s, 3) if load_s and warm_s else None,
         # The profile behind load_vs_transfer: the client's receiving thread, in seconds.
