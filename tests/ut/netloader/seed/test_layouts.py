@@ -206,3 +206,36 @@ def test_a_processing_signature_reaches_the_refusal_and_the_log_as_printable_tex
         assert "\n" not in reason and "\x1b" not in reason
     finally:
         seed.stop()
+
+
+def test_a_relay_sends_small_buckets_while_its_own_fetch_runs_and_the_seed_its_own():
+    """A chain fills in its depth times a relay's bucket over the link's rate: a relay
+    whose fetch still runs answers with buckets of at most RELAY_BUCKET_BYTES, whatever
+    BUCKET_MB says; a seed (and the relay once promoted) with BUCKET_MB."""
+    from tests.helpers.wire import challenge_of, connect, frame, hello_for, read
+    from vllm_ascend.model_loader.netloader.seed.relay import RelayProgress
+    from vllm_ascend.model_loader.netloader.seed.server import RELAY_BUCKET_BYTES
+
+    def accepted_bucket(seed: SeedServer) -> int:
+        with connect(seed.address) as sock:
+            challenge_of(sock)
+            sock.sendall(frame(hello_for(IDENTITY, make_toy(None))))
+            reply = read(sock)
+            assert reply["type"] == "accept", reply
+            return int(reply["bucket_bytes"])
+
+    big = 64 << 20
+    settings = SeedSettings(IDENTITY, 0, "127.0.0.1", 5.0, bucket_bytes=big)
+    weights = processed()
+    relaying = RelayProgress(len(weights.specs))
+    relaying.verified(len(weights.specs))
+    relay = SeedServer(weights, settings, listen("127.0.0.1", 0), progress=relaying).start()
+    seed = SeedServer(weights, settings, listen("127.0.0.1", 0)).start()
+    try:
+        assert accepted_bucket(relay) == RELAY_BUCKET_BYTES < big
+        assert accepted_bucket(seed) == big
+        relay.promote(relay._outcome)
+        assert accepted_bucket(relay) == big
+    finally:
+        relay.stop()
+        seed.stop()

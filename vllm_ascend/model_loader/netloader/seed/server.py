@@ -77,6 +77,11 @@ from vllm_ascend.model_loader.netloader.wire.messages import (
 logger = get_logger(__name__)
 
 MAX_CONCURRENT_TRANSFERS = 4
+# The most a relay sends per bucket while its own fetch still runs: each hop of a chain
+# waits until its own fetch verified a whole bucket before passing it on, so a chain of
+# N relays fills in N * bucket / rate (8 hops of 64 MiB at 37.5 MB/s: 14 s; of 4 MiB:
+# 0.9 s). A seed's own buckets (and a relay's once its fetch is done) stay BUCKET_MB.
+RELAY_BUCKET_BYTES = 4 << 20
 # The most a handshake may take, whatever TIMEOUT says: a few small frames.
 HANDSHAKE_S = 10.0
 # An open seed (no shared secret) says so once per process, not once per rank or reload.
@@ -478,8 +483,12 @@ class SeedServer:
                         retry=False, deadline=deadline)
             return False
         plane = settings.data_plane
+        with self._lock:
+            progress = self._progress
+        bucket_bytes = (settings.bucket_bytes if progress is None
+                        else min(settings.bucket_bytes, RELAY_BUCKET_BYTES))
         side.answer(
-            accept(list(weights.digests), settings.bucket_bytes, plane,
+            accept(list(weights.digests), bucket_bytes, plane,
                    self.identity.get("checkpoint"), first, weights.state, layout,
                    layouts.signature if layout == PROCESSED else None),
             deadline,
@@ -497,8 +506,6 @@ class SeedServer:
                    settings.send_limit_bytes_per_s or settings.min_rate_bytes_per_s)
         deadline_s = transfer_deadline_s(total, settings.timeout_s, rate)
         wait_ready: WaitReady | None = None
-        with self._lock:
-            progress = self._progress
         if progress is not None:
             def wait_ready(n: int, keepalive: Any) -> None:
                 assert progress is not None
@@ -507,12 +514,12 @@ class SeedServer:
         start = time.perf_counter()
         if plane == TCP:
             link = StreamLink(conn.sock, settings.timeout_s, total, pacer, deadline_s)
-            sent = self._send_on(link, weights, wait_ready, first)
+            sent = self._send_on(link, weights, bucket_bytes, wait_ready, first)
         else:
             setup = Deadline(settings.handshake_s, f"group set-up with {conn.peer}")
             with group_link(conn.sock, SEED_RANK, settings.timeout_s, settings.device, setup,
                             pacer, deadline_s) as group:
-                sent = self._send_on(group, weights, wait_ready, first)
+                sent = self._send_on(group, weights, bucket_bytes, wait_ready, first)
         seconds = time.perf_counter() - start
         done = recv_msg(conn.sock, Deadline(settings.timeout_s, f"'done' from {conn.peer}"),
                         MAX_REQUEST_BYTES, expect=DONE)
@@ -527,13 +534,12 @@ class SeedServer:
         return verified
 
     def _send_on(
-        self, link: Link, weights: LoadedWeights, wait_ready: WaitReady | None, first: int
+        self, link: Link, weights: LoadedWeights, bucket_bytes: int,
+        wait_ready: WaitReady | None, first: int,
     ) -> int:
         try:
-            return send_weights(
-                link, weights.tensors, weights.specs, self.settings.bucket_bytes,
-                wait_ready, first,
-            )
+            return send_weights(link, weights.tensors, weights.specs, bucket_bytes,
+                                wait_ready, first)
         except RelayStalled as e:
             link.abort(str(e))
             raise
