@@ -1,19 +1,21 @@
 """Which tensors move, in which order, and how they are fingerprinted.
 
-What moves is the model *as loaded*: every parameter and buffer right after
-``load_weights`` and before ``process_weights_after_loading``. The client then
-runs vLLM's own post-processing on it, exactly as a disk load would. Sending the
-processed form instead does not work in general: on CPU, processing packs linear
-weights into opaque oneDNN/sgl handles and leaves empty parameters behind, and
-the lm_head keeps its weight *and* a packed copy that a receive would not update.
+The manifest is every parameter and buffer of the model as built and loaded, in
+``model_tensors`` order, each tensor object once (tied ones under their first name):
+names, shapes, dtypes and sizes. Both layouts move under it (``layout``): as loaded
+(right after ``load_weights``; the client runs vLLM's processing on it as a disk load
+would), or as processed (what the running model reads after processing, or the bytes a
+kernel was built from). A client computes the manifest from its own model (built on the
+meta device for the processed layout) and sends only its sha256, so a seed never parses
+a peer's tensor list and no peer chooses a shape the client allocates.
 
-A seed therefore keeps detached views of the loaded tensors. Where processing
-replaced a parameter (or swapped its ``.data``), the view keeps the loaded storage
-alive. A tensor that processing modified in place no longer matches the digest
-taken at load, so the client, which checks every tensor, rejects the transfer and
-loads from disk. (The seed does not re-digest after processing itself: on vLLM CPU
-that changed a 1 GB model's greedy outputs; ``LoadedWeights.changed`` stays for
-tests and diagnosis.)
+``LoadedWeights`` is what a seed sends: detached views of the tensors and their
+digests. Where processing replaced a loaded tensor, the seed's view keeps the loaded
+storage alive (``seed.retention`` decides for how long). A tensor that processing
+modified in place no longer matches the digest taken at load, so the client, which
+checks every tensor, rejects the transfer. (The seed does not re-digest after
+processing itself: on vLLM CPU that changed a 1 GB model's greedy outputs;
+``LoadedWeights.changed`` stays for tests and diagnosis.)
 """
 
 import hashlib

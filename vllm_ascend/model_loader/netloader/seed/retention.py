@@ -1,22 +1,25 @@
 """What a seed keeps beyond its running model, and where (INT8_CACHE, INT8_CACHE_NAME).
 
-A seed sends the model *as loaded* (see ``manifest``). Where
-``process_weights_after_loading`` replaced a tensor (CPU oneDNN packing, Ascend NZ
-layouts, int8 weights repacked by a quantization method), the running model no
-longer holds the loaded bytes: only the seed's view keeps them alive, and that copy
-is the seed's memory cost. vllm-ascend's netloader names the same choice with
-``INT8_CACHE`` (``hbm`` / ``dram`` / ``no``) and ``INT8_CACHE_NAME`` (which
-parameters it covers); here they mean:
+In the loaded layout (``layout``) a seed sends the model as loaded. Where
+``process_weights_after_loading`` replaced a tensor (CPU oneDNN packing, the CPU MoE
+prepack, Ascend NZ layouts, int8 weights repacked by a quantization method), the
+running model no longer holds the loaded bytes: only the seed's view keeps them alive,
+and that copy is the seed's memory cost. vllm-ascend's netloader names the same choice
+with ``INT8_CACHE`` (``hbm`` / ``dram`` / ``no``) and ``INT8_CACHE_NAME`` (which
+parameters it covers); here they mean, for the loaded layout:
 
-- ``hbm`` (the default): keep the loaded copy where it was loaded, in device memory.
+- ``no`` (the default, as in vllm-ascend): keep nothing beyond the running model and
+  the processed layout's kernel inputs. The loaded layout is then served only where
+  processing replaced no other tensor; otherwise a client asking for it is refused,
+  with the tensors the seed lacks.
+- ``hbm``: keep the loaded copy where it was loaded, in device memory.
 - ``dram``: move it to host memory after processing (on CPU the same as ``hbm``); the
   device data plane copies each bucket to the device as it sends.
-- ``no``: keep nothing beyond the running model. Such a seed can serve a model only if
-  processing replaced no tensor; otherwise it refuses every client, saying which
-  tensors it lacks, and they load elsewhere.
 - ``INT8_CACHE_NAME``: a list of name fragments; only replaced tensors whose name
   contains one are kept (as ``INT8_CACHE`` says). A replaced tensor outside it is
   dropped like ``no``, with the same refusal.
+
+``beyond_model`` counts what a seed holds beyond the running model, in both layouts.
 """
 
 from collections.abc import Sequence
@@ -34,7 +37,7 @@ CACHE_MODES = (HBM, DRAM, NO)
 class Retention:
     """Where the loaded copies go (``mode``) and which names they cover (None: all)."""
 
-    mode: str = HBM
+    mode: str = HBM  # what retain() falls back to when called without a config
     names: tuple[str, ...] | None = None
 
     def covers(self, name: str) -> bool:
