@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -51,19 +51,47 @@ logger = get_logger(__name__)
 
 
 @contextmanager
-def _own_rope_cache() -> Iterator[None]:
+def _own_rope_cache() -> Iterator[dict[Any, nn.Module]]:
     """vLLM shares rotary embedding modules between the models a process builds
     (``get_rope``'s ``_ROPE_DICT``, model_executor/layers/rotary_embedding): one built
     here on the meta device must not be handed to the model the loader builds if this
-    load fails, nor may this build take (and install tensors into) another model's."""
+    load fails, nor may this build take (and install a peer's tensors into) a module
+    that a serving model holds. So the build gets a cache of its own, which it yields;
+    ``_share_ropes`` shares them as vLLM would once the model is verified."""
     from vllm.model_executor.layers import rotary_embedding
 
     shared = rotary_embedding._ROPE_DICT
-    rotary_embedding._ROPE_DICT = {}
+    own: dict[Any, Any] = {}
+    rotary_embedding._ROPE_DICT = own
     try:
-        yield
+        yield own
     finally:
         rotary_embedding._ROPE_DICT = shared
+
+
+def _share_ropes(model: nn.Module, own: dict[Any, nn.Module]) -> None:
+    """Share the verified model's rotary embeddings as vLLM's cache would have: where
+    the process already holds one of the same parameters (a target, when this is its
+    draft), the model takes that one, if it holds the same values (else
+    ``LayoutError``); otherwise this one joins the cache."""
+    from vllm.model_executor.layers import rotary_embedding
+
+    shared: dict[Any, Any] = rotary_embedding._ROPE_DICT
+    for key, mine in own.items():
+        theirs = shared.get(key)
+        if theirs is None:
+            shared[key] = mine
+            continue
+        ours, others = dict(mine.named_buffers()), dict(theirs.named_buffers())
+        if ours.keys() != others.keys() or not all(
+            torch.equal(ours[k], others[k].to(ours[k].device)) for k in ours
+        ):
+            raise LayoutError("a rotary embedding differs from this process's own of the "
+                              "same parameters")
+        for parent in model.modules():
+            for name, child in list(parent._modules.items()):
+                if child is mine:
+                    parent._modules[name] = theirs
 
 
 def _runs_on(model: nn.Module, device: torch.device) -> None:
@@ -100,10 +128,10 @@ def load_processed(
     registered = (set(context.static_forward_context), len(context.static_all_moe_layers))
     try:
         dtype = cast(torch.dtype, model_config.dtype)  # resolved by vLLM's ModelConfig
-        with set_default_torch_dtype(dtype), torch.device("meta"), _own_rope_cache():
+        with set_default_torch_dtype(dtype), torch.device("meta"), _own_rope_cache() as ropes:
             model = initialize_model(vllm_config=vllm_config, model_config=model_config,
                                      prefix=prefix)
-        result = _fetch_into(model, vllm_config, model_config, plan, seeds)
+        result = _fetch_into(model, vllm_config, model_config, plan, seeds, ropes)
     except Exception as e:  # noqa: BLE001 - building on meta is vLLM's business: the loaded path is always right
         logger.exception("%s: the processed layout could not be tried", plan.who)
         result = Fetched(reasons=(f"processed layout: {type(e).__name__}: {e}",),
@@ -118,17 +146,17 @@ def load_processed(
 
 def _fetch_into(
     model: nn.Module, vllm_config: VllmConfig, model_config: ModelConfig, plan: LoadPlan,
-    seeds: RunningSeeds,
+    seeds: RunningSeeds, ropes: dict[Any, nn.Module],
 ) -> ProcessedLoad | Fetched:
+    # Where the processed layout does not apply, nobody is asked and nothing failed.
     unsupported = unsupported_methods(model)
-    if unsupported:
-        reason = f"processed layout: not every quantization method takes it ({unsupported[0]})"
-        logger.info("%s: %s; loading the loaded layout", plan.who, reason)
-        return Fetched(reasons=(reason,))
     online = [type(m.quant_method).__name__ for m in model.modules()
               if getattr(getattr(m, "quant_method", None), "uses_meta_device", False)]
-    if online:
-        return Fetched(reasons=(f"processed layout: online quantization ({online[0]})",))
+    if unsupported or online:
+        logger.info("%s: no processed layout for this model (%s); asking for the loaded one",
+                    plan.who, f"not every quantization method takes it: {unsupported[0]}"
+                    if unsupported else f"online quantization: {online[0]}")
+        return Fetched()
     plan = dataclasses.replace(plan, processing=processing_signature(model))
     named = model_tensors(model, meta=True)
     device = plan.device
@@ -150,6 +178,7 @@ def _fetch_into(
                 f"this model's state after processing ({mine[:12]}) is not the seed's "
                 f"({(received.signature or '')[:12]})"
             )
+        _share_ropes(model, ropes)
         logger.info(
             "%s: processing skipped: %d runtime tensors received, kernels rebuilt under "
             "weights_already_processed in %.3f s, state signature %s equals the seed's",
