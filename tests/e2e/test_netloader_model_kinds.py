@@ -201,9 +201,9 @@ def prove(workdir: Path, name: str, kind: Kind) -> dict:
             assert mine["loaded_layout"] == kind.layout
             # The processed layout's values, or the loaded ones (the top level: a seed
             # with INT8_CACHE no keeps their digests, not all their bytes).
-            fingerprint = (lambda info: info["layouts"]["processed"]["value_fingerprint"]
-                           if kind.layout == "processed" else info["value_fingerprint"])
-            assert fingerprint(mine) == fingerprint(theirs)
+            key = (("layouts", "processed", "value_fingerprint") if kind.layout == "processed"
+                   else ("value_fingerprint",))
+            assert _at(mine, key) == _at(theirs, key)
             assert mine["load_state"] == theirs["load_state"]
             if kind.layout == "processed":
                 # All a seed keeps is the kernel inputs its model packed away
@@ -239,6 +239,12 @@ def prove(workdir: Path, name: str, kind: Kind) -> dict:
         for role, infos in seeds.items()
     }))
     return seeds
+
+
+def _at(info: dict, path: tuple[str, ...]) -> object:
+    for key in path:
+        info = info[key]
+    return info
 
 
 @pytest.mark.parametrize("name", sorted(KINDS))

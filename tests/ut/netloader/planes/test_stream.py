@@ -67,7 +67,7 @@ def assert_only_verified(targets: list[torch.Tensor]) -> int:
     return done
 
 
-def test_every_tensor_arrives_bit_for_bit():
+def assert_a_whole_transfer_arrives_bit_for_bit() -> None:
     a, b = tcp_pair()
     with a, b:
         sender = in_thread(lambda: send_weights(StreamLink(a, 5.0, TOTAL), model(1), SPECS, BUCKET))
@@ -76,6 +76,10 @@ def test_every_tensor_arrives_bit_for_bit():
     assert error is None
     for got, want in zip(targets, model(1), strict=True):
         assert torch.equal(got, want)
+
+
+def test_every_tensor_arrives_bit_for_bit():
+    assert_a_whole_transfer_arrives_bit_for_bit()
 
 
 @pytest.mark.parametrize(
@@ -358,14 +362,7 @@ def test_huge_pages_and_faulting_ahead_that_the_kernel_refuses_change_nothing_bu
     monkeypatch.setattr(memory, "madvise", refuse)
     monkeypatch.setattr(memory, "_warned", set())
     caplog.set_level(logging.INFO, logger="vllm.netloader")
-    a, b = tcp_pair()
-    with a, b:
-        sender = in_thread(lambda: send_weights(StreamLink(a, 5.0, TOTAL), model(1), SPECS, BUCKET))
-        targets, error = receive(b)
-        sender.join(10)
-    assert error is None
-    for got, want in zip(targets, model(1), strict=True):
-        assert torch.equal(got, want)
+    assert_a_whole_transfer_arrives_bit_for_bit()
     assert memory.MADV_HUGEPAGE in calls
     said = [r.getMessage() for r in caplog.records if "does not" in r.getMessage()]
     assert said and all("EINVAL" in m for m in said) and len(said) == len(set(said))

@@ -2,47 +2,12 @@
 (``wire.messages``), and a peer's text reaches logs as printable ASCII (``wire.errors``)."""
 
 import json
-import socket
-import struct
 
 import pytest
 
-from tests.helpers.wire import tcp_pair
-from vllm_ascend.model_loader.netloader.deadline import Deadline
 from vllm_ascend.model_loader.netloader.wire import errors, frames, messages
 from vllm_ascend.model_loader.netloader.wire.errors import ProtocolError
-from vllm_ascend.model_loader.netloader.wire.frames import MAGIC, PROTOCOL_VERSION
 from vllm_ascend.model_loader.netloader.wire.messages import field
-
-CAP = 1 << 20
-
-
-def recv_msg(sock, expect=None, cap=CAP, seconds=5.0):
-    return frames.recv_msg(sock, Deadline(seconds, "test"), cap, expect)
-
-
-def send_msg(sock, msg):
-    frames.send_msg(sock, msg, Deadline(5.0, "test"))
-
-# Built here, not taken from the module, so the tests pin the wire format.
-HEADER = struct.Struct("!4sBI")
-RECV_TIMEOUT_S = 5.0
-# A receive loop that ignored EOF would spin forever; fail instead of hanging the run.
-pytestmark = pytest.mark.timeout(30)
-
-
-def frame(payload: bytes, magic=MAGIC, version=PROTOCOL_VERSION, length=None) -> bytes:
-    return HEADER.pack(magic, version, len(payload) if length is None else length) + payload
-
-
-@pytest.fixture(params=["socketpair", "tcp"])
-def pair(request):
-    """(sender, receiver): two connected stream sockets; the receiver has a timeout."""
-    a, b = socket.socketpair() if request.param == "socketpair" else tcp_pair()
-    b.settimeout(RECV_TIMEOUT_S)
-    with a, b:
-        yield a, b
-
 
 # --- field() -------------------------------------------------------------------------
 

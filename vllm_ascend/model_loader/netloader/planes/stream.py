@@ -29,6 +29,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Generator, Sequence
+from typing import Any
 
 import torch
 
@@ -174,11 +175,7 @@ class StreamLink:
             free.put(empty_bytes(largest, _CPU))
         filled: queue.Queue[tuple[torch.Tensor, int] | BaseException] = queue.Queue()
         stop = threading.Event()
-        reader = threading.Thread(
-            target=self._read_all, args=(sizes, free, filled, stop),
-            name="netloader-stream-recv", daemon=True,
-        )
-        reader.start()
+        reader = _started(self._read_all, sizes, free, filled, stop)
         try:
             for _ in sizes:
                 item = filled.get()
@@ -188,14 +185,8 @@ class StreamLink:
                 yield slot[:size]
                 free.put(slot)
         finally:
-            stop.set()
             free.put(empty_bytes(0, _CPU))  # wakes a reader waiting for a buffer
-            if reader.is_alive():
-                try:
-                    self._sock.shutdown(socket.SHUT_RD)  # wakes a reader blocked in recv
-                except OSError:
-                    pass
-            reader.join(30)
+            self._stop_reader(reader, stop)
 
     def receive_into(
         self, buckets: Sequence[Sequence[torch.Tensor]],
@@ -215,24 +206,25 @@ class StreamLink:
         filled: queue.Queue[tuple[int, memoryview | None] | BaseException | None] = (
             queue.Queue())
         stop = threading.Event()
-        reader = threading.Thread(
-            target=self._read_into, args=(buckets, filled, stop, on_reached),
-            name="netloader-stream-recv", daemon=True,
-        )
-        reader.start()
+        reader = _started(self._read_into, buckets, filled, stop, on_reached)
         try:
             while (item := filled.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            stop.set()
-            if reader.is_alive():
-                try:
-                    self._sock.shutdown(socket.SHUT_RD)  # wakes a reader blocked in recv
-                except OSError:
-                    pass
-            reader.join(30)
+            self._stop_reader(reader, stop)
+
+    def _stop_reader(self, reader: threading.Thread, stop: threading.Event) -> None:
+        """End a receive's reader thread: told to stop, woken from a blocking recv by
+        shutting this side's reading down, joined."""
+        stop.set()
+        if reader.is_alive():
+            try:
+                self._sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass  # the connection is gone already
+        reader.join(30)
 
     def _read_into(
         self,
@@ -296,6 +288,13 @@ class StreamLink:
     def _recv_into(self, view: memoryview, progress: Progress, count: bool = True) -> None:
         self._move(lambda v: self._sock.recv_into(v, len(v), socket.MSG_WAITALL),
                    socket.SO_RCVTIMEO, view, progress, count, self._on_bytes)
+
+
+def _started(target: Callable[..., None], *args: Any) -> threading.Thread:
+    reader = threading.Thread(target=target, args=args, name="netloader-stream-recv",
+                              daemon=True)
+    reader.start()
+    return reader
 
 
 def _buffer(t: torch.Tensor) -> memoryview:
