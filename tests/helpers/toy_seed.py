@@ -98,6 +98,7 @@ def toy_seed(
     nofile: int | None = None,
     host: str = "127.0.0.1",
     die_after: int | None = None,
+    fanout: int = 1,
 ) -> Iterator[tuple[str, mp.Process]]:
     """A seed process serving ``make_toy(seed)``; yields (address, process).
     ``nofile`` lowers its descriptor limit, once it listens, to that many more than it
@@ -109,6 +110,7 @@ def toy_seed(
         "identity": identity or IDENTITY, "timeout_s": timeout_s, "bucket_bytes": SMALL_BUCKET,
         "send_limit_bytes_per_s": send_limit, "secret": secret, "corrupt_first": corrupt_first,
         "data_plane": data_plane, "nofile": nofile, "host": host, "die_after": die_after,
+        "fanout": fanout,
     }
     proc = ctx.Process(target=_serve, args=(ready, stop_recv, seed, options), daemon=True)
     proc.start()
@@ -120,6 +122,49 @@ def toy_seed(
         proc.join(15)
         if proc.is_alive():
             proc.kill()
+
+
+def relay_listener(
+    timeout_s: float = 10.0, secret: bytes | None = None, min_rate: float = 1e6,
+    fanout: int = 1,
+) -> Any:
+    """A starting instance's ``RelayListener`` whose relay seed serves the toy model's
+    identity with ``fanout`` clients at once (RELAY_FANOUT)."""
+    import socket
+
+    from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
+    from vllm_ascend.model_loader.netloader.seed.relay import RelayListener, RelayProgress
+    from vllm_ascend.model_loader.netloader.seed.server import SeedServer, SeedSettings
+    from vllm_ascend.model_loader.netloader.wire.addresses import listen
+    from vllm_ascend.model_loader.netloader.wire.messages import Accept
+
+    settings = SeedSettings(
+        IDENTITY, 0, "127.0.0.1", timeout_s, bucket_bytes=SMALL_BUCKET, secret=secret,
+        min_rate_bytes_per_s=min_rate, fanout=fanout,
+    )
+
+    def make_seed(weights: LoadedWeights, progress: RelayProgress, sock: socket.socket,
+                  accepted: Accept) -> SeedServer:
+        assert accepted.checkpoint in (None, IDENTITY["checkpoint"])
+        return SeedServer(weights, settings, sock, progress=progress).start()
+
+    return RelayListener(listen("127.0.0.1", 0), make_seed)
+
+
+def relay_forever(address: str, port: Any, fanout: int) -> None:
+    """A starting instance process (to be killed): fetches the toy model from
+    ``address`` offering a relay of ``fanout``, sends that relay's port on the pipe
+    ``port`` first, and keeps relaying until killed."""
+    import time
+
+    from tests.helpers.toy import fetch_for
+
+    relay = relay_listener(fanout=fanout)
+    port.send(relay.port)
+    fetch = fetch_for(make_toy(None), timeout_s=60.0)
+    fetch.relay = relay
+    fetch.run((address,))
+    time.sleep(600)
 
 
 def fetch_forever(address: str, receiving: Any) -> None:

@@ -2,6 +2,7 @@
 chain of clients that are still receiving. A real seed process, real relays (each a
 SeedServer over a fetching client's own targets), real sockets."""
 
+import multiprocessing as mp
 import socket
 import threading
 import time
@@ -22,7 +23,7 @@ from tests.helpers.toy import (
     scrape,
     wait_for,
 )
-from tests.helpers.toy_seed import toy_seed
+from tests.helpers.toy_seed import relay_forever, relay_listener, toy_seed
 from tests.helpers.wire import challenge_of, connect, frame, hello_for, read
 from vllm_ascend.model_loader.netloader.client import Received, WeightFetch, query_seed
 from vllm_ascend.model_loader.netloader.manifest import (
@@ -32,8 +33,6 @@ from vllm_ascend.model_loader.netloader.manifest import (
     spec_of,
 )
 from vllm_ascend.model_loader.netloader.seed.relay import RelayListener, RelayProgress
-from vllm_ascend.model_loader.netloader.seed.server import SeedServer, SeedSettings
-from vllm_ascend.model_loader.netloader.wire.addresses import listen
 from vllm_ascend.model_loader.netloader.wire.auth import new_nonce
 from vllm_ascend.model_loader.netloader.wire.frames import REFUSE
 from vllm_ascend.model_loader.netloader.wire.messages import (
@@ -47,22 +46,6 @@ from vllm_ascend.model_loader.netloader.wire.messages import (
 # The toy model is about 1.3 MB: at this cap a transfer from the seed lasts about 3 s,
 # so the clients a test starts meanwhile find the seed still sending.
 SLOW_SEED = 0.5e6
-
-
-def relay_listener(
-    timeout_s: float = 10.0, secret: bytes | None = None, min_rate: float = 1e6
-) -> RelayListener:
-    settings = SeedSettings(
-        IDENTITY, 0, "127.0.0.1", timeout_s, bucket_bytes=SMALL_BUCKET, secret=secret,
-        min_rate_bytes_per_s=min_rate,
-    )
-
-    def make_seed(weights: LoadedWeights, progress: RelayProgress, sock: socket.socket,
-                  accepted: Accept):
-        assert accepted.checkpoint in (None, IDENTITY["checkpoint"])
-        return SeedServer(weights, settings, sock, progress=progress).start()
-
-    return RelayListener(listen("127.0.0.1", 0), make_seed)
 
 
 def relay_verified_first_bucket(
@@ -85,10 +68,10 @@ def relay_verified_first_bucket(
 class Starting:
     """A starting instance in a thread: a zeroed toy model, its relay, its fetch."""
 
-    def __init__(self, sources: list[str], secret: bytes | None = None):
+    def __init__(self, sources: list[str], secret: bytes | None = None, fanout: int = 1):
         self.model = make_toy(None)
         self.secret = secret
-        self.relay = relay_listener(secret=secret)
+        self.relay = relay_listener(secret=secret, fanout=fanout)
         self.address = f"127.0.0.1:{self.relay.port}"
         self.fetch: WeightFetch = fetch_for(self.model, timeout_s=30.0, secret=secret)
         self.fetch.relay = self.relay
@@ -165,6 +148,74 @@ def test_clients_arriving_while_the_seed_sends_are_chained_through_relays(
             assert counts[relayed] == 2
         finally:
             c.relay.close()
+
+
+def test_with_a_fanout_of_two_clients_form_a_tree_and_all_get_the_model():
+    # RELAY_FANOUT 2: the seed sends to a and b itself, then c and d to a's relay, e and
+    # f to b's (breadth first), each relay passing on what its own fetch verified.
+    with toy_seed(seed=5, send_limit=0.3e6, timeout_s=10.0, fanout=2) as (seed, proc):
+        started: list[Starting] = []
+        try:
+            for parent, count in [(None, 1), (None, 2), (0, 1), (0, 2), (1, 1), (1, 2)]:
+                started.append(Starting([seed], fanout=2))
+                sender = (lambda: query_seed(seed)) if parent is None \
+                    else started[parent].info
+                wait_for(lambda: sender()["active_transfers"] == count, 10,  # noqa: B023
+                         f"client {len(started)} never served by {parent}")
+            results = [s.join() for s in started]
+            assert all(r is not None for r in results), [s.fetch.reasons for s in started]
+            a, b = started[0].address, started[1].address
+            assert [r.source for r in results] == [seed, seed, a, a, b, b]  # type: ignore[union-attr]
+            for s in started:
+                assert_same_tensors(s.model, make_toy(5))
+                assert s.fetch.reasons == []
+            wait_for(lambda: query_seed(seed)["completed_transfers"] == 2, 10, "seed count")
+            wait_for(lambda: [s.info()["completed_transfers"] for s in started]
+                     == [2, 2, 0, 0, 0, 0], 10, "relay counts")
+            assert proc.is_alive()
+        finally:
+            for s in started:
+                s.relay.close()
+
+
+def test_a_relay_killed_mid_way_sends_its_tree_back_to_the_seed():
+    # a (a process) and x are the seed's two direct clients; b and c are sent to a's
+    # relay. a is killed while it relays to both: b and c ask the seed itself and get
+    # the model; the seed keeps serving.
+    ctx = mp.get_context("spawn")
+    with toy_seed(seed=3, send_limit=0.3e6, timeout_s=10.0, fanout=2) as (seed, proc):
+        port_recv, port_send = ctx.Pipe(duplex=False)
+        a = ctx.Process(target=relay_forever, args=(seed, port_send, 2), daemon=True)
+        a.start()
+        started: list[Starting] = []
+        try:
+            assert port_recv.poll(60), "a never started"
+            a_address = f"127.0.0.1:{port_recv.recv()}"
+            wait_for(lambda: query_seed(seed)["active_transfers"] == 1, 30, "a not served")
+            started.append(Starting([seed], fanout=2))  # x
+            wait_for(lambda: query_seed(seed)["active_transfers"] == 2, 10, "x not served")
+            for count in (1, 2):
+                started.append(Starting([seed], fanout=2))
+                wait_for(lambda: query_seed(a_address)["active_transfers"] == count,  # noqa: B023
+                         10, "a never relayed")
+            a.kill()
+            results = [s.join() for s in started]
+            assert all(r is not None for r in results), [s.fetch.reasons for s in started]
+            assert [r.source for r in results] == [seed, seed, seed]  # type: ignore[union-attr]
+            for s in started:
+                assert_same_tensors(s.model, make_toy(3))
+            for s in started[1:]:
+                (reason,) = s.fetch.reasons
+                assert f"relay {a_address} (named by {seed})" in reason, reason
+            assert proc.is_alive()
+            # The seed dropped a from its tree: the next client is not sent there.
+            late = Starting([seed])
+            started.append(late)
+            assert late.join() is not None and late.fetch.reasons == [], late.fetch.reasons
+        finally:
+            a.kill()
+            for s in started:
+                s.relay.close()
 
 
 def test_an_idle_seed_forgets_its_chain():

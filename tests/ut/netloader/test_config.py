@@ -202,6 +202,17 @@ def test_bad_relay(relay):
     raises_naming("RELAY", {"RELAY": relay})
 
 
+def test_relay_fanout_defaults_to_a_chain_and_takes_a_tree():
+    assert parse_config({}).relay_fanout == 1
+    assert parse_config({"RELAY_FANOUT": 3}).relay_fanout == 3
+    assert parse_config({"relay_fanout": 2}).relay_fanout == 2
+
+
+@pytest.mark.parametrize("fanout", [0, 5, -1, 2.0, "2", True, None])
+def test_bad_relay_fanout(fanout):
+    raises_naming("RELAY_FANOUT", {"RELAY_FANOUT": fanout})
+
+
 @pytest.mark.parametrize("model", ["", None, 3])
 def test_bad_model(model):
     raises_naming("MODEL", {"MODEL": model})

@@ -26,6 +26,12 @@ from vllm_ascend.model_loader.netloader.wire.messages import DATA_PLANES, LOADED
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_BUCKET_MB = 64
 DEFAULT_MIN_RATE_MB_PER_S = 1.0
+# The most transfers one seed (or relay) runs at once; RELAY_FANOUT is at most this.
+MAX_CONCURRENT_TRANSFERS = 4
+# RELAY_FANOUT's default: a chain, which uses each instance's uplink once. On links
+# where every instance sends as fast as it receives, a wider tree only splits a sender's
+# uplink among its children (see the developer guide's "Fan-out").
+DEFAULT_RELAY_FANOUT = 1
 # vllm-ascend's netloader puts a draft model's seed here above the target's port.
 DRAFT_PORT_OFFSET = 10000
 # INT8_CACHE values (see seed/retention.py for what each keeps where). The default is
@@ -73,6 +79,10 @@ class NetloaderConfig:
     # Listen before the fetch and pass verified tensors on to the clients a busy seed
     # sends here (see relay.RelayListener).
     relay: bool = True
+    # How many clients a seed, or a relay, sends to at once before it sends further
+    # clients on to the relays under it: 1 a chain, more a tree of that fan-out whose
+    # depth grows as log N (see seed/server.py ``RelayTree``).
+    relay_fanout: int = DEFAULT_RELAY_FANOUT
     # "tcp" (bulk data on the handshake connection) or "collective" (a two-rank group);
     # None: tcp for host memory, collective for device memory.
     data_plane: str | None = None
@@ -333,6 +343,15 @@ def _parse_relay(value: Any) -> bool:
     return value
 
 
+def _parse_relay_fanout(value: Any) -> int:
+    if not _is_int(value) or not 1 <= value <= MAX_CONCURRENT_TRANSFERS:
+        raise NetloaderConfigError(
+            f"RELAY_FANOUT must be an integer in 1..{MAX_CONCURRENT_TRANSFERS} (clients "
+            f"a seed or relay sends to at once; 1 is a chain), got {value!r}"
+        )
+    return int(value)
+
+
 def _parse_data_plane(value: Any) -> str:
     if value not in DATA_PLANES:
         raise NetloaderConfigError(
@@ -435,6 +454,7 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "MIN_RATE_MB_PER_S": ("min_rate_mb_per_s", _parse_min_rate),
     "DRAFT_SOURCE": ("draft_sources", functools.partial(_parse_sources, key="DRAFT_SOURCE")),
     "RELAY": ("relay", _parse_relay),
+    "RELAY_FANOUT": ("relay_fanout", _parse_relay_fanout),
     "DATA_PLANE": ("data_plane", _parse_data_plane),
     "EXPECTED_FINGERPRINT": ("expected_fingerprint", _parse_fingerprint),
     "DRAFT_EXPECTED_FINGERPRINT": (

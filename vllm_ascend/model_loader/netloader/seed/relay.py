@@ -1,9 +1,11 @@
 """Fan-out: a starting instance passes on what it has verified while it still receives.
 
 A starting instance binds its listener before its own fetch (``RelayListener``) and
-names that port in its hello. While a seed is sending, it sends the next client to
-the last such relay instead of splitting its uplink, so N clients form a chain
-seed -> 1st -> 2nd -> ... Once the fetch is accepted, ``begin`` starts a seed over
+names that port in its hello. A seed sends to at most RELAY_FANOUT clients at once and
+sends each further client to a relay below it that has fewer than RELAY_FANOUT clients
+(``RelayTree``): with fan-out 1, N clients form a chain seed -> 1st -> 2nd -> ...; with
+fan-out k, a tree whose depth grows as log_k N. Once the fetch is accepted, ``begin``
+starts a seed over
 the fetch's own targets that sends each bucket only after the fetch has verified
 every tensor in it (``RelayProgress``); after the load that seed goes on as the
 instance's seed (``SeedServer.promote``).
@@ -86,6 +88,52 @@ class RelayProgress:
                         f"({self._ready} of {self._total} tensors verified)"
                     )
             keepalive()  # outside the lock: it writes to a client
+
+
+class RelayTree:
+    """Where a seed sends the clients that arrive while it is sending: its relays, in
+    the order their clients joined, and how many clients each was sent.
+
+    A client that offers a relay joins the tree; the seed serves ``fanout`` clients
+    itself and sends each further one to the first relay that has fewer than
+    ``fanout``, so relays fill breadth first. With ``fanout`` 1 that is the chain's
+    tail. A relay's address comes from the connection (never from what a peer names),
+    and at most ``MAX_RELAYS`` are kept: a peer that offers many relay ports cannot
+    grow a seed's memory. Not thread-safe: the seed calls it under its own lock."""
+
+    MAX_RELAYS = 1024
+
+    def __init__(self, fanout: int):
+        if fanout < 1:
+            raise ValueError(f"a relay tree's fan-out is at least 1, got {fanout}")
+        self.fanout = fanout
+        self._sent: dict[str, int] = {}  # relay address -> clients sent to it
+
+    def parent(self) -> str | None:
+        """The relay to send the next client to, counted as sent; None if every known
+        relay already has ``fanout`` clients."""
+        for relay, count in self._sent.items():
+            if count < self.fanout:
+                self._sent[relay] = count + 1
+                return relay
+        return None
+
+    def join(self, relay: str) -> None:
+        """``relay`` (a client being served or sent on) can take clients of its own."""
+        if relay not in self._sent and len(self._sent) < self.MAX_RELAYS:
+            self._sent[relay] = 0
+
+    def drop(self, relay: str) -> None:
+        """``relay``'s own transfer failed: it cannot pass the model on."""
+        self._sent.pop(relay, None)
+
+    def clear(self) -> None:
+        """The seed is idle: the next client starts a new tree (the old relays may be
+        gone)."""
+        self._sent.clear()
+
+    def __len__(self) -> int:
+        return len(self._sent)
 
 
 class RelaySeed(Protocol):

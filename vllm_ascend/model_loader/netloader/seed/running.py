@@ -289,6 +289,7 @@ def seed_settings(plan: LoadPlan, host: str) -> SeedSettings:
             aot_cache_dir(), config.timeout_s, config.min_rate_mb_per_s * 1e6,
         ) if config.compile_cache_enabled() else None,
         processing=plan.processing,
+        fanout=config.relay_fanout,
     )
 
 

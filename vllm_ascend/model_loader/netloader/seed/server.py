@@ -22,6 +22,10 @@ import torch
 
 from vllm_ascend.model_loader.netloader import metrics
 from vllm_ascend.model_loader.netloader.compile_cache import serving
+from vllm_ascend.model_loader.netloader.config import (
+    DEFAULT_RELAY_FANOUT,
+    MAX_CONCURRENT_TRANSFERS,
+)
 from vllm_ascend.model_loader.netloader.deadline import Deadline
 from vllm_ascend.model_loader.netloader.identity import identity_difference
 from vllm_ascend.model_loader.netloader.layout import signature_difference
@@ -50,7 +54,7 @@ from vllm_ascend.model_loader.netloader.planes.transfer import (
     use_device,
 )
 from vllm_ascend.model_loader.netloader.seed.listener import Connection, Listener
-from vllm_ascend.model_loader.netloader.seed.relay import RelayProgress, RelayStalled
+from vllm_ascend.model_loader.netloader.seed.relay import RelayProgress, RelayStalled, RelayTree
 from vllm_ascend.model_loader.netloader.seed.retention import Retained
 from vllm_ascend.model_loader.netloader.wire.addresses import format_address
 from vllm_ascend.model_loader.netloader.wire.auth import SECRET_ENV, AuthError
@@ -76,7 +80,6 @@ from vllm_ascend.model_loader.netloader.wire.messages import (
 
 logger = get_logger(__name__)
 
-MAX_CONCURRENT_TRANSFERS = 4
 # The most a relay sends per bucket while its own fetch still runs: each hop of a chain
 # waits until its own fetch verified a whole bucket before passing it on, so a chain of
 # N relays fills in N * bucket / rate (8 hops of 64 MiB at 37.5 MB/s: 14 s; of 4 MiB:
@@ -113,6 +116,9 @@ class SeedSettings:
     compile_cache: "serving.CacheServing | None" = None
     # This instance's ``layout.processing_signature`` (None: no processed layout).
     processing: dict[str, str] | None = None
+    # RELAY_FANOUT: clients this seed sends to at once before it sends further ones to
+    # its relays (``relay.RelayTree``); at most ``max_transfers``.
+    fanout: int = DEFAULT_RELAY_FANOUT
 
     @property
     def who(self) -> str:
@@ -187,9 +193,9 @@ class SeedServer:
         self._lock = threading.Lock()
         self._active = 0
         self._completed = 0
-        # Per layout, the relay of the client that joined the chain last: where the next
-        # client goes while this seed is sending. Reset when it stops sending.
-        self._tails: dict[str, str] = {}
+        # Per layout, the relays of the clients this seed sent to or on: where further
+        # clients go while this seed is sending. Reset when it stops sending.
+        self._trees: dict[str, RelayTree] = {}
         self.port: int = sock.getsockname()[1]
         self.address = format_address(settings.host, self.port)
         self._listener = Listener(sock, self._handle, f"netloader-seed-rank-{settings.rank}"
@@ -331,15 +337,15 @@ class SeedServer:
             return
         relay = self._relay_address(conn, side.request)
         layout = side.request.layout
-        route, tail = self._route(relay, side.request.direct, layout)
+        route, parent = self._route(relay, side.request.direct, layout)
         if route == "redirect":
-            assert tail is not None
+            assert parent is not None
             logger.info(
-                "%s sends %s to relay %s", self.settings.who, conn.peer, tail
+                "%s sends %s to relay %s", self.settings.who, conn.peer, parent
             )
             weights = self.layouts.weights(side.request.layout)
             assert weights is not None  # _refusal checked it
-            side.answer_last(redirect(tail, weights.value_fingerprint()), deadline)
+            side.answer_last(redirect(parent, weights.value_fingerprint()), deadline)
             return
         if route == "busy":
             metrics.METRICS.refusal("busy")
@@ -364,18 +370,21 @@ class SeedServer:
                 if verified:
                     self._completed += 1
                 # A relay that did not get the model cannot pass it on; and once this seed
-                # is idle, the next client starts a new chain (the old one may be gone).
+                # is idle, the next client starts a new tree (the old one may be gone).
                 if not self._active:
-                    self._tails.clear()
-                elif not verified and relay is not None and self._tails.get(layout) == relay:
-                    del self._tails[layout]
+                    self._trees.clear()
+                elif not verified and relay is not None and layout in self._trees:
+                    self._trees[layout].drop(relay)
 
     def _route(self, relay: str | None, direct: bool, layout: str) -> tuple[str, str | None]:
-        """("redirect", the chain's tail for ``layout``), ("serve", None) with a
-        transfer slot taken, or ("busy", None)."""
+        """("redirect", the relay for ``layout`` to send this client to), ("serve", None)
+        with a transfer slot taken, or ("busy", None)."""
         with self._lock:
-            tail = self._tails.get(layout)
-            if tail is not None and self._active and not direct:
+            tree = self._trees.setdefault(layout, RelayTree(self.settings.fanout))
+            parent = None
+            if self._active >= self.settings.fanout and not direct:
+                parent = tree.parent()
+            if parent is not None:
                 route = "redirect"
             elif self._active < self.settings.max_transfers:
                 route = "serve"
@@ -383,8 +392,8 @@ class SeedServer:
             else:
                 return "busy", None
             if relay is not None:
-                self._tails[layout] = relay
-            return route, tail
+                tree.join(relay)
+            return route, parent
 
     def _refusal(self, request: Request) -> tuple[str, str] | None:
         """(kind, for the refusals metric; reason, for the client and the log), or None."""
