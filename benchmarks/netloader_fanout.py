@@ -3,7 +3,7 @@ have received and verified it, with the links (not the CPUs) as the bottleneck.
 
     python -m benchmarks.netloader_fanout [--clients 1,2,4,8] [--gb 0.25] [--rate-mbit 300]
                                           [--mode relay] [--bucket-mb 16] [--tcp-mb 64]
-                                          [--repeat 1]
+                                          [--fanout 1] [--repeat 1]
 
 Needs root: every process runs in a network namespace of its own (tools/netns.py), the
 seed in one and client i in another, every link shaped to ``--rate-mbit`` both ways
@@ -16,7 +16,8 @@ relay (RELAY, the default of the loader), so the seed sends to the first and cha
 the others to the client before them, each passing on verified buckets while it still
 receives. ``--mode direct``: no relays, the seed's uplink carries N copies and the time
 grows about N-fold. ``--bucket-mb`` is the seed's and the relays' bucket: a chain adds
-about one bucket's time on the link per hop.
+about one bucket's time on the link per hop. ``--fanout`` is RELAY_FANOUT of the seed
+and the relays: 1 a chain, k a tree (each sender's uplink split k ways, depth log_k N).
 
 CPU: each process's user plus system seconds over each timed round (psutil), per GB
 delivered to the clients (N times the model): ``cpu_s_per_gb`` for the seed and for
@@ -121,9 +122,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
         seed_addr = net.address("seed")
         bucket = str(args.bucket_mb)
-        seed = child("seed", "seed", ["--host", seed_addr, "--servers", f"none:{bucket}", *model])
+        fanout = ["--fanout", str(args.fanout)]
+        seed = child("seed", "seed", ["--host", seed_addr, "--servers", f"none:{bucket}",
+                                      *fanout, *model])
         clients = [child(n, "client", ["--host", net.address(n), "--bucket-mb", bucket,
-                                       *MODES[args.mode], *model]) for n in names]
+                                       *fanout, *MODES[args.mode], *model]) for n in names]
         sinks = [child(n, "tcp-sink", ["--host", net.address(n)]) for n in names]
         source = child("seed", "tcp-source", [])
         everyone = [seed, *clients, *sinks, source]
@@ -170,6 +173,7 @@ def summarize(
     out: dict[str, Any] = {
         "mode": args.mode,
         "bucket_mb": args.bucket_mb,
+        "relay_fanout": args.fanout,
         "rate_mbit": rate,
         "bytes": nbytes,
         "clients": counts,
@@ -219,6 +223,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=sorted(MODES), default="relay")
     parser.add_argument("--bucket-mb", type=float, default=16.0)
     parser.add_argument("--tcp-mb", type=float, default=64.0)
+    parser.add_argument("--fanout", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--workdir", default=".bench/fanout")
     args = parser.parse_args()

@@ -103,6 +103,7 @@ def role_seed(args: argparse.Namespace) -> None:
             IDENTITY, 0, args.host, args.timeout,
             bucket_bytes=int(float(bucket_mb) * (1 << 20)),
             send_limit_bytes_per_s=None if limit == "none" else float(limit) * 1e6,
+            fanout=args.fanout,
         )
         servers.append(SeedServer(weights, settings, listen(args.host, 0)).start())
     clock = StepClock() if args.steps else None
@@ -135,7 +136,8 @@ def role_client(args: argparse.Namespace) -> None:
         t.zero_()  # touched once here, so page faults stay out of the timed transfer
     specs, targets = [spec_of(n, t) for n, t in named], [t for _, t in named]
     relay_settings = SeedSettings(
-        IDENTITY, 0, args.host, args.timeout, bucket_bytes=int(args.bucket_mb * (1 << 20))
+        IDENTITY, 0, args.host, args.timeout, bucket_bytes=int(args.bucket_mb * (1 << 20)),
+        fanout=args.fanout,
     )
 
     def relay_seed(weights: LoadedWeights, progress: RelayProgress, sock: socket.socket,
@@ -343,6 +345,8 @@ def main() -> None:
     parser.add_argument("--steps", action="store_true", help="seed: run the step clock")
     parser.add_argument("--relay", action="store_true", help="client: relay while fetching")
     parser.add_argument("--bucket-mb", type=float, default=64.0, help="client: relay's bucket")
+    parser.add_argument("--fanout", type=int, default=1,
+                        help="seed and client's relay: RELAY_FANOUT (1: a chain)")
     parser.add_argument("--directory", default=".", help="http-store: the folder it serves")
     parser.add_argument("--dest", default=".bench/download", help="downloader: where files go")
     parser.add_argument("--timeout", type=float, default=300.0)

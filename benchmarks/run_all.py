@@ -21,7 +21,8 @@
    ``benchmarks.netloader_layouts``: on a Qwen3-MoE of about 1 GB, what a seed keeps
    beyond its model for each layout, and a client's load in each (``layouts``).
 5. ``benchmarks.netloader_fanout`` (rate-limited namespaces; N = 1, 2, 4, 8 clients with
-   relays, the default, and N = 1, 2, 4 with every client fetching from the seed) and
+   relays in a chain, the default; N = 1, 8 in a tree of RELAY_FANOUT 2; N = 1, 2, 4
+   with every client fetching from the seed) and
    ``benchmarks.netloader_seed_latency`` on a shaped link and on an unshaped one.
 6. ``benchmarks.netloader_storage``: the same N = 1, 2, 4, 8, model and links, each
    instance downloading the checkpoint from one HTTP storage server and loading it.
@@ -36,7 +37,8 @@ faulting ahead), ``load_vs_transfer`` (the client's load inside
 vLLM at the largest size against step 2's standalone transfer, per byte),
 ``load_vs_disk_warm`` (the same load against vLLM's default loader from a warm page
 cache), ``fanout_8_over_1`` and ``storage_8_over_1`` (time for 8 instances over time
-for 1, seed with relays and storage), ``cpu_s_per_gb`` (at the largest N of both), and
+for 1, seed with relays and storage; ``fanout_tree2_8_over_1`` with RELAY_FANOUT 2),
+``cpu_s_per_gb`` (at the largest N of both), and
 ``compile_cache_speedup`` (a client's time-to-healthy without the seed's compile cache
 over with it, step 4).
 
@@ -372,6 +374,7 @@ def headline(result: dict[str, Any], gb: float) -> dict[str, Any]:
         # The profile behind load_vs_transfer: the client's receiving thread, in seconds.
         "client_receive_phases": row.get("client_receive_phases"),
         "fanout_8_over_1": fanout.get("fanout_8_over_1"),
+        "fanout_tree2_8_over_1": (result.get("fanout_tree2") or {}).get("fanout_8_over_1"),
         "storage_8_over_1": storage.get("storage_8_over_1"),
         "cpu_s_per_gb": cpu_per_gb(fanout, storage),
         "compile_cache_speedup": cache.get("compile_cache_speedup"),
@@ -472,12 +475,15 @@ def main() -> int:
         # Direct sends grow N-fold (8 would take a minute more, and a seed serves at
         # most 4 at once); the storage step shows that shape up to 8. 32 MB of raw TCP
         # per sink measures these links as well as 64 and keeps `make bench` short.
-        for mode, key, counts in (("relay", "fanout", "1,2,4,8"),
-                                  ("direct", "fanout_direct", "1,2,4")):
+        # RELAY_FANOUT 2 (a tree) at N = 8 against the chain (the default): on these
+        # symmetric links a tree splits each sender's uplink, a chain only adds hops.
+        for mode, key, counts, fanout in (("relay", "fanout", "1,2,4,8", "1"),
+                                          ("relay", "fanout_tree2", "1,8", "2"),
+                                          ("direct", "fanout_direct", "1,2,4", "1")):
             result[key] = bench.attempt(key, bench.run, key, [
                 py, "-m", "benchmarks.netloader_fanout", "--gb", str(args.fanout_gb),
                 "--rate-mbit", rate, "--mode", mode, "--clients", counts, "--tcp-mb", "32",
-                "--workdir", str(args.workdir / key)])
+                "--fanout", fanout, "--workdir", str(args.workdir / key)])
         result["storage"] = bench.attempt("storage", bench.run, "storage", [
             py, "-m", "benchmarks.netloader_storage", "--gb", str(args.fanout_gb),
             "--rate-mbit", rate, "--clients", "1,2,4,8", "--tcp-mb", "32",
