@@ -2,9 +2,12 @@
 
 import dataclasses
 import json
+import re
+from pathlib import Path
 
 import pytest
 
+from vllm_ascend.model_loader.netloader import config
 from vllm_ascend.model_loader.netloader.config import (
     DEFAULT_TIMEOUT_S,
     NetloaderConfig,
@@ -481,3 +484,13 @@ def test_parsing_the_config_imports_neither_torch_nor_vllm():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_every_key_has_a_row_in_the_guides_configuration_table():
+    # A key added without a row is one operators cannot find (RELAY_FANOUT nearly was).
+    guide = (Path(__file__).resolve().parents[3]
+             / "docs/source/user_guide/feature_guide/netloader.md").read_text("utf-8")
+    table = guide[guide.index("## Configuration"):guide.index("### Timeouts")]
+    rows = set(re.findall(r"^\| `([A-Z0-9_]+)` \|", table, re.M))
+    assert set(config._PARSERS) | {"CONFIG_FILE", "SECRET_FILE"} <= rows, (
+        set(config._PARSERS) - rows)
