@@ -68,10 +68,10 @@ def relay_verified_first_bucket(
 class Starting:
     """A starting instance in a thread: a zeroed toy model, its relay, its fetch."""
 
-    def __init__(self, sources: list[str], secret: bytes | None = None, fanout: int = 1):
+    def __init__(self, sources: list[str], secret: bytes | None = None):
         self.model = make_toy(None)
         self.secret = secret
-        self.relay = relay_listener(secret=secret, fanout=fanout)
+        self.relay = relay_listener(secret=secret)
         self.address = f"127.0.0.1:{self.relay.port}"
         self.fetch: WeightFetch = fetch_for(self.model, timeout_s=30.0, secret=secret)
         self.fetch.relay = self.relay
@@ -153,11 +153,11 @@ def test_clients_arriving_while_the_seed_sends_are_chained_through_relays(
 def test_with_a_fanout_of_two_clients_form_a_tree_and_all_get_the_model():
     # RELAY_FANOUT 2: the seed sends to a and b itself, then c and d to a's relay, e and
     # f to b's (breadth first), each relay passing on what its own fetch verified.
-    with toy_seed(seed=5, send_limit=0.3e6, timeout_s=10.0, fanout=2) as (seed, proc):
+    with toy_seed(seed=5, send_limit=0.2e6, timeout_s=10.0, fanout=2) as (seed, proc):
         started: list[Starting] = []
         try:
             for parent, count in [(None, 1), (None, 2), (0, 1), (0, 2), (1, 1), (1, 2)]:
-                started.append(Starting([seed], fanout=2))
+                started.append(Starting([seed]))
                 sender = (lambda: query_seed(seed)) if parent is None \
                     else started[parent].info
                 wait_for(lambda: sender()["active_transfers"] == count, 10,  # noqa: B023
@@ -179,41 +179,52 @@ def test_with_a_fanout_of_two_clients_form_a_tree_and_all_get_the_model():
 
 
 def test_a_relay_killed_mid_way_sends_its_tree_back_to_the_seed():
-    # a (a process) and x are the seed's two direct clients; b and c are sent to a's
-    # relay. a is killed while it relays to both: b and c ask the seed itself and get
-    # the model; the seed keeps serving.
+    # RELAY_FANOUT 3: a (a process), x and y are the seed's direct clients; b and c are
+    # sent to a's relay. a is killed while it relays to both: b and c ask the seed
+    # itself and get the model; the seed forgets a and the relays below it (b's and c's
+    # never got their model from a), so a later client goes to x, which has room, not
+    # to a, which had room too. The seed keeps serving.
     ctx = mp.get_context("spawn")
-    with toy_seed(seed=3, send_limit=0.3e6, timeout_s=10.0, fanout=2) as (seed, proc):
+    with toy_seed(seed=3, send_limit=0.2e6, timeout_s=10.0, fanout=3) as (seed, proc):
         port_recv, port_send = ctx.Pipe(duplex=False)
-        a = ctx.Process(target=relay_forever, args=(seed, port_send, 2), daemon=True)
+        a = ctx.Process(target=relay_forever, args=(seed, port_send, 3), daemon=True)
         a.start()
         started: list[Starting] = []
         try:
             assert port_recv.poll(60), "a never started"
             a_address = f"127.0.0.1:{port_recv.recv()}"
             wait_for(lambda: query_seed(seed)["active_transfers"] == 1, 30, "a not served")
-            started.append(Starting([seed], fanout=2))  # x
-            wait_for(lambda: query_seed(seed)["active_transfers"] == 2, 10, "x not served")
-            for count in (1, 2):
-                started.append(Starting([seed], fanout=2))
+            for count in (2, 3):  # x, y
+                started.append(Starting([seed]))
+                wait_for(lambda: query_seed(seed)["active_transfers"] == count,  # noqa: B023
+                         10, "x or y not served")
+            for count in (1, 2):  # b, c
+                started.append(Starting([seed]))
                 wait_for(lambda: query_seed(a_address)["active_transfers"] == count,  # noqa: B023
                          10, "a never relayed")
+            assert query_seed(seed)["relays"] == {"loaded": 5}
             a.kill()
-            results = [s.join() for s in started]
-            assert all(r is not None for r in results), [s.fetch.reasons for s in started]
-            assert [r.source for r in results] == [seed, seed, seed]  # type: ignore[union-attr]
-            for s in started:
-                assert_same_tensors(s.model, make_toy(3))
-            for s in started[1:]:
-                (reason,) = s.fetch.reasons
-                assert f"relay {a_address} (named by {seed})" in reason, reason
-            assert proc.is_alive()
-            # The seed dropped a from its tree: the next client is not sent there.
+            a.join(10)
+            wait_for(lambda: query_seed(seed)["relays"] == {"loaded": 2}, 10,
+                     "the seed still sends clients to a or below it")
             late = Starting([seed])
             started.append(late)
-            assert late.join() is not None and late.fetch.reasons == [], late.fetch.reasons
+            results = [s.join() for s in started]
+            assert all(r is not None for r in results), [s.fetch.reasons for s in started]
+            x = started[0]
+            assert [r.source for r in results] == [seed] * 4 + [x.address]  # type: ignore[union-attr]
+            for s in started:
+                assert_same_tensors(s.model, make_toy(3))
+            for s in started[2:4]:  # b, c
+                (reason,) = s.fetch.reasons
+                assert f"relay {a_address} (named by {seed})" in reason, reason
+            assert late.fetch.reasons == []
+            assert proc.is_alive()
         finally:
             a.kill()
+            a.join(10)
+            port_recv.close()
+            port_send.close()
             for s in started:
                 s.relay.close()
 

@@ -81,7 +81,7 @@ class NetloaderConfig:
     relay: bool = True
     # How many clients a seed, or a relay, sends to at once before it sends further
     # clients on to the relays under it: 1 a chain, more a tree of that fan-out whose
-    # depth grows as log N (see seed/server.py ``RelayTree``).
+    # depth grows as log N (see seed/relay.py ``RelayTree``).
     relay_fanout: int = DEFAULT_RELAY_FANOUT
     # "tcp" (bulk data on the handshake connection) or "collective" (a two-rank group);
     # None: tcp for host memory, collective for device memory.

@@ -92,14 +92,16 @@ class RelayProgress:
 
 class RelayTree:
     """Where a seed sends the clients that arrive while it is sending: its relays, in
-    the order their clients joined, and how many clients each was sent.
+    the order their clients joined, how many clients each was sent, and under which
+    relay each joined (None: the seed served it).
 
     A client that offers a relay joins the tree; the seed serves ``fanout`` clients
     itself and sends each further one to the first relay that has fewer than
     ``fanout``, so relays fill breadth first. With ``fanout`` 1 that is the chain's
-    tail. A relay's address comes from the connection (never from what a peer names),
-    and at most ``MAX_RELAYS`` are kept: a peer that offers many relay ports cannot
-    grow a seed's memory. Not thread-safe: the seed calls it under its own lock."""
+    tail. A relay's address comes from the connection (never from what a peer names).
+    At most ``MAX_RELAYS`` are kept, the oldest forgotten first: a peer that offers many
+    relay ports cannot grow a seed's memory, nor keep later relays out. Not
+    thread-safe: the seed calls it under its own lock."""
 
     MAX_RELAYS = 1024
 
@@ -107,33 +109,52 @@ class RelayTree:
         if fanout < 1:
             raise ValueError(f"a relay tree's fan-out is at least 1, got {fanout}")
         self.fanout = fanout
-        self._sent: dict[str, int] = {}  # relay address -> clients sent to it
+        self._under: dict[str, str | None] = {}  # relay -> the relay it joined under
+        self._room: dict[str, int] = {}  # relays with room -> clients sent to each
 
     def parent(self) -> str | None:
-        """The relay to send the next client to, counted as sent; None if every known
-        relay already has ``fanout`` clients."""
-        for relay, count in self._sent.items():
-            if count < self.fanout:
-                self._sent[relay] = count + 1
-                return relay
+        """The relay to send the next client to, counted as sent; None if no relay
+        has room."""
+        for relay, count in self._room.items():
+            if count + 1 < self.fanout:
+                self._room[relay] = count + 1
+            else:
+                del self._room[relay]
+            return relay
         return None
 
-    def join(self, relay: str) -> None:
-        """``relay`` (a client being served or sent on) can take clients of its own."""
-        if relay not in self._sent and len(self._sent) < self.MAX_RELAYS:
-            self._sent[relay] = 0
+    def join(self, relay: str, under: str | None) -> None:
+        """``relay`` (a client served by the seed, ``under`` None, or sent to the relay
+        ``under``) can take clients of its own."""
+        if relay in self._under:
+            return
+        if len(self._under) >= self.MAX_RELAYS:
+            oldest = next(iter(self._under))
+            del self._under[oldest]
+            self._room.pop(oldest, None)
+        self._under[relay] = under
+        self._room[relay] = 0
 
     def drop(self, relay: str) -> None:
-        """``relay``'s own transfer failed: it cannot pass the model on."""
-        self._sent.pop(relay, None)
+        """``relay``'s own transfer failed: neither it nor the relays that joined under
+        it (their fetches came from it) can pass the model on."""
+        gone = {relay}
+        for joined, under in self._under.items():  # a relay joins after the one above it
+            if under in gone:
+                gone.add(joined)
+        for joined in gone:
+            self._under.pop(joined, None)
+            self._room.pop(joined, None)
 
     def clear(self) -> None:
         """The seed is idle: the next client starts a new tree (the old relays may be
         gone)."""
-        self._sent.clear()
+        self._under.clear()
+        self._room.clear()
 
     def __len__(self) -> int:
-        return len(self._sent)
+        """Relays kept (with room or not)."""
+        return len(self._under)
 
 
 class RelaySeed(Protocol):

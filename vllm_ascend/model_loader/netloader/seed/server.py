@@ -253,6 +253,7 @@ class SeedServer:
         with self._lock:
             active, completed, outcome = self._active, self._completed, self._outcome
             progress, retained = self._progress, self._retained
+            relays = {layout: len(tree) for layout, tree in self._trees.items() if tree}
         layouts = self.layouts
         weights = layouts.primary
         return {
@@ -271,6 +272,8 @@ class SeedServer:
             "fallback_reasons": list(outcome.fallback_reasons),
             "reused_bytes": outcome.reused_bytes,
             "relaying": progress is not None and not progress.complete,
+            # Per layout, the relays this seed may send further clients to (RelayTree).
+            "relays": relays,
             "active_transfers": active,
             "completed_transfers": completed,
             "open_connections": self._listener.open_connections,
@@ -392,7 +395,7 @@ class SeedServer:
             else:
                 return "busy", None
             if relay is not None:
-                tree.join(relay)
+                tree.join(relay, parent)
             return route, parent
 
     def _refusal(self, request: Request) -> tuple[str, str] | None:
