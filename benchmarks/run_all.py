@@ -12,10 +12,11 @@
    once (the disk's sequential rate, and the cache is now warm); the demo (a seed loads
    from the warm disk, a client from the seed; outputs must match); the page cache
    dropped again and one ``--load-format auto`` server started. Reports the client's
-   Netloader load (``client_load_s``) against vLLM's default loader reading the same
-   files warm and cold (its own "Loading weights took" line), and where the client's
-   receiving thread spent the transfer (``client_receive_phases``: waiting, verifying,
-   copying into the model, from its log).
+   transfer (``client_transfer_s``, its bytes into the model) against vLLM's default
+   loader reading the same files warm and cold (its own "Loading weights took" line),
+   where the client's receiving thread spent the transfer (``client_receive_phases``:
+   waiting, verifying, copying into the model, from its log), and each instance's whole
+   load (``client_ready_s``, ``seed_ready_warm_s``: built, weights in, processed).
 4. ``benchmarks.netloader_compile_cache``: a client's time-to-healthy without and with
    the seed's compile cache (vLLM compiling with inductor, the tiny model).
    ``benchmarks.netloader_layouts``: on a Qwen3-MoE of about 1 GB, what a seed keeps
@@ -30,15 +31,18 @@
 7. A plot for the docs: ``docs/source/user_guide/feature_guide/images/netloader_bench.png``.
 
 The JSON starts with the headline figures: ``ratio_tcp`` (Netloader over the host data
-plane against raw loopback TCP, step 2), ``load_vs_fresh_link`` (the client's load inside
-vLLM against raw TCP into never-touched memory of the model's size, per byte; step 2's
-``link_into_fresh``), ``memory`` (first writes to fresh memory, and with huge pages and
-faulting ahead), ``load_vs_transfer`` (the client's load inside
-vLLM at the largest size against step 2's standalone transfer, per byte),
-``load_vs_disk_warm`` (the same load against vLLM's default loader from a warm page
-cache), ``fanout_8_over_1`` and ``storage_8_over_1`` (time for 8 instances over time
-for 1, seed with relays and storage; ``fanout_tree2_8_over_1`` with RELAY_FANOUT 2),
-``cpu_s_per_gb`` (at the largest N of both), and
+plane against raw loopback TCP, step 2), ``load_vs_fresh_link`` (the client's transfer
+inside vLLM, its bytes into the model, against raw TCP into never-touched memory of the
+model's size, per byte; step 2's ``link_into_fresh``), ``memory`` (first writes to
+fresh memory, and with huge pages and faulting ahead), ``load_vs_transfer`` (the same
+transfer at the largest size against step 2's standalone one, per byte),
+``weights_vs_disk_warm`` (the same transfer against vLLM's default loader's "Loading
+weights took" from a warm page cache), ``load_vs_disk_warm`` (the client's whole load,
+built, weights in and processed, against the seed's, which read the warm files with
+vLLM's default loader and processed them: in the processed layout a client's
+processing is part of its fetch), ``fanout_8_over_1`` and ``storage_8_over_1`` (time
+for 8 instances over time for 1, seed with relays and storage;
+``fanout_tree2_8_over_1`` with RELAY_FANOUT 2), ``cpu_s_per_gb`` (at the largest N of both), and
 ``compile_cache_speedup`` (a client's time-to-healthy without the seed's compile cache
 over with it, step 4).
 
@@ -68,8 +72,10 @@ IMAGE = REPO / "docs/source/user_guide/feature_guide/images/netloader_bench.png"
 LOADING_TOOK = re.compile(r"Loading weights took ([0-9.]+) seconds")
 # The client's own account of its receiving thread (client.py, one line per transfer).
 RECEIVE_PHASES = re.compile(
-    r"received \d+ bytes .* \(waited ([0-9.]+) s for data, verified ([0-9.]+) s, "
-    r"copied ([0-9.]+) s\)")
+    r"received \d+ bytes .* in ([0-9.]+) s .* \(waited ([0-9.]+) s for data, verified "
+    r"([0-9.]+) s, copied ([0-9.]+) s\)")
+# The loader's whole load: built, weights in, processed (loader.py ``_log_whole``).
+MODEL_READY = re.compile(r"model ready in ([0-9.]+) s")
 
 
 class StepFailed(RuntimeError):
@@ -152,8 +158,14 @@ def receive_phases(log: Path) -> dict[str, float] | None:
     found = RECEIVE_PHASES.findall(log.read_text(encoding="utf-8", errors="replace"))
     if not found:
         return None
-    wait, verify, copy = (float(x) for x in found[-1])
-    return {"wait_s": wait, "verify_s": verify, "copy_s": copy}
+    seconds, wait, verify, copy = (float(x) for x in found[-1])
+    return {"transfer_s": seconds, "wait_s": wait, "verify_s": verify, "copy_s": copy}
+
+
+def model_ready(log: Path) -> float | None:
+    """The loader's last ``model ready in`` figure in ``log`` (seconds), if any."""
+    found = MODEL_READY.findall(log.read_text(encoding="utf-8", errors="replace"))
+    return float(found[-1]) if found else None
 
 
 def loading_took(log: Path) -> float:
@@ -196,13 +208,19 @@ def vllm_loads(bench: Bench, gb: float, cold: bool) -> dict[str, Any]:
             bench.warnings[f"demo-{tag}"] = note
         else:
             bench.errors[f"demo-{tag}"] = note
+    phases = receive_phases(demo_dir / "client.log")
     row = {
         "size_gb": gb,
         "bytes": summary["bytes"],
         "client_load_s": summary["client_load_s"],
-        "client_receive_phases": receive_phases(demo_dir / "client.log"),
+        "client_receive_phases": phases,
+        "client_transfer_s": phases["transfer_s"] if phases else None,
         "seed_disk_load_s": summary["seed_disk_load_s"],
         "disk_warm_s": loading_took(demo_dir / "seed.log"),
+        # Built, weights in, processed: the client from the seed, and the seed with
+        # vLLM's default loader over the warm files (what ``auto`` does).
+        "client_ready_s": model_ready(demo_dir / "client.log"),
+        "seed_ready_warm_s": model_ready(demo_dir / "seed.log"),
         ("disk_read_cold_s" if cold else "disk_read_s"): round(read_s, 3),
         "seed_startup_s": summary["seed_startup_s"],
         "client_startup_s": summary["client_startup_s"],
@@ -263,14 +281,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     rows = result.get("load") or []
     ax = axes[0]
     sizes = [r["bytes"] / 1e9 for r in rows]
-    for key, label, style in (("client_load_s", "Netloader client (from seed)", "o-"),
+    for key, label, style in (("client_transfer_s", "Netloader client (from seed)", "o-"),
                               ("disk_warm_s", "disk, page cache warm", "s--"),
                               ("disk_cold_s", "disk, page cache dropped", "^--")):
         points = [(s, r[key]) for s, r in zip(sizes, rows, strict=True) if r.get(key)]
         if points:
             ax.plot(*zip(*points, strict=True), style, label=label)
     for size, r in zip(sizes, rows, strict=True):
-        ax.annotate(f"load {r['load_avg_1m']:g}", (size, r["client_load_s"]),
+        ax.annotate(f"load {r['load_avg_1m']:g}", (size, r["client_transfer_s"]),
                     textcoords="offset points", xytext=(4, 4), fontsize=7, color="gray")
     ax.set(title="Weight load inside vLLM (load_weights, one run each)",
            xlabel="model size (GB)", ylabel="seconds")
@@ -356,7 +374,14 @@ def headline(result: dict[str, Any], gb: float) -> dict[str, Any]:
     layouts = result.get("layouts") or {}
     row: dict[str, Any] = next(
         (r for r in result.get("load") or [] if r["size_gb"] == gb), {})
-    load_s, warm_s = row.get("client_load_s"), row.get("disk_warm_s")
+    warm_s = row.get("disk_warm_s")
+    # The bytes into the model (the client's transfer), comparable with vLLM's "Loading
+    # weights took" and with raw TCP; the whole load (processing included, which a
+    # processed-layout client pays inside its fetch) against the seed's, which read the
+    # warm files with vLLM's default loader and processed them.
+    phases = row.get("client_receive_phases") or {}
+    load_s = phases.get("transfer_s")
+    ready_s, seed_ready_s = row.get("client_ready_s"), row.get("seed_ready_warm_s")
     transfer_s = transfer.get("netloader_seconds")
     # Per byte: the vLLM model and the transfer's synthetic one differ a little in size.
     load_vs_transfer = (round((load_s / row["bytes"]) / (transfer_s / transfer["bytes"]), 3)
@@ -370,7 +395,9 @@ def headline(result: dict[str, Any], gb: float) -> dict[str, Any]:
                                if load_s and fresh_gbps else None),
         "memory": transfer.get("memory"),
         "load_vs_transfer": load_vs_transfer,
-        "load_vs_disk_warm": round(load_s / warm_s, 3) if load_s and warm_s else None,
+        "load_vs_disk_warm": (round(ready_s / seed_ready_s, 3)
+                              if ready_s and seed_ready_s else None),
+        "weights_vs_disk_warm": round(load_s / warm_s, 3) if load_s and warm_s else None,
         # The profile behind load_vs_transfer: the client's receiving thread, in seconds.
         "client_receive_phases": row.get("client_receive_phases"),
         "fanout_8_over_1": fanout.get("fanout_8_over_1"),
