@@ -93,7 +93,7 @@ class NetloaderConfig:
     # the target's own checkpoint takes EXPECTED_FINGERPRINT).
     draft_expected_fingerprint: str | None = None
     # Where seeds register and clients look them up ("redis://host:port/db"); a hint,
-    # never a trust decision (see discovery.py).
+    # never a trust decision (see fleet/registry.py).
     registry: str | None = None
     # Ship vLLM's compile cache with the weights: None ("auto") only between instances
     # that share a secret, True also without one (an explicit opt-in), False never.
@@ -119,7 +119,7 @@ class NetloaderConfig:
     ) -> tuple[str | DnsSource, ...]:
         """Seed addresses for global rank ``rank`` (for its draft model if ``draft``),
         in the order to try them; a ``DnsSource`` stands for every address its name
-        resolves to at load time (``discovery.expand``)."""
+        resolves to at load time (``fleet.dns.expand``)."""
         found: list[str | DnsSource] = []
         for entry in self._draft_sources() if draft else self.sources:
             if isinstance(entry, DnsSource):
