@@ -79,8 +79,8 @@ class NetloaderConfig:
     # Listen before the fetch and pass verified tensors on to the clients a busy seed
     # sends here (see relay.RelayListener).
     relay: bool = True
-    # How many clients a seed, or a relay, sends to at once before it sends further
-    # clients on to the relays under it: 1 a chain, more a tree of that fan-out whose
+    # How many clients a seed sends to itself before it sends further clients on to
+    # relays, and how many to each relay: 1 a chain, more a tree of that fan-out whose
     # depth grows as log N (see seed/relay.py ``RelayTree``).
     relay_fanout: int = DEFAULT_RELAY_FANOUT
     # "tcp" (bulk data on the handshake connection) or "collective" (a two-rank group);

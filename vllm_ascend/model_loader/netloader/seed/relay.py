@@ -1,14 +1,13 @@
 """Fan-out: a starting instance passes on what it has verified while it still receives.
 
 A starting instance binds its listener before its own fetch (``RelayListener``) and
-names that port in its hello. A seed sends to at most RELAY_FANOUT clients at once and
-sends each further client to a relay below it that has fewer than RELAY_FANOUT clients
+names that port in its hello. Once a seed sends to RELAY_FANOUT clients, it sends each
+further client to a relay below it that has been sent fewer than RELAY_FANOUT
 (``RelayTree``): with fan-out 1, N clients form a chain seed -> 1st -> 2nd -> ...; with
 fan-out k, a tree whose depth grows as log_k N. Once the fetch is accepted, ``begin``
-starts a seed over
-the fetch's own targets that sends each bucket only after the fetch has verified
-every tensor in it (``RelayProgress``); after the load that seed goes on as the
-instance's seed (``SeedServer.promote``).
+starts a seed over the fetch's own targets that sends each bucket only after the fetch
+has verified every tensor in it (``RelayProgress``); after the load that seed goes on
+as the instance's seed (``SeedServer.promote``).
 """
 
 import socket
