@@ -42,6 +42,36 @@ def test_a_dropped_relay_takes_the_relays_below_it_out():
     assert len(tree) == 5
 
 
+def test_a_client_is_never_sent_to_its_own_relay():
+    # A second hello from a client whose relay already joined (or a peer naming that
+    # port) would otherwise be redirected to itself.
+    tree = RelayTree(2)
+    tree.join("a", None)
+    tree.join("b", None)
+    assert tree.parent("a") == "b"
+    assert tree.parent("a") == "b"  # b now full
+    assert tree.parent("a") is None  # a still has room, but is the client's own
+    assert tree.parent() == "a"
+
+
+def test_a_drop_reaches_relays_below_a_forgotten_or_rejoined_relay():
+    tree = RelayTree(1)
+    tree.MAX_RELAYS = 3
+    tree.join("a", None)
+    tree.join("b", "a")
+    tree.join("c", "b")
+    tree.join("d", None)  # a is forgotten while b and c hang below it
+    tree.drop("a")
+    assert len(tree) == 1
+    tree.drop("d")
+    # A relay that joined again (after the one below it) is found as well.
+    tree.join("x", None)
+    tree.join("y", "z")  # z joins later
+    tree.join("z", "x")
+    tree.drop("x")
+    assert len(tree) == 0
+
+
 def test_a_known_relay_does_not_rejoin():
     tree = RelayTree(1)
     tree.join("a", None)

@@ -111,10 +111,12 @@ class RelayTree:
         self._under: dict[str, str | None] = {}  # relay -> the relay it joined under
         self._room: dict[str, int] = {}  # relays with room -> clients sent to each
 
-    def parent(self) -> str | None:
-        """The relay to send the next client to, counted as sent; None if no relay
-        has room."""
+    def parent(self, client_relay: str | None = None) -> str | None:
+        """The relay to send the next client to, counted as sent, never the client's
+        own (``client_relay``); None if no other relay has room."""
         for relay, count in self._room.items():
+            if relay == client_relay:
+                continue
             if count + 1 < self.fanout:
                 self._room[relay] = count + 1
             else:
@@ -137,10 +139,17 @@ class RelayTree:
     def drop(self, relay: str) -> None:
         """``relay``'s own transfer failed: neither it nor the relays that joined under
         it (their fetches came from it) can pass the model on."""
-        gone = {relay}
-        for joined, under in self._under.items():  # a relay joins after the one above it
-            if under in gone:
-                gone.add(joined)
+        below: dict[str | None, list[str]] = {}
+        for joined, under in self._under.items():
+            below.setdefault(under, []).append(joined)
+        # Breadth first from ``relay``, which may itself have been forgotten (or have
+        # joined again after the relays below it): order of joining proves nothing.
+        gone, todo = {relay}, [relay]
+        while todo:
+            for joined in below.get(todo.pop(), ()):
+                if joined not in gone:
+                    gone.add(joined)
+                    todo.append(joined)
         for joined in gone:
             self._under.pop(joined, None)
             self._room.pop(joined, None)

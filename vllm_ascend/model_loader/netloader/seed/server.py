@@ -389,7 +389,7 @@ class SeedServer:
             tree = self._trees.setdefault(layout, RelayTree(self.settings.fanout))
             parent = None
             if self._active >= self.settings.fanout and not direct:
-                parent = tree.parent()
+                parent = tree.parent(relay)
             if parent is not None:
                 route = "redirect"
             elif self._active < self.settings.max_transfers:
