@@ -305,7 +305,13 @@ def instance(args: argparse.Namespace) -> None:
         report["outputs"] = outputs(llm, args.lora, args.image_prompt)
         report["spec"] = {k: v - before[k] for k, v in spec_counts(llm).items()}
         report["draft"] = llm.collective_rpc(this.draft_view)[0]
-    print("DUMP " + json.dumps(report), flush=True)
+    # One write() of the whole line: print() hands a line over 8 KiB to the file in
+    # pieces, and a log line from another thread landed between them once (a fresh
+    # run's [lora] report cut at char 1612).
+    sys.stdout.flush()
+    line = memoryview(("DUMP " + json.dumps(report) + "\n").encode())
+    while line:
+        line = line[os.write(sys.stdout.fileno(), line):]
     if args.serve:
         sys.stdin.read()
     if args.serve_tampered:
