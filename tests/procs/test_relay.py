@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from tests.helpers.toy import (
     IDENTITY,
@@ -28,10 +29,12 @@ from tests.helpers.wire import challenge_of, connect, frame, hello_for, read
 from vllm_ascend.model_loader.netloader.client import Received, WeightFetch, query_seed
 from vllm_ascend.model_loader.netloader.manifest import (
     LoadedWeights,
+    byte_view,
     model_tensors,
     plan_buckets,
     spec_of,
 )
+from vllm_ascend.model_loader.netloader.parts import PART_BYTES
 from vllm_ascend.model_loader.netloader.seed.relay import RelayListener, RelayProgress
 from vllm_ascend.model_loader.netloader.wire.auth import new_nonce
 from vllm_ascend.model_loader.netloader.wire.frames import REFUSE
@@ -433,5 +436,55 @@ def test_a_relay_whose_own_fetch_went_silent_fails_its_client_in_bounded_time():
         assert fetch.run((f"127.0.0.1:{relay.port}",)) is None
         assert time.monotonic() - start < 10
         assert "made no progress" in fetch.reasons[0], fetch.reasons
+    finally:
+        relay.close()
+
+
+class Big(nn.Module):
+    """A small tensor, then one of 10 MiB (parts of 4, 4 and 2 MiB)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.small = nn.Parameter(torch.zeros(1000), requires_grad=False)
+        self.big = nn.Parameter(torch.zeros((10 << 20) // 4), requires_grad=False)
+
+
+def make_big(seed: int | None) -> Big:
+    model = Big()
+    if seed is not None:
+        gen = torch.Generator().manual_seed(seed)
+        for _, t in model_tensors(model):
+            t.copy_(torch.randn(t.shape, generator=gen))
+    return model
+
+
+def test_a_relay_passes_a_large_tensor_on_part_by_part_and_only_verified_parts():
+    # The relay's own fetch has verified the small tensor and the first 4 MiB part of
+    # the large one, then stalls: its client gets exactly those bytes (without waiting
+    # for the whole tensor), nothing after them, and fails. Once the relay's fetch
+    # verified everything, the next client gets every tensor.
+    model = make_big(7)
+    named = model_tensors(model)
+    specs = [spec_of(n, t) for n, t in named]
+    weights = LoadedWeights.capture(model)
+    relay = relay_listener(timeout_s=1.0)
+    progress = relay.begin(
+        specs, [t for _, t in named],
+        Accept(list(weights.digests), SMALL_BUCKET, TCP, None, parts=weights.parts),
+    )
+    progress.verified(1)
+    progress.verified_bytes(specs[0].nbytes + PART_BYTES)
+    try:
+        client = make_big(None)
+        assert fetch_for(client, timeout_s=5.0).run((f"127.0.0.1:{relay.port}",)) is None
+        assert torch.equal(client.small, model.small)
+        got, want = byte_view(client.big), byte_view(model.big)
+        assert torch.equal(got[:PART_BYTES], want[:PART_BYTES]), "a verified part waited"
+        assert not got[PART_BYTES:].any(), "an unverified part left the relay"
+
+        progress.verified(len(specs))
+        client = make_big(None)
+        assert fetch_for(client, timeout_s=5.0).run((f"127.0.0.1:{relay.port}",))
+        assert_same_tensors(client, model)
     finally:
         relay.close()

@@ -26,6 +26,7 @@ from vllm_ascend.model_loader.netloader.manifest import (
     TensorSpec,
     first_difference,
     manifest_sha256,
+    part_count,
     value_fingerprint,
 )
 from vllm_ascend.model_loader.netloader.planes.collective import CLIENT_RANK, group_link
@@ -140,6 +141,8 @@ class Received:
     layout: str = LOADED
     # The processed layout: the seed's ``layout.state_signature`` after its processing.
     signature: str | None = None
+    # The part digests of the large tensors, by digest (``Accept.parts``).
+    parts: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -168,6 +171,7 @@ class WeightFetch:
         self._summary = ManifestSummary(
             len(self.specs), sum(s.nbytes for s in self.specs), manifest_sha256(self.specs)
         )
+        self._part_counts = [part_count(s.nbytes) for s in self.specs]
         # The first ``_held`` targets hold verified bytes of the weights with value
         # fingerprint ``_held_values``: the next source with that fingerprint resumes.
         self._held = 0
@@ -282,7 +286,8 @@ class WeightFetch:
             reply = ask_seed(
                 conn, body, self.settings.secret,
                 Deadline(handshake_s, f"handshake with {address}"),
-                reply_cap(len(self.specs)) + load_state.WIRE_BYTES,
+                reply_cap(len(self.specs)) + load_state.WIRE_BYTES
+                + 64 * sum(self._part_counts),
             )
             accepted = self._accepted(address, reply, fingerprint, resume)
             progress = self._begin_relay(accepted) if offer_relay else None
@@ -317,7 +322,7 @@ class WeightFetch:
             f"; resumed at tensor {accepted.start}: {reused} bytes reused" if reused else "",
         )
         return Received(address, nbytes, seconds, accepted.digests, accepted.checkpoint, reused,
-                        accepted.state, accepted.layout, accepted.signature)
+                        accepted.state, accepted.layout, accepted.signature, accepted.parts)
 
     def _accepted(
         self, address: str, reply: dict[str, Any], fingerprint: str | None,
@@ -338,7 +343,7 @@ class WeightFetch:
             raise ProtocolError(f"expected '{ACCEPT}', got '{clean(kind, 40)}'")
         accepted = parse_accept(reply, len(self.specs), (self.settings.data_plane,),
                                 _MAX_BUCKET_BYTES, resume.start if resume is not None else 0,
-                                self.settings.layout)
+                                self.settings.layout, self._part_counts)
         values = value_fingerprint(self.specs, accepted.digests, accepted.state)
         if accepted.start and resume is not None and values != resume.values:
             raise ProtocolError(
@@ -397,12 +402,15 @@ class WeightFetch:
             )
             return recv_weights(link, self.targets, self.specs, accepted.digests,
                                 accepted.bucket_bytes, stats=stats, on_verified=on_verified,
-                                start=first)
+                                start=first, parts=accepted.parts,
+                                on_verified_bytes=(progress.verified_bytes
+                                                   if progress is not None else None))
         setup = Deadline(settings.timeout_s, "group set-up")
         with group_link(conn, CLIENT_RANK, settings.timeout_s, settings.device, setup,
                         deadline_s=deadline_s) as group:
             return recv_weights(group, self.targets, self.specs, accepted.digests,
                                 accepted.bucket_bytes, stats=stats, on_verified=on_verified,
+                                parts=accepted.parts,
                                 start=first)
 
     def _manifest_detail(self, address: str) -> str:
@@ -423,7 +431,8 @@ class WeightFetch:
         assert self.relay is not None
         progress = self.relay.begin(self.specs, self.targets, accepted)
         logger.info(
-            "%s relays on port %d: passes on each tensor once verified",
+            "%s relays on port %d: passes on each tensor (each 4 MiB part of a large "
+            "one) once verified",
             self._who, self.relay.port,
         )
         return progress

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from vllm_ascend.model_loader.netloader.log import get_logger
-from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, digest
+from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, digest_parts
 from vllm_ascend.model_loader.netloader.wire.errors import clean
 
 logger = get_logger(__name__)
@@ -222,6 +222,7 @@ def processed_weights(model: nn.Module, loaded: LoadedWeights) -> tuple[Processe
     own = _own_views(loaded.tensors)
     named: list[tuple[str, torch.Tensor]] = []
     digests: list[str] = []
+    parts = dict(loaded.parts)
     kept: list[str] = []
     kept_bytes = 0
     for spec, was, loaded_digest in zip(loaded.specs, loaded.tensors, loaded.digests,
@@ -232,7 +233,13 @@ def processed_weights(model: nn.Module, loaded: LoadedWeights) -> tuple[Processe
             same = (now.untyped_storage().data_ptr() == was.untyped_storage().data_ptr()
                     and now.data_ptr() == was.data_ptr())
             named.append((spec.name, now.detach()))
-            digests.append(loaded_digest if same else digest(now))
+            if same:
+                digests.append(loaded_digest)
+            else:
+                d, p = digest_parts(now)
+                digests.append(d)
+                if p:
+                    parts[d] = p
             continue
         # Consumed into a kernel: the bytes it was built from move instead.
         named.append((spec.name, was))
@@ -240,7 +247,8 @@ def processed_weights(model: nn.Module, loaded: LoadedWeights) -> tuple[Processe
         if not _held_by_model(was, own):
             kept.append(spec.name)
             kept_bytes += was.nbytes
-    return Processed(LoadedWeights(named, digests, loaded.state), tuple(kept), kept_bytes), ""
+    weights = LoadedWeights(named, digests, loaded.state, parts=parts)
+    return Processed(weights, tuple(kept), kept_bytes), ""
 
 
 def _slots(model: nn.Module) -> dict[str, torch.Tensor]:

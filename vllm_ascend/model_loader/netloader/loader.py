@@ -154,7 +154,8 @@ class NetloaderModelLoader(BaseModelLoader):
             )
         relay = fetched.relay_seed
         weights = (relay.layouts.primary if relay is not None else LoadedWeights.capture(
-            model, received.digests if received is not None else None, state))
+            model, received.digests if received is not None else None, state,
+            received.parts if received is not None else None))
         reasons = fetched.reasons if fetched is earlier else (*earlier.reasons, *fetched.reasons)
         self.outcome = self._outcome(received, reasons, start)
         self._log_loaded(plan, weights)

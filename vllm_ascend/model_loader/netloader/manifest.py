@@ -21,17 +21,21 @@ processing itself: on vLLM CPU that changed a 1 GB model's greedy outputs;
 import hashlib
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import blake3
 import torch
 from torch import nn
 
 from vllm_ascend.model_loader.netloader.load_state import NO_STATE, LoadState
+from vllm_ascend.model_loader.netloader.parts import (
+    PART_BYTES,
+    join_parts,
+    new_hasher,
+    part_count,
+)
 
-_THREADED_DIGEST_BYTES = 1 << 20
 # What a model is to its instance: the served model, or the draft a speculative decoder
 # loads beside it. Each has its own listener, and a listener only serves its own role.
 TARGET = "target"
@@ -88,18 +92,25 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def digest(t: torch.Tensor) -> str:
-    """blake3 of the tensor's bytes (host copy for device tensors)."""
-    data = byte_view(t.contiguous()).cpu().numpy()
-    hasher = new_hasher(data.nbytes)
-    hasher.update(data.data)
-    return str(hasher.hexdigest())
+    """A tensor's value digest, 64 hex digits (host copy for device tensors): blake3 of
+    its bytes up to ``PART_BYTES``, else ``join_parts`` of its parts' digests."""
+    return digest_parts(t)[0]
 
 
-def new_hasher(nbytes: int) -> Any:
-    """The blake3 hasher ``digest`` uses for a tensor of ``nbytes`` (threaded from 1 MiB
-    on): fed piece by piece, it gives the same digest."""
-    threads = blake3.blake3.AUTO if nbytes >= _THREADED_DIGEST_BYTES else 1
-    return blake3.blake3(max_threads=threads)
+def digest_parts(t: torch.Tensor) -> tuple[str, tuple[str, ...]]:
+    """(``digest(t)``, the blake3 of each ``PART_BYTES`` piece of its bytes in order,
+    the last one shorter; () for a tensor of at most ``PART_BYTES``)."""
+    data = memoryview(byte_view(t.contiguous()).cpu().numpy())  # type: ignore[arg-type]
+    if len(data) <= PART_BYTES:
+        hasher = new_hasher(len(data))
+        hasher.update(data)
+        return str(hasher.hexdigest()), ()
+    parts = []
+    for start in range(0, len(data), PART_BYTES):
+        hasher = new_hasher(PART_BYTES)
+        hasher.update(data[start : start + PART_BYTES])
+        parts.append(str(hasher.hexdigest()))
+    return join_parts(parts), tuple(parts)
 
 
 def manifest_sha256(specs: Sequence[TensorSpec]) -> str:
@@ -144,9 +155,15 @@ def plan_buckets(specs: Sequence[TensorSpec], bucket_bytes: int) -> list[list[in
     return buckets
 
 
+# The part digests (``digest_parts``) of the tensors larger than ``PART_BYTES``, by
+# their tensor digest.
+Parts = Mapping[str, tuple[str, ...]]
+
+
 class LoadedWeights:
-    """A model's tensors as loaded, with their digests: what a seed sends. Immutable
-    once built; a relay's progress through them lives in ``relay.RelayProgress``.
+    """A model's tensors as loaded, with their digests and the part digests of the
+    large ones (``parts``): what a seed sends. Immutable once built; a relay's progress
+    through them lives in ``relay.RelayProgress``.
 
     A non-contiguous tensor is kept as a contiguous copy (so it can be sent as bytes),
     which an in-place change to the model's original no longer reaches. vLLM's loaded
@@ -155,14 +172,29 @@ class LoadedWeights:
     def __init__(
         self, named: list[tuple[str, torch.Tensor]], digests: list[str],
         state: LoadState = NO_STATE, dropped: tuple[str, ...] = (),
+        parts: Parts | None = None,
     ):
+        """``parts`` None: computed from the tensors' bytes (tests). Raises ValueError
+        if a digest is missing, or a large tensor's parts are missing or do not join
+        to its digest."""
         if len(named) != len(digests):
             raise ValueError("one digest per tensor is needed")
+        if parts is None:
+            parts = dict(digest_parts(t) for _, t in named
+                         if part_count(t.nbytes) and not t.is_meta)
         self.tensors: tuple[torch.Tensor, ...] = tuple(
             t if t.is_contiguous() else t.contiguous() for _, t in named
         )
         self.specs: tuple[TensorSpec, ...] = tuple(spec_of(name, t) for name, t in named)
         self.digests: tuple[str, ...] = tuple(digests)
+        self.parts: dict[str, tuple[str, ...]] = {}
+        for spec, d in zip(self.specs, self.digests, strict=True):
+            if not part_count(spec.nbytes):
+                continue
+            mine = parts.get(d)
+            if mine is None or len(mine) != part_count(spec.nbytes) or join_parts(mine) != d:
+                raise ValueError(f"no part digests that join to the digest of {spec.name}")
+            self.parts[d] = tuple(mine)
         # What load_weights set besides tensors (``load_state``): served with them.
         self.state = state
         # Tensors whose loaded bytes this seed did not keep (``seed_cache``): meta
@@ -173,13 +205,16 @@ class LoadedWeights:
 
     @classmethod
     def capture(
-        cls, model: nn.Module, digests: list[str] | None = None, state: LoadState = NO_STATE
+        cls, model: nn.Module, digests: list[str] | None = None, state: LoadState = NO_STATE,
+        parts: Parts | None = None,
     ) -> "LoadedWeights":
-        """Views of ``model``'s tensors now; digests computed unless already known."""
+        """Views of ``model``'s tensors now; digests (and part digests) computed unless
+        already known."""
         named = model_tensors(model)
-        return cls(
-            named, digests if digests is not None else [digest(t) for _, t in named], state
-        )
+        if digests is not None:
+            return cls(named, digests, state, parts=parts)
+        both = [digest_parts(t) for _, t in named]
+        return cls(named, [d for d, _ in both], state, parts={d: p for d, p in both if p})
 
     def changed(self) -> list[str]:
         """Names of tensors whose bytes no longer match the digest taken at load."""

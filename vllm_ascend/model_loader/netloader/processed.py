@@ -190,7 +190,7 @@ def _fetch_into(
     if received is None:
         return fetched
     weights = LoadedWeights([(name, t) for (name, _), t in zip(named, targets, strict=True)],
-                            received.digests, received.state)
+                            received.digests, received.state, parts=received.parts)
     layouts = Layouts(None, weights, received.signature,
                       "this instance received the processed layout")
     return ProcessedLoad(model.eval(), plan.holding(received.checkpoint), fetched, layouts)

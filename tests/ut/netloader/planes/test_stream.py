@@ -2,6 +2,7 @@
 against the plan, no-progress limits instead of per-call timeouts, bytes received
 straight into the targets and a target counted only once its digest matched."""
 
+import functools
 import socket
 import threading
 import time
@@ -11,7 +12,14 @@ import torch
 
 from tests.helpers.toy import bf16_tensors
 from tests.helpers.wire import tcp_pair
-from vllm_ascend.model_loader.netloader.manifest import digest, plan_buckets, spec_of
+from vllm_ascend.model_loader.netloader.manifest import (
+    byte_view,
+    digest,
+    digest_parts,
+    plan_buckets,
+    spec_of,
+)
+from vllm_ascend.model_loader.netloader.parts import PART_BYTES
 from vllm_ascend.model_loader.netloader.planes.progress import PROGRESS_BYTES, TransferError
 from vllm_ascend.model_loader.netloader.planes.stream import StreamLink
 from vllm_ascend.model_loader.netloader.planes.transfer import recv_weights, send_weights
@@ -366,3 +374,57 @@ def test_huge_pages_and_faulting_ahead_that_the_kernel_refuses_change_nothing_bu
     assert memory.MADV_HUGEPAGE in calls
     said = [r.getMessage() for r in caplog.records if "does not" in r.getMessage()]
     assert said and all("EINVAL" in m for m in said) and len(said) == len(set(said))
+
+
+def test_a_large_tensor_is_verified_part_by_part_and_a_bad_part_stops_it_there():
+    # A 10 MiB tensor (parts of 4, 4, 2 MiB) after a small one, one byte wrong in its
+    # last part: the first two parts are reported verified as they land (a relay
+    # passes them on), the bad part and the tensor never are.
+    want = [torch.arange(1000, dtype=torch.int32),
+            torch.randn((10 << 20) // 4, generator=torch.Generator().manual_seed(4))]
+    bad = [t.clone() for t in want]
+    bad[1][-5] += 1
+    specs = [spec_of(f"t{i}", t) for i, t in enumerate(want)]
+    digests, parts = zip(*(digest_parts(t) for t in want), strict=True)
+    total = sum(s.nbytes for s in specs)
+    targets = [torch.zeros_like(t) for t in want]
+    tensors: list[int] = []
+    verified: list[int] = []
+    a, b = tcp_pair()
+    with a, b:
+        sender = in_thread(lambda: send_weights(StreamLink(a, 5.0, total), bad, specs, BUCKET))
+        with pytest.raises(TransferError, match="digest mismatch for t1 .* in part 2"):
+            recv_weights(StreamLink(b, 5.0, total), targets, specs, list(digests), BUCKET,
+                         on_verified=tensors.append, parts=dict(zip(digests, parts, strict=True)),
+                         on_verified_bytes=verified.append)
+        sender.join(10)
+    assert tensors == [1]
+    assert verified == [4000, 4000 + PART_BYTES, 4000 + 2 * PART_BYTES]
+    assert torch.equal(byte_view(targets[1])[: 2 * PART_BYTES],
+                       byte_view(want[1])[: 2 * PART_BYTES])
+
+
+def test_a_large_tensor_without_its_part_digests_is_still_checked_whole():
+    # A receiver that was not told the parts (no relay needs them) checks the parts'
+    # join against the tensor digest at the end, and reports no part early.
+    want = torch.randn((9 << 20) // 4, generator=torch.Generator().manual_seed(5))
+    for wrong in (False, True):
+        sent = want.clone()
+        if wrong:
+            sent[0] += 1
+        spec = spec_of("t0", want)
+        target = torch.zeros_like(want)
+        verified: list[int] = []
+        a, b = tcp_pair()
+        with a, b:
+            sender = in_thread(functools.partial(
+                send_weights, StreamLink(a, 5.0, spec.nbytes), [sent], [spec], BUCKET))
+            try:
+                recv_weights(StreamLink(b, 5.0, spec.nbytes), [target], [spec],
+                             [digest(want)], BUCKET, on_verified_bytes=verified.append)
+                error = None
+            except TransferError as e:
+                error = e
+            sender.join(10)
+        assert (error is not None) == wrong
+        assert verified == ([] if wrong else [spec.nbytes])

@@ -227,7 +227,7 @@ def test_a_relay_sends_small_buckets_while_its_own_fetch_runs_and_the_seed_its_o
     big = 64 << 20
     settings = SeedSettings(IDENTITY, 0, "127.0.0.1", 5.0, bucket_bytes=big)
     weights = processed()
-    relaying = RelayProgress(len(weights.specs))
+    relaying = RelayProgress([s.nbytes for s in weights.specs])
     relaying.verified(len(weights.specs))
     relay = SeedServer(weights, settings, listen("127.0.0.1", 0), progress=relaying).start()
     seed = SeedServer(weights, settings, listen("127.0.0.1", 0)).start()

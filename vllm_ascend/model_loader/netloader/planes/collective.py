@@ -45,7 +45,7 @@ from vllm_ascend.model_loader.netloader.deadline import (
 )
 from vllm_ascend.model_loader.netloader.manifest import byte_view
 from vllm_ascend.model_loader.netloader.planes.progress import Pacer, TransferError
-from vllm_ascend.model_loader.netloader.planes.transfer import copy_bytes, empty_bytes
+from vllm_ascend.model_loader.netloader.planes.transfer import Gate, copy_bytes, empty_bytes
 from vllm_ascend.model_loader.netloader.wire.errors import ProtocolError
 from vllm_ascend.model_loader.netloader.wire.frames import MAX_REQUEST_BYTES, recv_msg, send_msg
 from vllm_ascend.model_loader.netloader.wire.messages import STORE, parse_store_record, store_record
@@ -214,7 +214,14 @@ class GroupLink:
         # (work, payload kept alive until sent, staging buffer to give back)
         self._in_flight: deque[tuple[Any, torch.Tensor, torch.Tensor | None]] = deque()
 
-    def send_bucket(self, index: int, tensors: Sequence[torch.Tensor], nbytes: int) -> None:
+    def send_bucket(
+        self, index: int, tensors: Sequence[torch.Tensor], nbytes: int,
+        gate: Gate | None = None,
+    ) -> None:
+        """``transfer.Link.send_bucket``; a relay's ``gate`` is asked once, for the whole
+        bucket (it goes out as one collective send)."""
+        if gate is not None:
+            gate(nbytes)
         staging = None
         if len(tensors) == 1:
             payload = byte_view(tensors[0]).to(self._device)

@@ -36,7 +36,7 @@ import torch
 from vllm_ascend.model_loader.netloader.deadline import Deadline
 from vllm_ascend.model_loader.netloader.manifest import byte_view
 from vllm_ascend.model_loader.netloader.planes.progress import Pacer, Progress, TransferError
-from vllm_ascend.model_loader.netloader.planes.transfer import empty_bytes
+from vllm_ascend.model_loader.netloader.planes.transfer import Gate, empty_bytes
 from vllm_ascend.model_loader.netloader.wire.errors import ProtocolError
 from vllm_ascend.model_loader.netloader.wire.frames import (
     DATA_HEADER_BYTES,
@@ -83,6 +83,9 @@ class StreamLink:
         self._deadline_s = deadline_s
         self._on_bytes = on_bytes
         self._send_progress: Progress | None = None
+        # Whether a bucket's payload is partly sent (a relay's gate raised within it):
+        # an abort frame then would be read as payload, so ``abort`` ends the stream.
+        self._in_payload = False
 
     # --- sending ---------------------------------------------------------------------
 
@@ -93,22 +96,35 @@ class StreamLink:
             )
         return self._send_progress
 
-    def send_bucket(self, index: int, tensors: Sequence[torch.Tensor], nbytes: int) -> None:
+    def send_bucket(
+        self, index: int, tensors: Sequence[torch.Tensor], nbytes: int,
+        gate: Gate | None = None,
+    ) -> None:
+        """``transfer.Link.send_bucket``: a relay's ``gate`` is asked before each piece
+        (within a tensor, pieces start at its first byte, so a piece is within a part)."""
         progress = self._sending()
         # MSG_MORE: the header leaves in one segment with the payload that follows.
         more = socket.MSG_MORE if nbytes else 0
         self._send(memoryview(data_header(index, nbytes)), progress, count=False, flags=more)
         paced = self._pacer.rate is not None
+        self._in_payload = True
+        offset = 0  # bytes of the bucket before this tensor
         for t in tensors:
             data = byte_view(t)
+            if gate is not None and data.device.type != "cpu":
+                gate(offset + data.numel())  # copied to the host whole
             if data.device.type != "cpu":
                 data = data.to(_CPU)
             view = _buffer(data)
             step = _PACED_CHUNK if paced else _CHUNK
             for start in range(0, len(view), step):
                 chunk = view[start : start + step]
+                if gate is not None:
+                    gate(offset + start + len(chunk))
                 self._send(chunk, progress)
                 self._pacer.sent(len(chunk))
+            offset += len(view)
+        self._in_payload = False
 
     def flush(self) -> None:
         pass  # send_bucket returns once the kernel has every byte
@@ -117,8 +133,12 @@ class StreamLink:
         self._send(memoryview(keepalive_frame()), self._sending(), count=False)
 
     def abort(self, reason: str) -> None:
-        """Tell the receiver this sender cannot go on (best effort, short deadline)."""
+        """Tell the receiver this sender cannot go on (best effort, short deadline); within
+        a bucket's payload, by ending the stream (the receiver sees it short)."""
         try:
+            if self._in_payload:
+                self._sock.shutdown(socket.SHUT_WR)
+                return
             self._sock.settimeout(1.0)
             self._sock.sendall(abort_frame(reason))
         except OSError:

@@ -7,10 +7,12 @@ tensor's digest before a byte of it reaches the model. How long a transfer may t
 is ``progress``'s business.
 """
 
+import functools
+import itertools
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -19,9 +21,9 @@ from vllm_ascend.model_loader.netloader.manifest import (
     TensorSpec,
     byte_view,
     digest,
-    new_hasher,
     plan_buckets,
 )
+from vllm_ascend.model_loader.netloader.parts import PART_BYTES, join_parts, new_hasher, part_count
 from vllm_ascend.model_loader.netloader.planes import memory
 from vllm_ascend.model_loader.netloader.planes.progress import TransferError
 
@@ -31,8 +33,13 @@ BUCKET_BYTES = 64 * 1024 * 1024
 class Link(Protocol):
     """One transfer's data plane, as the two sides of ``transfer`` see it."""
 
-    def send_bucket(self, index: int, tensors: Sequence[torch.Tensor], nbytes: int) -> None:
-        """Send bucket ``index``: the bytes of ``tensors`` back to back (``nbytes`` in all)."""
+    def send_bucket(
+        self, index: int, tensors: Sequence[torch.Tensor], nbytes: int,
+        gate: "Gate | None" = None,
+    ) -> None:
+        """Send bucket ``index``: the bytes of ``tensors`` back to back (``nbytes`` in all).
+        ``gate(n)`` returns once the bucket's first ``n`` bytes may leave (a relay's own
+        fetch verified them); a link calls it before sending them."""
 
     def flush(self) -> None:
         """Return once every bucket handed to ``send_bucket`` has left this side."""
@@ -77,9 +84,12 @@ def bytes_from(specs: Sequence[TensorSpec], start: int) -> int:
     return sum(s.nbytes for s in specs[start:])
 
 
-# A relay's gate: wait_ready(n, keepalive) returns once its first n tensors hold
-# verified bytes (or raises), calling keepalive() now and then while it waits.
-WaitReady = Callable[[int, Callable[[], None]], None]
+# A relay's gate: wait_ready(n, keepalive) returns once the first n bytes of its
+# weights (manifest order, from tensor 0) are verified (or raises), calling keepalive()
+# now and then while it waits (None: it cannot be told, mid-bucket).
+WaitReady = Callable[[int, Callable[[], None] | None], None]
+# Within one bucket: gate(n) returns once the bucket's first n bytes may leave.
+Gate = Callable[[int], None]
 
 
 def send_weights(
@@ -93,17 +103,27 @@ def send_weights(
     """Send ``tensors[start:]`` in manifest order, bucket by bucket; returns the bytes
     sent.
 
-    A relay passes ``wait_ready``: each bucket leaves as soon as its own transfer has
-    verified it, with keepalives to the receiver meanwhile."""
+    A relay passes ``wait_ready``: a bucket starts once its own transfer verified the
+    bucket's first tensor (or first part of one), with keepalives to the receiver
+    meanwhile, and the link sends each further byte once that is verified too."""
     sent = 0
+    starts = [0, *itertools.accumulate(s.nbytes for s in specs)]
     for index, bucket in enumerate(plan_from(specs, bucket_bytes, start)):
-        if wait_ready is not None:
-            wait_ready(bucket[-1] + 1, link.keepalive)
         nbytes = sum(specs[i].nbytes for i in bucket)
-        link.send_bucket(index, [tensors[i] for i in bucket], nbytes)
+        gate: Gate | None = None
+        if wait_ready is not None:
+            begin = starts[bucket[0]]
+            wait_ready(begin + min(specs[bucket[0]].nbytes, PART_BYTES), link.keepalive)
+            gate = functools.partial(_gate, wait_ready, begin)
+        link.send_bucket(index, [tensors[i] for i in bucket], nbytes, gate)
         sent += nbytes
     link.flush()
     return sent
+
+
+def _gate(wait_ready: WaitReady, begin: int, n: int) -> None:
+    """A bucket's ``Gate``: its first ``n`` bytes are those from ``begin`` on."""
+    wait_ready(begin + n, None)
 
 
 def recv_weights(
@@ -115,6 +135,8 @@ def recv_weights(
     stats: TransferStats | None = None,
     on_verified: Callable[[int], None] | None = None,
     start: int = 0,
+    parts: Mapping[str, Sequence[str]] | None = None,
+    on_verified_bytes: Callable[[int], None] | None = None,
 ) -> int:
     """Receive ``targets[start:]`` in manifest order (the first ``start`` already hold
     verified bytes: a resumed transfer); returns the bytes received.
@@ -123,7 +145,11 @@ def recv_weights(
     the first ``n`` targets hold exactly the seed's bytes, in order. Host targets on a
     link that can receive in place (``stream.StreamLink.receive_into``) are written
     straight into their own memory, huge pages asked for and faulted in ahead
-    (``memory``), and hashed piece by piece while the next piece arrives; whenever this
+    (``memory``), and hashed piece by piece while the next piece arrives; a tensor
+    larger than ``PART_BYTES`` is checked part by part against ``parts`` (by its
+    digest: the seed's part digests, which the accept proved join to it), and
+    ``on_verified_bytes(n)`` hears that the first ``n`` bytes of the weights (from
+    tensor 0) are verified as each part matches, for a relay to pass them on. Whenever this
     raises, the targets not yet reported done may hold anything (the caller restores or
     rewrites them: the disk loader writes every parameter, ``fetch`` restores buffers).
     Other targets arrive in the link's staging buffer and are copied only once verified.
@@ -134,7 +160,8 @@ def recv_weights(
     receive_into = getattr(link, "receive_into", None)
     if receive_into is not None and all(targets[i].device.type == "cpu"
                                         for b in buckets for i in b):
-        _recv_in_place(receive_into, buckets, targets, specs, digests, stats, on_verified)
+        _recv_in_place(receive_into, buckets, targets, specs, digests, stats, on_verified,
+                       parts or {}, on_verified_bytes)
         return sum(sizes)
     arrivals = link.receive(sizes)
     try:
@@ -158,14 +185,17 @@ def _recv_in_place(
     digests: Sequence[str],
     stats: TransferStats,
     on_verified: Callable[[int], None] | None,
+    parts: Mapping[str, Sequence[str]],
+    on_verified_bytes: Callable[[int], None] | None,
 ) -> None:
     """``recv_weights`` for host targets received in place (see there)."""
     order = [i for b in buckets for i in b]
+    starts = [0, *itertools.accumulate(s.nbytes for s in specs)]
     memory.prepare([targets[i] for i in order])
     populator = memory.Populator([targets[i] for i in order]).start()
     arrivals = receive_into([[byte_view(targets[i]) for i in b] for b in buckets],
                             populator.reached)
-    hasher: Any = None
+    check = None
     current = -1
     try:
         while True:
@@ -178,18 +208,79 @@ def _recv_in_place(
             position, piece = item
             i = order[position]
             if position != current:
-                hasher, current = new_hasher(specs[i].nbytes), position
+                check, current = _TensorCheck(specs[i], digests[i], parts.get(digests[i])), position
+            assert check is not None
             if piece is not None:
-                hasher.update(piece)
-            elif hasher.hexdigest() != digests[i]:
-                n = specs[i].nbytes
-                raise TransferError(f"digest mismatch for {specs[i].name} ({n} bytes)")
+                verified = check.update(piece)
+                if verified and on_verified_bytes is not None:
+                    on_verified_bytes(starts[i] + verified)
+            else:
+                check.finish()
             stats.verify_s += time.perf_counter() - t1
-            if piece is None and on_verified is not None:
-                on_verified(i + 1)
+            if piece is None:
+                if on_verified is not None:
+                    on_verified(i + 1)
+                if on_verified_bytes is not None:
+                    on_verified_bytes(starts[i + 1])
     finally:
         arrivals.close()
         populator.stop()
+
+
+class _TensorCheck:
+    """The digest check of one tensor received piece by piece. A tensor larger than
+    ``PART_BYTES`` is hashed part by part and each part compared as it completes
+    with ``expected`` (its part digests, when known); at the end the parts' digests
+    must join to ``digest`` either way. Raises ``TransferError`` on a mismatch."""
+
+    def __init__(self, spec: TensorSpec, digest: str, expected: Sequence[str] | None):
+        self._spec = spec
+        self._digest = digest
+        self._parted = part_count(spec.nbytes) > 0
+        self._expected = expected if self._parted else None
+        self._hasher = new_hasher(PART_BYTES if self._parted else spec.nbytes)
+        self._done: list[str] = []  # digests of the parts that are complete
+        self._in_part = 0  # bytes of the current part hashed so far
+        self._seen = 0
+
+    def update(self, piece: memoryview) -> int:
+        """Hash ``piece`` (the tensor's next bytes); returns how many leading bytes of
+        the tensor are verified part by part now (0: none yet, or no parts)."""
+        if not self._parted:
+            self._hasher.update(piece)
+            self._seen += len(piece)
+            return 0
+        verified = 0
+        while len(piece):
+            take = min(len(piece), PART_BYTES - self._in_part)
+            self._hasher.update(piece[:take])
+            piece = piece[take:]
+            self._in_part += take
+            self._seen += take
+            if self._in_part == PART_BYTES or self._seen == self._spec.nbytes:
+                verified = self._end_part()
+        return verified
+
+    def _end_part(self) -> int:
+        got = str(self._hasher.hexdigest())
+        k = len(self._done)
+        if self._expected is not None and (k >= len(self._expected) or got != self._expected[k]):
+            raise TransferError(
+                f"digest mismatch for {self._spec.name} ({self._spec.nbytes} bytes) "
+                f"in part {k} (bytes {k * PART_BYTES} on)"
+            )
+        self._done.append(got)
+        self._hasher = new_hasher(PART_BYTES)
+        self._in_part = 0
+        return self._seen if self._expected is not None else 0
+
+    def finish(self) -> None:
+        """The tensor is whole: its digest must match."""
+        got = join_parts(self._done) if self._parted else str(self._hasher.hexdigest())
+        if self._seen != self._spec.nbytes or got != self._digest:
+            raise TransferError(
+                f"digest mismatch for {self._spec.name} ({self._spec.nbytes} bytes)"
+            )
 
 
 def deliver(

@@ -5,11 +5,13 @@ names that port in its hello. Once a seed sends to RELAY_FANOUT clients, it send
 further client to a relay below it that has been sent fewer than RELAY_FANOUT
 (``RelayTree``): with fan-out 1, N clients form a chain seed -> 1st -> 2nd -> ...; with
 fan-out k, a tree whose depth grows as log_k N. Once the fetch is accepted, ``begin``
-starts a seed over the fetch's own targets that sends each bucket only after the fetch
-has verified every tensor in it (``RelayProgress``); after the load that seed goes on
-as the instance's seed (``SeedServer.promote``).
+starts a seed over the fetch's own targets that sends each byte only after the fetch
+has verified it: a tensor once its digest matched, a tensor larger than
+``manifest.PART_BYTES`` part by part as each part's digest matched (``RelayProgress``).
+After the load that seed goes on as the instance's seed (``SeedServer.promote``).
 """
 
+import itertools
 import socket
 import threading
 import time
@@ -27,12 +29,20 @@ class RelayStalled(Exception):
 
 
 class RelayProgress:
-    """How many leading tensors (in manifest order) a relay's own fetch has verified,
-    whether its bytes still arrive, or why it failed; what the relay's senders wait on."""
+    """How far (in manifest order) a relay's own fetch has verified, in tensors and in
+    bytes, whether its bytes still arrive, or why it failed; what the relay's senders
+    wait on. ``sizes``: each tensor's bytes, in manifest order.
 
-    def __init__(self, total: int):
-        self._total = total
+    Bytes count from the first byte of tensor 0; a tensor larger than
+    ``manifest.PART_BYTES`` becomes ready part by part as each part's digest matches
+    (``verified_bytes``), so a relay passes a large tensor on without waiting for all
+    of it; the others when they are whole (``verified``)."""
+
+    def __init__(self, sizes: Sequence[int]):
+        self._total = len(sizes)
+        self._ends = list(itertools.accumulate(sizes))
         self._ready = 0
+        self._ready_bytes = 0
         self._failure: str | None = None
         self._last_bytes = time.monotonic()
         self._cond = threading.Condition()
@@ -45,6 +55,15 @@ class RelayProgress:
         """The first ``count`` tensors now hold bytes that matched their digests."""
         with self._cond:
             self._ready = max(self._ready, count)
+            if count:
+                self._ready_bytes = max(self._ready_bytes, self._ends[count - 1])
+            self._last_bytes = time.monotonic()
+            self._cond.notify_all()
+
+    def verified_bytes(self, offset: int) -> None:
+        """The first ``offset`` bytes now hold bytes that matched their (part) digests."""
+        with self._cond:
+            self._ready_bytes = max(self._ready_bytes, offset)
             self._last_bytes = time.monotonic()
             self._cond.notify_all()
 
@@ -66,19 +85,19 @@ class RelayProgress:
             return self._failure
 
     def wait_ready(
-        self, count: int, timeout_s: float, keepalive: Callable[[], None] = lambda: None
+        self, offset: int, timeout_s: float, keepalive: Callable[[], None] = lambda: None
     ) -> None:
-        """Block until the first ``count`` tensors are verified, calling ``keepalive``
+        """Block until the first ``offset`` bytes are verified, calling ``keepalive``
         about every ``timeout_s / 4`` while the fetch's bytes still arrive. Raises
         ``RelayStalled`` if the fetch failed, or no byte arrived for ``timeout_s``."""
         while True:
             with self._cond:
                 if self._failure is not None:
                     raise RelayStalled(f"relay's own transfer failed: {self._failure}")
-                if self._ready >= count:
+                if self._ready_bytes >= offset:
                     return
                 self._cond.wait(timeout_s / 4)
-                if self._failure is not None or self._ready >= count:
+                if self._failure is not None or self._ready_bytes >= offset:
                     continue
                 silent = time.monotonic() - self._last_bytes
                 if silent > timeout_s:
@@ -195,8 +214,8 @@ class RelayListener(Generic[_Seed]):
         weights, load state, layout and checkpoint the upstream seed's proved
         ``accepted`` named: a relay serves the layout it receives, never the other."""
         weights = LoadedWeights([(s.name, t) for s, t in zip(specs, targets, strict=True)],
-                                accepted.digests, accepted.state)
-        self.progress = RelayProgress(len(specs))
+                                accepted.digests, accepted.state, parts=accepted.parts)
+        self.progress = RelayProgress([s.nbytes for s in specs])
         self.seed = self._make_seed(weights, self.progress, self._sock, accepted)
         return self.progress
 

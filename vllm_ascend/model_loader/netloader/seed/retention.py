@@ -96,7 +96,8 @@ def retain(
             nbytes += t.nbytes
     named = [(spec.name, t) for spec, t in zip(weights.specs, kept, strict=True)]
     return (
-        LoadedWeights(named, list(weights.digests), weights.state, tuple(dropped)),
+        LoadedWeights(named, list(weights.digests), weights.state, tuple(dropped),
+                      weights.parts),
         Retained(retention.mode, count, nbytes, tuple(dropped)),
     )
 

@@ -265,7 +265,7 @@ def _from_processed(
     still = tuple(n for n, t in zip((s.name for s in kept.specs), tensors, strict=True)
                   if t.is_meta)
     named = [(spec.name, t) for spec, t in zip(kept.specs, tensors, strict=True)]
-    return (LoadedWeights(named, list(kept.digests), kept.state, still),
+    return (LoadedWeights(named, list(kept.digests), kept.state, still, kept.parts),
             dataclasses.replace(retained, dropped=still))
 
 

@@ -505,7 +505,8 @@ class SeedServer:
         side.answer(
             accept(list(weights.digests), bucket_bytes, plane,
                    self.identity.get("checkpoint"), first, weights.state, layout,
-                   layouts.signature if layout == PROCESSED else None),
+                   layouts.signature if layout == PROCESSED else None,
+                   [p for d in weights.digests for p in weights.parts.get(d, ())]),
             deadline,
         )
         total = bytes_from(weights.specs, first)
@@ -524,7 +525,7 @@ class SeedServer:
         if progress is not None:
             def wait_ready(n: int, keepalive: Any) -> None:
                 assert progress is not None
-                progress.wait_ready(n, settings.timeout_s, keepalive)
+                progress.wait_ready(n, settings.timeout_s, keepalive or (lambda: None))
 
         start = time.perf_counter()
         if plane == TCP:

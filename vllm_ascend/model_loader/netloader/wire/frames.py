@@ -27,7 +27,7 @@ from vllm_ascend.model_loader.netloader.deadline import Deadline, DeadlineExceed
 from vllm_ascend.model_loader.netloader.wire.errors import ProtocolError, clean, text
 
 MAGIC = b"NLDR"
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 _HEADER = struct.Struct("!4sBI")
 # Everything a seed reads from a peer: the request, the 'done', rendezvous records.
 MAX_REQUEST_BYTES = 8 * 1024

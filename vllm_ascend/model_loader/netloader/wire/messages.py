@@ -5,10 +5,13 @@ The parsers turn every malformed, mistyped or out-of-range field into
 """
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 from vllm_ascend.model_loader.netloader.load_state import NO_STATE, LoadState, LoadStateError
+from vllm_ascend.model_loader.netloader.parts import join_parts
 from vllm_ascend.model_loader.netloader.wire.addresses import AddressError, parse_address
 from vllm_ascend.model_loader.netloader.wire.errors import (
     MAX_REASON_CHARS,
@@ -308,17 +311,22 @@ class Accept:
     layout: str = LOADED
     # The processed layout's ``layout.state_signature`` of the seed's model.
     signature: str | None = None
+    # The part digests of each tensor larger than ``manifest.PART_BYTES``, by its
+    # digest; each tuple joins to that digest (``manifest.join_parts``).
+    parts: dict[str, tuple[str, ...]] = dataclass_field(default_factory=dict)
 
 
 def accept(
     digests: list[str], bucket_bytes: int, data_plane: str, checkpoint: str | None,
     start: int = 0, state: LoadState = NO_STATE, layout: str = LOADED,
-    signature: str | None = None,
+    signature: str | None = None, parts: Sequence[str] = (),
 ) -> dict[str, Any]:
+    """``parts``: the part digests of every tensor that has them, in manifest order,
+    from tensor 0 whatever ``start`` is (a relay serves them all on)."""
     msg = {
         "type": ACCEPT, "digests": digests, "bucket_bytes": bucket_bytes,
         "data_plane": data_plane, "checkpoint": checkpoint, "start": start,
-        "state": state.to_wire(), "layout": layout,
+        "state": state.to_wire(), "layout": layout, "parts": "".join(parts),
     }
     if signature is not None:
         msg["signature"] = signature
@@ -327,12 +335,14 @@ def accept(
 
 def parse_accept(
     msg: dict[str, Any], tensors: int, offered: tuple[str, ...], max_bucket_bytes: int,
-    resume_at: int = 0, layout: str = LOADED,
+    resume_at: int = 0, layout: str = LOADED, part_counts: Sequence[int] | None = None,
 ) -> Accept:
     """Check an accept against what this client asked for: one digest per tensor of
-    its manifest, a bucket size in (0, max_bucket_bytes], a data plane it offered, and
-    a start of 0 or ``resume_at`` (the tensor it offered to resume at; a seed that
-    predates resuming sends no start: 0)."""
+    its manifest, a bucket size in (0, max_bucket_bytes], a data plane it offered, a
+    start of 0 or ``resume_at`` (the tensor it offered to resume at; a seed that
+    predates resuming sends no start: 0), and ``part_counts[i]`` part digests for each
+    tensor ``i`` (``manifest.part_count`` of its size; None: none has parts) that join
+    to its digest."""
     digests = field(msg, "digests", list)
     if len(digests) != tensors or not all(
         isinstance(d, str) and _SHA256.fullmatch(d) for d in digests
@@ -340,6 +350,7 @@ def parse_accept(
         raise ProtocolError(
             f"accept carries {len(digests)} digests (or malformed ones) for {tensors} tensors"
         )
+    parts = _parse_parts(field(msg, "parts", str), digests, part_counts or [0] * tensors)
     bucket_bytes = field(msg, "bucket_bytes", int)
     if not 0 < bucket_bytes <= max_bucket_bytes:
         raise ProtocolError(f"accept carries a bucket size of {bucket_bytes} bytes")
@@ -359,7 +370,32 @@ def parse_accept(
         raise ProtocolError(f"accept serves another layout than the {layout} one asked for")
     signature = sha256_field(msg, "signature", optional=layout != PROCESSED)
     return Accept(digests, bucket_bytes, plane, sha256_field(msg, "checkpoint", optional=True),
-                  start, state, layout, signature if layout == PROCESSED else None)
+                  start, state, layout, signature if layout == PROCESSED else None, parts)
+
+
+def _parse_parts(
+    text: str, digests: list[str], part_counts: Sequence[int]
+) -> dict[str, tuple[str, ...]]:
+    """An accept's ``parts``: 64 hex digits per part, ``part_counts[i]`` of them for
+    tensor ``i`` in order, each tensor's joining to its digest. Raises ProtocolError."""
+    if len(text) != 64 * sum(part_counts) or not all(
+        _SHA256.fullmatch(text, k, k + 64) for k in range(0, len(text), 64)
+    ):
+        raise ProtocolError(
+            f"accept carries {len(text)} characters of part digests (or malformed ones), "
+            f"not the {64 * sum(part_counts)} of {sum(part_counts)} parts"
+        )
+    parts: dict[str, tuple[str, ...]] = {}
+    offset = 0
+    for i, (d, count) in enumerate(zip(digests, part_counts, strict=True)):
+        if not count:
+            continue
+        mine = tuple(text[k : k + 64] for k in range(offset, offset + 64 * count, 64))
+        offset += 64 * count
+        if join_parts(mine) != d:
+            raise ProtocolError(f"accept's part digests of tensor {i} do not join to its digest")
+        parts[d] = mine
+    return parts
 
 
 def info(description: dict[str, Any]) -> dict[str, Any]:
