@@ -387,11 +387,18 @@ def test_a_send_limit_below_the_minimum_rate_names_both_keys():
     ).send_limit_mb_per_s == 0.5
 
 
-def test_a_send_limit_that_moves_less_than_1_mib_per_timeout_names_both_keys():
+@pytest.mark.parametrize("limit, timeout", [(0.1, 5), (1, 5), (0.25, 30)])
+def test_a_send_limit_that_moves_less_than_two_parts_per_timeout_names_both_keys(
+    limit, timeout
+):
+    # A relay below this seed passes 4 MiB parts on at about this rate: its clients
+    # would wait longer than TIMEOUT without a byte.
     error = raises_naming("SEND_LIMIT_MB_PER_S", {
-        "SEND_LIMIT_MB_PER_S": 0.1, "TIMEOUT": 5, "MIN_RATE_MB_PER_S": 0.1,
+        "SEND_LIMIT_MB_PER_S": limit, "TIMEOUT": timeout, "MIN_RATE_MB_PER_S": 0.1,
     })
-    assert "TIMEOUT" in str(error)
+    assert "TIMEOUT" in str(error) and "4 MiB parts" in str(error)
+    assert parse_config({"SEND_LIMIT_MB_PER_S": limit, "TIMEOUT": 9 / limit,
+                         "MIN_RATE_MB_PER_S": 0.1}).send_limit_mb_per_s == limit
 
 
 # --- keys from configs written for vllm-ascend's netloader ---------------------------

@@ -14,7 +14,7 @@ from typing import Any
 
 from vllm_ascend.model_loader.netloader.fleet.dns import DnsSource
 from vllm_ascend.model_loader.netloader.fleet.registry import RegistryError, parse_registry_url
-from vllm_ascend.model_loader.netloader.planes.progress import PROGRESS_BYTES
+from vllm_ascend.model_loader.netloader.parts import PART_BYTES
 from vllm_ascend.model_loader.netloader.wire.addresses import (
     AddressError,
     format_address,
@@ -38,6 +38,12 @@ DRAFT_PORT_OFFSET = 10000
 # vllm-ascend's: a drop-in config never costs memory nobody asked for.
 INT8_CACHE_MODES = ("hbm", "dram", "no")
 DEFAULT_INT8_CACHE = "no"
+# What a seed's send limit must move in TIMEOUT: a relay below it passes a tensor
+# larger than a part on part by part as its own fetch verifies them (``seed.relay``),
+# with no keepalive inside the tensor, so its clients may see a part's time at the
+# seed's rate without a byte, and allow TIMEOUT of that (``planes.progress``); two
+# parts leave room for the window that was already running.
+_SILENCE_BYTES = 2 * PART_BYTES
 # LAYOUT values: which form of the weights moves (see layout.py). "auto" moves the
 # processed (runtime) layout wherever it is exact, else the loaded one.
 AUTO = "auto"
@@ -199,10 +205,12 @@ def parse_config(extra: Any, environ: Mapping[str, str] = os.environ) -> Netload
         fields[name] = parse(value)
     config = NetloaderConfig(**fields)
     limit = config.send_limit_mb_per_s
-    if limit is not None and limit * config.timeout_s < PROGRESS_BYTES / 1e6:
+    if limit is not None and limit * config.timeout_s < _SILENCE_BYTES / 1e6:
         raise NetloaderConfigError(
-            f"SEND_LIMIT_MB_PER_S {limit:g} moves less than 1 MiB in TIMEOUT "
-            f"{config.timeout_s:g} s, which clients count as no progress; raise one of them"
+            f"SEND_LIMIT_MB_PER_S {limit:g} moves less than 8 MiB in TIMEOUT "
+            f"{config.timeout_s:g} s: a relay below this seed passes large tensors on in "
+            f"4 MiB parts at about this rate, and its clients count TIMEOUT without a byte "
+            f"as no progress; raise one of them"
         )
     if limit is not None and limit < config.min_rate_mb_per_s:
         raise NetloaderConfigError(

@@ -428,3 +428,28 @@ def test_a_large_tensor_without_its_part_digests_is_still_checked_whole():
             sender.join(10)
         assert (error is not None) == wrong
         assert verified == ([] if wrong else [spec.nbytes])
+
+
+def test_a_relay_waits_for_a_bucket_of_small_tensors_with_keepalives_then_parts_without():
+    # A relay bucket of three 1.1 MiB tensors, then a 9 MiB tensor alone. Its own fetch
+    # may report them a whole upstream bucket at a time (device targets), so the relay
+    # waits for all of the small tensors' bucket with keepalives, and inside a bucket
+    # (no keepalive can go there) only for the large tensor's later parts.
+    mib = 1 << 20
+    tensors = [torch.zeros(int(1.1 * mib), dtype=torch.uint8) for _ in range(3)]
+    tensors.append(torch.zeros(9 * mib, dtype=torch.uint8))
+    specs = [spec_of(f"t{i}", t) for i, t in enumerate(tensors)]
+    total = sum(s.nbytes for s in specs)
+    small = sum(s.nbytes for s in specs[:3])
+    waits: list[tuple[int, bool]] = []
+    a, b = tcp_pair()
+    with a, b:
+        drain = in_thread(lambda: [None for _ in iter(lambda: b.recv(1 << 20), b"")])
+        send_weights(StreamLink(a, 5.0, total), tensors, specs, 4 * mib,
+                     wait_ready=lambda n, keepalive: waits.append((n, keepalive is not None)))
+        a.shutdown(socket.SHUT_WR)
+        drain.join(10)
+    assert [n for n, alive in waits if alive] == [small, small + PART_BYTES]
+    assert all(n <= small for n, alive in waits[:waits.index((small + PART_BYTES, True))])
+    assert sorted({n for n, alive in waits if not alive and n > small}) == [
+        small + PART_BYTES, small + 2 * PART_BYTES, small + 9 * mib]

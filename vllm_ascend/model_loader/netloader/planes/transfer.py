@@ -103,9 +103,11 @@ def send_weights(
     """Send ``tensors[start:]`` in manifest order, bucket by bucket; returns the bytes
     sent.
 
-    A relay passes ``wait_ready``: a bucket starts once its own transfer verified the
-    bucket's first tensor (or first part of one), with keepalives to the receiver
-    meanwhile, and the link sends each further byte once that is verified too."""
+    A relay passes ``wait_ready``: a bucket starts once its own transfer verified all
+    of it, or the first part of a tensor larger than ``PART_BYTES`` (such a tensor is a
+    bucket of its own), with keepalives to the receiver meanwhile; the link then sends
+    each further part once that is verified too. Keepalives go between buckets only, so
+    only a large tensor's parts are waited for without them."""
     sent = 0
     starts = [0, *itertools.accumulate(s.nbytes for s in specs)]
     for index, bucket in enumerate(plan_from(specs, bucket_bytes, start)):
@@ -113,7 +115,7 @@ def send_weights(
         gate: Gate | None = None
         if wait_ready is not None:
             begin = starts[bucket[0]]
-            wait_ready(begin + min(specs[bucket[0]].nbytes, PART_BYTES), link.keepalive)
+            wait_ready(begin + min(nbytes, PART_BYTES), link.keepalive)
             gate = functools.partial(_gate, wait_ready, begin)
         link.send_bucket(index, [tensors[i] for i in bucket], nbytes, gate)
         sent += nbytes

@@ -80,13 +80,13 @@ from vllm_ascend.model_loader.netloader.wire.messages import (
 
 logger = get_logger(__name__)
 
-# The most a relay sends per bucket while its own fetch still runs: each hop of a chain
-# waits until its own fetch verified a whole bucket before passing it on, so a chain of
-# N relays fills in N * bucket / rate (8 hops of 64 MiB at 37.5 MB/s: 14 s; of 4 MiB:
-# 0.9 s). A tensor larger than that is one bucket and waits whole, since its digest
-# covers all of it: with the fan-out benchmark's 16 MiB tensors a hop costs 0.45 s and
-# 8 instances took 1.58x one, as with 16 MiB buckets. A seed's own buckets (and a
-# relay's once its fetch is done) stay BUCKET_MB.
+# The most a relay sends per bucket while its own fetch still runs: a relay sends each
+# byte once its own fetch verified it, a tensor up to ``parts.PART_BYTES`` whole and a
+# larger one part by part, and waits between buckets with keepalives, so small buckets
+# keep those waits short. A chain of N relays fills in about N times one part's (or
+# small tensor's) time on the link: 8 hops of 4 MiB at 37.5 MB/s, 0.9 s (with whole
+# 16 MiB tensors, 3.6 s: 8 instances took 1.58x one, 1.20x in parts). A seed's own
+# buckets (and a relay's once its fetch is done) stay BUCKET_MB.
 RELAY_BUCKET_BYTES = 4 << 20
 # The most a handshake may take, whatever TIMEOUT says: a few small frames.
 HANDSHAKE_S = 10.0
