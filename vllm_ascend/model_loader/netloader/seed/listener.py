@@ -107,6 +107,9 @@ class Listener:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
+        # Here, not in the thread: a ``stop`` right after ``start`` closes the socket,
+        # and a thread that only then set the timeout died on the closed descriptor.
+        self._sock.settimeout(_ACCEPT_POLL_S)
         self._thread.start()
 
     def stop(self) -> None:
@@ -120,7 +123,6 @@ class Listener:
             return len(self._live)
 
     def _run(self) -> None:
-        self._sock.settimeout(_ACCEPT_POLL_S)
         backoff = 0.0
         while not self._stopped.is_set():
             try:
