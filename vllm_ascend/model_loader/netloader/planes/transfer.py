@@ -79,6 +79,12 @@ def plan_from(specs: Sequence[TensorSpec], bucket_bytes: int, start: int) -> lis
     return [[start + i for i in b] for b in plan_buckets(specs[start:], bucket_bytes)]
 
 
+def byte_starts(specs: Sequence[TensorSpec]) -> list[int]:
+    """Where each tensor's bytes begin among the weights' (manifest order, from tensor
+    0), then their total: the offsets a relay's verified bytes count in."""
+    return [0, *itertools.accumulate(s.nbytes for s in specs)]
+
+
 def bytes_from(specs: Sequence[TensorSpec], start: int) -> int:
     """Bytes of a transfer that begins at tensor ``start``."""
     return sum(s.nbytes for s in specs[start:])
@@ -109,7 +115,7 @@ def send_weights(
     each further part once that is verified too. Keepalives go between buckets only, so
     only a large tensor's parts are waited for without them."""
     sent = 0
-    starts = [0, *itertools.accumulate(s.nbytes for s in specs)]
+    starts = byte_starts(specs)
     for index, bucket in enumerate(plan_from(specs, bucket_bytes, start)):
         nbytes = sum(specs[i].nbytes for i in bucket)
         gate: Gate | None = None
@@ -192,7 +198,7 @@ def _recv_in_place(
 ) -> None:
     """``recv_weights`` for host targets received in place (see there)."""
     order = [i for b in buckets for i in b]
-    starts = [0, *itertools.accumulate(s.nbytes for s in specs)]
+    starts = byte_starts(specs)
     memory.prepare([targets[i] for i in order])
     populator = memory.Populator([targets[i] for i in order]).start()
     arrivals = receive_into([[byte_view(targets[i]) for i in b] for b in buckets],
