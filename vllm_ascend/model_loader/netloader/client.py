@@ -26,9 +26,9 @@ from vllm_ascend.model_loader.netloader.manifest import (
     TensorSpec,
     first_difference,
     manifest_sha256,
-    part_count,
     value_fingerprint,
 )
+from vllm_ascend.model_loader.netloader.parts import part_count
 from vllm_ascend.model_loader.netloader.planes.collective import CLIENT_RANK, group_link
 from vllm_ascend.model_loader.netloader.planes.progress import (
     DEFAULT_MIN_RATE_BYTES_PER_S,

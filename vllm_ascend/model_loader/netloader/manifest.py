@@ -29,12 +29,7 @@ import torch
 from torch import nn
 
 from vllm_ascend.model_loader.netloader.load_state import NO_STATE, LoadState
-from vllm_ascend.model_loader.netloader.parts import (
-    PART_BYTES,
-    join_parts,
-    new_hasher,
-    part_count,
-)
+from vllm_ascend.model_loader.netloader.parts import PartHasher, join_parts, part_count
 
 # What a model is to its instance: the served model, or the draft a speculative decoder
 # loads beside it. Each has its own listener, and a listener only serves its own role.
@@ -101,16 +96,9 @@ def digest_parts(t: torch.Tensor) -> tuple[str, tuple[str, ...]]:
     """(``digest(t)``, the blake3 of each ``PART_BYTES`` piece of its bytes in order,
     the last one shorter; () for a tensor of at most ``PART_BYTES``)."""
     data = memoryview(byte_view(t.contiguous()).cpu().numpy())  # type: ignore[arg-type]
-    if len(data) <= PART_BYTES:
-        hasher = new_hasher(len(data))
-        hasher.update(data)
-        return str(hasher.hexdigest()), ()
-    parts = []
-    for start in range(0, len(data), PART_BYTES):
-        hasher = new_hasher(PART_BYTES)
-        hasher.update(data[start : start + PART_BYTES])
-        parts.append(str(hasher.hexdigest()))
-    return join_parts(parts), tuple(parts)
+    hasher = PartHasher(len(data))
+    hasher.update(data)
+    return hasher.hexdigest(), tuple(hasher.parts)
 
 
 def manifest_sha256(specs: Sequence[TensorSpec]) -> str:

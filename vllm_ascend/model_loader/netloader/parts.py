@@ -45,3 +45,43 @@ def new_hasher(nbytes: int) -> Any:
     piece, it gives the same digest as fed at once."""
     threads = blake3.blake3.AUTO if nbytes >= _THREADED_DIGEST_BYTES else 1
     return blake3.blake3(max_threads=threads)
+
+
+class PartHasher:
+    """The digest of a tensor of ``nbytes`` fed its bytes in order, piece by piece:
+    plain blake3 up to ``PART_BYTES``, else each part hashed as it completes (``parts``)
+    and ``join_parts`` of them. Pieces may straddle parts. Feeding all at once gives
+    ``manifest.digest``; the receiver compares each part as it completes."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.parted = part_count(nbytes) > 0
+        self._hasher = new_hasher(PART_BYTES if self.parted else nbytes)
+        self.parts: list[str] = []  # digests of the parts complete so far
+        self._in_part = 0  # bytes of the current part hashed so far
+        self.seen = 0
+
+    def update(self, piece: memoryview) -> int:
+        """Hash ``piece``, the tensor's next bytes; returns how many parts it completed
+        (their digests end ``parts``)."""
+        if not self.parted:
+            self._hasher.update(piece)
+            self.seen += len(piece)
+            return 0
+        completed = 0
+        while len(piece):
+            take = min(len(piece), PART_BYTES - self._in_part)
+            self._hasher.update(piece[:take])
+            piece = piece[take:]
+            self._in_part += take
+            self.seen += take
+            if self._in_part == PART_BYTES or self.seen == self.nbytes:
+                self.parts.append(str(self._hasher.hexdigest()))
+                self._hasher = new_hasher(PART_BYTES)
+                self._in_part = 0
+                completed += 1
+        return completed
+
+    def hexdigest(self) -> str:
+        """The digest of the bytes fed so far (the tensor's, once all were)."""
+        return join_parts(self.parts) if self.parted else str(self._hasher.hexdigest())

@@ -23,7 +23,7 @@ from vllm_ascend.model_loader.netloader.manifest import (
     digest,
     plan_buckets,
 )
-from vllm_ascend.model_loader.netloader.parts import PART_BYTES, join_parts, new_hasher, part_count
+from vllm_ascend.model_loader.netloader.parts import PART_BYTES, PartHasher
 from vllm_ascend.model_loader.netloader.planes import memory
 from vllm_ascend.model_loader.netloader.planes.progress import TransferError
 
@@ -236,56 +236,35 @@ def _recv_in_place(
 
 
 class _TensorCheck:
-    """The digest check of one tensor received piece by piece. A tensor larger than
-    ``PART_BYTES`` is hashed part by part and each part compared as it completes
-    with ``expected`` (its part digests, when known); at the end the parts' digests
-    must join to ``digest`` either way. Raises ``TransferError`` on a mismatch."""
+    """The digest check of one tensor received piece by piece (``PartHasher``): a
+    tensor larger than ``PART_BYTES`` has each part compared as it completes with
+    ``expected`` (its part digests, when known); at the end its digest must match
+    either way. Raises ``TransferError`` on a mismatch."""
 
     def __init__(self, spec: TensorSpec, digest: str, expected: Sequence[str] | None):
         self._spec = spec
         self._digest = digest
-        self._parted = part_count(spec.nbytes) > 0
-        self._expected = expected if self._parted else None
-        self._hasher = new_hasher(PART_BYTES if self._parted else spec.nbytes)
-        self._done: list[str] = []  # digests of the parts that are complete
-        self._in_part = 0  # bytes of the current part hashed so far
-        self._seen = 0
+        self._hasher = PartHasher(spec.nbytes)
+        self._expected = expected if self._hasher.parted else None
 
     def update(self, piece: memoryview) -> int:
         """Hash ``piece`` (the tensor's next bytes); returns how many leading bytes of
         the tensor are verified part by part now (0: none yet, or no parts)."""
-        if not self._parted:
-            self._hasher.update(piece)
-            self._seen += len(piece)
+        first = len(self._hasher.parts)
+        if not self._hasher.update(piece) or self._expected is None:
             return 0
-        verified = 0
-        while len(piece):
-            take = min(len(piece), PART_BYTES - self._in_part)
-            self._hasher.update(piece[:take])
-            piece = piece[take:]
-            self._in_part += take
-            self._seen += take
-            if self._in_part == PART_BYTES or self._seen == self._spec.nbytes:
-                verified = self._end_part()
-        return verified
-
-    def _end_part(self) -> int:
-        got = str(self._hasher.hexdigest())
-        k = len(self._done)
-        if self._expected is not None and (k >= len(self._expected) or got != self._expected[k]):
-            raise TransferError(
-                f"digest mismatch for {self._spec.name} ({self._spec.nbytes} bytes) "
-                f"in part {k} (bytes {k * PART_BYTES} on)"
-            )
-        self._done.append(got)
-        self._hasher = new_hasher(PART_BYTES)
-        self._in_part = 0
-        return self._seen if self._expected is not None else 0
+        parts = self._hasher.parts
+        for k in range(first, len(parts)):
+            if k >= len(self._expected) or parts[k] != self._expected[k]:
+                raise TransferError(
+                    f"digest mismatch for {self._spec.name} ({self._spec.nbytes} bytes) "
+                    f"in part {k} (bytes {k * PART_BYTES} on)"
+                )
+        return min(len(parts) * PART_BYTES, self._spec.nbytes)
 
     def finish(self) -> None:
         """The tensor is whole: its digest must match."""
-        got = join_parts(self._done) if self._parted else str(self._hasher.hexdigest())
-        if self._seen != self._spec.nbytes or got != self._digest:
+        if self._hasher.seen != self._spec.nbytes or self._hasher.hexdigest() != self._digest:
             raise TransferError(
                 f"digest mismatch for {self._spec.name} ({self._spec.nbytes} bytes)"
             )
