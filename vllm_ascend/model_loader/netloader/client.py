@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from vllm_ascend.model_loader.netloader import load_state, metrics
+from vllm_ascend.model_loader.netloader.cores import worker_cores
 from vllm_ascend.model_loader.netloader.deadline import Deadline
 from vllm_ascend.model_loader.netloader.load_state import NO_STATE, LoadState
 from vllm_ascend.model_loader.netloader.log import get_logger, who
@@ -201,10 +202,16 @@ class WeightFetch:
         return who(self.settings.identity.get("rank"))
 
     def run(self, addresses: Sequence[str]) -> Received | None:
-        for address in addresses:
-            received = self._tried(address, address, functools.partial(self._from_source, address))
-            if received is not None:
-                return received
+        """What the first of ``addresses`` that serves delivered, or None (each
+        failure's reason in ``reasons``). Receiving and hashing may use every core the
+        worker was given meanwhile (``cores.worker_cores``); the calling thread's CPU
+        affinity is as before when this returns or raises."""
+        with worker_cores(self._who):
+            for address in addresses:
+                received = self._tried(address, address,
+                                       functools.partial(self._from_source, address))
+                if received is not None:
+                    return received
         return None
 
     def _tried(
@@ -314,11 +321,11 @@ class WeightFetch:
         stats = self.stats
         logger.info(
             "%s received %d bytes from %s over %s in %.3f s (%.2f GB/s), "
-            "all %d digests verified (waited %.3f s for data, verified %.3f s, copied "
-            "%.3f s), %s layout%s",
+            "all %d digests verified (waited %.3f s for data, verified %.3f s, %.3f s of "
+            "CPU, copied %.3f s), %s layout%s",
             self._who, nbytes, address, accepted.data_plane, seconds,
             nbytes / max(seconds, 1e-9) / 1e9, len(accepted.digests),
-            stats.wait_s, stats.verify_s, stats.copy_s, accepted.layout,
+            stats.wait_s, stats.verify_s, stats.verify_cpu_s, stats.copy_s, accepted.layout,
             f"; resumed at tensor {accepted.start}: {reused} bytes reused" if reused else "",
         )
         return Received(address, nbytes, seconds, accepted.digests, accepted.checkpoint, reused,

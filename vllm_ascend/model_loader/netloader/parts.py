@@ -14,6 +14,8 @@ from typing import Any
 
 import blake3
 
+from vllm_ascend.model_loader.netloader.cores import hash_threads
+
 # The size of a part: the relay benchmark's 16 MiB tensors cost a 37.5 MB/s hop 0.45 s
 # whole, 0.11 s in parts (benchmarks/netloader_fanout.py). The stream plane reads and
 # sends 4 MiB pieces aligned to a tensor's first byte, so a piece is within a part.
@@ -40,10 +42,16 @@ def join_parts(parts: Sequence[str]) -> str:
     return str(hasher.hexdigest())
 
 
-def new_hasher(nbytes: int) -> Any:
-    """A blake3 hasher for ``nbytes`` of data (threaded from 1 MiB on): fed piece by
-    piece, it gives the same digest as fed at once."""
-    threads = blake3.blake3.AUTO if nbytes >= _THREADED_DIGEST_BYTES else 1
+def new_hasher(nbytes: int, threads: int | None = None) -> Any:
+    """A blake3 hasher for ``nbytes`` of data: fed piece by piece, it gives the same
+    digest as fed at once. From 1 MiB on it hashes on as many threads as the calling
+    thread has CPUs (``cores.hash_threads``), never blake3's automatic pool: that one
+    is sized to the machine once, and on a worker pinned to one core it handed every
+    piece to a second thread on that core (``cores``). On one CPU it hashes on the
+    calling thread. ``threads`` caps it lower (a receiver whose reader thread has a
+    core of its own)."""
+    most = hash_threads() if threads is None else max(1, min(threads, hash_threads()))
+    threads = most if nbytes >= _THREADED_DIGEST_BYTES else 1
     return blake3.blake3(max_threads=threads)
 
 
@@ -51,12 +59,14 @@ class PartHasher:
     """The digest of a tensor of ``nbytes`` fed its bytes in order, piece by piece:
     plain blake3 up to ``PART_BYTES``, else each part hashed as it completes (``parts``)
     and ``join_parts`` of them. Pieces may straddle parts. Feeding all at once gives
-    ``manifest.digest``; the receiver compares each part as it completes."""
+    ``manifest.digest``; the receiver compares each part as it completes. ``threads``:
+    as ``new_hasher``."""
 
-    def __init__(self, nbytes: int):
+    def __init__(self, nbytes: int, threads: int | None = None):
         self.nbytes = nbytes
         self.parted = part_count(nbytes) > 0
-        self._hasher = new_hasher(PART_BYTES if self.parted else nbytes)
+        self._threads = threads
+        self._hasher = new_hasher(PART_BYTES if self.parted else nbytes, threads)
         self.parts: list[str] = []  # digests of the parts complete so far
         self._in_part = 0  # bytes of the current part hashed so far
         self.seen = 0
@@ -77,7 +87,7 @@ class PartHasher:
             self.seen += take
             if self._in_part == PART_BYTES or self.seen == self.nbytes:
                 self.parts.append(str(self._hasher.hexdigest()))
-                self._hasher = new_hasher(PART_BYTES)
+                self._hasher = new_hasher(PART_BYTES, self._threads)
                 self._in_part = 0
                 completed += 1
         return completed

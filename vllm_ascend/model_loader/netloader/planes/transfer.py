@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from vllm_ascend.model_loader.netloader.cores import hash_threads, single_core
 from vllm_ascend.model_loader.netloader.manifest import (
     TensorSpec,
     byte_view,
@@ -61,8 +62,11 @@ class Link(Protocol):
 class TransferStats:
     """Where ``recv_weights`` spent its time on the receiving thread, in seconds."""
 
-    wait_s: float = 0.0  # blocked until the next bucket had arrived
-    verify_s: float = 0.0  # blake3 over received bytes
+    wait_s: float = 0.0  # blocked until the next bucket had arrived (or reading it inline)
+    verify_s: float = 0.0  # blake3 over received bytes, wall clock
+    # The same hashing in CPU seconds of the receiving thread (``time.thread_time``): what
+    # the check costs, apart from waiting for a core other threads hold.
+    verify_cpu_s: float = 0.0
     # Verified bytes into the targets, first touch of their pages included (0 when they
     # are received in place: there is no second copy).
     copy_s: float = 0.0
@@ -152,8 +156,10 @@ def recv_weights(
     A tensor counts as done only once its digest matched: ``on_verified(n)`` hears that
     the first ``n`` targets hold exactly the seed's bytes, in order. Host targets on a
     link that can receive in place (``stream.StreamLink.receive_into``) are written
-    straight into their own memory, huge pages asked for and faulted in ahead
-    (``memory``), and hashed piece by piece while the next piece arrives; a tensor
+    straight into their own memory, huge pages asked for (``memory``), and hashed
+    piece by piece: on one core (``cores.single_core``, a vLLM CPU worker) each piece
+    on this thread right after it landed; with more, while a reader thread reads the
+    next and a helper faults pages in ahead, blake3 on the cores left; a tensor
     larger than ``PART_BYTES`` is checked part by part against ``parts`` (by its
     digest: the seed's part digests, which the accept proved join to it), and
     ``on_verified_bytes(n)`` hears that the first ``n`` bytes of the weights (from
@@ -200,9 +206,13 @@ def _recv_in_place(
     order = [i for b in buckets for i in b]
     starts = byte_starts(specs)
     memory.prepare([targets[i] for i in order])
-    populator = memory.Populator([targets[i] for i in order]).start()
+    # One core (``cores``): read and hash on this thread, no page-faulting helper (it only
+    # takes turns with the reader there). Else a reader thread has a core of its own.
+    inline = single_core()
+    threads = 1 if inline else max(1, hash_threads() - 1)
+    populator = memory.Populator([] if inline else [targets[i] for i in order]).start()
     arrivals = receive_into([[byte_view(targets[i]) for i in b] for b in buckets],
-                            populator.reached)
+                            None if inline else populator.reached, inline=inline)
     check = None
     current = -1
     try:
@@ -210,13 +220,15 @@ def _recv_in_place(
             t0 = time.perf_counter()
             item = next(arrivals, None)
             t1 = time.perf_counter()
+            c1 = time.thread_time()
             stats.wait_s += t1 - t0
             if item is None:
                 return
             position, piece = item
             i = order[position]
             if position != current:
-                check, current = _TensorCheck(specs[i], digests[i], parts.get(digests[i])), position
+                check = _TensorCheck(specs[i], digests[i], parts.get(digests[i]), threads)
+                current = position
             assert check is not None
             if piece is not None:
                 verified = check.update(piece)
@@ -225,6 +237,7 @@ def _recv_in_place(
             else:
                 check.finish()
             stats.verify_s += time.perf_counter() - t1
+            stats.verify_cpu_s += time.thread_time() - c1
             if piece is None:
                 if on_verified is not None:
                     on_verified(i + 1)
@@ -241,10 +254,11 @@ class _TensorCheck:
     ``expected`` (its part digests, when known); at the end its digest must match
     either way. Raises ``TransferError`` on a mismatch."""
 
-    def __init__(self, spec: TensorSpec, digest: str, expected: Sequence[str] | None):
+    def __init__(self, spec: TensorSpec, digest: str, expected: Sequence[str] | None,
+                 threads: int | None = None):
         self._spec = spec
         self._digest = digest
-        self._hasher = PartHasher(spec.nbytes)
+        self._hasher = PartHasher(spec.nbytes, threads)
         self._expected = expected if self._hasher.parted else None
 
     def update(self, piece: memoryview) -> int:
@@ -283,10 +297,11 @@ def deliver(
     for i in bucket:
         n = specs[i].nbytes
         chunk = staging[offset : offset + n]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         ok = digest(chunk) == digests[i]
         t1 = time.perf_counter()
         stats.verify_s += t1 - t0
+        stats.verify_cpu_s += time.thread_time() - c0
         if not ok:
             raise TransferError(f"digest mismatch for {specs[i].name} ({n} bytes)")
         copy_bytes(byte_view(targets[i]), chunk)

@@ -1,0 +1,136 @@
+"""Where Netloader's own threads run: the CPUs a thread may use, the cores the worker
+was given, and hashing sized to them.
+
+vLLM CPU pins a worker to the cores ``VLLM_CPU_OMP_THREADS_BIND`` gives it, one OpenMP
+thread per core, its main thread to the first (vllm/utils/ompmultiprocessing.py sets
+``OMP_PLACES`` and ``OMP_PROC_BIND``); a thread the main thread starts inherits the
+main thread's one core. Measured in a vLLM CPU worker receiving 1 GB (perf, one pinned
+core; the guide's Performance section): the receiving thread spent 85 % of the core
+faulting fresh pages in and blake3 9 %; the 1.25 s that ``verify_s`` showed was mostly
+the hashing thread waiting for that core, and blake3's automatic thread pool handed
+every piece to a second thread on the same core. So:
+
+- ``hash_threads``: a hashing pool never has more threads than the calling thread's
+  allowed CPUs (``os.sched_getaffinity(0)``); on one core blake3 hashes on the calling
+  thread itself.
+- ``single_core``: whether the receiving side should receive and hash on one thread
+  (``planes.transfer``), each piece right after it lands, while it is in cache.
+- ``worker_cores``: for the length of a load, the calling thread may use every core
+  the worker was given (the union of its threads' affinities, and ``OMP_PLACES``);
+  nothing else runs in the worker while it loads. The affinity is restored afterwards,
+  however the load ends.
+
+Every call here is best effort: a platform without ``sched_getaffinity`` (macOS), or a
+kernel that refuses a mask, leaves threads where they are.
+"""
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from vllm_ascend.model_loader.netloader.log import get_logger
+
+logger = get_logger(__name__)
+
+_PLACE = re.compile(r"\{([0-9,\s:-]+)\}")
+
+
+def allowed_cpus() -> frozenset[int]:
+    """The CPUs the calling thread may run on (all of ``os.cpu_count`` where the
+    platform cannot tell)."""
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return frozenset(range(os.cpu_count() or 1))
+
+
+def hash_threads() -> int:
+    """How many threads a hashing pool of the calling thread may use: its allowed
+    CPUs, at least 1."""
+    return max(1, len(allowed_cpus()))
+
+
+def single_core() -> bool:
+    """Whether the calling thread may run on one CPU only."""
+    return len(allowed_cpus()) <= 1
+
+
+def worker_cpus() -> frozenset[int]:
+    """The cores this process was given: the union of its threads' affinities (vLLM
+    CPU binds one OpenMP thread per core of the worker) and of ``OMP_PLACES``'s simple
+    ``{a,b,c}`` places (the threads may not have started yet), within the CPUs this
+    process may use at all. The calling thread's own CPUs where nothing else tells."""
+    cpus = set(allowed_cpus())
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = []
+    for tid in tids:
+        try:
+            cpus |= os.sched_getaffinity(tid)
+        except (AttributeError, OSError):
+            continue  # the thread ended meanwhile
+    cpus |= _omp_places(os.environ.get("OMP_PLACES", ""))
+    online = os.cpu_count() or 1
+    return frozenset(c for c in cpus if 0 <= c < online)
+
+
+def _omp_places(value: str) -> set[int]:
+    """The CPUs named in ``OMP_PLACES`` written as explicit places (``{0,1,2}``,
+    ``{0},{1}``, ``{0:4}``); an abstract name (``cores``) names none."""
+    cpus: set[int] = set()
+    for place in _PLACE.findall(value):
+        for item in place.split(","):
+            item = item.strip()
+            try:
+                if ":" in item:
+                    start, length = (int(x) for x in item.split(":")[:2])
+                    cpus.update(range(start, start + length))
+                elif "-" in item:
+                    first, last = (int(x) for x in item.split("-", 1))
+                    cpus.update(range(first, last + 1))
+                elif item:
+                    cpus.add(int(item))
+            except ValueError:
+                continue  # a form this reader does not know names no CPU
+    return cpus
+
+
+def _set(cpus: frozenset[int]) -> bool:
+    try:
+        os.sched_setaffinity(0, cpus)
+        return True
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+@contextmanager
+def worker_cores(who: str) -> Iterator[frozenset[int]]:
+    """Let the calling thread, and the threads it starts meanwhile, run on every core
+    the worker was given (``worker_cpus``) for the length of the block; its affinity
+    before is restored on leaving, whatever the block raised. Yields the CPUs the
+    thread may use inside."""
+    before = allowed_cpus()
+    given = worker_cpus()
+    widened = given > before and _set(given)
+    if widened:
+        logger.info("%s: receiving and hashing on the worker's cores %s for this load "
+                    "(the thread was pinned to %s)", who, _ranges(given), _ranges(before))
+    try:
+        yield given if widened else before
+    finally:
+        if widened and not _set(before):
+            logger.warning("%s: could not restore this thread's CPU affinity to %s",
+                           who, _ranges(before))
+
+
+def _ranges(cpus: frozenset[int]) -> str:
+    """``0-3,6``: a CPU set the way taskset prints it."""
+    out: list[str] = []
+    for c in sorted(cpus):
+        if out and out[-1].split("-")[-1] == str(c - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{c}"
+        else:
+            out.append(str(c))
+    return ",".join(out)
