@@ -40,6 +40,7 @@ from vllm_ascend.model_loader.netloader.plan import (
     plan_load,
 )
 from vllm_ascend.model_loader.netloader.processed import ProcessedLoad, load_processed
+from vllm_ascend.model_loader.netloader.seed.preparing import PendingWeights
 from vllm_ascend.model_loader.netloader.seed.running import SEEDS
 from vllm_ascend.model_loader.netloader.seed.server import SeedServer
 from vllm_ascend.model_loader.netloader.wire.messages import LOADED, PROCESSED
@@ -52,7 +53,7 @@ class _Filled:
     """What ``load_weights`` leaves for the seed ``load_model`` starts."""
 
     plan: LoadPlan
-    weights: LoadedWeights
+    weights: "LoadedWeights | PendingWeights"
     outcome: LoadOutcome
     # The relay whose fetch filled the model: it already holds the weights and digests.
     relay_seed: SeedServer | None
@@ -153,9 +154,13 @@ class NetloaderModelLoader(BaseModelLoader):
                 if state.uncarried else "",
             )
         relay = fetched.relay_seed
-        weights = (relay.layouts.primary if relay is not None else LoadedWeights.capture(
-            model, received.digests if received is not None else None, state,
-            received.parts if received is not None else None))
+        weights: LoadedWeights | PendingWeights
+        if relay is not None:
+            weights = relay.layouts.primary
+        elif received is not None:
+            weights = LoadedWeights.capture(model, received.digests, state, received.parts)
+        else:  # from disk: the large tensors are hashed once the seed listens
+            weights = PendingWeights(model, state)
         reasons = fetched.reasons if fetched is earlier else (*earlier.reasons, *fetched.reasons)
         self.outcome = self._outcome(received, reasons, start)
         self._log_loaded(plan, weights)
@@ -175,7 +180,7 @@ class NetloaderModelLoader(BaseModelLoader):
                     "processed)", plan.who, time.perf_counter() - start,
                     self.outcome.loaded_from, self.outcome.layout)
 
-    def _log_loaded(self, plan: LoadPlan, weights: LoadedWeights) -> None:
+    def _log_loaded(self, plan: LoadPlan, weights: "LoadedWeights | PendingWeights") -> None:
         """The line the demo's phase parser reads (examples/netloader/phases.py)."""
         outcome = self.outcome
         logger.info(

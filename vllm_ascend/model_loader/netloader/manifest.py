@@ -181,6 +181,8 @@ class LoadedWeights:
                 continue
             mine = parts.get(d)
             if mine is None or len(mine) != part_count(spec.nbytes) or join_parts(mine) != d:
+                if spec.name in dropped:
+                    continue  # never sent: a seed with dropped tensors refuses clients
                 raise ValueError(f"no part digests that join to the digest of {spec.name}")
             self.parts[d] = tuple(mine)
         # What load_weights set besides tensors (``load_state``): served with them.

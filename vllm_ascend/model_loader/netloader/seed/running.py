@@ -33,6 +33,11 @@ from vllm_ascend.model_loader.netloader.layout import processed_weights, state_s
 from vllm_ascend.model_loader.netloader.log import get_logger, who
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
 from vllm_ascend.model_loader.netloader.plan import LoadOutcome, LoadPlan
+from vllm_ascend.model_loader.netloader.seed.preparing import (
+    PendingWeights,
+    Preparation,
+    prepare_in_background,
+)
 from vllm_ascend.model_loader.netloader.seed.relay import RelayListener, RelayProgress
 from vllm_ascend.model_loader.netloader.seed.retention import (
     Retained,
@@ -138,7 +143,7 @@ class RunningSeeds:
 
     def start(
         self, plan: LoadPlan, model: nn.Module, outcome: LoadOutcome,
-        loaded: LoadedWeights | None = None, received: Layouts | None = None,
+        loaded: LoadedWeights | PendingWeights | None = None, received: Layouts | None = None,
         relay_seed: SeedServer | None = None,
     ) -> SeedServer:
         """Serve this rank's model (processed by now): ``loaded``, its tensors as loaded
@@ -146,7 +151,12 @@ class RunningSeeds:
         (``layout``) and what processing replaced is kept as INT8_CACHE says
         (``retention``); or ``received``, what a processed-layout fetch delivered. The
         relay that filled the model goes on as the seed, else a new seed takes this
-        rank's port."""
+        rank's port. A disk load's ``PendingWeights`` start a seed that refuses as
+        ``preparing`` until its digests are computed (``seed.preparing``)."""
+        if isinstance(loaded, PendingWeights):
+            if loaded.deferred and relay_seed is None:
+                return self._start_preparing(plan, model, outcome, loaded)
+            loaded = loaded.finish()
         retained = None
         if received is not None:
             layouts = received
@@ -163,16 +173,41 @@ class RunningSeeds:
             seed = relay_seed
         else:
             self.stop(plan.key)
-            placement = (functools.partial(expert_placement, model)
-                         if (plan.identity.get("expert_parallel") or {}).get("dynamic_eplb")
-                         else None)
             seed = _bound(plan, lambda host, sock: SeedServer(
                 layouts, seed_settings(plan, host), sock, outcome, retained=retained,
-                placement=placement,
+                placement=_placement(plan, model),
             )).start()
         with self._lock:
             self._seeds[plan.key] = seed
         self._announce(plan, seed)
+        return seed
+
+    def _start_preparing(
+        self, plan: LoadPlan, model: nn.Module, outcome: LoadOutcome, pending: PendingWeights,
+    ) -> SeedServer:
+        """A seed that listens now and serves once its digests are computed in the
+        background; it is announced in the registry only then."""
+        self.stop(plan.key)
+        preparation = Preparation(pending.specs, pending.deferred_bytes)
+        seed = _bound(plan, lambda host, sock: SeedServer(
+            Layouts(None), seed_settings(plan, host), sock, outcome,
+            placement=_placement(plan, model), preparing=preparation,
+        )).start()
+        with self._lock:
+            self._seeds[plan.key] = seed
+
+        # What the processed model is besides its bytes, read now: start-up goes on to
+        # set attributes (the KV cache) that a client's freshly processed model lacks.
+        signature = state_signature(model)
+
+        def ready(weights: LoadedWeights) -> None:
+            with self._lock:
+                if self._seeds.get(plan.key) is not seed:
+                    return  # stopped or replaced (a reload) meanwhile
+            seed.keep(*_layouts(plan, model, weights, signature))
+            self._announce(plan, seed)
+
+        prepare_in_background(pending, preparation, who(plan.rank, plan.role, seed=True), ready)
         return seed
 
     def _announce(self, plan: LoadPlan, seed: SeedServer) -> None:
@@ -210,19 +245,30 @@ def running_seeds() -> dict[_Key, SeedServer]:
     return SEEDS.seeds()
 
 
+def _placement(plan: LoadPlan, model: nn.Module) -> Callable[[], str] | None:
+    """Where the model's experts sit now, for a seed under dynamic EPLB (else None)."""
+    if (plan.identity.get("expert_parallel") or {}).get("dynamic_eplb"):
+        return functools.partial(expert_placement, model)
+    return None
+
+
 def _layouts(
-    plan: LoadPlan, model: nn.Module, loaded: LoadedWeights
+    plan: LoadPlan, model: nn.Module, loaded: LoadedWeights, signature: str | None = None,
 ) -> tuple[Layouts, Retained]:
     """What a seed whose model was loaded serves: the processed layout where every
     quantization method takes it (unless LAYOUT is loaded), and the loaded one with what
     INT8_CACHE keeps (unless LAYOUT is processed); and what both cost beyond the running
     model. The processed layout is found first: it tells the loaded tensors the model
-    still holds by their storages' use counts."""
+    still holds by their storages' use counts. ``signature``: the processed model's
+    ``state_signature`` where it was read earlier (a preparing seed's, at start)."""
     layout = plan.config.layout
     found, why = (None, "LAYOUT is loaded") if layout == LOADED else processed_weights(
         model, loaded)
     processed = found.weights if found is not None else None
-    signature = state_signature(model) if processed is not None else None
+    if processed is None:
+        signature = None
+    elif signature is None:
+        signature = state_signature(model)
     name = who(plan.rank, plan.role, seed=True)
     if layout == PROCESSED:
         kept, retained = None, Retained("no", 0, 0)

@@ -54,6 +54,7 @@ from vllm_ascend.model_loader.netloader.planes.transfer import (
     use_device,
 )
 from vllm_ascend.model_loader.netloader.seed.listener import Connection, Listener
+from vllm_ascend.model_loader.netloader.seed.preparing import Preparation
 from vllm_ascend.model_loader.netloader.seed.relay import RelayProgress, RelayStalled, RelayTree
 from vllm_ascend.model_loader.netloader.seed.retention import Retained
 from vllm_ascend.model_loader.netloader.wire.addresses import format_address
@@ -169,7 +170,9 @@ class SeedServer:
 
     A relay's seed passes ``progress``: it sends each bucket once its own fetch has
     verified it, and refuses new clients once that fetch failed. With ``placement``
-    (dynamic EPLB), a seed whose expert placement moved since it loaded refuses."""
+    (dynamic EPLB), a seed whose expert placement moved since it loaded refuses. With
+    ``preparing`` (``seed.preparing``) it refuses as busy until its digests are done
+    and ``keep`` gave it what it serves."""
 
     def __init__(
         self,
@@ -180,8 +183,10 @@ class SeedServer:
         progress: RelayProgress | None = None,
         retained: Retained | None = None,
         placement: Callable[[], str] | None = None,
+        preparing: Preparation | None = None,
     ):
         self.layouts = weights if isinstance(weights, Layouts) else Layouts(weights)
+        self._preparing = preparing
         self.settings = settings
         self._placement = placement
         self._placement_at_load = placement() if placement is not None else None
@@ -191,8 +196,9 @@ class SeedServer:
         # What this seed keeps beyond the running model (a relay's: once it is processed).
         self._retained = retained
         # Both layouts have the loaded manifest (``layout``): one sha serves both.
-        self._manifest_sha = manifest_sha256(self.weights.specs)
-        self._manifest_wire = [spec.to_wire() for spec in self.weights.specs]
+        specs = preparing.specs if preparing is not None else self.weights.specs
+        self._manifest_sha = manifest_sha256(specs)
+        self._manifest_wire = [spec.to_wire() for spec in specs]
         self._lock = threading.Lock()
         self._active = 0
         self._completed = 0
@@ -216,14 +222,11 @@ class SeedServer:
 
     def start(self) -> "SeedServer":
         self._write_address_file()
-        logger.info(
-            "%s listening on %s: %d tensors, %.3f GB, %s data plane, %s layout%s",
-            self.settings.who, self.address, len(self.weights.specs),
-            self.weights.total_bytes / 1e9, self.settings.data_plane,
-            " and ".join(name for name in LAYOUTS if self.layouts.weights(name) is not None),
-            "" if self.layouts.processed is not None
-            else f" (not processed: {self.layouts.not_processed})",
-        )
+        if self._preparing is None:
+            self._log_serving()
+        else:  # its clients are refused until ``keep``
+            logger.info("%s listening on %s: %s", self.settings.who, self.address,
+                        self._preparing.reason())
         if self.settings.secret is None and not _open_seed_warned.is_set():
             _open_seed_warned.set()
             logger.warning(
@@ -234,8 +237,19 @@ class SeedServer:
         self.ready.set()
         return self
 
+    def _log_serving(self) -> None:
+        logger.info(
+            "%s listening on %s: %d tensors, %.3f GB, %s data plane, %s layout%s",
+            self.settings.who, self.address, len(self.weights.specs),
+            self.weights.total_bytes / 1e9, self.settings.data_plane,
+            " and ".join(name for name in LAYOUTS if self.layouts.weights(name) is not None),
+            "" if self.layouts.processed is not None
+            else f" (not processed: {self.layouts.not_processed})",
+        )
+
     def stop(self) -> None:
         self._listener.stop()
+
 
     def promote(self, outcome: LoadOutcome) -> None:
         """A relay whose own fetch completed goes on as this instance's seed."""
@@ -250,6 +264,9 @@ class SeedServer:
         with self._lock:
             self.layouts = layouts
             self._retained = retained
+            was_preparing, self._preparing = self._preparing is not None, None
+        if was_preparing:
+            self._log_serving()
 
     def describe(self) -> dict[str, Any]:
         """What this seed serves, for operators and tests (the ``info`` request)."""
@@ -257,29 +274,34 @@ class SeedServer:
             active, completed, outcome = self._active, self._completed, self._outcome
             progress, retained = self._progress, self._retained
             relays = {layout: len(tree) for layout, tree in self._trees.items() if tree}
-        layouts = self.layouts
-        weights = layouts.primary
-        return {
+            preparing, layouts = self._preparing, self.layouts
+        common = {
             "identity": self.identity,
             "address": self.address,
+            "data_plane": self.settings.data_plane,
+            "loaded_from": outcome.loaded_from,
+            "loaded_layout": outcome.layout,
+            "load_seconds": outcome.load_seconds,
+            "fallback_reasons": list(outcome.fallback_reasons),
+            "active_transfers": active,
+            "completed_transfers": completed,
+            "open_connections": self._listener.open_connections,
+        }
+        if preparing is not None:
+            return preparing.seed_info(common, LAYOUTS)
+        weights = layouts.primary
+        return {
+            **common,
             "tensors": len(weights.specs),
             "bytes": weights.total_bytes,
             "value_fingerprint": weights.value_fingerprint(),
             "load_state": weights.state.describe(),
             "layouts": {name: self._layout_info(name) for name in LAYOUTS},
-            "data_plane": self.settings.data_plane,
             "serves_compile_cache": self.settings.compile_cache is not None,
-            "loaded_from": outcome.loaded_from,
-            "loaded_layout": outcome.layout,
-            "load_seconds": outcome.load_seconds,
-            "fallback_reasons": list(outcome.fallback_reasons),
             "reused_bytes": outcome.reused_bytes,
             "relaying": progress is not None and not progress.complete,
             # Per layout, the relays this seed may send further clients to (RelayTree).
             "relays": relays,
-            "active_transfers": active,
-            "completed_transfers": completed,
-            "open_connections": self._listener.open_connections,
             "evicted_connections": self._listener.evicted,
             **(retained.describe() if retained is not None else {}),
         }
@@ -337,8 +359,9 @@ class SeedServer:
         if refusal is not None:
             kind, reason = refusal
             metrics.METRICS.refusal(kind)
-            logger.warning("%s refused %s: %s", self.settings.who, conn.peer, reason)
-            side.refuse(reason, retry=False, deadline=deadline,
+            (logger.info if kind == "preparing" else logger.warning)(
+                "%s refused %s: %s", self.settings.who, conn.peer, reason)
+            side.refuse(reason, retry=kind == "preparing", deadline=deadline,
                         other_layout=kind in ("layout", "processing"))
             return
         relay = self._relay_address(conn, side.request)
@@ -412,8 +435,11 @@ class SeedServer:
                 "experts no longer sit where a client of this rank expects them"
             )
         with self._lock:
+            preparing = self._preparing
             weights = self.layouts.weights(request.layout)
             why_not = self.layouts.why_not(request.layout)
+        if preparing is not None:
+            return "preparing", preparing.reason()
         if weights is None:
             return "layout", f"this seed does not serve the {request.layout} layout: {why_not}"
         if request.layout == PROCESSED:
