@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,39 @@ def test_shared_secret_end_to_end(model, workdir, seed):
         assert SECRET not in log and "no shared secret" not in log, name
     open_log = Path(workdir / "seed.log").read_text(errors="replace")
     assert open_log.count("no shared secret") == 1
+
+
+def test_a_seed_still_computing_its_digests_refuses_a_client_then_serves_it(
+    model, workdir, disk_tensors
+):
+    """A seed that loaded from disk hashes its large tensors after start-up; here
+    DIGEST_LIMIT_MB_PER_S holds that at 2 MiB in ~40 s, so a client started as soon as
+    the seed is healthy asks while it is preparing, is refused as a busy seed is, asks
+    again, and is served the moment the digests are done."""
+    server = netloader_server(model, workdir, "preparing-seed", "0",
+                              keys={"DIGEST_LIMIT_MB_PER_S": 0.05})
+    try:
+        start_all(server)
+        address = address_of(workdir / "preparing-seed-", timeout_s=0)
+        info = query_seed(address)
+        assert info["value_fingerprint"] is None
+        assert info["preparing"]["total_bytes"] >= 2 << 20
+        assert "preparing" in info["layouts"]["loaded"]["unavailable"]
+        tensors, report = dump(
+            model, workdir / "after-preparing.safetensors", "netloader",
+            {"SOURCE": [{"device_id": 0, "sources": [address]}], "TIMEOUT": 120},
+        )
+        (own,) = report["seeds"]
+        assert own["loaded_from"] == f"seed {address}", own
+        assert own["fallback_reasons"] == []
+        assert_equal_tensors(tensors, disk_tensors)
+        done = query_seed(address)
+        assert "preparing" not in done and done["completed_transfers"] == 1
+        assert own["value_fingerprint"] == done["value_fingerprint"]
+        with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as resp:
+            metrics = resp.read().decode()
+        refused = [line for line in metrics.splitlines()
+                   if line.startswith("netloader_refusals_total") and 'reason="preparing"' in line]
+        assert refused and float(refused[0].split()[-1]) >= 1, metrics[-2000:]
+    finally:
+        server.stop()

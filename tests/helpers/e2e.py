@@ -42,9 +42,25 @@ def start_all(*servers: VllmServer) -> None:
         list(pool.map(lambda s: s.wait_healthy(240), servers))
 
 
-def address_of(prefix: Path | str, rank: int = 0) -> str:
-    """The ``ip:port`` that rank ``rank``'s seed wrote to ``{OUTPUT_PREFIX}{rank}.txt``."""
-    return Path(f"{prefix}{rank}.txt").read_text().strip()
+def address_of(prefix: Path | str, rank: int = 0, timeout_s: float = 60.0) -> str:
+    """The ``ip:port`` that rank ``rank``'s seed wrote to ``{OUTPUT_PREFIX}{rank}.txt``,
+    once a seed on this host is done preparing (a disk-loaded seed hashes its large
+    tensors after start-up; its ``info`` has no value fingerprint until then). A seed
+    this host cannot ask (another namespace, a secret) is returned as it is."""
+    address = Path(f"{prefix}{rank}.txt").read_text().strip()
+    if not address.startswith(("127.0.0.1:", "[::1]:")):
+        return address
+    from vllm_ascend.model_loader.netloader.client import query_seed
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if "preparing" not in query_seed(address, timeout_s=5.0):
+                break
+        except Exception:  # noqa: BLE001 - a seed that cannot be asked is the test's to judge
+            break
+        time.sleep(0.2)
+    return address
 
 
 def netloader_server(

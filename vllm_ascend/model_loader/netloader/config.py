@@ -74,6 +74,9 @@ class NetloaderConfig:
     bucket_mb: int = DEFAULT_BUCKET_MB
     # Cap on a seed's average send rate, to protect its own traffic; None = no cap.
     send_limit_mb_per_s: float | None = None
+    # Cap on the rate a disk-loaded seed hashes its weights at after start-up
+    # (``seed.preparing``), to protect its own traffic's memory bandwidth; None = no cap.
+    digest_limit_mb_per_s: float | None = None
     # Every transfer ends within TIMEOUT plus its size at this average rate.
     min_rate_mb_per_s: float = DEFAULT_MIN_RATE_MB_PER_S
     # Shared secret from SECRET_FILE or $NETLOADER_SECRET; kept out of repr and logs.
@@ -337,6 +340,14 @@ def _parse_send_limit(value: Any) -> float:
     return float(value)
 
 
+def _parse_digest_limit(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise NetloaderConfigError(
+            f"DIGEST_LIMIT_MB_PER_S must be a positive number of MB/s, got {value!r}"
+        )
+    return float(value)
+
+
 def _parse_min_rate(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise NetloaderConfigError(
@@ -460,6 +471,7 @@ _PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "BUCKET_MB": ("bucket_mb", _parse_bucket_mb),
     "SEND_LIMIT_MB_PER_S": ("send_limit_mb_per_s", _parse_send_limit),
     "MIN_RATE_MB_PER_S": ("min_rate_mb_per_s", _parse_min_rate),
+    "DIGEST_LIMIT_MB_PER_S": ("digest_limit_mb_per_s", _parse_digest_limit),
     "DRAFT_SOURCE": ("draft_sources", functools.partial(_parse_sources, key="DRAFT_SOURCE")),
     "RELAY": ("relay", _parse_relay),
     "RELAY_FANOUT": ("relay_fanout", _parse_relay_fanout),

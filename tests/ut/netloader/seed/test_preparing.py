@@ -21,6 +21,7 @@ from tests.helpers.toy import (
 from vllm_ascend.model_loader.netloader.client import query_seed
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
 from vllm_ascend.model_loader.netloader.parts import PART_BYTES
+from vllm_ascend.model_loader.netloader.planes.progress import Pacer
 from vllm_ascend.model_loader.netloader.seed.preparing import (
     DEFER_BYTES,
     PendingWeights,
@@ -66,6 +67,18 @@ def test_small_tensors_are_hashed_at_load_and_a_large_one_changed_in_place_is_dr
         assert "big" in fetch.reasons[0] and "refused" in fetch.reasons[0]
     finally:
         server.stop()
+
+
+def test_digest_limit_paces_the_hashing_and_the_digests_stay_the_same():
+    model = make_toy(6)
+    pending = PendingWeights(model)
+    hashed: list[int] = []
+    start = time.monotonic()
+    weights = pending.finish(hashed.append, Pacer(2e6))
+    # 1.2 MB at 2 MB/s: its last piece is reported 0.6 s in at the earliest.
+    assert time.monotonic() - start >= 0.45
+    assert sum(hashed) == model.big.nbytes and len(hashed) > 1
+    assert weights.digests == LoadedWeights.capture(model).digests
 
 
 @pytest.fixture

@@ -34,10 +34,13 @@ from vllm_ascend.model_loader.netloader.log import get_logger
 from vllm_ascend.model_loader.netloader.manifest import (
     LoadedWeights,
     TensorSpec,
+    byte_view,
     digest_parts,
     model_tensors,
     spec_of,
 )
+from vllm_ascend.model_loader.netloader.parts import PART_BYTES, PartHasher
+from vllm_ascend.model_loader.netloader.planes.progress import Pacer
 
 logger = get_logger(__name__)
 
@@ -45,6 +48,9 @@ logger = get_logger(__name__)
 # they are 99.9 % of the bytes; what is hashed at load is scales, norms and biases.
 DEFER_BYTES = 1 << 20
 _NICE = 19
+# What the background thread hashes between progress reports and pacing
+# (DIGEST_LIMIT_MB_PER_S): a quarter of a part.
+_PIECE = PART_BYTES // 4
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -83,21 +89,39 @@ class PendingWeights:
         if p:
             self._parts[d] = p
 
-    def finish(self, on_bytes: Callable[[int], None] | None = None) -> LoadedWeights:
+    def _hash_paced(self, i: int, on_bytes: Callable[[int], None] | None,
+                    pacer: Pacer | None) -> None:
+        """``_hash`` a piece at a time (the digest is the same), reporting each."""
+        data = memoryview(byte_view(self.tensors[i]).numpy())  # type: ignore[arg-type]
+        hasher = PartHasher(len(data))
+        for start in range(0, len(data), _PIECE):
+            piece = data[start : start + _PIECE]
+            hasher.update(piece)
+            if on_bytes is not None:
+                on_bytes(len(piece))
+            if pacer is not None:
+                pacer.sent(len(piece))
+        d = hasher.hexdigest()
+        self._digests[i] = d
+        if hasher.parts:
+            self._parts[d] = tuple(hasher.parts)
+
+    def finish(
+        self, on_bytes: Callable[[int], None] | None = None, pacer: Pacer | None = None,
+    ) -> LoadedWeights:
         """Hash the deferred tensors; those changed in place since the load (their
         version moved, before or while they were hashed) are dropped, a meta tensor of
-        their shape standing in. ``on_bytes(n)`` hears of each ``n`` bytes hashed."""
+        their shape standing in. ``on_bytes(n)`` hears of each ``n`` bytes hashed;
+        ``pacer`` (DIGEST_LIMIT_MB_PER_S) keeps the hashing at its rate."""
         dropped: list[str] = []
         for i in self.deferred:
             t = self.tensors[i]
             if _version(t) == self._versions[i]:
-                self._hash(i)
+                self._hash_paced(i, on_bytes, pacer)
             if _version(t) != self._versions[i]:
                 dropped.append(self.names[i])
                 self.tensors[i] = torch.empty(t.shape, dtype=t.dtype, device="meta")
                 self._digests[i] = "0" * 64  # never sent: a seed with dropped tensors refuses
-            if on_bytes is not None:
-                on_bytes(t.nbytes)
         named = list(zip(self.names, self.tensors, strict=True))
         digests = [d for d in self._digests if d is not None]
         assert len(digests) == len(named), "every tensor is hashed or dropped"
@@ -138,17 +162,19 @@ class Preparation:
 
 def prepare_in_background(
     pending: PendingWeights, preparation: Preparation, who: str,
-    ready: Callable[[LoadedWeights], None],
+    ready: Callable[[LoadedWeights], None], limit_bytes_per_s: float | None = None,
 ) -> threading.Thread:
-    """Hash ``pending``'s deferred tensors on a thread at nice 19, then call
-    ``ready`` with the finished weights (it starts serving them). A failure is logged
-    and kept in ``preparation.error``; the seed then goes on refusing."""
+    """Hash ``pending``'s deferred tensors on a thread at nice 19 (at most
+    ``limit_bytes_per_s``, DIGEST_LIMIT_MB_PER_S), then call ``ready`` with the finished
+    weights (it starts serving them). A failure is logged and kept in
+    ``preparation.error``; the seed then goes on refusing."""
 
     def run() -> None:
         try:
             _lower_priority(who)
             with worker_cores(who):
-                weights = pending.finish(lambda n: _count(preparation, n))
+                weights = pending.finish(lambda n: _count(preparation, n),
+                                         Pacer(limit_bytes_per_s) if limit_bytes_per_s else None)
                 ready(weights)
             preparation.done = True
             logger.info("%s: digests of %d tensor(s), %.3f GB, computed after start-up%s",

@@ -207,7 +207,9 @@ class RunningSeeds:
             seed.keep(*_layouts(plan, model, weights, signature))
             self._announce(plan, seed)
 
-        prepare_in_background(pending, preparation, who(plan.rank, plan.role, seed=True), ready)
+        limit = plan.config.digest_limit_mb_per_s
+        prepare_in_background(pending, preparation, who(plan.rank, plan.role, seed=True), ready,
+                              limit * 1e6 if limit is not None else None)
         return seed
 
     def _announce(self, plan: LoadPlan, seed: SeedServer) -> None:
