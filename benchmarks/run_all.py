@@ -4,14 +4,19 @@
                                  [--skip-compile-cache]
 
 1. Random-weight Qwen2 models of ``--sizes`` GB (tools/make_tiny_model.py).
-2. ``benchmarks.netloader_transfer`` at the largest size: raw loopback TCP against a
+2. ``benchmarks.netloader_transfer`` at the largest size, twice: as it is, and placed
+   as two vLLM CPU servers are (``--pin``: one core each) into never-touched memory
+   (``--fresh-targets``), which ``load_vs_transfer`` compares the in-vLLM transfer with
+   (``transfer_pinned``). Each: raw loopback TCP against a
    Netloader transfer between two processes over the host data plane (``link_gbps``,
    ``netloader_gbps``, ``ratio``) and over the collective plane, the gloo path every
    CPU transfer took before (``collective_gbps``, ``collective_ratio``).
 3. Per size, inside real vLLM servers: the page cache dropped, the weight files read
    once (the disk's sequential rate, and the cache is now warm); the demo (a seed loads
    from the warm disk, a client from the seed; outputs must match); the page cache
-   dropped again and one ``--load-format auto`` server started. Reports the client's
+   dropped again and one ``--load-format auto`` server started (and, before the drop,
+   one from the warm cache on the seed's core: ``seed_start_over_auto``, the seed's
+   time to healthy over its). Reports the client's
    transfer (``client_transfer_s``, its bytes into the model) against vLLM's default
    loader reading the same files warm and cold (its own "Loading weights took" line),
    where the client's receiving thread spent the transfer (``client_receive_phases``:
@@ -233,6 +238,16 @@ def vllm_loads(bench: Bench, gb: float, cold: bool) -> dict[str, Any]:
         "client_loaded_from": summary["client_loaded_from"],
         "load_avg_1m": load_avg(),
     }
+    # The seed's start-up against vLLM's own: an ``auto`` server from the same warm
+    # page cache on the seed's core, healthy after how long (issue 28's
+    # ``seed_start_over_auto``: a seed hashes its large tensors only after it listens).
+    log = bench.workdir / f"disk-warm-{tag}.log"
+    log.unlink(missing_ok=True)
+    with VllmServer(str(model), load_format="auto", cpu_bind="0", log_path=log) as auto:
+        row["auto_warm_startup_s"] = auto.startup_seconds
+    row["auto_warm_loading_s"] = loading_took(log)
+    if row["seed_startup_s"] and row["auto_warm_startup_s"]:
+        row["seed_start_over_auto"] = round(row["seed_startup_s"] / row["auto_warm_startup_s"], 3)
     if cold:
         drop_page_cache()
         log = bench.workdir / f"disk-cold-{tag}.log"
@@ -373,6 +388,7 @@ def headline(result: dict[str, Any], gb: float) -> dict[str, Any]:
     """The figures the JSON starts with; None where a step did not run or failed.
     ``gb`` is the largest model size (the transfer step's and the last load row's)."""
     transfer, fanout = result.get("transfer") or {}, result.get("fanout") or {}
+    pinned = result.get("transfer_pinned") or {}
     storage = result.get("storage") or {}
     cache = result.get("compile_cache") or {}
     layouts = result.get("layouts") or {}
@@ -387,9 +403,11 @@ def headline(result: dict[str, Any], gb: float) -> dict[str, Any]:
     load_s = phases.get("transfer_s")
     ready_s, seed_ready_s = row.get("client_ready_s"), row.get("seed_ready_warm_s")
     transfer_s = transfer.get("netloader_seconds")
+    pinned_s = pinned.get("netloader_seconds")
     # Per byte: the vLLM model and the transfer's synthetic one differ a little in size.
-    load_vs_transfer = (round((load_s / row["bytes"]) / (transfer_s / transfer["bytes"]), 3)
-                        if load_s and transfer_s else None)
+    # Like with like: the standalone transfer pinned as vLLM pins, into fresh memory.
+    load_vs_transfer = (round((load_s / row["bytes"]) / (pinned_s / pinned["bytes"]), 3)
+                        if load_s and pinned_s else None)
     fresh_gbps = transfer.get("link_into_fresh_gbps")
     return {
         "ratio_tcp": transfer.get("ratio"),
@@ -399,6 +417,16 @@ def headline(result: dict[str, Any], gb: float) -> dict[str, Any]:
                                if load_s and fresh_gbps else None),
         "memory": transfer.get("memory"),
         "load_vs_transfer": load_vs_transfer,
+        # The share of the client's in-vLLM transfer its receiving thread spent hashing,
+        # per size (issue 28: at most 0.25 at 3 GB), and the seed's start-up against an
+        # ``auto`` server's from the same warm page cache (at most 1.05).
+        "verify_share": {f"{r['size_gb']:g}gb": (r.get("client_receive_phases") or {}).get(
+            "verify_share") for r in result.get("load") or []},
+        "seed_start_over_auto": {f"{r['size_gb']:g}gb": r.get("seed_start_over_auto")
+                                 for r in result.get("load") or []},
+        "transfer_pinned_fresh_s": pinned_s,
+        "transfer_pinned_phases": {k: pinned.get(k) for k in (
+            "netloader_gbps", "ratio", "link_into_fresh_gbps")} if pinned else None,
         "load_vs_disk_warm": (round(ready_s / seed_ready_s, 3)
                               if ready_s and seed_ready_s else None),
         "weights_vs_disk_warm": round(load_s / warm_s, 3) if load_s and warm_s else None,
@@ -483,6 +511,11 @@ def main() -> int:
     result["transfer"] = bench.attempt("transfer", bench.run, "transfer", [
         py, "-m", "benchmarks.netloader_transfer", "--gb", str(sizes[-1]),
         "--repeat", str(args.transfer_repeat)])
+    # The same, placed as two vLLM CPU servers are (one core each) and into never-touched
+    # memory, as into a model vLLM just built: what the in-vLLM transfer is compared with.
+    result["transfer_pinned"] = bench.attempt("transfer-pinned", bench.run, "transfer-pinned", [
+        py, "-m", "benchmarks.netloader_transfer", "--gb", str(sizes[-1]),
+        "--repeat", str(args.transfer_repeat), "--pin", "--fresh-targets"])
     if not args.skip_vllm:
         rows = []
         for gb in sizes:
