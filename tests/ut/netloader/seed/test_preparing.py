@@ -145,3 +145,25 @@ def test_a_client_told_preparing_retries_and_is_served_once_the_digests_are_done
     info = query_seed(server.address)
     assert "preparing" not in info
     assert info["value_fingerprint"] == LoadedWeights.capture(make_toy(5)).value_fingerprint()
+
+
+def test_a_seed_whose_hashing_failed_refuses_for_good_and_clients_do_not_wait():
+    pending = PendingWeights(make_toy(5))
+    preparation = Preparation(pending.specs, pending.deferred_bytes)
+    server = SeedServer(Layouts(None), SeedSettings(IDENTITY, 0, "127.0.0.1", 5.0),
+                        listen("127.0.0.1", 0), preparing=preparation).start()
+
+    def ready(weights: LoadedWeights) -> None:
+        raise RuntimeError("out of memory, say")
+
+    try:
+        prepare_in_background(pending, preparation, "test seed", ready).join(10)
+        assert preparation.error is not None
+        fetch = fetch_for(make_toy(None), timeout_s=10.0)
+        start = time.monotonic()
+        assert fetch.run((server.address,)) is None
+        assert time.monotonic() - start < 2.0  # not retried like a busy seed
+        assert "could not compute its digests" in fetch.reasons[0]
+        assert "out of memory, say" in query_seed(server.address)["preparing"]["error"]
+    finally:
+        server.stop()

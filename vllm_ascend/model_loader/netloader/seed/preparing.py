@@ -140,6 +140,13 @@ class Preparation:
     done: bool = False
     error: str | None = None
 
+    def refusal(self) -> tuple[str, str]:
+        """(kind, reason) of a refusal meanwhile: ``preparing`` (clients retry), or
+        ``digests_failed`` once the hashing failed (the seed will never serve)."""
+        if self.error is not None:
+            return "digests_failed", f"this seed could not compute its digests ({self.error})"
+        return "preparing", self.reason()
+
     def reason(self) -> str:
         """Why a client is refused meanwhile."""
         return (f"seed is preparing: computing the digests of its weights "

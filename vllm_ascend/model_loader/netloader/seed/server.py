@@ -439,7 +439,7 @@ class SeedServer:
             weights = self.layouts.weights(request.layout)
             why_not = self.layouts.why_not(request.layout)
         if preparing is not None:
-            return "preparing", preparing.reason()
+            return preparing.refusal()
         if weights is None:
             return "layout", f"this seed does not serve the {request.layout} layout: {why_not}"
         if request.layout == PROCESSED:
