@@ -3,6 +3,7 @@ against the plan, no-progress limits instead of per-call timeouts, bytes receive
 straight into the targets and a target counted only once its digest matched."""
 
 import functools
+import os
 import socket
 import threading
 import time
@@ -27,6 +28,21 @@ from vllm_ascend.model_loader.netloader.wire.errors import ProtocolError
 from vllm_ascend.model_loader.netloader.wire.frames import abort_frame, data_header
 
 BUCKET = 256 << 10
+
+
+@pytest.fixture(autouse=True, params=["threaded", "one_core"])
+def receiving_thread(request):
+    """Every test twice: as an unpinned process receives (a reader thread, a helper
+    faulting pages ahead, hashing on the rest), and pinned to one CPU as a vLLM CPU
+    worker is (the receiving thread reads and hashes each piece itself). Threads the
+    test starts inherit the pin."""
+    before = os.sched_getaffinity(0)
+    if request.param == "one_core":
+        os.sched_setaffinity(0, {min(before)})
+    try:
+        yield request.param
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def model(seed: int | None) -> list[torch.Tensor]:
