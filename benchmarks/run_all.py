@@ -408,13 +408,18 @@ def headline(result: dict[str, Any], gb: float) -> dict[str, Any]:
     # Like with like: the standalone transfer pinned as vLLM pins, into fresh memory.
     load_vs_transfer = (round((load_s / row["bytes"]) / (pinned_s / pinned["bytes"]), 3)
                         if load_s and pinned_s else None)
-    fresh_gbps = transfer.get("link_into_fresh_gbps")
+    # Raw TCP into never-touched memory, the receiver on one core as a vLLM CPU worker
+    # is (the pinned step), else unpinned.
+    fresh_gbps = pinned.get("link_into_fresh_gbps") or transfer.get("link_into_fresh_gbps")
+    unpinned_gbps = transfer.get("link_into_fresh_gbps")
     return {
         "ratio_tcp": transfer.get("ratio"),
         # The client's load inside vLLM against raw TCP into never-touched memory of the
         # same size (what any loader's bytes cost to land), per byte.
         "load_vs_fresh_link": (round(load_s / (row["bytes"] / (fresh_gbps * 1e9)), 3)
                                if load_s and fresh_gbps else None),
+        "load_vs_fresh_link_unpinned": (round(load_s / (row["bytes"] / (unpinned_gbps * 1e9)), 3)
+                                        if load_s and unpinned_gbps else None),
         "memory": transfer.get("memory"),
         "load_vs_transfer": load_vs_transfer,
         # The share of the client's in-vLLM transfer its receiving thread spent hashing,

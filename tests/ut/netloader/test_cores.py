@@ -72,17 +72,47 @@ def test_a_hashing_pool_never_has_more_threads_than_the_thread_may_use():
     assert cores.hash_threads() == len(cores.allowed_cpus())
 
 
-def test_omp_places_name_the_worker_cpus():
+def test_the_worker_cpus_are_what_its_openmp_binding_names(monkeypatch):
     assert cores._omp_places("{0,1,2}") == {0, 1, 2}
     assert cores._omp_places("{4},{5},{7}") == {4, 5, 7}
     assert cores._omp_places("{2:3}") == {2, 3, 4}
-    assert cores._omp_places("cores") == set()
-    assert cores._omp_places("{x}") == set()
+    for unknown in ("cores", "{x}", "{0:4:2}", "!{1}", "{0},!{1}", "{0}:4"):
+        assert cores._omp_places(unknown) == set(), unknown
+    assert cores._cpu_list("0 2-3".replace(" ", ",")) == {0, 2, 3}
+    assert cores._proclist("granularity=fine,explicit,proclist=[0,1,3]") == "0,1,3"
+    for name in ("OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY"):
+        monkeypatch.delenv(name, raising=False)
+    assert cores.worker_cpus() == cores.allowed_cpus()
+    monkeypatch.setenv("GOMP_CPU_AFFINITY", "0")
+    assert cores.worker_cpus() == {0}
+    monkeypatch.setenv("OMP_PLACES", f"{{{os.cpu_count()}}}")  # a CPU this host lacks
+    assert cores.worker_cpus() == cores.allowed_cpus()
 
 
 @two_cpus
-def test_worker_cores_widen_a_pinned_thread_and_restore_it_when_the_load_raises():
+def test_a_thread_started_before_the_binding_does_not_widen_the_worker(monkeypatch):
+    """The cores of other threads are not the worker's: one that predates the binding
+    still has every CPU."""
+    for name in ("OMP_PLACES", "GOMP_CPU_AFFINITY", "KMP_AFFINITY"):
+        monkeypatch.delenv(name, raising=False)
     cpus = sorted(cores.allowed_cpus())
+    inside: list[frozenset[int]] = []
+
+    def load() -> None:
+        os.sched_setaffinity(0, {cpus[0]})
+        with cores.worker_cores("test"):
+            inside.append(cores.allowed_cpus())
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    thread.join()
+    assert inside == [frozenset({cpus[0]})]
+
+
+@two_cpus
+def test_worker_cores_widen_a_pinned_thread_and_restore_it_when_the_load_raises(monkeypatch):
+    cpus = sorted(cores.allowed_cpus())
+    monkeypatch.setenv("OMP_PLACES", "{" + ",".join(map(str, cpus)) + "}")
     inside: list[frozenset[int]] = []
     after: list[frozenset[int]] = []
 
@@ -99,7 +129,6 @@ def test_worker_cores_widen_a_pinned_thread_and_restore_it_when_the_load_raises(
     thread = threading.Thread(target=load)
     thread.start()
     thread.join()
-    # The process's other threads (this one) may run on every CPU: the worker's cores.
     assert inside == [frozenset(cpus)]
     assert after == [frozenset({cpus[0]})]
 
@@ -107,6 +136,7 @@ def test_worker_cores_widen_a_pinned_thread_and_restore_it_when_the_load_raises(
 @two_cpus
 def test_a_fetch_that_fails_half_way_leaves_the_thread_on_its_own_core(monkeypatch):
     cpus = sorted(cores.allowed_cpus())
+    monkeypatch.setenv("OMP_PLACES", "{" + ",".join(map(str, cpus)) + "}")
     during: list[frozenset[int]] = []
     real = client_module.recv_weights
 

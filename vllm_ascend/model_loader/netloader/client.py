@@ -204,14 +204,12 @@ class WeightFetch:
     def run(self, addresses: Sequence[str]) -> Received | None:
         """What the first of ``addresses`` that serves delivered, or None (each
         failure's reason in ``reasons``). Receiving and hashing may use every core the
-        worker was given meanwhile (``cores.worker_cores``); the calling thread's CPU
-        affinity is as before when this returns or raises."""
-        with worker_cores(self._who):
-            for address in addresses:
-                received = self._tried(address, address,
-                                       functools.partial(self._from_source, address))
-                if received is not None:
-                    return received
+        worker was given (``cores.worker_cores``, in ``_receive``); the calling thread's
+        CPU affinity is as before when this returns or raises."""
+        for address in addresses:
+            received = self._tried(address, address, functools.partial(self._from_source, address))
+            if received is not None:
+                return received
         return None
 
     def _tried(
@@ -389,6 +387,13 @@ class WeightFetch:
         return accepted
 
     def _receive(
+        self, conn: socket.socket, accepted: Accept, progress: RelayProgress | None
+    ) -> int:
+        # Only threads that end with the transfer start while the thread is widened.
+        with worker_cores(self._who):
+            return self._receive_on(conn, accepted, progress)
+
+    def _receive_on(
         self, conn: socket.socket, accepted: Accept, progress: RelayProgress | None
     ) -> int:
         settings = self.settings

@@ -341,7 +341,8 @@ def _parse_send_limit(value: Any) -> float:
 
 
 def _parse_digest_limit(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not 0 < value < float("inf")):
         raise NetloaderConfigError(
             f"DIGEST_LIMIT_MB_PER_S must be a positive number of MB/s, got {value!r}"
         )

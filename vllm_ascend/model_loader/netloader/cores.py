@@ -15,10 +15,11 @@ every piece to a second thread on the same core. So:
   thread itself.
 - ``single_core``: whether the receiving side should receive and hash on one thread
   (``planes.transfer``), each piece right after it lands, while it is in cache.
-- ``worker_cores``: for the length of a load, the calling thread may use every core
-  the worker was given (the union of its threads' affinities, and ``OMP_PLACES``);
-  nothing else runs in the worker while it loads. The affinity is restored afterwards,
-  however the load ends.
+- ``worker_cores``: for the length of a transfer, the calling thread may use every
+  core the worker was given (its OpenMP binding: ``OMP_PLACES``, ``GOMP_CPU_AFFINITY``
+  or ``KMP_AFFINITY``); nothing else runs in the worker while it loads. The affinity is
+  restored afterwards, however the transfer ends; only threads that end with it start
+  meanwhile.
 
 Every call here is best effort: a platform without ``sched_getaffinity`` (macOS), or a
 kernel that refuses a mask, leaves threads where they are.
@@ -57,44 +58,58 @@ def single_core() -> bool:
 
 
 def worker_cpus() -> frozenset[int]:
-    """The cores this process was given: the union of its threads' affinities (vLLM
-    CPU binds one OpenMP thread per core of the worker) and of ``OMP_PLACES``'s simple
-    ``{a,b,c}`` places (the threads may not have started yet), within the CPUs this
-    process may use at all. The calling thread's own CPUs where nothing else tells."""
-    cpus = set(allowed_cpus())
-    try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:
-        tids = []
-    for tid in tids:
-        try:
-            cpus |= os.sched_getaffinity(tid)
-        except (AttributeError, OSError):
-            continue  # the thread ended meanwhile
-    cpus |= _omp_places(os.environ.get("OMP_PLACES", ""))
+    """The cores this worker was given, as its OpenMP binding names them:
+    ``OMP_PLACES`` written as explicit places (what vLLM CPU sets), else
+    ``GOMP_CPU_AFFINITY`` or ``KMP_AFFINITY``'s ``proclist`` (vLLM's libgomp and libiomp
+    paths). The calling thread's own CPUs where none is set or a form is not understood
+    (strides, exclusions, abstract names): then nothing is widened. Never the masks of
+    other threads, which may predate the binding."""
+    env = os.environ
+    named = (_omp_places(env.get("OMP_PLACES", ""))
+             or _cpu_list(env.get("GOMP_CPU_AFFINITY", "").replace(" ", ","))
+             or _cpu_list(_proclist(env.get("KMP_AFFINITY", ""))))
     online = os.cpu_count() or 1
-    return frozenset(c for c in cpus if 0 <= c < online)
+    if not named or any(not 0 <= c < online for c in named):
+        return allowed_cpus()
+    return frozenset(named)
 
 
-def _omp_places(value: str) -> set[int]:
-    """The CPUs named in ``OMP_PLACES`` written as explicit places (``{0,1,2}``,
-    ``{0},{1}``, ``{0:4}``); an abstract name (``cores``) names none."""
+def _omp_places(value: str) -> frozenset[int]:
+    """The CPUs of ``OMP_PLACES`` written as explicit places (``{0,1,2}``, ``{0},{1}``,
+    ``{0:4}``, ``{0-3}``); none for any other form."""
+    places = _PLACE.findall(value)
+    if not places or _PLACE.sub("", value).strip(" ,"):
+        return frozenset()  # an abstract name, an exclusion or a stride between places
     cpus: set[int] = set()
-    for place in _PLACE.findall(value):
-        for item in place.split(","):
-            item = item.strip()
-            try:
-                if ":" in item:
-                    start, length = (int(x) for x in item.split(":")[:2])
-                    cpus.update(range(start, start + length))
-                elif "-" in item:
-                    first, last = (int(x) for x in item.split("-", 1))
-                    cpus.update(range(first, last + 1))
-                elif item:
-                    cpus.add(int(item))
-            except ValueError:
-                continue  # a form this reader does not know names no CPU
-    return cpus
+    for place in places:
+        got = _cpu_list(place)
+        if not got:
+            return frozenset()
+        cpus |= got
+    return frozenset(cpus)
+
+
+def _proclist(value: str) -> str:
+    """The ``proclist=[...]`` of a ``KMP_AFFINITY`` value, or ""."""
+    m = re.search(r"proclist=\[([0-9,\s-]+)\]", value)
+    return m[1] if m else ""
+
+
+def _cpu_list(value: str) -> frozenset[int]:
+    """``0,2-4`` or ``3:2`` (start:length) as CPUs; none if any item is another form."""
+    cpus: set[int] = set()
+    for item in filter(None, (i.strip() for i in value.split(","))):
+        m = re.fullmatch(r"(\d+)(?:(-|:)(\d+))?", item)
+        if m is None:
+            return frozenset()
+        first = int(m[1])
+        if m[2] == "-":
+            cpus.update(range(first, int(m[3]) + 1))
+        elif m[2] == ":":
+            cpus.update(range(first, first + int(m[3])))
+        else:
+            cpus.add(first)
+    return frozenset(cpus)
 
 
 def _set(cpus: frozenset[int]) -> bool:

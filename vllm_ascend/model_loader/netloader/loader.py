@@ -159,8 +159,9 @@ class NetloaderModelLoader(BaseModelLoader):
             weights = relay.layouts.primary
         elif received is not None:
             weights = LoadedWeights.capture(model, received.digests, state, received.parts)
-        else:  # from disk: the large tensors are hashed once the seed listens
-            weights = PendingWeights(model, state)
+        else:  # from disk: the large tensors are hashed from a snapshot of them now
+            limit = self.config.digest_limit_mb_per_s
+            weights = PendingWeights(model, state, limit * 1e6 if limit is not None else None)
         reasons = fetched.reasons if fetched is earlier else (*earlier.reasons, *fetched.reasons)
         self.outcome = self._outcome(received, reasons, start)
         self._log_loaded(plan, weights)

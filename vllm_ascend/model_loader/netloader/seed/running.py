@@ -62,6 +62,8 @@ class RunningSeeds:
     def __init__(self) -> None:
         self._seeds: dict[_Key, SeedServer] = {}
         self._announcers: dict[_Key, Announcer] = {}
+        # Seeds still preparing: their digests, being computed (``seed.preparing``).
+        self._pending: dict[_Key, PendingWeights] = {}
         self._lock = threading.RLock()
 
     def seeds(self) -> dict[_Key, SeedServer]:
@@ -88,10 +90,13 @@ class RunningSeeds:
             old.stop()
 
     def stop(self, key: _Key) -> None:
-        """Withdraw ``key``'s record and stop its seed."""
+        """Withdraw ``key``'s record and stop its seed (and its digests' child)."""
         self.withdraw(key)
         with self._lock:
             old = self._seeds.pop(key, None)
+            pending = self._pending.pop(key, None)
+        if pending is not None:
+            pending.cancel()
         if old is not None:
             old.stop()
 
@@ -201,15 +206,17 @@ class RunningSeeds:
         signature = state_signature(model)
 
         def ready(weights: LoadedWeights) -> None:
-            with self._lock:
+            layouts = _layouts(plan, model, weights, signature)
+            with self._lock:  # a stop or reload meanwhile must not be undone
                 if self._seeds.get(plan.key) is not seed:
-                    return  # stopped or replaced (a reload) meanwhile
-            seed.keep(*_layouts(plan, model, weights, signature))
-            self._announce(plan, seed)
+                    return
+                seed.keep(*layouts)
+                self._announce(plan, seed)
+                self._pending.pop(plan.key, None)
 
-        limit = plan.config.digest_limit_mb_per_s
-        prepare_in_background(pending, preparation, who(plan.rank, plan.role, seed=True), ready,
-                              limit * 1e6 if limit is not None else None)
+        with self._lock:
+            self._pending[plan.key] = pending
+        prepare_in_background(pending, preparation, who(plan.rank, plan.role, seed=True), ready)
         return seed
 
     def _announce(self, plan: LoadPlan, seed: SeedServer) -> None:
