@@ -98,9 +98,14 @@ class PendingWeights:
         self._parts: dict[str, tuple[str, ...]] = {}
         self._child: _Child | None = None
         if self.deferred:
+            start = time.perf_counter()
             try:
                 self._child = _Child.fork([(i, self.tensors[i]) for i in self.deferred],
                                           limit_bytes_per_s)
+                logger.info("Netloader: child %d hashes %d tensor(s), %.3f GB, from a snapshot "
+                            "of the load (forked in %.3f s)", self._child.pid, len(self.deferred),
+                            sum(self.tensors[i].nbytes for i in self.deferred) / 1e9,
+                            time.perf_counter() - start)
             except OSError as e:  # no memory for the page tables, a process limit
                 logger.warning("Netloader: cannot fork to hash %d tensor(s) after start-up "
                                "(%s); hashing them now", len(self.deferred), e)
