@@ -119,7 +119,13 @@ class NetloaderModelLoader(BaseModelLoader):
                             relay_seed=tried.fetched.relay_seed)
                 return tried.model
             self._earlier = tried
-        model = super().load_model(vllm_config, model_config, prefix)
+        try:
+            model = super().load_model(vllm_config, model_config, prefix)
+        except BaseException:
+            # Processing failed after the load: a seed's hashing child must not outlive it.
+            if self._filled is not None and isinstance(self._filled.weights, PendingWeights):
+                self._filled.weights.cancel()
+            raise
         self._log_whole(plan, start)
         filled = self._filled
         assert filled is not None, "vLLM's load_model template calls load_weights"
@@ -161,7 +167,8 @@ class NetloaderModelLoader(BaseModelLoader):
             weights = LoadedWeights.capture(model, received.digests, state, received.parts)
         else:  # from disk: the large tensors are hashed from a snapshot of them now
             limit = self.config.digest_limit_mb_per_s
-            weights = PendingWeights(model, state, limit * 1e6 if limit is not None else None)
+            weights = PendingWeights(model, state, limit * 1e6 if limit is not None else None,
+                                     defer=plan.device.type == "cpu")
         reasons = fetched.reasons if fetched is earlier else (*earlier.reasons, *fetched.reasons)
         self.outcome = self._outcome(received, reasons, start)
         self._log_loaded(plan, weights)

@@ -21,11 +21,11 @@ from tests.helpers.toy import (
 from vllm_ascend.model_loader.netloader.client import query_seed
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
 from vllm_ascend.model_loader.netloader.parts import PART_BYTES
+from vllm_ascend.model_loader.netloader.seed import snapshot
 from vllm_ascend.model_loader.netloader.seed.preparing import (
     DEFER_BYTES,
     PendingWeights,
     Preparation,
-    _Child,
     prepare_in_background,
 )
 from vllm_ascend.model_loader.netloader.seed.server import Layouts, SeedServer, SeedSettings
@@ -48,19 +48,36 @@ def test_digests_computed_after_the_load_equal_those_of_the_finished_tensors():
 
 def test_a_tensor_changed_in_place_after_the_load_keeps_the_digest_of_its_loaded_bytes():
     """Processing may write a tensor in place where torch counts nothing (``.data``,
-    numpy): the digests are of the snapshot taken at the load, never of such bytes."""
+    numpy): the digests are of the snapshot taken at the load, never of such bytes.
+    The child is paced (~3 s), so it is still hashing when the worker writes."""
     model = make_toy(6, vocab=40_000)
-    pending = PendingWeights(model)
+    pending = PendingWeights(model, limit_bytes_per_s=2e6)
     at_load = LoadedWeights.capture(make_toy(6, vocab=40_000))
     with torch.no_grad():
         model.big.data.mul_(2)  # large: in the child's snapshot as it was
         model.embed.weight.view(torch.int16).numpy()[:] = 0  # tied, over 4 MiB: parts too
         model.proj.bias.data.add_(1)  # small: hashed at the load
+    assert pending._child is not None  # still hashing
     weights = pending.finish()
     assert weights.digests == at_load.digests
     assert weights.parts == at_load.parts
     # So a client that receives the changed bytes rejects them.
     assert LoadedWeights.capture(model).digests != at_load.digests
+
+
+def test_shared_memory_is_hashed_at_the_load_not_from_a_snapshot():
+    """A fork shares such pages instead of copying them: the child would see live
+    writes, so only private anonymous memory is left to it."""
+    model = make_toy(6, vocab=40_000)
+    model.big.share_memory_()
+    pending = PendingWeights(model)
+    names = [s.name for s in pending.specs]
+    assert names.index("big") not in pending.deferred
+    assert names.index("embed.weight") in pending.deferred
+    at_load = LoadedWeights.capture(model).digests
+    with torch.no_grad():
+        model.big.data.mul_(2)
+    assert pending.finish().digests == at_load
 
 
 def test_the_hashing_runs_in_a_child_process_at_the_lowest_priority():
@@ -70,22 +87,47 @@ def test_the_hashing_runs_in_a_child_process_at_the_lowest_priority():
     time.sleep(0.3)
     assert os.getpriority(os.PRIO_PROCESS, child.pid) == 19
     assert os.getpriority(os.PRIO_PROCESS, 0) != 19
-    pending.finish()
+    hashed: list[int] = []
+    pending.finish(hashed.append)
+    assert hashed == [make_toy(6).big.nbytes]
 
 
-def test_a_hashing_child_that_dies_or_writes_nonsense_fails_the_preparation():
-    pending = PendingWeights(make_toy(6))
-    pending.cancel()  # SIGKILL
-    with pytest.raises(RuntimeError, match="status"):
+def test_a_stopped_seed_kills_its_hashing_child_and_lets_go_of_the_tensors():
+    pending = PendingWeights(make_toy(6), limit_bytes_per_s=0.1e6)  # ~12 s
+    child = pending._child
+    assert child is not None
+    pending.cancel()
+    with pytest.raises(RuntimeError, match="ended"):
         pending.finish()
+    with pytest.raises(ProcessLookupError):
+        os.kill(child.pid, 0)  # killed and reaped
+    assert pending.tensors == []
+    child.kill()  # after the reap: never a signal to a pid that may be another's
+
+
+@pytest.mark.parametrize("writes, error", [
+    (b"", "ended before it started"),
+    (b"+7 " + b"a" * 64 + b" \n", "wrote"),  # a tensor it was not given
+    (b"+3 " + b"a" * 64 + b" \n", "parts"),  # 2 MiB: no parts, but the digest is fine
+    (b"+3 " + b"a" * 64, "of 1 digests"),  # no newline, then the end
+    (b"+" + b"x" * 70_000, "overlong"),
+])
+def test_a_hashing_child_that_writes_anything_else_fails_the_preparation(
+    monkeypatch, writes, error
+):
+    monkeypatch.setattr(snapshot, "ARM_S", 1.0)
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # a child that answers for a tensor it was not given
-        os.write(w, b"7 " + b"a" * 64 + b" \n")
+    if pid == 0:  # pragma: no cover - the stand-in child
+        os.close(r)
+        os.write(w, writes)
         os._exit(0)
     os.close(w)
-    with pytest.raises(RuntimeError, match="wrote"):
-        _Child(pid, r, 1).results({3: 2 << 20})
+    nbytes = {3: (2 << 20) if error != "parts" else 5 << 20}
+    with pytest.raises(RuntimeError, match=error):
+        list(snapshot.SnapshotHasher(pid, r, nbytes).results())
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped
 
 
 def test_digest_limit_paces_the_hashing_and_the_digests_stay_the_same():

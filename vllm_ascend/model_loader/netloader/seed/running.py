@@ -90,13 +90,16 @@ class RunningSeeds:
             old.stop()
 
     def stop(self, key: _Key) -> None:
-        """Withdraw ``key``'s record and stop its seed (and its digests' child)."""
-        self.withdraw(key)
+        """Withdraw ``key``'s record and stop its seed (and its digests' child). All
+        three leave together: a seed that finishes preparing meanwhile is not announced."""
         with self._lock:
+            announcer = self._announcers.pop(key, None)
             old = self._seeds.pop(key, None)
             pending = self._pending.pop(key, None)
         if pending is not None:
             pending.cancel()
+        if announcer is not None:
+            announcer.stop()
         if old is not None:
             old.stop()
 
@@ -214,9 +217,15 @@ class RunningSeeds:
                 self._announce(plan, seed)
                 self._pending.pop(plan.key, None)
 
+        def failed() -> None:
+            with self._lock:
+                if self._pending.get(plan.key) is pending:
+                    del self._pending[plan.key]
+
         with self._lock:
             self._pending[plan.key] = pending
-        prepare_in_background(pending, preparation, who(plan.rank, plan.role, seed=True), ready)
+        prepare_in_background(pending, preparation, who(plan.rank, plan.role, seed=True), ready,
+                              failed)
         return seed
 
     def _announce(self, plan: LoadPlan, seed: SeedServer) -> None:
