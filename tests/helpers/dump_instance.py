@@ -158,9 +158,10 @@ def install_fault(fault: str) -> None:
                     bucket[bucket.numel() // 2] ^= 1
                 yield bucket
 
-        def receive_into(self, buckets: Any, on_reached: Any = None) -> Iterator[Any]:
+        def receive_into(self, buckets: Any, on_reached: Any = None,
+                         inline: bool = False) -> Iterator[Any]:
             first = True
-            for position, piece in super().receive_into(buckets, on_reached):
+            for position, piece in super().receive_into(buckets, on_reached, inline):
                 if first and piece is not None and len(piece):
                     first = False
                     if fault == "stall":
@@ -173,14 +174,34 @@ def install_fault(fault: str) -> None:
     client.StreamLink = FaultyLink  # type: ignore[misc]
 
 
+def settled(seed: Any, timeout_s: float = 120.0) -> dict[str, Any]:
+    """``seed.describe()`` once it is done preparing (a seed that loaded from disk
+    hashes its large tensors after start-up; its value fingerprint comes then)."""
+    deadline = time.monotonic() + timeout_s
+    while "preparing" in (info := seed.describe()):
+        if info["preparing"].get("error") or time.monotonic() > deadline:
+            return info  # the test sees why
+        time.sleep(0.1)
+    return info
+
+
+def own_seed() -> Any:
+    """This process's one seed, once it is done preparing (a seed that loaded from disk
+    hashes its large tensors after start-up: until then it serves no layout)."""
+    from vllm_ascend.model_loader.netloader.seed.running import running_seeds
+
+    (own,) = running_seeds().values()
+    assert "preparing" not in settled(own), "this instance's seed is still preparing"
+    return own
+
+
 def serve_tampered() -> str:
     """Replace this process's seed with a hostile one (see the module doc)."""
     from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, digest
-    from vllm_ascend.model_loader.netloader.seed.running import running_seeds
     from vllm_ascend.model_loader.netloader.seed.server import Layouts, SeedServer
     from vllm_ascend.model_loader.netloader.wire.addresses import listen
 
-    (own,) = running_seeds().values()
+    own = own_seed()
     # The dense model's processed layout holds its loaded bytes (every linear's weight
     # is a oneDNN kernel's input): the base of both hostile layouts.
     weights = own.layouts.processed
@@ -204,9 +225,8 @@ def swarm(n: int, address: str) -> dict[str, Any]:
     """N concurrent fetches of this instance's own model from ``address``."""
     from vllm_ascend.model_loader.netloader.client import ClientSettings, WeightFetch
     from vllm_ascend.model_loader.netloader.manifest import byte_view
-    from vllm_ascend.model_loader.netloader.seed.running import running_seeds
 
-    (own,) = running_seeds().values()
+    own = own_seed()
     weights = own.weights
     fetches = [
         WeightFetch(
@@ -295,7 +315,7 @@ def instance(args: argparse.Namespace) -> None:
     from vllm_ascend.model_loader.netloader.seed.running import running_seeds
 
     report: dict[str, Any] = {
-        "tensors": len(tensors), "seeds": [s.describe() for s in running_seeds().values()],
+        "tensors": len(tensors), "seeds": [settled(s) for s in running_seeds().values()],
     }
     if args.swarm:
         report["swarm"] = swarm(args.swarm, args.swarm_from)
