@@ -240,10 +240,7 @@ class StreamLink:
                 finished = True
             finally:
                 if not finished:  # as a stopped reader leaves it: nothing more is read
-                    try:
-                        self._sock.shutdown(socket.SHUT_RD)
-                    except OSError:
-                        pass  # the connection is gone already
+                    self._shut_reading()
             return
         filled: queue.Queue[tuple[int, memoryview | None] | BaseException | None] = (
             queue.Queue())
@@ -262,11 +259,15 @@ class StreamLink:
         shutting this side's reading down, joined."""
         stop.set()
         if reader.is_alive():
-            try:
-                self._sock.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass  # the connection is gone already
+            self._shut_reading()
         reader.join(30)
+
+    def _shut_reading(self) -> None:
+        """Shut this side's reading down: a blocked recv returns, nothing more is read."""
+        try:
+            self._sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass  # the connection is gone already
 
     def _read_into(
         self,

@@ -130,12 +130,11 @@ class PendingWeights:
 @dataclass
 class Preparation:
     """How far a preparing seed is: hashed and total bytes of its deferred tensors,
-    and how it ended (``done``; ``error`` if it failed). ``specs``: its manifest."""
+    and why it failed (``error``). ``specs``: its manifest."""
 
     specs: tuple[TensorSpec, ...]
     total_bytes: int
     hashed_bytes: int = 0
-    done: bool = False
     error: str | None = None
 
     def refusal(self) -> tuple[str, str]:
@@ -192,7 +191,6 @@ def prepare_in_background(
                     time.monotonic() - start)
         try:
             ready(weights)
-            preparation.done = True
         except Exception as e:  # noqa: BLE001 - thread top level, as above
             preparation.error = f"{type(e).__name__}: {e}"
             logger.exception("%s: starting to serve after the digests failed", who)

@@ -250,7 +250,6 @@ class SeedServer:
     def stop(self) -> None:
         self._listener.stop()
 
-
     def promote(self, outcome: LoadOutcome) -> None:
         """A relay whose own fetch completed goes on as this instance's seed."""
         with self._lock:
