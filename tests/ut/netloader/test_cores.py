@@ -2,6 +2,7 @@
 CPUs, one thread doing both on one core, the worker's cores for a load and the
 thread's own affinity back afterwards, however the load ended."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -26,6 +27,24 @@ from vllm_ascend.model_loader.netloader.planes.stream import StreamLink
 from vllm_ascend.model_loader.netloader.planes.transfer import recv_weights, send_weights
 
 two_cpus = pytest.mark.skipif(len(cores.allowed_cpus()) < 2, reason="needs two CPUs")
+
+
+def on_one_cpu(work, timeout_s: float = 60.0) -> None:
+    """Run ``work()`` on a thread pinned to this process's first CPU, as a vLLM CPU
+    worker's thread is; the pin is that thread's alone."""
+
+    def pinned() -> None:
+        os.sched_setaffinity(0, {min(cores.allowed_cpus())})
+        work()
+
+    thread = threading.Thread(target=pinned)
+    thread.start()
+    thread.join(timeout_s)
+
+
+def bind_worker_to(cpus, monkeypatch) -> None:
+    """The worker's OpenMP binding names ``cpus`` (as vLLM CPU sets it)."""
+    monkeypatch.setenv("OMP_PLACES", "{" + ",".join(map(str, cpus)) + "}")
 
 # A process pinned to one CPU hashes 3 tensors of 10 MiB in parts, then reports how
 # many threads it ever had (it starts with one) and the digests.
@@ -58,16 +77,13 @@ def test_a_hashing_pool_never_has_more_threads_than_the_thread_may_use():
     seen: list[int] = []
     data = memoryview(bytes(range(256)) * (40 << 12))  # 10 MiB
 
-    def pinned() -> None:
-        os.sched_setaffinity(0, {min(cores.allowed_cpus())})
+    def hash_it() -> None:
         seen.append(cores.hash_threads())
         from vllm_ascend.model_loader.netloader.parts import new_hasher
 
         seen.append(new_hasher(len(data)).update(data).digest() is not None)
 
-    thread = threading.Thread(target=pinned)
-    thread.start()
-    thread.join()
+    on_one_cpu(hash_it)
     assert seen == [1, True]
     assert cores.hash_threads() == len(cores.allowed_cpus())
 
@@ -99,25 +115,21 @@ def test_a_thread_started_before_the_binding_does_not_widen_the_worker(monkeypat
     inside: list[frozenset[int]] = []
 
     def load() -> None:
-        os.sched_setaffinity(0, {cpus[0]})
         with cores.worker_cores("test"):
             inside.append(cores.allowed_cpus())
 
-    thread = threading.Thread(target=load)
-    thread.start()
-    thread.join()
+    on_one_cpu(load)
     assert inside == [frozenset({cpus[0]})]
 
 
 @two_cpus
 def test_worker_cores_widen_a_pinned_thread_and_restore_it_when_the_load_raises(monkeypatch):
     cpus = sorted(cores.allowed_cpus())
-    monkeypatch.setenv("OMP_PLACES", "{" + ",".join(map(str, cpus)) + "}")
+    bind_worker_to(cpus, monkeypatch)
     inside: list[frozenset[int]] = []
     after: list[frozenset[int]] = []
 
     def load() -> None:
-        os.sched_setaffinity(0, {cpus[0]})
         try:
             with cores.worker_cores("test"):
                 inside.append(cores.allowed_cpus())
@@ -126,9 +138,7 @@ def test_worker_cores_widen_a_pinned_thread_and_restore_it_when_the_load_raises(
             pass
         after.append(cores.allowed_cpus())
 
-    thread = threading.Thread(target=load)
-    thread.start()
-    thread.join()
+    on_one_cpu(load)
     assert inside == [frozenset(cpus)]
     assert after == [frozenset({cpus[0]})]
 
@@ -136,7 +146,7 @@ def test_worker_cores_widen_a_pinned_thread_and_restore_it_when_the_load_raises(
 @two_cpus
 def test_a_fetch_that_fails_half_way_leaves_the_thread_on_its_own_core(monkeypatch):
     cpus = sorted(cores.allowed_cpus())
-    monkeypatch.setenv("OMP_PLACES", "{" + ",".join(map(str, cpus)) + "}")
+    bind_worker_to(cpus, monkeypatch)
     during: list[frozenset[int]] = []
     real = client_module.recv_weights
 
@@ -149,7 +159,6 @@ def test_a_fetch_that_fails_half_way_leaves_the_thread_on_its_own_core(monkeypat
     after: list[frozenset[int]] = []
 
     def fetch_thread(address: str) -> None:
-        os.sched_setaffinity(0, {cpus[0]})
         model = make_toy(None)
         fetch = fetch_for(model)
         result.append(fetch.run((address,)))
@@ -161,9 +170,7 @@ def test_a_fetch_that_fails_half_way_leaves_the_thread_on_its_own_core(monkeypat
     with serving(seed=2) as server:
         server.layouts.loaded.digests = (  # type: ignore[union-attr, misc]
             LoadedWeights.capture(make_toy(3)).digests)
-        thread = threading.Thread(target=fetch_thread, args=(server.address,))
-        thread.start()
-        thread.join(60)
+        on_one_cpu(functools.partial(fetch_thread, server.address))
     assert result[0] is None and "digest mismatch" in str(result[1])
     assert during == [frozenset(cpus)]
     assert after == [frozenset({cpus[0]})]
