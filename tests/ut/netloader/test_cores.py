@@ -103,6 +103,9 @@ def test_the_worker_cpus_are_what_its_openmp_binding_names(monkeypatch):
     assert cores.worker_cpus() == {0}
     monkeypatch.setenv("OMP_PLACES", f"{{{os.cpu_count()}}}")  # a CPU this host lacks
     assert cores.worker_cpus() == cores.allowed_cpus()
+    monkeypatch.delenv("GOMP_CPU_AFFINITY")
+    monkeypatch.setenv("OMP_PLACES", "{0:1000000000}")  # never built as a set
+    assert cores.worker_cpus() == cores.allowed_cpus()
 
 
 @two_cpus

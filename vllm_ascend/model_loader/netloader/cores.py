@@ -34,6 +34,9 @@ from vllm_ascend.model_loader.netloader.log import get_logger
 
 logger = get_logger(__name__)
 
+# Linux numbers CPUs below NR_CPUS, at most 8192 (arch/x86/Kconfig): a list naming more
+# is a mistake, and is not built as a set.
+_MAX_CPU_ID = 8192
 _PLACE = re.compile(r"\{([0-9,\s:-]+)\}")
 
 
@@ -103,12 +106,10 @@ def _cpu_list(value: str) -> frozenset[int]:
         if m is None:
             return frozenset()
         first = int(m[1])
-        if m[2] == "-":
-            cpus.update(range(first, int(m[3]) + 1))
-        elif m[2] == ":":
-            cpus.update(range(first, first + int(m[3])))
-        else:
-            cpus.add(first)
+        last = first if m[2] is None else int(m[3]) if m[2] == "-" else first + int(m[3]) - 1
+        if last >= _MAX_CPU_ID:
+            return frozenset()  # no kernel numbers a CPU so: not a binding to follow
+        cpus.update(range(first, last + 1))
     return frozenset(cpus)
 
 

@@ -225,3 +225,14 @@ def test_a_seed_whose_hashing_failed_refuses_for_good_and_clients_do_not_wait():
         assert "out of memory, say" in query_seed(server.address)["preparing"]["error"]
     finally:
         server.stop()
+
+
+def test_a_client_of_another_manifest_is_refused_at_once_not_told_to_wait(preparing_seed):
+    """Found by the third attack review: the preparing refusal (retry) came before the
+    manifest check, so a client of another model waited its whole TIMEOUT."""
+    server, _ = preparing_seed
+    fetch = fetch_for(make_toy(None, vocab=301), timeout_s=10.0)
+    start = time.monotonic()
+    assert fetch.run((server.address,)) is None
+    assert time.monotonic() - start < 2.0
+    assert "manifest differs" in fetch.reasons[0]

@@ -199,6 +199,7 @@ class SeedServer:
         specs = preparing.specs if preparing is not None else self.weights.specs
         self._manifest_sha = manifest_sha256(specs)
         self._manifest_wire = [spec.to_wire() for spec in specs]
+        self._manifest_bytes = sum(spec.nbytes for spec in specs)
         self._lock = threading.Lock()
         self._active = 0
         self._completed = 0
@@ -275,15 +276,13 @@ class SeedServer:
             relays = {layout: len(tree) for layout, tree in self._trees.items() if tree}
             preparing, layouts = self._preparing, self.layouts
         common = {
-            "identity": self.identity,
-            "address": self.address,
+            "identity": self.identity, "address": self.address,
             "data_plane": self.settings.data_plane,
             "loaded_from": outcome.loaded_from,
             "loaded_layout": outcome.layout,
             "load_seconds": outcome.load_seconds,
             "fallback_reasons": list(outcome.fallback_reasons),
-            "active_transfers": active,
-            "completed_transfers": completed,
+            "active_transfers": active, "completed_transfers": completed,
             "open_connections": self._listener.open_connections,
         }
         if preparing is not None:
@@ -437,8 +436,8 @@ class SeedServer:
             preparing = self._preparing
             weights = self.layouts.weights(request.layout)
             why_not = self.layouts.why_not(request.layout)
-        if preparing is not None:
-            return preparing.refusal()
+        if preparing is not None:  # another model's client must not wait for it
+            return self._manifest_refusal(request) or preparing.refusal()
         if weights is None:
             return "layout", f"this seed does not serve the {request.layout} layout: {why_not}"
         if request.layout == PROCESSED:
@@ -448,18 +447,8 @@ class SeedServer:
                     f"processing signature differs ({mismatch}): processed tensors are valid "
                     f"only where processing runs the same way; ask for the loaded layout"
                 )
-        theirs = request.manifest
-        assert theirs is not None  # a parsed hello has one
-        # The count and size too: a client's resume is bounded by its count.
-        if (theirs.sha256, theirs.tensors, theirs.nbytes) != (
-            self._manifest_sha, len(weights.specs), weights.total_bytes
-        ):
-            return "manifest", (
-                f"tensor manifest differs: {clean(theirs.tensors, 20)} tensors of "
-                f"{clean(theirs.nbytes, 20)} bytes "
-                f"there vs {len(weights.specs)} of {weights.total_bytes} here "
-                f"(sha256 {theirs.sha256[:12]} vs {self._manifest_sha[:12]})"
-            )
+        if (wrong := self._manifest_refusal(request)) is not None:
+            return wrong
         dropped = weights.dropped
         if dropped:
             return "dropped", (
@@ -483,6 +472,20 @@ class SeedServer:
                 f"offers {', '.join(request.data_planes)[:100]}"
             )
         return None
+
+    def _manifest_refusal(self, request: Request) -> tuple[str, str] | None:
+        """Why the client's manifest (count and size too: they bound a resume) is not
+        this seed's, which both layouts share; None if it is."""
+        theirs = request.manifest
+        assert theirs is not None  # a parsed hello has one
+        mine = (self._manifest_sha, len(self._manifest_wire), self._manifest_bytes)
+        if (theirs.sha256, theirs.tensors, theirs.nbytes) == mine:
+            return None
+        return "manifest", (
+            f"tensor manifest differs: {clean(theirs.tensors, 20)} tensors of "
+            f"{clean(theirs.nbytes, 20)} bytes there vs {mine[1]} of {mine[2]} here "
+            f"(sha256 {theirs.sha256[:12]} vs {mine[0][:12]})"
+        )
 
     def _relay_address(self, conn: Connection, request: Request) -> str | None:
         """Where the client's relay listens: its port from the hello, on the address the
