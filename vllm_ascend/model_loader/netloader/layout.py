@@ -207,19 +207,68 @@ class Processed:
     kept_bytes: int
 
 
-def processed_weights(model: nn.Module, loaded: LoadedWeights) -> tuple[Processed | None, str]:
+class ModelHolds:
+    """What a processed model holds, read once: its parameter and buffer slots by name,
+    its quantization methods that take no pre-processed weights, and the storages it
+    holds (its slots', and those of the seed's loaded views that anything besides the
+    seed's own views keeps: a kernel, a closure, a list).
+
+    A preparing seed computes its layouts after start-up went on (vLLM wraps modules for
+    LoRA, runs the model, fills attributes): read then, the slots have other names and
+    the use counts move with every forward pass. Read right after processing, they are
+    what a disk load in this process holds, as in a seed that serves at once.
+
+    A storage's holders are its use count (``torch._C._storage_Use_Count``, torch 2.x)
+    less the reference taken to ask; the model holds it where that exceeds the seed's own
+    views of it."""
+
+    def __init__(self, model: nn.Module | None, views: Sequence[torch.Tensor]):
+        self.slots = _slots(model) if model is not None else {}
+        self.unsupported = tuple(unsupported_methods(model)) if model is not None else ()
+        own: dict[tuple[str, int], int] = {}
+        for t in views:
+            if counted(t):
+                own[storage_key(t)] = own.get(storage_key(t), 0) + 1
+        held = {storage_key(t) for t in self.slots.values() if counted(t)}
+        for t in views:
+            if counted(t) and _holders(t) > own[storage_key(t)]:
+                held.add(storage_key(t))
+        self._held = frozenset(held)
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether the model holds ``t``'s storage (an empty or meta tensor: no)."""
+        return counted(t) and storage_key(t) in self._held
+
+
+def counted(t: torch.Tensor) -> bool:
+    """Whether ``t`` has bytes of its own to hold (not meta, not empty)."""
+    return not t.is_meta and t.nbytes > 0
+
+
+def storage_key(t: torch.Tensor) -> tuple[str, int]:
+    """(device, address) of ``t``'s storage: equal for every view of one storage."""
+    return str(t.device), t.untyped_storage().data_ptr()
+
+
+def _holders(t: torch.Tensor) -> int:
+    storage = t.untyped_storage()
+    return int(torch._C._storage_Use_Count(storage._cdata)) - 1
+
+
+def processed_weights(
+    model: nn.Module, loaded: LoadedWeights, holds: ModelHolds | None = None,
+) -> tuple[Processed | None, str]:
     """The processed layout of ``model`` (processed by now) whose loaded tensors are
     ``loaded`` (views the seed took before processing): (``Processed``, "") or (None,
-    why it cannot move this way). Call it before ``seed.retention.retain``: it tells a
-    loaded tensor the model still holds by its storage's use count."""
-    unsupported = unsupported_methods(model)
-    if unsupported:
+    why it cannot move this way). ``holds``: the model as read right after processing
+    (read now where None)."""
+    if holds is None:
+        holds = ModelHolds(model, loaded.tensors)
+    if holds.unsupported:
         return None, (f"quantization method does not take pre-processed weights "
-                      f"({', '.join(unsupported)})")
+                      f"({', '.join(holds.unsupported)})")
     if loaded.dropped:
         return None, f"the loaded tensors are not all here ({loaded.dropped[0]})"
-    slots = _slots(model)
-    own = _own_views(loaded.tensors)
     named: list[tuple[str, torch.Tensor]] = []
     digests: list[str] = []
     parts = dict(loaded.parts)
@@ -227,7 +276,7 @@ def processed_weights(model: nn.Module, loaded: LoadedWeights) -> tuple[Processe
     kept_bytes = 0
     for spec, was, loaded_digest in zip(loaded.specs, loaded.tensors, loaded.digests,
                                         strict=True):
-        now = slots.get(spec.name)
+        now = holds.slots.get(spec.name)
         if (now is not None and not now.is_meta and tuple(now.shape) == spec.shape
                 and now.dtype == was.dtype and now.is_contiguous()):
             same = (now.untyped_storage().data_ptr() == was.untyped_storage().data_ptr()
@@ -244,7 +293,7 @@ def processed_weights(model: nn.Module, loaded: LoadedWeights) -> tuple[Processe
         # Consumed into a kernel: the bytes it was built from move instead.
         named.append((spec.name, was))
         digests.append(loaded_digest)
-        if not _held_by_model(was, own):
+        if not holds.holds(was):
             kept.append(spec.name)
             kept_bytes += was.nbytes
     weights = LoadedWeights(named, digests, loaded.state, parts=parts)
@@ -257,25 +306,6 @@ def _slots(model: nn.Module) -> dict[str, torch.Tensor]:
         **dict(model.named_parameters(remove_duplicate=False)),
         **dict(model.named_buffers(remove_duplicate=False)),
     }
-
-
-def _own_views(tensors: Sequence[torch.Tensor]) -> dict[tuple[str, int], int]:
-    own: dict[tuple[str, int], int] = {}
-    for t in tensors:
-        if not t.is_meta and t.nbytes:
-            key = (str(t.device), t.untyped_storage().data_ptr())
-            own[key] = own.get(key, 0) + 1
-    return own
-
-
-def _held_by_model(t: torch.Tensor, own: dict[tuple[str, int], int]) -> bool:
-    """Whether anything but the seed's own views holds ``t``'s storage (a kernel built
-    from it, a closure); see ``seed.retention._holders``."""
-    if t.is_meta or not t.nbytes:
-        return False
-    storage = t.untyped_storage()
-    holders = int(torch._C._storage_Use_Count(storage._cdata)) - 1
-    return holders > own[(str(t.device), storage.data_ptr())]
 
 
 # --- what both sides compare after processing -------------------------------------------

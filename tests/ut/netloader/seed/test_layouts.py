@@ -14,6 +14,7 @@ from tests.helpers.toy import (
     fetch_for,
     make_toy,
     untouched,
+    wait_for,
 )
 from vllm_ascend.model_loader.netloader.client import SourceRefused
 from vllm_ascend.model_loader.netloader.config import parse_config
@@ -239,3 +240,57 @@ def test_a_relay_sends_small_buckets_while_its_own_fetch_runs_and_the_seed_its_o
     finally:
         relay.stop()
         seed.stop()
+
+
+def _process(model: torch.nn.Module) -> None:
+    """Process ``model`` (make_toy's) as vLLM CPU does: ``proj.weight`` gets new
+    storage and values (a prepacked copy), the tied embedding goes into a kernel
+    closure that keeps a packed copy and leaves an empty weight."""
+    with torch.no_grad():
+        model.proj.weight.data = model.proj.weight.data * 2
+        packed = model.embed.weight.detach().clone()
+        model.embed.weight.data = torch.empty(0, dtype=packed.dtype)
+    model.kernel = lambda x: x @ packed  # type: ignore[assignment]
+
+
+def test_a_preparing_seed_serves_what_its_model_held_right_after_processing(monkeypatch):
+    """Start-up goes on while a disk-loaded seed hashes: vLLM wraps modules for LoRA
+    (``proj`` becomes ``proj.base_layer``) and runs the model. The seed's layouts and
+    what it says it keeps are those of the model right after processing, equal to a
+    seed that served at once. Before: read when the digests were in, the wrapped
+    ``proj.weight`` looked consumed into a kernel, its loaded bytes moved instead of the
+    processed ones and counted as kept (CI's lora-seed case: 4096 bytes more)."""
+    from vllm_ascend.model_loader.netloader.plan import LoadOutcome
+    from vllm_ascend.model_loader.netloader.seed.preparing import PendingWeights
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, base: torch.nn.Module) -> None:
+            super().__init__()
+            self.base_layer = base
+
+    monkeypatch.setenv("VLLM_HOST_IP", "127.0.0.1")
+    plan = LoadPlan(parse_config({}, environ={}), 0, TARGET, torch.device("cpu"),
+                    IDENTITY, "instance", processing=PROCESSING)
+    at_once, preparing = RunningSeeds(), RunningSeeds()
+    try:
+        model, reference = make_toy(7, vocab=40_000), make_toy(7, vocab=40_000)
+        pending = PendingWeights(model, limit_bytes_per_s=4e6)  # ~1.5 s of hashing
+        loaded = LoadedWeights.capture(reference)
+        assert pending.deferred
+        _process(model)
+        _process(reference)
+        seed = preparing.start(plan, model, LoadOutcome(), pending)
+        assert seed.describe().get("preparing")
+        model.proj = Wrapped(model.proj)  # type: ignore[assignment]
+        served = at_once.start(plan, reference, LoadOutcome(), loaded)
+        wait_for(lambda: not seed.describe().get("preparing"), 30, "the seed to be ready")
+        mine, theirs = seed.describe(), served.describe()
+        assert mine["layouts"][PROCESSED] == theirs["layouts"][PROCESSED]
+        assert mine["retained_bytes"] == theirs["retained_bytes"]
+        assert mine["retained_for_processed_bytes"] == 40_000 * 64 * 2  # the embedding
+        client = make_toy(None, vocab=40_000)
+        attempt(seed, client, layout=PROCESSED, processing=PROCESSING)
+        assert torch.equal(client.proj.weight, reference.proj.weight)
+    finally:
+        for seeds in (at_once, preparing):
+            seeds.stop(plan.key)

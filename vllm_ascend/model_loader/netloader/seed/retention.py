@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_ascend.model_loader.netloader.layout import ModelHolds, counted, storage_key
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
 
 HBM, DRAM, NO = "hbm", "dram", "no"
@@ -67,25 +68,23 @@ class Retained:
 
 
 def retain(
-    weights: LoadedWeights, retention: Retention
+    weights: LoadedWeights, retention: Retention, holds: ModelHolds | None = None,
 ) -> tuple[LoadedWeights, Retained]:
     """``weights`` as this seed keeps them once the model is processed: each loaded
     tensor nothing else uses any more stays, moves to host memory, or is dropped (a
     meta tensor of the same shape stands in, so the manifest is unchanged).
 
-    "Nothing else" is told by the storage's reference count (``_storage_Use_Count``,
-    torch 2.x): a storage held by more tensors than the seed's own views is still the
-    running model's, wherever the model keeps it (parameters, buffers, attributes,
-    lists, kernel closures). Call it once the model is processed."""
-    own: dict[tuple[str, int], int] = {}
-    for t in weights.tensors:
-        if _counted(t):
-            own[_key(t)] = own.get(_key(t), 0) + 1
+    "Nothing else" is ``holds`` (``layout.ModelHolds``, read right after processing;
+    from the use counts now where None): a storage held by more than the seed's own
+    views is still the running model's, wherever the model keeps it (parameters,
+    buffers, attributes, lists, kernel closures)."""
+    if holds is None:
+        holds = ModelHolds(None, weights.tensors)
     kept: list[torch.Tensor] = []
     dropped: list[str] = []
     count = nbytes = 0
     for spec, t in zip(weights.specs, weights.tensors, strict=True):
-        if not _counted(t) or _holders(t) > own[_key(t)]:
+        if not counted(t) or holds.holds(t):
             kept.append(t)
         elif not retention.covers(spec.name):
             kept.append(torch.empty(t.shape, dtype=t.dtype, device="meta"))
@@ -102,32 +101,13 @@ def retain(
     )
 
 
-def beyond_model(views: Sequence[torch.Tensor]) -> tuple[int, int]:
+def beyond_model(
+    views: Sequence[torch.Tensor], holds: ModelHolds | None = None,
+) -> tuple[int, int]:
     """(storages, bytes) that only ``views`` (the seed's) hold: what a seed costs beyond
-    its running model, each storage counted once."""
-    own: dict[tuple[str, int], int] = {}
-    sizes: dict[tuple[str, int], int] = {}
-    for t in views:
-        if _counted(t):
-            own[_key(t)] = own.get(_key(t), 0) + 1
-            sizes[_key(t)] = t.untyped_storage().nbytes()
-    held = {_key(t) for t in views if _counted(t) and _holders(t) > own[_key(t)]}
-    alone = [key for key in own if key not in held]
-    return len(alone), sum(sizes[key] for key in alone)
-
-
-def _counted(t: torch.Tensor) -> bool:
-    return not t.is_meta and t.nbytes > 0
-
-
-def _key(t: torch.Tensor) -> tuple[str, int]:
-    return str(t.device), t.untyped_storage().data_ptr()
-
-
-def _holders(t: torch.Tensor) -> int:
-    """Tensors (and storage objects) that hold ``t``'s storage, the one made here
-    for asking not counted."""
-    storage = t.untyped_storage()
-    return int(torch._C._storage_Use_Count(storage._cdata)) - 1
-
-
+    its running model, each storage counted once. ``holds``: as in ``retain``."""
+    if holds is None:
+        holds = ModelHolds(None, views)
+    sizes = {storage_key(t): t.untyped_storage().nbytes() for t in views
+             if counted(t) and not holds.holds(t)}
+    return len(sizes), sum(sizes.values())

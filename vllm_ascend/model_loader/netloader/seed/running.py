@@ -29,7 +29,11 @@ from vllm_ascend.model_loader.netloader.fleet.registry import (
     open_registry,
 )
 from vllm_ascend.model_loader.netloader.identity import expert_placement
-from vllm_ascend.model_loader.netloader.layout import processed_weights, state_signature
+from vllm_ascend.model_loader.netloader.layout import (
+    ModelHolds,
+    processed_weights,
+    state_signature,
+)
 from vllm_ascend.model_loader.netloader.log import get_logger, who
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights
 from vllm_ascend.model_loader.netloader.plan import LoadOutcome, LoadPlan
@@ -204,12 +208,14 @@ class RunningSeeds:
         with self._lock:
             self._seeds[plan.key] = seed
 
-        # What the processed model is besides its bytes, read now: start-up goes on to
-        # set attributes (the KV cache) that a client's freshly processed model lacks.
+        # What the processed model is and holds, read now: start-up goes on to set
+        # attributes (the KV cache) that a client's freshly processed model lacks, to wrap
+        # modules for LoRA (other slot names) and to run the model (use counts move).
         signature = state_signature(model)
+        holds = ModelHolds(model, pending.tensors)
 
         def ready(weights: LoadedWeights) -> None:
-            layouts = _layouts(plan, model, weights, signature)
+            layouts = _layouts(plan, model, weights, signature, holds)
             with self._lock:  # a stop or reload meanwhile must not be undone
                 if self._seeds.get(plan.key) is not seed:
                     return
@@ -272,16 +278,20 @@ def _placement(plan: LoadPlan, model: nn.Module) -> Callable[[], str] | None:
 
 def _layouts(
     plan: LoadPlan, model: nn.Module, loaded: LoadedWeights, signature: str | None = None,
+    holds: ModelHolds | None = None,
 ) -> tuple[Layouts, Retained]:
     """What a seed whose model was loaded serves: the processed layout where every
     quantization method takes it (unless LAYOUT is loaded), and the loaded one with what
     INT8_CACHE keeps (unless LAYOUT is processed); and what both cost beyond the running
     model. The processed layout is found first: it tells the loaded tensors the model
     still holds by their storages' use counts. ``signature``: the processed model's
-    ``state_signature`` where it was read earlier (a preparing seed's, at start)."""
+    ``state_signature`` where it was read earlier (a preparing seed's, at start), and
+    ``holds`` what the model held then (``layout.ModelHolds``; read now where None)."""
     layout = plan.config.layout
+    if holds is None:
+        holds = ModelHolds(model, loaded.tensors)
     found, why = (None, "LAYOUT is loaded") if layout == LOADED else processed_weights(
-        model, loaded)
+        model, loaded, holds)
     processed = found.weights if found is not None else None
     if processed is None:
         signature = None
@@ -292,12 +302,12 @@ def _layouts(
         kept, retained = None, Retained("no", 0, 0)
     else:
         kept, retained = retain(loaded, Retention(plan.config.int8_cache,
-                                                  plan.config.int8_cache_name))
+                                                  plan.config.int8_cache_name), holds)
         if processed is not None and kept.dropped:
             kept, retained = _from_processed(kept, processed, retained)
     views = [*(kept.tensors if kept is not None else ()),
              *(processed.tensors if processed is not None else ())]
-    tensors, nbytes = beyond_model(views)
+    tensors, nbytes = beyond_model(views, holds)
     retained = dataclasses.replace(retained, tensors=tensors, nbytes=nbytes,
                                    processed_bytes=found.kept_bytes if found else 0)
     serves = [n for n, w in ((LOADED, kept), (PROCESSED, processed))
