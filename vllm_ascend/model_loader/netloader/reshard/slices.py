@@ -86,18 +86,15 @@ class Shard:
 
 
 def describe(model: nn.Module, shard: Shard) -> dict[str, Placement]:
-    """The ``Placement`` of every parameter and buffer of ``model`` (built in any layout:
-    only its layout-independent attributes are read) at ``shard``, by the names
-    ``model.named_parameters`` / ``named_buffers`` give, tied ones under each name.
-    Raises ``Indescribable`` for the first tensor it cannot state exactly."""
+    """The ``Placement`` at ``shard`` of every tensor that moves (``manifest.model_tensors``:
+    parameters then buffers, a tied or shared one under its first name) of ``model``,
+    built in any layout: only its layout-independent attributes are read. Raises
+    ``Indescribable`` for the first tensor it cannot state exactly."""
     found: dict[str, Placement] = {}
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        own = [*module._parameters.items(), *module._buffers.items()]
-        for pname, tensor in own:
-            if tensor is None:
-                continue
-            name = f"{prefix}.{pname}" if prefix else pname
-            found[name] = describe_tensor(module, pname, tensor, shard, name)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        owner, _, pname = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        found[name] = describe_tensor(module, pname, tensor, shard, name)
     return found
 
 
@@ -116,6 +113,11 @@ def describe_tensor(module: nn.Module, pname: str, tensor: torch.Tensor, shard: 
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
     kind = type(module)
+    if _is_attention(module) and tensor.numel() <= 1:
+        # The attention's q/k/v/prob scales and zero points: one value per layer
+        # (``Attention``'s ``_k_scale``, a KV-cache method's ``k_scale``), the same on
+        # every rank. Per-head scales would split with the heads: refused below.
+        return Placement.whole(tuple(tensor.shape))
     if isinstance(module, _replicated_classes()) or (
             isinstance(module, LinearBase) and getattr(module, "disable_tp", False)):
         return Placement.whole(tuple(tensor.shape))
@@ -150,6 +152,12 @@ def _replicated_classes() -> tuple[type, ...]:
     from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
 
     return (RMSNorm, GemmaRMSNorm, LayerNorm, RotaryEmbeddingBase, nn.LayerNorm)
+
+
+def _is_attention(module: nn.Module) -> bool:
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    return isinstance(module, Attention)
 
 
 def _same_group(module: nn.Module) -> bool:
