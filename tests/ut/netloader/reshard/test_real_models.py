@@ -31,7 +31,7 @@ SHAPE = ["--hidden-size", "64", "--layers", "2", "--heads", "4", "--kv-heads", "
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("reshard-models")
     made = {}
-    for kind in ("dense", "w8a8"):
+    for kind in ("dense", "w8a8", "moe"):
         made[kind] = out / kind
         subprocess.run([sys.executable, str(ROOT / "tools" / "make_tiny_model.py"),
                         str(made[kind]), "--kind", kind, *SHAPE], check=True,
@@ -39,21 +39,35 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return made
 
 
-def build(path: Path, size: int, rank: int, load: bool = True) -> torch.nn.Module:
-    """The model of ``path`` at tensor-parallel ``rank`` of ``size`` (the seam:
-    vLLM's tensor-, pipeline- and expert-parallel groups as the layers read them),
-    filled by its ``load_weights`` from the checkpoint."""
-    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+def _group(size: int, rank: int) -> types.SimpleNamespace:
+    return types.SimpleNamespace(
+        world_size=size, rank_in_group=rank, is_first_rank=True, is_last_rank=True,
+        device_group=types.SimpleNamespace(size=lambda: size, rank=lambda: rank))
+
+
+def build(path: Path, shard: Shard, load: bool = True) -> torch.nn.Module:
+    """The model of ``path`` at ``shard`` (tensor-parallel size and rank; experts
+    sharded or not, their placement and redundant copies), filled by its
+    ``load_weights`` from the checkpoint. The seam: vLLM's process groups as the layers
+    read them (tensor, pipeline, expert, data and context parallel). EPLB, which
+    redundant experts need, is set on the config after vLLM's check that refuses it
+    on CPU: the static placement it starts from is all a load uses."""
+    from vllm.config import ModelConfig, ParallelConfig, VllmConfig, set_current_vllm_config
     from vllm.distributed import parallel_state
     from vllm.model_executor.model_loader.utils import initialize_model
     from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
 
-    config = VllmConfig(model_config=ModelConfig(model=str(path), dtype="float32"))
-    tp = types.SimpleNamespace(world_size=size, rank_in_group=rank)
-    one = types.SimpleNamespace(world_size=1, rank_in_group=0, is_first_rank=True,
-                                is_last_rank=True)
-    with mock.patch.object(parallel_state, "_TP", tp), \
-            mock.patch.object(parallel_state, "_PP", one), set_current_vllm_config(config):
+    parallel = ParallelConfig(tensor_parallel_size=shard.tp_size,
+                              enable_expert_parallel=shard.expert_parallel,
+                              expert_placement_strategy=shard.expert_placement)
+    config = VllmConfig(model_config=ModelConfig(model=str(path), dtype="float32"),
+                        parallel_config=parallel)
+    config.parallel_config.enable_eplb = shard.redundant_experts > 0
+    config.parallel_config.eplb_config.num_redundant_experts = shard.redundant_experts
+    tp = _group(shard.tp_size, shard.tp_rank)
+    with mock.patch.multiple(parallel_state, _TP=tp, _EP=tp, _PP=_group(1, 0),
+                             _DP=_group(1, 0), _PCP=_group(1, 0)), \
+            set_current_vllm_config(config):
         model = initialize_model(vllm_config=config)
         if load:
             files = sorted(str(f) for f in path.glob("*.safetensors"))
@@ -65,34 +79,63 @@ def tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: t.data for n, t in [*model.named_parameters(), *model.named_buffers()]}
 
 
-@pytest.mark.parametrize("kind", ["dense", "w8a8"])
-def test_every_size_gathers_a_disk_equal_load_from_every_other(checkpoints, kind):
-    path = checkpoints[kind]
-    sizes = (1, 2, 4)
-    loads = {(s, r): build(path, s, r) for s in sizes for r in range(s)}
-    for seed_size in sizes:
-        sources = [tensors(loads[(seed_size, r)]) for r in range(seed_size)]
-        for client_size in sizes:
-            if client_size == seed_size:
-                continue
-            for rank in range(client_size):
-                client = loads[(client_size, rank)]
-                mine = describe(client, Shard(client_size, rank))
-                theirs = [describe(client, Shard(seed_size, r)) for r in range(seed_size)]
-                for r in range(seed_size):  # what the client predicts each seed rank holds
-                    assert {n: p.shape for n, p in theirs[r].items()} == {
-                        n: tuple(t.shape) for n, t in sources[r].items()}
-                disk = tensors(client)
-                into = {n: torch.full_like(t, 7) if not t.is_floating_point() else
-                        torch.full_like(t, float("nan")) for n, t in disk.items()}
-                apply(plan_gather(mine, theirs), sources, into)
-                for name, tensor in disk.items():
-                    assert torch.equal(into[name], tensor), (kind, name, seed_size,
-                                                             client_size, rank)
+def gathers_disk_equal(path: Path, seeds: list[Shard], clients: list[Shard]) -> None:
+    """Each client shard gathers from the seed shards (one instance's ranks) exactly
+    what its own load holds; what it predicts each seed rank holds is that rank's."""
+    sources = []
+    for seed in seeds:
+        sources.append(tensors(build(path, seed)))
+    for shard in clients:
+        client = build(path, shard)
+        mine = describe(client, shard)
+        theirs = [describe(client, seed) for seed in seeds]
+        for seed, predicted, held in zip(seeds, theirs, sources, strict=True):
+            # Expert maps are built per layout and exist only with expert parallelism.
+            moved = {n for n, p in predicted.items() if not p.built}
+            assert moved and moved <= set(held), seed
+            assert {n: predicted[n].shape for n in moved} == {
+                n: tuple(held[n].shape) for n in moved}, seed
+        disk = tensors(client)
+        into = {n: torch.full_like(t, float("nan")) if t.is_floating_point() else
+                torch.full_like(t, 7) for n, t in disk.items()}
+        plan = plan_gather(mine, theirs)
+        for name in plan.kept:  # built for the client's own layout (expert maps)
+            into[name] = disk[name].clone()
+        apply(plan, sources, into)
+        for name, tensor in disk.items():
+            assert torch.equal(into[name], tensor), (name, seeds[0], shard)
+
+
+def ranks(size: int, **layout: object) -> list[Shard]:
+    return [Shard(size, r, **layout) for r in range(size)]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["dense", "w8a8", "moe"])
+@pytest.mark.parametrize("seed_size, client_size", [(2, 1), (1, 2), (4, 2), (1, 4)])
+def test_a_client_at_one_size_gathers_a_disk_equal_load_from_a_seed_at_another(
+        checkpoints, kind, seed_size, client_size):
+    gathers_disk_equal(checkpoints[kind], ranks(seed_size), ranks(client_size))
+
+
+@pytest.mark.parametrize("seed, client", [
+    (dict(size=2, redundant_experts=2), dict(size=4)),
+    (dict(size=4), dict(size=2, redundant_experts=2)),
+    (dict(size=2), dict(size=1, expert_parallel=False)),
+], ids=["ep2-redundant-to-ep4", "ep4-to-ep2-redundant", "ep2-to-tp1"])
+def test_experts_move_between_expert_parallel_sizes_and_placements(checkpoints, seed, client):
+    """Below vLLM (vLLM CPU runs no expert parallelism): whole experts over the ranks,
+    a static placement with redundant copies. (Round-robin placement needs grouped
+    routing, which Qwen3-MoE lacks: vLLM places its experts linearly whatever is set.)"""
+
+    def layout(spec: dict) -> list[Shard]:
+        spec = {"expert_parallel": True, **spec}
+        return ranks(spec.pop("size"), **spec)
+
+    gathers_disk_equal(checkpoints["moe"], layout(seed), layout(client))
 
 
 def test_the_descriptions_say_which_quantized_tensors_split(checkpoints):
-    model = build(checkpoints["w8a8"], 2, 0, load=False)
+    model = build(checkpoints["w8a8"], Shard(2, 0), load=False)
     placements = describe(model, Shard(2, 1))
     qkv_scale = placements["model.layers.0.self_attn.qkv_proj.weight_scale"]
     assert qkv_scale.logical == (64 + 2 * 2 * 16, 1)  # q, k, v rows, one scale each
@@ -105,7 +148,7 @@ def test_the_descriptions_say_which_quantized_tensors_split(checkpoints):
 
 
 def test_a_model_with_a_layer_class_it_cannot_describe_is_refused_by_name(checkpoints):
-    model = build(checkpoints["dense"], 1, 0, load=False)
+    model = build(checkpoints["dense"], Shard(), load=False)
     model.model.layers[0].mlp.extra = torch.nn.Linear(2, 2)  # plain torch: no vLLM split
     with pytest.raises(Indescribable, match=r"model\.layers\.0\.mlp\.extra\.weight: no "
                                             r"description for layer class .*Linear"):

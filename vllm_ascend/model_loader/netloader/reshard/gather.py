@@ -3,9 +3,10 @@
 Given the client's ``Placement`` of each tensor (``slices.describe`` at its own shard)
 and each seed rank's (the same at the seed's shards), ``plan_gather`` assigns every
 element the client loads from a checkpoint to exactly one seed rank that holds the
-same logical element, and marks the client's padding to be zeroed. The plan is boxes
-(a start and a length per dimension) in both local tensors: a seed sends the box of
-its tensor, the client writes it where its box says. ``apply`` runs a plan in memory
+same logical element; it marks the client's padding to be zeroed, and the tensors
+each rank builds for its own layout (expert maps) to be left as built. The plan is
+boxes (a start and a length per dimension) in both local tensors: a seed sends the box
+of its tensor, the client writes it where its box says. ``apply`` runs a plan in memory
 (the reference the tests compare transfers with).
 
 Which holder fills a box: the first one that holds it among those with the fewest
@@ -67,6 +68,8 @@ class Gather:
 
     copies: tuple[Copy, ...]
     zeros: tuple[tuple[str, Box], ...]
+    # Tensors the client keeps as its build made them (``Placement.built``).
+    kept: tuple[str, ...] = ()
 
     def elements_from(self, source: int) -> int:
         """Elements the plan takes from seed rank ``source``."""
@@ -84,8 +87,12 @@ def plan_gather(mine: Mapping[str, Placement],
     has another shape than the client's (not the same model)."""
     copies: list[Copy] = []
     zeros: list[tuple[str, Box]] = []
+    kept: list[str] = []
     assigned = [0] * len(holders)
     for name, placement in mine.items():
+        if placement.built:
+            kept.append(name)
+            continue
         for j, theirs in enumerate(holders):
             if name in theirs and theirs[name].logical != placement.logical:
                 raise Uncovered(name, f"the whole tensor is {placement.logical} here and "
@@ -95,7 +102,7 @@ def plan_gather(mine: Mapping[str, Placement],
                 zeros.append((name, _local(cell)))
                 continue
             copies += _fill(name, cell, holders, assigned)
-    return Gather(tuple(copies), tuple(zeros))
+    return Gather(tuple(copies), tuple(zeros), tuple(kept))
 
 
 def _fill(name: str, cell: tuple[Segment, ...], holders: Sequence[Mapping[str, Placement]],
@@ -177,7 +184,8 @@ def _subtract(box: tuple[_Range, ...], inner: tuple[_Range, ...]) -> list[tuple[
 def apply(plan: Gather, sources: Sequence[Mapping[str, torch.Tensor]],
           into: Mapping[str, torch.Tensor]) -> None:
     """Run ``plan`` in memory: each copy from ``sources[copy.source][name]`` into
-    ``into[name]``, the zero boxes zeroed (the reference a transfer must equal)."""
+    ``into[name]``, the zero boxes zeroed (the reference a transfer must equal); the
+    ``kept`` tensors are left alone."""
     for copy in plan.copies:
         into[copy.name][copy.dst.index()] = sources[copy.source][copy.name][copy.src.index()]
     for name, box in plan.zeros:

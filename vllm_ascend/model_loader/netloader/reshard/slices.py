@@ -57,6 +57,9 @@ class Placement:
 
     logical: tuple[int, ...]
     dims: tuple[tuple[Segment, ...], ...]
+    # Computed by each rank from its own layout when the model is built (an expert
+    # map): no seed's copy is right for another layout, nothing moves.
+    built: bool = False
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -68,6 +71,11 @@ class Placement:
         yield from _product(self.dims)
 
     @classmethod
+    def own(cls, shape: tuple[int, ...]) -> "Placement":
+        """A tensor each rank builds for its own layout (``built``)."""
+        return cls(tuple(shape), Placement.whole(shape).dims, built=True)
+
+    @classmethod
     def whole(cls, shape: tuple[int, ...]) -> "Placement":
         """A tensor every rank holds whole (a norm, a row-parallel bias)."""
         return cls(tuple(shape), tuple((Segment(0, n, 0),) if n else () for n in shape))
@@ -75,14 +83,37 @@ class Placement:
 
 @dataclass(frozen=True)
 class Shard:
-    """A rank's place in a tensor-parallel layout: the group's size and its rank in it."""
+    """A rank's place in an instance's layout: its tensor-parallel group's size and its
+    rank there; the data-parallel size and rank and whether experts are sharded
+    (``enable_expert_parallel``) and how (``expert_placement``, vLLM's
+    ``expert_placement_strategy``, and ``redundant_experts``), which decide where a MoE
+    layer's experts sit."""
 
     tp_size: int = 1
     tp_rank: int = 0
+    dp_size: int = 1
+    dp_rank: int = 0
+    expert_parallel: bool = False
+    expert_placement: str = "linear"
+    # Physical experts beyond the logical ones (EPLB's ``num_redundant_experts``).
+    redundant_experts: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"tensor-parallel rank {self.tp_rank} outside size {self.tp_size}")
+        if not 0 <= self.dp_rank < self.dp_size:
+            raise ValueError(f"data-parallel rank {self.dp_rank} outside size {self.dp_size}")
+
+    def experts(self) -> tuple[int, int, int, int]:
+        """(tp size, tp rank, ep size, ep rank) of a MoE layer at this shard: vLLM
+        spreads experts over data- and tensor-parallel ranks together
+        (``FusedMoEParallelConfig.make``, fused_moe/config.py): split within each expert
+        without expert parallelism, whole experts split over the ranks with it."""
+        size = self.dp_size * self.tp_size
+        rank = self.dp_rank * self.tp_size + self.tp_rank
+        if self.expert_parallel and size > 1:
+            return 1, 0, size, rank
+        return size, rank, 1, 0
 
 
 def describe(model: nn.Module, shard: Shard) -> dict[str, Placement]:
@@ -127,6 +158,8 @@ def describe_tensor(module: nn.Module, pname: str, tensor: torch.Tensor, shard: 
         if own_size is None or not _same_group(module):
             raise Indescribable(name, f"{kind.__name__} is split over a group other than "
                                       f"the instance's tensor-parallel group")
+    if _is_routed_experts(module):
+        return _experts(module, pname, tensor, shard, name)
     if isinstance(module, ReplicatedLinear):
         return Placement.whole(tuple(tensor.shape))
     if isinstance(module, VocabParallelEmbedding):
@@ -158,6 +191,12 @@ def _is_attention(module: nn.Module) -> bool:
     from vllm.model_executor.layers.attention.attention import Attention
 
     return isinstance(module, Attention)
+
+
+def _is_routed_experts(module: nn.Module) -> bool:
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    return isinstance(module, RoutedExperts)
 
 
 def _same_group(module: nn.Module) -> bool:
@@ -321,3 +360,82 @@ def _product(dims: tuple[tuple[Segment, ...], ...]) -> Iterator[tuple[Segment, .
     for first in dims[0]:
         for rest in _product(dims[1:]):
             yield (first, *rest)
+
+
+def _experts(module: Any, pname: str, tensor: torch.Tensor, shard: Shard,
+             name: str) -> Placement:
+    """A MoE layer's expert weights (``RoutedExperts``, unquantized): ``w13_weight``
+    [experts, 2 x intermediate, hidden] holds each expert's gate rows then its up rows,
+    ``w2_weight`` [experts, hidden, intermediate] its down projection; both split the
+    intermediate size over the MoE tensor-parallel ranks (``_load_w13``, ``_load_w2``)
+    and hold the physical experts ``determine_expert_map`` places on the rank, physical
+    expert ``p`` being logical expert ``build_initial_global_physical_to_logical_map``
+    [p] (vLLM's static placement with redundant experts; dynamic EPLB moves them and
+    makes the seed refuse once they moved, ``seed.server``)."""
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+        UnquantizedFusedMoEMethod,
+    )
+
+    if pname in _EXPERT_MAPS:
+        return Placement.own(tuple(tensor.shape))
+    config = module.moe_config
+    parallel = config.moe_parallel_config
+    why = ("a quantized expert method" if type(module.quant_method) is not
+           UnquantizedFusedMoEMethod else
+           "expert biases" if config.has_bias else
+           "padded intermediate sizes" if config.intermediate_pad or
+           config.tp_shard_with_padding else
+           "fused shared experts" if module.expert_map_manager.num_fused_shared_experts else
+           "context parallelism" if parallel.pcp_size > 1 else
+           "a non-gated activation" if not config.is_act_and_mul else
+           f"the expert tensor {pname}" if pname not in ("w13_weight", "w2_weight") else "")
+    if why or getattr(tensor, "is_transposed", False) or tensor.dim() != 3:
+        raise Indescribable(name, f"no description for {why or 'a transposed layout'}")
+    inter, hidden = int(config.intermediate_size), int(config.hidden_dim)
+    logical, physical = int(config.num_logical_experts), int(config.num_experts)
+    strategy = str(module.expert_map_manager.placement_strategy)
+    slots = _expert_slots(logical, physical, parallel.ep_size, parallel.ep_rank, strategy)
+    if tensor.shape[0] != len(slots) or tensor.shape[1 if pname == "w2_weight" else 2] != hidden:
+        raise Indescribable(name, f"holds {tuple(tensor.shape)}, not {len(slots)} experts "
+                                  f"of hidden size {hidden}")
+    tp_size, tp_rank, ep_size, ep_rank = shard.experts()
+    if (logical + shard.redundant_experts) % ep_size:
+        raise Indescribable(name, f"{logical + shard.redundant_experts} experts do not "
+                                  f"split evenly over {ep_size} ranks")
+    placed = _expert_slots(logical, logical + shard.redundant_experts, ep_size, ep_rank,
+                           shard.expert_placement)
+    part = Shard(tp_size, tp_rank)
+    if inter % tp_size or inter % parallel.tp_size:
+        raise Indescribable(name, f"intermediate size {inter} does not split evenly")
+    if tensor.shape[2 if pname == "w2_weight" else 1] * parallel.tp_size != (
+            inter if pname == "w2_weight" else 2 * inter):
+        raise Indescribable(name, f"holds {tuple(tensor.shape)}, not its intermediate share")
+    start, length = _even(inter, part, name)
+    experts = tuple(Segment(i, 1, logical) for i, logical in enumerate(placed))
+    if pname == "w13_weight":
+        rows = (Segment(0, length, start), Segment(length, length, inter + start))
+        return Placement((logical, 2 * inter, hidden),
+                         (experts, rows, (Segment(0, hidden, 0),)))
+    return Placement((logical, hidden, inter),
+                     (experts, (Segment(0, hidden, 0),), (Segment(0, length, start),)))
+
+
+# What ``RoutedExperts`` registers for its placement (``ExpertMapManager``'s maps).
+_EXPERT_MAPS = ("_expert_map", "expert_map", "_expert_mask", "expert_mask")
+
+
+def _expert_slots(logical: int, physical: int, ep_size: int, ep_rank: int,
+                  strategy: str) -> list[int]:
+    """The logical expert each local expert slot of expert-parallel rank ``ep_rank``
+    holds, of ``physical`` experts placed by ``strategy``."""
+    from vllm.distributed.eplb.eplb_state import EplbState
+    from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
+
+    to_logical = EplbState.build_initial_global_physical_to_logical_map(
+        logical, physical - logical)
+    _, expert_map, _ = determine_expert_map(ep_size, ep_rank, physical,
+                                            strategy)  # type: ignore[arg-type]
+    if expert_map is None:
+        return [int(to_logical[p]) for p in range(physical)]
+    local = sorted((int(slot), p) for p, slot in enumerate(expert_map.tolist()) if slot >= 0)
+    return [int(to_logical[p]) for _, p in local]
