@@ -58,6 +58,17 @@ IDENTITY_FIELDS = (
     "layout",
 )
 
+# How an instance splits the model (its layout), as opposed to what the model is: a
+# client in another layout compares the rest (``model_difference``) and gathers its
+# slices (``reshard``).
+LAYOUT_FIELDS = (
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "data_parallel",
+    "expert_parallel",
+    "rank",
+)
+
 
 class CheckpointError(Exception):
     """A checkpoint file cannot be read or is not what its name says."""
@@ -181,6 +192,15 @@ def identity_difference(mine: dict[str, Any], theirs: Any) -> str | None:
         if a != b:
             diffs.append(f"{key}: {_short(a)} here vs {_short(b)} there")
     return "; ".join(diffs) or None
+
+
+def model_difference(mine: dict[str, Any], theirs: Any) -> str | None:
+    """``identity_difference`` over what the model is, whatever the layout
+    (``LAYOUT_FIELDS`` left out): a seed in any layout holds slices of the same model."""
+    if not isinstance(theirs, dict):
+        return "identity is not an object"
+    strip = dict.fromkeys(LAYOUT_FIELDS)
+    return identity_difference({**mine, **strip}, {**theirs, **strip})
 
 
 def _short(value: Any) -> str:

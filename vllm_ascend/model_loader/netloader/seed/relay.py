@@ -21,6 +21,7 @@ from typing import Generic, Protocol, TypeVar
 import torch
 
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, TensorSpec
+from vllm_ascend.model_loader.netloader.wire.addresses import format_address
 from vllm_ascend.model_loader.netloader.wire.messages import Accept
 
 
@@ -232,3 +233,12 @@ class RelayListener(Generic[_Seed]):
             self.seed.stop()
         else:
             self._sock.close()
+
+
+def relay_address(sock: socket.socket, relay_port: int | None) -> str | None:
+    """Where a client's relay listens: the port its hello names, on the address the
+    client came from (never a host the client names, so no one can make a seed send
+    other clients to a third party)."""
+    if relay_port is None:
+        return None
+    return format_address(sock.getpeername()[0], relay_port)

@@ -9,12 +9,13 @@ run at once. Whatever one connection does ends as a logged failure of that
 connection.
 """
 
+import contextlib
 import dataclasses
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,9 +54,16 @@ from vllm_ascend.model_loader.netloader.planes.transfer import (
     send_weights,
     use_device,
 )
+from vllm_ascend.model_loader.netloader.seed import slicing
+from vllm_ascend.model_loader.netloader.seed.layouts import Layouts
 from vllm_ascend.model_loader.netloader.seed.listener import Connection, Listener
 from vllm_ascend.model_loader.netloader.seed.preparing import Preparation
-from vllm_ascend.model_loader.netloader.seed.relay import RelayProgress, RelayStalled, RelayTree
+from vllm_ascend.model_loader.netloader.seed.relay import (
+    RelayProgress,
+    RelayStalled,
+    RelayTree,
+    relay_address,
+)
 from vllm_ascend.model_loader.netloader.seed.retention import Retained
 from vllm_ascend.model_loader.netloader.wire.addresses import format_address
 from vllm_ascend.model_loader.netloader.wire.auth import SECRET_ENV, AuthError
@@ -69,6 +77,7 @@ from vllm_ascend.model_loader.netloader.wire.messages import (
     INFO,
     LAYOUTS,
     PROCESSED,
+    SLICES,
     TCP,
     Request,
     accept,
@@ -133,35 +142,6 @@ class SeedSettings:
     @property
     def handshake_s(self) -> float:
         return min(self.timeout_s, HANDSHAKE_S)
-
-
-@dataclass(frozen=True)
-class Layouts:
-    """What a seed serves in each layout (``layout``), or why it does not."""
-
-    loaded: LoadedWeights | None
-    processed: LoadedWeights | None = None
-    # The processed model's ``layout.state_signature``, which clients check theirs against.
-    signature: str | None = None
-    # Why a layout is not served (operators read it in ``info``; clients in a refusal).
-    not_loaded: str = "this seed holds the processed layout only"
-    not_processed: str = "this seed serves the loaded layout only"
-
-    def weights(self, layout: str) -> LoadedWeights | None:
-        return self.processed if layout == PROCESSED else self.loaded
-
-    def why_not(self, layout: str) -> str:
-        return self.not_processed if layout == PROCESSED else self.not_loaded
-
-    @property
-    def primary(self) -> LoadedWeights:
-        """The loaded layout if it is served whole (its value fingerprint is comparable
-        with a disk load's on any platform), else the processed one."""
-        loaded = self.loaded if self.loaded is not None and not self.loaded.dropped else None
-        weights = loaded if loaded is not None or self.processed is None else self.processed
-        weights = weights if weights is not None else self.loaded
-        assert weights is not None, "a seed serves at least one layout"
-        return weights
 
 
 class SeedServer:
@@ -304,6 +284,30 @@ class SeedServer:
             **(retained.describe() if retained is not None else {}),
         }
 
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[bool]:
+        """One of ``max_transfers`` transfer slots, for a cross-layout client
+        (``seed.slicing``): yields whether it was free (and is now taken)."""
+        with self._lock:
+            taken = self._active < self.settings.max_transfers
+            self._active += taken
+        try:
+            yield taken
+        finally:
+            with self._lock:
+                self._active -= taken
+
+    def not_serving(self) -> tuple[str, str] | None:
+        """(kind, reason) why this seed serves no client now (preparing, experts
+        moved), or None."""
+        with self._lock:
+            preparing = self._preparing
+        if preparing is not None:
+            return preparing.refusal()
+        if self._placement is not None and self._placement() != self._placement_at_load:
+            return "expert_placement", "this seed's expert placement moved since it loaded"
+        return None
+
     def _layout_info(self, layout: str) -> dict[str, Any]:
         weights = self.layouts.weights(layout)
         if weights is None:
@@ -346,6 +350,8 @@ class SeedServer:
             side.answer_last(info(self.describe()), deadline)
         elif request.kind == HELLO:
             self._hello(conn, side, deadline)
+        elif request.kind == SLICES:
+            slicing.serve(self, conn, side, deadline)
         elif request.kind == COMPILE_CACHE:
             serving.serve(conn.sock, side, self.settings.compile_cache,
                                 self.settings.who, conn.peer, deadline)
@@ -362,7 +368,7 @@ class SeedServer:
             side.refuse(reason, retry=kind == "preparing", deadline=deadline,
                         other_layout=kind in ("layout", "processing"))
             return
-        relay = self._relay_address(conn, side.request)
+        relay = relay_address(conn.sock, side.request.relay_port)
         layout = side.request.layout
         route, parent = self._route(relay, side.request.direct, layout)
         if route == "redirect":
@@ -486,15 +492,6 @@ class SeedServer:
             f"{clean(theirs.nbytes, 20)} bytes there vs {mine[1]} of {mine[2]} here "
             f"(sha256 {theirs.sha256[:12]} vs {mine[0][:12]})"
         )
-
-    def _relay_address(self, conn: Connection, request: Request) -> str | None:
-        """Where the client's relay listens: its port from the hello, on the address the
-        client came from (never a host the client names, so no one can make this seed
-        send other clients to a third party)."""
-        if request.relay_port is None:
-            return None
-        host = conn.sock.getpeername()[0]
-        return format_address(host, request.relay_port)
 
     def _resume_at(self, request: Request) -> int:
         """The first tensor to send: where the client resumes if the tensors it holds

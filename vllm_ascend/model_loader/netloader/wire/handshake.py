@@ -8,6 +8,7 @@ else in the request: an unauthenticated peer learns only that it was refused.
 """
 
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,9 +94,11 @@ def ask_seed(
     secret: bytes | None,
     deadline: Deadline,
     reply_cap: int,
+    follow: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
-    """Answer the seed's challenge with ``body`` and return its reply (at most
-    ``reply_cap`` bytes).
+    """Answer the seed's challenge with ``body``, send the ``follow`` frames (a
+    cross-layout plan, which the seed reads before it answers) and return its reply (at
+    most ``reply_cap`` bytes).
 
     With a secret, the request carries this side's proof and every reply but a
     plain refusal must carry the seed's proof over the request and the reply; a seed
@@ -113,6 +116,8 @@ def ask_seed(
     if secret is not None:
         request["proof"] = client_proof(secret, seed_nonce, nonce)
     send_msg(conn, request, deadline)
+    for frame in follow:
+        send_msg(conn, frame, deadline)
     reply = recv_msg(conn, deadline, reply_cap)
     # A plain refusal may come without a proof: the seed refuses a wrong secret
     # without one, and it tells the client nothing it could act on but "go elsewhere".

@@ -20,6 +20,7 @@ from vllm_ascend.model_loader.netloader.wire.errors import (
     text,
 )
 from vllm_ascend.model_loader.netloader.wire.frames import REFUSE
+from vllm_ascend.model_loader.netloader.wire.slices import SLICES, SliceAsk
 
 _NONCE = re.compile(r"[0-9a-f]{32}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -49,7 +50,7 @@ REDIRECT = "redirect"
 DONE = "done"
 STORE = "store"
 COMPILE_CACHE = "compile_cache"
-REQUESTS = (HELLO, INFO, MANIFEST, COMPILE_CACHE)
+REQUESTS = (HELLO, INFO, MANIFEST, COMPILE_CACHE, SLICES)
 # Data planes a seed can use: bulk data on this connection, or a two-rank collective
 # group (gloo on CPU, nccl on CUDA, hccl on Ascend).
 TCP = "tcp"
@@ -155,6 +156,8 @@ class Request:
     # The layout a hello asks for, and (processed) the client's processing signature.
     layout: str = LOADED
     processing: dict[str, str] | None = None
+    # A cross-layout request's ask (``wire.slices``; None: another kind of request).
+    slices: SliceAsk | None = None
 
 
 @dataclass(frozen=True)
@@ -226,11 +229,15 @@ def parse_request(msg: dict[str, Any]) -> Request:
     if not _NONCE.fullmatch(nonce):
         raise ProtocolError("request nonce is not 32 hex digits")
     proof = sha256_field(msg, "proof", optional=True)
-    identity = manifest = resume = cache = processing = None
+    identity = manifest = resume = cache = processing = slices = None
     planes: tuple[str, ...] = ()
     layout = LOADED
     if kind == COMPILE_CACHE:
         cache = CacheRequest.from_wire(msg)
+    if kind == SLICES:
+        identity = field(msg, "identity", dict)
+        slices = SliceAsk.from_wire(msg.get("slices"))
+        planes = (TCP,)
     if kind == HELLO:
         identity = field(msg, "identity", dict)
         manifest = ManifestSummary.from_wire(msg.get("manifest"))
@@ -248,7 +255,7 @@ def parse_request(msg: dict[str, Any]) -> Request:
         relay_port=port_field(msg, "relay_port"),
         direct=optional_field(msg, "direct", bool) is True,
         data_planes=planes, expect=sha256_field(msg, "expect", optional=True), wire=msg,
-        resume=resume, cache=cache, layout=layout, processing=processing,
+        resume=resume, cache=cache, layout=layout, processing=processing, slices=slices,
     )
 
 

@@ -1,0 +1,198 @@
+"""A seed's side of a cross-layout load: boxes of its loaded tensors, for a client in
+another tensor-, pipeline- or expert-parallel layout (``reshard``).
+
+The client names the model it loads (its identity: every field but the layout must
+be this seed's, ``identity.model_difference``), the place it computed for this rank
+(it must be this rank's, ``reshard.shards.place_of`` of this seed's identity), and a
+plan of pieces (``wire.slices``). The seed checks every piece against its own loaded
+tensors (a name it holds whole, a box inside the tensor, at most
+``MAX_PIECE_BYTES``, no more bytes in all than it holds) before it reads a byte for it; then it
+hashes each piece (a box that is not contiguous is copied, one piece at a time),
+answers with the digests, and sends the pieces in buckets on the same connection as a
+same-layout transfer does. What that costs the seed: one read of the asked bytes
+before the first byte goes out and one while sending, a copy of each piece whose box
+is not contiguous (at most a bucket's worth at a time), and a transfer slot.
+"""
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from vllm_ascend.model_loader.netloader import metrics
+from vllm_ascend.model_loader.netloader.deadline import Deadline
+from vllm_ascend.model_loader.netloader.identity import model_difference
+from vllm_ascend.model_loader.netloader.log import get_logger
+from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, TensorSpec, digest
+from vllm_ascend.model_loader.netloader.metrics import FAILED, OK, SEED
+from vllm_ascend.model_loader.netloader.planes.progress import Pacer, transfer_deadline_s
+from vllm_ascend.model_loader.netloader.planes.stream import StreamLink
+from vllm_ascend.model_loader.netloader.planes.transfer import send_weights
+from vllm_ascend.model_loader.netloader.reshard.shards import UnknownLayout, place_of
+from vllm_ascend.model_loader.netloader.seed.listener import Connection
+from vllm_ascend.model_loader.netloader.wire.errors import ProtocolError, clean
+from vllm_ascend.model_loader.netloader.wire.frames import MAX_REQUEST_BYTES, recv_msg
+from vllm_ascend.model_loader.netloader.wire.handshake import SeedSide
+from vllm_ascend.model_loader.netloader.wire.messages import DONE, LOADED, TCP, accept, parse_done
+from vllm_ascend.model_loader.netloader.wire.slices import (
+    MAX_PIECE_BYTES,
+    SLICE_PLAN,
+    Piece,
+    SliceAsk,
+    parse_plan_frame,
+    plan_sha256,
+)
+
+logger = get_logger(__name__)
+
+
+class PlanRefused(Exception):
+    """A plan this seed will not serve (``reason`` goes back to the client)."""
+
+
+def serve(server: Any, conn: Connection, side: SeedSide, deadline: Deadline) -> None:
+    """Serve one cross-layout request on ``conn`` (``server``: the rank's
+    ``SeedServer``). Refusals go back to the client by name; a malformed plan raises
+    ``ProtocolError`` (the connection ends, logged by the caller)."""
+    settings = server.settings
+    request = side.request
+    ask = request.slices
+    assert ask is not None  # a parsed slices request has one
+    kind, reason = _refusal(server, request.identity, ask)
+    pieces = _read_plan(conn, ask, deadline) if not kind else []
+    weights = server.layouts.loaded
+    if not kind:
+        try:
+            specs, index = _resolve(pieces, weights, ask.nbytes)
+        except PlanRefused as e:
+            kind, reason = "plan", str(e)
+    if kind:
+        metrics.METRICS.refusal(kind)
+        logger.warning("%s refused cross-layout client %s: %s", settings.who, conn.peer,
+                       reason)
+        side.refuse(reason, retry=kind in ("busy", "preparing"), deadline=deadline)
+        return
+    with server.slot() as taken:
+        if not taken:
+            metrics.METRICS.refusal("busy")
+            side.refuse("seed is busy", retry=True, deadline=deadline)
+            return
+        _send(server, conn, side, deadline, weights, specs, index)
+
+
+def _refusal(server: Any, identity: Any, ask: SliceAsk) -> tuple[str, str]:
+    """(kind, reason) why this seed serves no slices to this client, or ("", "")."""
+    difference = model_difference(server.identity, identity)
+    if difference is not None:
+        return "identity", f"model identity differs: {difference}"
+    try:
+        mine = place_of(server.identity).to_wire()
+    except UnknownLayout as e:
+        return "layout", f"this seed cannot serve other layouts: {e}"
+    if ask.place != mine:
+        return "layout", (f"the client computed another place for this rank "
+                          f"({clean(ask.place, 200)} vs {mine})")
+    not_now = server.not_serving()
+    if not_now is not None:
+        return not_now
+    weights = server.layouts.loaded
+    if weights is None:
+        return "layout", "this seed serves the processed layout only (LAYOUT processed)"
+    if weights.state.uncarried:
+        return "load_state", "this seed's load set state Netloader cannot carry"
+    return "", ""
+
+
+def _read_plan(conn: Connection, ask: SliceAsk, deadline: Deadline) -> list[Piece]:
+    """The plan's frames, each at most ``MAX_REQUEST_BYTES``, checked against the
+    request's counts and sha256. Raises ``ProtocolError``."""
+    pieces: list[Piece] = []
+    for _ in range(ask.frames):
+        msg = recv_msg(conn.sock, deadline, MAX_REQUEST_BYTES, expect=SLICE_PLAN)
+        pieces += parse_plan_frame(msg, ask.pieces - len(pieces))
+    if len(pieces) != ask.pieces or plan_sha256(pieces) != ask.plan_sha256:
+        raise ProtocolError("the plan is not the one the request announced")
+    return pieces
+
+
+def _resolve(pieces: Sequence[Piece], weights: LoadedWeights,
+             announced: int) -> tuple[list[TensorSpec], list[tuple[int, tuple[slice, ...]]]]:
+    """Each piece as a spec (its shape, dtype, bytes) and (tensor index, box). Raises
+    ``PlanRefused`` for a tensor this seed does not hold whole, a box outside its
+    tensor or over ``MAX_PIECE_BYTES``, or a total other than announced or over what it holds."""
+    where = {spec.name: i for i, spec in enumerate(weights.specs)}
+    specs: list[TensorSpec] = []
+    index: list[tuple[int, tuple[slice, ...]]] = []
+    total = 0
+    for piece in pieces:
+        i = where.get(piece.name)
+        if i is None or weights.tensors[i].is_meta:
+            raise PlanRefused(f"this seed holds no loaded tensor {clean(piece.name, 120)}")
+        t = weights.tensors[i]
+        box = tuple(zip(piece.starts, piece.lengths, strict=True))
+        if len(box) != t.dim() or any(s + n > size for (s, n), size in zip(box, t.shape,
+                                                                          strict=True)):
+            raise PlanRefused(f"a box outside {piece.name} {tuple(t.shape)}")
+        nbytes = math.prod(piece.lengths) * t.element_size()
+        if nbytes > MAX_PIECE_BYTES:
+            raise PlanRefused(f"a piece of {nbytes} bytes is over {MAX_PIECE_BYTES}")
+        total += nbytes
+        specs.append(TensorSpec(piece.name, piece.lengths, str(t.dtype).removeprefix(
+            "torch."), nbytes))
+        index.append((i, tuple(slice(s, s + n) for s, n in box)))
+    if total != announced or total > weights.total_bytes:
+        raise PlanRefused(f"the plan holds {total} bytes, {announced} announced, "
+                          f"{weights.total_bytes} held")
+    return specs, index
+
+
+class _Pieces(Sequence[torch.Tensor]):
+    """The pieces as contiguous tensors, made when asked for (a box that is not
+    contiguous is copied then): ``send_weights`` asks for one bucket's at a time."""
+
+    def __init__(self, weights: LoadedWeights, index: list[tuple[int, tuple[slice, ...]]]):
+        self._weights = weights
+        self._index = index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+        tensor, box = self._index[i]
+        return self._weights.tensors[tensor][box].contiguous()
+
+
+def _send(server: Any, conn: Connection, side: SeedSide, deadline: Deadline,
+          weights: LoadedWeights, specs: list[TensorSpec],
+          index: list[tuple[int, tuple[slice, ...]]]) -> None:
+    settings = server.settings
+    pieces = _Pieces(weights, index)
+    start = time.perf_counter()
+    digests = [digest(pieces[i].reshape(-1).view(torch.uint8)) for i in range(len(pieces))]
+    hashed_s = time.perf_counter() - start
+    side.answer(accept(digests, settings.bucket_bytes, TCP, server.identity.get("checkpoint"),
+                       0, weights.state, LOADED), deadline)
+    total = sum(s.nbytes for s in specs)
+    rate = min(settings.min_rate_bytes_per_s,
+               settings.send_limit_bytes_per_s or settings.min_rate_bytes_per_s)
+    link = StreamLink(conn.sock, settings.timeout_s, total,
+                      Pacer(settings.send_limit_bytes_per_s),
+                      transfer_deadline_s(total, settings.timeout_s, rate))
+    metrics.METRICS.started(SEED)
+    verified = False
+    try:
+        sent = send_weights(link, pieces, specs, settings.bucket_bytes)
+        done = recv_msg(conn.sock, Deadline(settings.timeout_s, f"'done' from {conn.peer}"),
+                        MAX_REQUEST_BYTES, expect=DONE)
+        verified, reason = parse_done(done)
+    finally:
+        metrics.METRICS.stopped(SEED)
+        metrics.METRICS.ended(SEED, OK if verified else FAILED, total,
+                              time.perf_counter() - start)
+    (logger.info if verified else logger.warning)(
+        "%s sent %d piece(s) of its tensors to cross-layout client %s: %d bytes in %.3f s "
+        "(hashing them first: %.3f s), client %s", settings.who, len(specs), conn.peer, sent,
+        time.perf_counter() - start, hashed_s,
+        "verified all digests" if verified else f"rejected: {reason}")
