@@ -121,7 +121,7 @@ def seed_hello(address: str, **fields: object) -> dict:
     """A hello that matches the seed at ``address`` exactly (what a peer without the
     secret learns from an open seed's ``info`` and ``manifest``), with ``fields``
     replaced."""
-    from vllm_ascend.model_loader.netloader.client import _ask, query_seed
+    from vllm_ascend.model_loader.netloader.client import ask_once, query_seed
     from vllm_ascend.model_loader.netloader.manifest import TensorSpec, manifest_sha256
     from vllm_ascend.model_loader.netloader.wire.messages import (
         TCP,
@@ -130,7 +130,7 @@ def seed_hello(address: str, **fields: object) -> dict:
         manifest_request,
     )
 
-    entries = _ask(address, manifest_request(), None, 30, 1 << 24)["tensors"]
+    entries = ask_once(address, manifest_request(), None, 30, 1 << 24)["tensors"]
     specs = [TensorSpec.from_wire(e) for e in entries]
     summary = ManifestSummary(len(specs), sum(s.nbytes for s in specs), manifest_sha256(specs))
     body = hello(query_seed(address)["identity"], summary, None, False, (TCP,))

@@ -21,6 +21,7 @@ from torch import nn
 from vllm_ascend.model_loader.netloader import load_state, metrics
 from vllm_ascend.model_loader.netloader.cores import worker_cores
 from vllm_ascend.model_loader.netloader.deadline import Deadline
+from vllm_ascend.model_loader.netloader.identity import IDENTITY_DIFFERS
 from vllm_ascend.model_loader.netloader.load_state import NO_STATE, LoadState
 from vllm_ascend.model_loader.netloader.log import get_logger, who
 from vllm_ascend.model_loader.netloader.manifest import (
@@ -181,6 +182,9 @@ class WeightFetch:
         self.stats = TransferStats()
         # Whether a seed refused only the layout asked for (the other may serve).
         self.layout_refused = False
+        # Seeds that refused this model's identity: one in another parallel layout may
+        # still serve it across layouts (``reshard.discover``).
+        self.identity_refused: list[str] = []
 
     @property
     def held(self) -> int:
@@ -222,6 +226,8 @@ class WeightFetch:
         except SourceRefused as e:
             reason = f"{label} refused: {e}"
             self.layout_refused |= e.other_layout
+            if str(e).startswith(IDENTITY_DIFFERS):
+                self.identity_refused.append(address)
         except SOURCE_ERRORS as e:
             reason = f"{label} failed: {type(e).__name__}: {e}"
         self.reasons.append(reason)
@@ -430,7 +436,7 @@ class WeightFetch:
         for on a second connection), or "" if the seed cannot tell."""
         try:
             cap = reply_cap(len(self.specs), MANIFEST_BYTES_PER_TENSOR)
-            reply = _ask(address, manifest_request(), self.settings.secret,
+            reply = ask_once(address, manifest_request(), self.settings.secret,
                          min(self.settings.timeout_s, 10.0), cap)
             entries = field(reply, "tensors", list)
             theirs = [TensorSpec.from_wire(item) for item in entries]
@@ -450,9 +456,11 @@ class WeightFetch:
         return progress
 
 
-def _ask(
+def ask_once(
     address: str, body: dict[str, Any], secret: bytes | None, timeout_s: float, cap: int
 ) -> dict[str, Any]:
+    """One request to ``address`` and its answer of the same type (at most ``cap``
+    bytes). Raises ``ProtocolError`` (a refusal too), ``AuthError``, ``OSError``."""
     host, port = parse_address(address)
     with socket.create_connection((host, port), timeout=timeout_s) as conn:
         reply = ask_seed(conn, body, secret, Deadline(timeout_s, f"request to {address}"), cap)
@@ -468,4 +476,4 @@ def query_seed(
 ) -> dict[str, Any]:
     """Ask a seed what it serves (identity, size, value fingerprint, transfers).
     Raises ``ProtocolError``, ``AuthError``, ``OSError`` or ``AddressError``."""
-    return _ask(address, info_request(), secret, timeout_s, reply_cap(0))
+    return ask_once(address, info_request(), secret, timeout_s, reply_cap(0))

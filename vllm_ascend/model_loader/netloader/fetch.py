@@ -34,6 +34,8 @@ from vllm_ascend.model_loader.netloader.log import get_logger
 from vllm_ascend.model_loader.netloader.manifest import model_tensors, spec_of
 from vllm_ascend.model_loader.netloader.metrics import CLIENT, FAILED, OK, REFUSED
 from vllm_ascend.model_loader.netloader.plan import LoadPlan
+from vllm_ascend.model_loader.netloader.reshard.discover import Across, across_layouts
+from vllm_ascend.model_loader.netloader.reshard.fetch import Gathered
 from vllm_ascend.model_loader.netloader.seed.running import RunningSeeds
 from vllm_ascend.model_loader.netloader.seed.server import SeedServer
 from vllm_ascend.model_loader.netloader.wire.messages import LOADED, PROCESSED
@@ -55,6 +57,11 @@ class Fetched:
     relay_seed: SeedServer | None = None
     # Whether a seed refused only the layout asked for: the other one is worth asking.
     layout_refused: bool = False
+    # Seeds that refused this model's identity (one in another layout may serve it
+    # across layouts), and what such a seed delivered (``reshard``) with its address.
+    identity_refused: tuple[str, ...] = ()
+    gathered: Gathered | None = None
+    gathered_from: str | None = None
 
 
 def fetch_weights(
@@ -145,8 +152,15 @@ def _from_seeds(
     fallback = "seeds_failed"
     received: Received | None = None
     relay_seed: SeedServer | None = None
+    across: Across | None = None
     try:
         received = fetch.run(found.addresses)
+        if received is None and fetch.identity_refused and layout == LOADED:
+            across = across_layouts(model, plan, fetch.identity_refused)
+            fetch.reasons += across.reasons
+            if across.gathered is not None:
+                load_state.check(model, across.gathered.state)
+                load_state.apply(model, across.gathered.state)
         if received is not None:
             # What the seed's load_weights set besides tensors: checked against this
             # model before the first byte, plain instance attributes now.
@@ -158,30 +172,37 @@ def _from_seeds(
                        plan.who, received.source if received else "?", e)
         fetch.reasons.append(f"processed layout not reproduced: {e}")
         fallback = "processed_layout"
-        received = None
+        received = across = None
     except Exception as e:  # noqa: BLE001 - a peer's answer must never keep the instance from starting: disk is always right
         logger.exception("%s: fetch failed with an unexpected error", plan.who)
         fetch.reasons.append(f"unexpected error: {type(e).__name__}: {e}")
         fallback = "unexpected_error"
-        received = None
+        received = across = None
     finally:
         metrics.METRICS.stopped(CLIENT)
         for reason in fetch.reasons[len(found.notes):]:
             metrics.METRICS.ended(CLIENT, REFUSED if " refused: " in reason else FAILED)
         if received is not None:
             metrics.METRICS.ended(CLIENT, OK, received.nbytes, received.seconds)
+        if across is not None and across.gathered is not None:
+            metrics.METRICS.ended(CLIENT, OK, sum(across.gathered.nbytes.values()),
+                                  across.gathered.seconds)
         if relay is not None:
             # A relay goes on as the seed only of a model this fetch filled.
             relay_seed = relay.serving_complete() if received is not None else None
             if relay_seed is None:
                 relay.close()
     reasons = tuple(fetch.reasons)
+    if across is not None and across.gathered is not None:
+        return Fetched(None, reasons, None, gathered=across.gathered,
+                       gathered_from=across.source)
     if received is None:
         for buffer, before in buffers:
             buffer.copy_(before)
         logger.warning("%s: no seed could serve it (%s); loading from disk",
                        plan.who, "; ".join(reasons))
-        return Fetched(None, reasons, fallback, layout_refused=fetch.layout_refused)
+        return Fetched(None, reasons, fallback, layout_refused=fetch.layout_refused,
+                       identity_refused=tuple(fetch.identity_refused))
     if reasons:
         logger.warning("%s: %d source(s) failed before %s served (%s)",
                        plan.who, len(reasons), received.source, "; ".join(reasons))

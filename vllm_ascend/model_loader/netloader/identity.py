@@ -58,6 +58,9 @@ IDENTITY_FIELDS = (
     "layout",
 )
 
+# How a seed's refusal of another model's (or layout's) client starts.
+IDENTITY_DIFFERS = "model identity differs"
+
 # How an instance splits the model (its layout), as opposed to what the model is: a
 # client in another layout compares the rest (``model_difference``) and gathers its
 # slices (``reshard``).

@@ -144,14 +144,15 @@ class NetloaderModelLoader(BaseModelLoader):
         before = load_state.snapshot(model)
         earlier = self._earlier
         fetched = fetch_weights(model, plan, SEEDS) if _ask_again(earlier) else earlier
-        received = fetched.received
-        if received is None:
+        received, gathered = fetched.received, fetched.gathered
+        if received is None and gathered is None:
             if fetched.fallback is not None:
                 metrics.METRICS.fallback(fetched.fallback)
             self._disk.load_weights(model, model_config)
         else:
             # A node without weight files now holds the seed's checkpoint.
-            plan = plan.holding(received.checkpoint)
+            plan = plan.holding(received.checkpoint if received is not None
+                                else gathered.checkpoint if gathered is not None else None)
         state = load_state.changes(before, load_state.snapshot(model), model)
         if state.changes or state.uncarried:
             logger.info(
@@ -165,12 +166,15 @@ class NetloaderModelLoader(BaseModelLoader):
             weights = relay.layouts.primary
         elif received is not None:
             weights = LoadedWeights.capture(model, received.digests, state, received.parts)
-        else:  # from disk: the large tensors are hashed from a snapshot of them now
+        else:  # from disk or across layouts: the large tensors are hashed from a snapshot
             limit = self.config.digest_limit_mb_per_s
             weights = PendingWeights(model, state, limit * 1e6 if limit is not None else None,
                                      defer=plan.device.type == "cpu")
         reasons = fetched.reasons if fetched is earlier else (*earlier.reasons, *fetched.reasons)
         self.outcome = self._outcome(received, reasons, start)
+        if fetched.gathered_from is not None:
+            self.outcome = dataclasses.replace(
+                self.outcome, loaded_from=f"seed {fetched.gathered_from} (across layouts)")
         self._log_loaded(plan, weights)
         self._filled = _Filled(plan, weights, self.outcome, relay)
 
@@ -207,5 +211,7 @@ def _ask_again(earlier: Fetched) -> bool:
     seed of another model, seeds that failed without answering) would end the same
     again, at the cost of the seeds' timeouts twice."""
     if earlier.fallback in (None, "processed_layout", "unexpected_error"):
+        return True
+    if earlier.identity_refused:  # a seed in another layout serves the loaded one
         return True
     return earlier.fallback == "seeds_failed" and earlier.layout_refused

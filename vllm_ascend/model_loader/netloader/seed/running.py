@@ -364,6 +364,7 @@ def seed_settings(plan: LoadPlan, host: str) -> SeedSettings:
         ) if config.compile_cache_enabled() else None,
         processing=plan.processing,
         fanout=config.relay_fanout,
+        rank_ports=plan.listen_port != 0,
     )
 
 

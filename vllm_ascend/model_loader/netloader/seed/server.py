@@ -28,7 +28,7 @@ from vllm_ascend.model_loader.netloader.config import (
     MAX_CONCURRENT_TRANSFERS,
 )
 from vllm_ascend.model_loader.netloader.deadline import Deadline
-from vllm_ascend.model_loader.netloader.identity import identity_difference
+from vllm_ascend.model_loader.netloader.identity import IDENTITY_DIFFERS, identity_difference
 from vllm_ascend.model_loader.netloader.layout import signature_difference
 from vllm_ascend.model_loader.netloader.log import get_logger, who
 from vllm_ascend.model_loader.netloader.manifest import (
@@ -132,6 +132,8 @@ class SeedSettings:
     # RELAY_FANOUT: clients this seed sends to at once before it sends further ones to
     # its relays (``relay.RelayTree``); at most ``max_transfers``.
     fanout: int = DEFAULT_RELAY_FANOUT
+    # Whether every rank of this instance listens on its host at LISTEN_PORT + rank.
+    rank_ports: bool = False
 
     @property
     def who(self) -> str:
@@ -264,6 +266,7 @@ class SeedServer:
             "fallback_reasons": list(outcome.fallback_reasons),
             "active_transfers": active, "completed_transfers": completed,
             "open_connections": self._listener.open_connections,
+            "rank_ports": self.settings.rank_ports,
         }
         if preparing is not None:
             return preparing.seed_info(common, LAYOUTS)
@@ -432,7 +435,7 @@ class SeedServer:
         """(kind, for the refusals metric; reason, for the client and the log), or None."""
         difference = identity_difference(self.identity, request.identity)
         if difference is not None:
-            return "identity", f"model identity differs: {difference}"
+            return "identity", f"{IDENTITY_DIFFERS}: {difference}"
         if self._placement is not None and self._placement() != self._placement_at_load:
             return "expert_placement", (
                 "this seed's expert placement moved since it loaded (dynamic EPLB): its "

@@ -23,7 +23,7 @@ import torch
 
 from vllm_ascend.model_loader.netloader import metrics
 from vllm_ascend.model_loader.netloader.deadline import Deadline
-from vllm_ascend.model_loader.netloader.identity import model_difference
+from vllm_ascend.model_loader.netloader.identity import IDENTITY_DIFFERS, model_difference
 from vllm_ascend.model_loader.netloader.log import get_logger
 from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, TensorSpec, digest
 from vllm_ascend.model_loader.netloader.metrics import FAILED, OK, SEED
@@ -86,7 +86,7 @@ def _refusal(server: Any, identity: Any, ask: SliceAsk) -> tuple[str, str]:
     """(kind, reason) why this seed serves no slices to this client, or ("", "")."""
     difference = model_difference(server.identity, identity)
     if difference is not None:
-        return "identity", f"model identity differs: {difference}"
+        return "identity", f"{IDENTITY_DIFFERS}: {difference}"
     try:
         mine = place_of(server.identity).to_wire()
     except UnknownLayout as e:
