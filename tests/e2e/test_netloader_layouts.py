@@ -8,7 +8,6 @@ TP=2 seed only (the seed listens at LISTEN_PORT + rank, so the client learns ran
 a TP=2 client names the TP=1 seed."""
 
 import json
-from pathlib import Path
 
 import pytest
 
