@@ -15,7 +15,8 @@ Test seams (faults injected at the client -> data plane boundary):
                     after loading, fetch this model from ADDR N times at once and
                     compare every copy with this instance's own loaded weights
   --llm JSON        more keyword arguments for vllm.LLM (speculative_config, quantization,
-                    enable_lora, runner, tensor_parallel_size, ...)
+                    enable_lora, runner, tensor_parallel_size, enforce_eager (default
+                    true; vLLM CPU runs pipeline parallelism only compiled), ...)
   --generate        put greedy texts and per-token logprobs of PROMPTS in the report
                     (embeddings for a pooling model), one prompt at a time; with
                     --lora PATH also those of each prompt with that LoRA adapter, and
@@ -288,7 +289,7 @@ def instance(args: argparse.Namespace) -> None:
     more = json.loads(args.llm)
     if args.generate:
         more.setdefault("disable_log_stats", False)  # LLM.get_metrics needs the stats
-    if more.get("tensor_parallel_size", 1) == 1:
+    if more.get("tensor_parallel_size", 1) * more.get("pipeline_parallel_size", 1) == 1:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from safetensors.torch import save_file
     from vllm import LLM
@@ -296,7 +297,8 @@ def instance(args: argparse.Namespace) -> None:
     if args.fault:
         install_fault(args.fault)
     llm = LLM(
-        args.model, load_format=args.load_format, max_model_len=256, enforce_eager=True,
+        args.model, load_format=args.load_format, max_model_len=256,
+        enforce_eager=more.pop("enforce_eager", True),
         model_loader_extra_config=json.loads(args.extra), **more,
     )
     if args.reload:
