@@ -19,6 +19,7 @@ from vllm_ascend.model_loader.netloader.reshard.fetch import (
     SeedRank,
     _Ask,
     _from_seed,
+    _Links,
     gather,
     pieces_of,
 )
@@ -88,7 +89,7 @@ def test_a_client_gathers_a_disk_equal_model_from_seed_ranks_of_another_size(see
 @pytest.mark.parametrize("seeds", [2], indirect=True)
 def test_pieces_larger_than_the_limit_arrive_in_parts(seeds):
     client = blank(1, 0)
-    small = GatherSettings(identity(1, 0), SECRET, 5.0, 1e6, piece_bytes=200)
+    small = GatherSettings(identity(1, 0), SECRET, 5.0, 1e6, piece_bytes=1024)
     gather(client, Shard(), ranks_of(seeds), small)
     for mine, theirs in zip(client.parameters(), loaded(1, 0).parameters(), strict=True):
         assert torch.equal(mine, theirs)
@@ -129,10 +130,11 @@ def test_a_hostile_plan_is_refused_and_the_seed_keeps_serving(seeds, box, why):
     target = {"qkv.weight": torch.zeros(99, 32)}
     with pytest.raises(CrossLayoutError, match=why):
         _from_seed(ranks_of(seeds)[0], [_Ask("qkv.weight", box, box)], target,
-                   settings_for(1, 0), threading.Lock())
+                   settings_for(1, 0), _Links(), torch.nn.Module())
     with pytest.raises(CrossLayoutError, match="holds no loaded tensor"):
         _from_seed(ranks_of(seeds)[0], [_Ask("nothing", box, box)],
-                   {"nothing": torch.zeros(99, 32)}, settings_for(1, 0), threading.Lock())
+                   {"nothing": torch.zeros(99, 32)}, settings_for(1, 0), _Links(),
+                   torch.nn.Module())
     client = blank(1, 0)
     gather(client, Shard(), ranks_of(seeds), settings_for(1, 0))
     assert not any(bool(t.isnan().any()) for t in client.parameters())
@@ -142,12 +144,16 @@ def test_a_hostile_plan_is_refused_and_the_seed_keeps_serving(seeds, box, why):
 def test_a_piece_whose_bytes_do_not_match_its_digest_is_never_written(seeds, monkeypatch):
     """A seed (or a path) that sends other bytes than it announced: the piece fails its
     digest in the staging buffer and the client's tensor keeps what it held."""
-    real = slicing.digest
+    real = slicing._digests
 
-    def lying(t: torch.Tensor) -> str:
-        return "0" * 64 if t.numel() == 32 * 4 else real(t)  # o.bias's piece
+    def lying(weights, index, pieces, deadline):  # o.bias's piece announced wrong
+        found = real(weights, index, pieces, deadline)
+        for k, (i, _) in enumerate(index):
+            if weights.specs[i].name == "o.bias":
+                found[k] = "0" * 64
+        return found
 
-    monkeypatch.setattr(slicing, "digest", lying)
+    monkeypatch.setattr(slicing, "_digests", lying)
     client = blank(1, 0)
     with pytest.raises(CrossLayoutError, match="digest mismatch for a piece of o.bias"):
         gather(client, Shard(), ranks_of(seeds), settings_for(1, 0))
@@ -176,3 +182,54 @@ def test_a_seed_rank_that_dies_mid_gather_fails_the_gather(seeds):
     finally:
         dead.close()
         closer.join(5)
+
+
+def ask_of(seeds: list[SeedServer], asks: list[_Ask], target: dict) -> None:
+    _from_seed(ranks_of(seeds)[0], asks, target, settings_for(1, 0), _Links(),
+               torch.nn.Module())
+
+
+@pytest.mark.parametrize("seeds", [2], indirect=True)
+def test_a_plan_asking_a_piece_twice_or_too_many_pieces_is_refused(seeds):
+    """Repeating pieces (or asking thousands of one-element ones) would make the seed
+    hash and copy far more than a client needs."""
+    box = Box((0, 0), (1, 32))
+    target = {"qkv.weight": torch.zeros(24, 32)}
+    with pytest.raises(CrossLayoutError, match="asked twice"):
+        ask_of(seeds, [_Ask("qkv.weight", box, box)] * 2, target)
+    many = [_Ask("qkv.weight", Box((r % 24, c), (1, 1)), Box((r % 24, c), (1, 1)))
+            for r in range(24) for c in range(32)]
+    with pytest.raises(CrossLayoutError, match="pieces asked of a rank of 11 tensors"):
+        ask_of(seeds, many, target)
+
+
+@pytest.mark.parametrize("seeds", [2], indirect=True)
+def test_a_seed_whose_tensor_changed_since_it_loaded_refuses_by_name(seeds):
+    """Digests of pieces are taken from the tensors as they are now: the seed first
+    checks the bytes it sends from against the digests taken at the load."""
+    with torch.no_grad():
+        seeds[1].layouts.loaded.tensors[1].mul_(2)  # qkv.weight of rank 1, in place
+    with pytest.raises(CrossLayoutError, match=r"qkv\.weight changed since it was loaded"):
+        gather(blank(1, 0), Shard(), ranks_of(seeds), settings_for(1, 0))
+
+
+def test_a_relay_still_receiving_serves_no_client_in_another_layout():
+    from vllm_ascend.model_loader.netloader.seed.relay import RelayProgress
+
+    weights = LoadedWeights.capture(loaded(1, 0))
+    progress = RelayProgress([s.nbytes for s in weights.specs])
+    settings = SeedSettings(identity(1, 0), 0, "127.0.0.1", 5.0, secret=SECRET)
+    relay = SeedServer(weights, settings, listen("127.0.0.1", 0), progress=progress).start()
+    try:
+        with pytest.raises(CrossLayoutError, match="relay still receiving"):
+            gather(blank(2, 0), Shard(2, 0), [SeedRank(relay.address, place_of(
+                identity(1, 0)))], settings_for(2, 0))
+    finally:
+        relay.stop()
+
+
+def test_a_client_without_a_checkpoint_to_compare_asks_no_seed():
+    settings = GatherSettings({**identity(1, 0), "checkpoint": None}, SECRET, 5.0, 1e6)
+    with pytest.raises(CrossLayoutError, match="no checkpoint fingerprint to compare"):
+        gather(blank(1, 0), Shard(), [SeedRank("127.0.0.1:9", place_of(identity(2, 0)))],
+               settings)

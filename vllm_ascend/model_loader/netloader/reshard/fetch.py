@@ -60,8 +60,9 @@ from vllm_ascend.model_loader.netloader.wire.slices import (
 
 logger = get_logger(__name__)
 
-# A bucket of a seed's pieces may be this large (a seed's BUCKET_MB stays below).
-_MAX_BUCKET_BYTES = 1 << 30
+# A bucket of a seed's pieces may be this large: a seed sends buckets of at most one
+# piece's bound (``seed.slicing``), and the link keeps two of them per seed rank.
+_MAX_BUCKET_BYTES = MAX_PIECE_BYTES
 
 
 class CrossLayoutError(Exception):
@@ -116,6 +117,9 @@ def gather(model: nn.Module, own: Shard, seeds: Sequence[SeedRank],
            settings: GatherSettings, who: str = "Netloader") -> Gathered:
     """Fill ``model``'s tensors (built at ``own``) from ``seeds``. Raises
     ``CrossLayoutError``."""
+    if not (settings.identity.get("checkpoint") or settings.expected_checkpoint):
+        raise CrossLayoutError("no checkpoint fingerprint to compare the seeds' with (no "
+                               "weight files here and no EXPECTED_FINGERPRINT)")
     start = time.perf_counter()
     tensors = dict(model_tensors(model))
     try:
@@ -132,15 +136,22 @@ def gather(model: nn.Module, own: Shard, seeds: Sequence[SeedRank],
             asks[copy.source].append(_Ask(copy.name, _shift(copy.src, offsets, lengths),
                                           _shift(copy.dst, offsets, lengths)))
     active = [(seed, ask) for seed, ask in zip(seeds, asks, strict=True) if ask]
-    lock = threading.Lock()
+    links = _Links()
 
     def one(job: tuple[SeedRank, list[_Ask]]) -> tuple[str, int, LoadState, str | None]:
         seed, ask = job
-        return _from_seed(seed, ask, tensors, settings, lock)
+        try:
+            return _from_seed(seed, ask, tensors, settings, links, model)
+        except CrossLayoutError as e:
+            links.fail(e)  # the other ranks' transfers end now, not at their deadlines
+            raise
 
     with ThreadPoolExecutor(max_workers=max(1, len(active)),
                             thread_name_prefix="netloader-gather") as pool:
-        results = list(pool.map(one, active))
+        try:
+            results = list(pool.map(one, active))
+        except CrossLayoutError as e:
+            raise links.first or e from None  # the cause, not a rank it cut short
     states = {r[2].to_wire().__repr__() for r in results}
     checkpoints = {r[3] for r in results}
     if len(states) > 1 or len(checkpoints) > 1:
@@ -184,13 +195,43 @@ def pieces_of(lengths: tuple[int, ...], itemsize: int,
                    (*([1] * k), min(step, lengths[k] - s), *lengths[k + 1:]))
 
 
+class _Links:
+    """The connections of one gather: the first that fails shuts the others down."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self._failed = False
+        self.first: CrossLayoutError | None = None
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._open.append(sock)
+            failed = self._failed
+        if failed:
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def fail(self, why: CrossLayoutError) -> None:
+        """``why`` ended one rank's transfer: end the others (keep the first cause)."""
+        with self._lock:
+            if self.first is None and not self._failed:
+                self.first = why
+            self._failed = True
+            both = list(self._open)
+        for sock in both:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed already
+
+
 def _shift(box: Box, offsets: tuple[int, ...], lengths: tuple[int, ...]) -> Box:
     return Box(tuple(s + o for s, o in zip(box.starts, offsets, strict=True)), lengths)
 
 
 def _from_seed(seed: SeedRank, asks: list[_Ask], tensors: dict[str, torch.Tensor],
-               settings: GatherSettings,
-               lock: threading.Lock) -> tuple[str, int, LoadState, str | None]:
+               settings: GatherSettings, links: _Links,
+               model: nn.Module) -> tuple[str, int, LoadState, str | None]:
     """Ask one seed rank for its pieces and write each into ``tensors`` once its digest
     matched. Raises ``CrossLayoutError``."""
     pieces = [Piece(a.name, a.src.starts, a.src.lengths) for a in asks]
@@ -200,10 +241,14 @@ def _from_seed(seed: SeedRank, asks: list[_Ask], tensors: dict[str, torch.Tensor
     total = sum(s.nbytes for s in specs)
     ask = SliceAsk(seed.place.to_wire(), len(pieces), total, len(frames), plan_sha256(pieces))
     host, port = parse_address(seed.address, key="source")
+    # The seed checks and hashes the pieces before it answers: as long as sending them
+    # may take.
+    answer_s = transfer_deadline_s(total, settings.timeout_s, settings.min_rate_bytes_per_s)
     try:
         with socket.create_connection((host, port), timeout=settings.timeout_s) as conn:
+            links.add(conn)
             reply = ask_seed(conn, slices_request(settings.identity, ask), settings.secret,
-                             Deadline(settings.timeout_s, f"handshake with {seed.address}"),
+                             Deadline(answer_s, f"answer of {seed.address}"),
                              reply_cap(len(specs)) + load_state.WIRE_BYTES, follow=frames)
             if reply["type"] == REFUSE:
                 raise CrossLayoutError(f"seed rank {seed.address} refused: "
@@ -212,22 +257,24 @@ def _from_seed(seed: SeedRank, asks: list[_Ask], tensors: dict[str, torch.Tensor
                 raise ProtocolError(f"expected '{ACCEPT}', got another answer")
             accepted = parse_accept(reply, len(specs), (TCP,), _MAX_BUCKET_BYTES)
             mine = settings.identity.get("checkpoint") or settings.expected_checkpoint
-            if mine is not None and accepted.checkpoint != mine:
+            if accepted.checkpoint != mine:
                 raise CrossLayoutError(f"seed rank {seed.address} serves checkpoint "
                                        f"{accepted.checkpoint}, not {mine}")
+            load_state.check(model, accepted.state)
             _receive(conn, asks, specs, accepted.digests, accepted.bucket_bytes, tensors,
-                     settings, lock)
+                     settings)
             send_msg(conn, done(True), Deadline(settings.timeout_s, "'done'"))
     except CrossLayoutError:
         raise
-    except (AuthError, OSError, ProtocolError, TransferError, ValueError) as e:
+    except (AuthError, OSError, ProtocolError, TransferError, ValueError,
+            load_state.LoadStateError) as e:
         raise CrossLayoutError(f"seed rank {seed.address}: {type(e).__name__}: {e}") from e
     return seed.address, total, accepted.state, accepted.checkpoint
 
 
 def _receive(conn: socket.socket, asks: list[_Ask], specs: list[TensorSpec],
              digests: list[str], bucket_bytes: int, tensors: dict[str, torch.Tensor],
-             settings: GatherSettings, lock: threading.Lock) -> None:
+             settings: GatherSettings) -> None:
     total = sum(s.nbytes for s in specs)
     link = StreamLink(conn, settings.timeout_s, total, deadline_s=transfer_deadline_s(
         total, settings.timeout_s, settings.min_rate_bytes_per_s))

@@ -18,6 +18,7 @@ so a burst of idle connections cannot keep everyone else out.
 """
 
 import errno
+import os
 import socket
 import threading
 import time
@@ -224,3 +225,15 @@ class Listener:
             logger.warning(
                 "Netloader %s: %s (%s); going on after %.2f s", self._name, what, error, backoff
             )
+
+
+def write_address_file(prefix: str | None, rank: int, address: str) -> None:
+    """Write ``address`` to {prefix}{rank}.txt (OUTPUT_PREFIX), atomically: whoever
+    reads it sees the whole address or no file."""
+    if prefix is None:
+        return
+    path = f"{prefix}{rank}.txt"
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(address + "\n")
+    os.replace(tmp, path)

@@ -11,7 +11,6 @@ connection.
 
 import contextlib
 import dataclasses
-import os
 import socket
 import threading
 import time
@@ -56,7 +55,11 @@ from vllm_ascend.model_loader.netloader.planes.transfer import (
 )
 from vllm_ascend.model_loader.netloader.seed import slicing
 from vllm_ascend.model_loader.netloader.seed.layouts import Layouts
-from vllm_ascend.model_loader.netloader.seed.listener import Connection, Listener
+from vllm_ascend.model_loader.netloader.seed.listener import (
+    Connection,
+    Listener,
+    write_address_file,
+)
 from vllm_ascend.model_loader.netloader.seed.preparing import Preparation
 from vllm_ascend.model_loader.netloader.seed.relay import (
     RelayProgress,
@@ -204,7 +207,7 @@ class SeedServer:
         return self.layouts.primary
 
     def start(self) -> "SeedServer":
-        self._write_address_file()
+        write_address_file(self.settings.output_prefix, self.settings.rank, self.address)
         if self._preparing is None:
             self._log_serving()
         else:  # its clients are refused until ``keep``
@@ -304,9 +307,11 @@ class SeedServer:
         """(kind, reason) why this seed serves no client now (preparing, experts
         moved), or None."""
         with self._lock:
-            preparing = self._preparing
+            preparing, progress = self._preparing, self._progress
         if preparing is not None:
             return preparing.refusal()
+        if progress is not None and not progress.complete:
+            return "relaying", "this seed is a relay still receiving its own model"
         if self._placement is not None and self._placement() != self._placement_at_load:
             return "expert_placement", "this seed's expert placement moved since it loaded"
         return None
@@ -587,13 +592,3 @@ class SeedServer:
         except RelayStalled as e:
             link.abort(str(e))
             raise
-
-    def _write_address_file(self) -> None:
-        prefix = self.settings.output_prefix
-        if prefix is None:
-            return
-        path = f"{prefix}{self.settings.rank}.txt"
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.address + "\n")
-        os.replace(tmp, path)

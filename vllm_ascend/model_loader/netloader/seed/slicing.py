@@ -19,15 +19,26 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import blake3
 import torch
 
 from vllm_ascend.model_loader.netloader import metrics
 from vllm_ascend.model_loader.netloader.deadline import Deadline
 from vllm_ascend.model_loader.netloader.identity import IDENTITY_DIFFERS, model_difference
 from vllm_ascend.model_loader.netloader.log import get_logger
-from vllm_ascend.model_loader.netloader.manifest import LoadedWeights, TensorSpec, digest
+from vllm_ascend.model_loader.netloader.manifest import (
+    LoadedWeights,
+    TensorSpec,
+    byte_view,
+    digest,
+)
 from vllm_ascend.model_loader.netloader.metrics import FAILED, OK, SEED
-from vllm_ascend.model_loader.netloader.planes.progress import Pacer, transfer_deadline_s
+from vllm_ascend.model_loader.netloader.parts import PART_BYTES
+from vllm_ascend.model_loader.netloader.planes.progress import (
+    Pacer,
+    TransferError,
+    transfer_deadline_s,
+)
 from vllm_ascend.model_loader.netloader.planes.stream import StreamLink
 from vllm_ascend.model_loader.netloader.planes.transfer import send_weights
 from vllm_ascend.model_loader.netloader.reshard.shards import UnknownLayout, place_of
@@ -54,35 +65,44 @@ class PlanRefused(Exception):
 
 def serve(server: Any, conn: Connection, side: SeedSide, deadline: Deadline) -> None:
     """Serve one cross-layout request on ``conn`` (``server``: the rank's
-    ``SeedServer``). Refusals go back to the client by name; a malformed plan raises
+    ``SeedServer``). Refusals go back to the client by name (after its plan frames are
+    read and dropped, so that it reads the reason); a malformed plan raises
     ``ProtocolError`` (the connection ends, logged by the caller)."""
     settings = server.settings
     request = side.request
     ask = request.slices
     assert ask is not None  # a parsed slices request has one
-    kind, reason = _refusal(server, request.identity, ask)
-    pieces = _read_plan(conn, ask, deadline) if not kind else []
-    weights = server.layouts.loaded
-    if not kind:
-        try:
-            specs, index = _resolve(pieces, weights, ask.nbytes)
-        except PlanRefused as e:
-            kind, reason = "plan", str(e)
-    if kind:
-        metrics.METRICS.refusal(kind)
-        logger.warning("%s refused cross-layout client %s: %s", settings.who, conn.peer,
-                       reason)
-        side.refuse(reason, retry=kind in ("busy", "preparing"), deadline=deadline)
-        return
+    weights = server.layouts.loaded  # once: ``keep`` may replace the layouts meanwhile
+    kind, reason = _refusal(server, weights, request.identity, ask)
     with server.slot() as taken:
-        if not taken:
-            metrics.METRICS.refusal("busy")
-            side.refuse("seed is busy", retry=True, deadline=deadline)
+        if not kind and not taken:
+            kind, reason = "busy", "seed is busy"
+        if kind:
+            _drain(conn, ask.frames, deadline)
+        else:
+            # Read only with a transfer slot: at most ``max_transfers`` plans at once.
+            pieces = _read_plan(conn, ask, deadline)
+            try:
+                specs, index = _resolve(pieces, weights, ask.nbytes)
+            except PlanRefused as e:
+                kind, reason = "plan", str(e)
+        if kind:
+            metrics.METRICS.refusal(kind)
+            logger.warning("%s refused cross-layout client %s: %s", settings.who, conn.peer,
+                           reason)
+            side.refuse(reason, retry=kind in ("busy", "preparing"), deadline=deadline)
             return
-        _send(server, conn, side, deadline, weights, specs, index)
+        _send(server, conn, side, weights, specs, index)
 
 
-def _refusal(server: Any, identity: Any, ask: SliceAsk) -> tuple[str, str]:
+def _drain(conn: Connection, frames: int, deadline: Deadline) -> None:
+    """Read and drop a refused client's plan frames (each at most MAX_REQUEST_BYTES)."""
+    for _ in range(frames):
+        recv_msg(conn.sock, deadline, MAX_REQUEST_BYTES, expect=SLICE_PLAN)
+
+
+def _refusal(server: Any, weights: LoadedWeights | None, identity: Any,
+             ask: SliceAsk) -> tuple[str, str]:
     """(kind, reason) why this seed serves no slices to this client, or ("", "")."""
     difference = model_difference(server.identity, identity)
     if difference is not None:
@@ -94,14 +114,19 @@ def _refusal(server: Any, identity: Any, ask: SliceAsk) -> tuple[str, str]:
     if ask.place != mine:
         return "layout", (f"the client computed another place for this rank "
                           f"({clean(ask.place, 200)} vs {mine})")
+    if server.settings.device.type != "cpu":
+        return "layout", "this seed holds its weights in device memory: it serves other " \
+                         "layouts only from host memory"
     not_now = server.not_serving()
     if not_now is not None:
         return not_now
-    weights = server.layouts.loaded
     if weights is None:
         return "layout", "this seed serves the processed layout only (LAYOUT processed)"
     if weights.state.uncarried:
         return "load_state", "this seed's load set state Netloader cannot carry"
+    specs = len(weights.specs)
+    if ask.pieces > 4 * specs + weights.total_bytes // MAX_PIECE_BYTES + 64:
+        return "plan", f"{ask.pieces} pieces asked of a rank of {specs} tensors"
     return "", ""
 
 
@@ -121,10 +146,12 @@ def _resolve(pieces: Sequence[Piece], weights: LoadedWeights,
              announced: int) -> tuple[list[TensorSpec], list[tuple[int, tuple[slice, ...]]]]:
     """Each piece as a spec (its shape, dtype, bytes) and (tensor index, box). Raises
     ``PlanRefused`` for a tensor this seed does not hold whole, a box outside its
-    tensor or over ``MAX_PIECE_BYTES``, or a total other than announced or over what it holds."""
+    tensor or over ``MAX_PIECE_BYTES``, a piece asked twice, or a total other than
+    announced or over what it holds."""
     where = {spec.name: i for i, spec in enumerate(weights.specs)}
     specs: list[TensorSpec] = []
     index: list[tuple[int, tuple[slice, ...]]] = []
+    seen: set[Piece] = set()
     total = 0
     for piece in pieces:
         i = where.get(piece.name)
@@ -135,6 +162,9 @@ def _resolve(pieces: Sequence[Piece], weights: LoadedWeights,
         if len(box) != t.dim() or any(s + n > size for (s, n), size in zip(box, t.shape,
                                                                           strict=True)):
             raise PlanRefused(f"a box outside {piece.name} {tuple(t.shape)}")
+        if piece in seen:
+            raise PlanRefused(f"a piece of {piece.name} asked twice")
+        seen.add(piece)
         nbytes = math.prod(piece.lengths) * t.element_size()
         if nbytes > MAX_PIECE_BYTES:
             raise PlanRefused(f"a piece of {nbytes} bytes is over {MAX_PIECE_BYTES}")
@@ -146,6 +176,28 @@ def _resolve(pieces: Sequence[Piece], weights: LoadedWeights,
         raise PlanRefused(f"the plan holds {total} bytes, {announced} announced, "
                           f"{weights.total_bytes} held")
     return specs, index
+
+
+def _byte_range(t: torch.Tensor, box: tuple[slice, ...]) -> tuple[int, int]:
+    """[first, last + 1) byte offsets of ``box`` in contiguous ``t``."""
+    first = sum(s.start * st for s, st in zip(box, t.stride(), strict=True))
+    last = sum((s.stop - 1) * st for s, st in zip(box, t.stride(), strict=True))
+    return first * t.element_size(), (last + 1) * t.element_size()
+
+
+def _unchanged(weights: LoadedWeights, i: int, lo: int, hi: int) -> bool:
+    """Whether bytes [lo, hi) of tensor ``i`` still hash to what was taken at the load:
+    its digest (a tensor of up to PART_BYTES) or the parts that cover them."""
+    data = memoryview(byte_view(weights.tensors[i]).numpy())  # type: ignore[arg-type]
+    d = weights.digests[i]
+    parts = weights.parts.get(d)
+    if not parts:
+        return digest(byte_view(weights.tensors[i])) == d
+    for k in range(lo // PART_BYTES, -(-hi // PART_BYTES)):
+        part = data[k * PART_BYTES:(k + 1) * PART_BYTES]
+        if k >= len(parts) or blake3.blake3(part).hexdigest() != parts[k]:
+            return False
+    return True
 
 
 class _Pieces(Sequence[torch.Tensor]):
@@ -164,26 +216,35 @@ class _Pieces(Sequence[torch.Tensor]):
         return self._weights.tensors[tensor][box].contiguous()
 
 
-def _send(server: Any, conn: Connection, side: SeedSide, deadline: Deadline,
-          weights: LoadedWeights, specs: list[TensorSpec],
-          index: list[tuple[int, tuple[slice, ...]]]) -> None:
+def _send(server: Any, conn: Connection, side: SeedSide, weights: LoadedWeights,
+          specs: list[TensorSpec], index: list[tuple[int, tuple[slice, ...]]]) -> None:
     settings = server.settings
     pieces = _Pieces(weights, index)
-    start = time.perf_counter()
-    digests = [digest(pieces[i].reshape(-1).view(torch.uint8)) for i in range(len(pieces))]
-    hashed_s = time.perf_counter() - start
-    side.answer(accept(digests, settings.bucket_bytes, TCP, server.identity.get("checkpoint"),
-                       0, weights.state, LOADED), deadline)
     total = sum(s.nbytes for s in specs)
     rate = min(settings.min_rate_bytes_per_s,
                settings.send_limit_bytes_per_s or settings.min_rate_bytes_per_s)
+    # Hashing first takes its own time: at most what sending the bytes may take.
+    hashing = Deadline(transfer_deadline_s(total, settings.timeout_s, rate),
+                       f"hashing pieces for {conn.peer}")
+    start = time.perf_counter()
+    try:
+        digests = _digests(weights, index, pieces, hashing)
+    except TransferError as e:
+        metrics.METRICS.refusal("changed")
+        logger.warning("%s refused cross-layout client %s: %s", settings.who, conn.peer, e)
+        side.refuse(str(e), retry=False, deadline=hashing)
+        return
+    hashed_s = time.perf_counter() - start
+    bucket_bytes = min(settings.bucket_bytes, MAX_PIECE_BYTES)
+    side.answer(accept(digests, bucket_bytes, TCP, server.identity.get("checkpoint"),
+                       0, weights.state, LOADED), hashing)
     link = StreamLink(conn.sock, settings.timeout_s, total,
                       Pacer(settings.send_limit_bytes_per_s),
                       transfer_deadline_s(total, settings.timeout_s, rate))
     metrics.METRICS.started(SEED)
     verified = False
     try:
-        sent = send_weights(link, pieces, specs, settings.bucket_bytes)
+        sent = send_weights(link, pieces, specs, bucket_bytes)
         done = recv_msg(conn.sock, Deadline(settings.timeout_s, f"'done' from {conn.peer}"),
                         MAX_REQUEST_BYTES, expect=DONE)
         verified, reason = parse_done(done)
@@ -193,6 +254,28 @@ def _send(server: Any, conn: Connection, side: SeedSide, deadline: Deadline,
                               time.perf_counter() - start)
     (logger.info if verified else logger.warning)(
         "%s sent %d piece(s) of its tensors to cross-layout client %s: %d bytes in %.3f s "
-        "(hashing them first: %.3f s), client %s", settings.who, len(specs), conn.peer, sent,
-        time.perf_counter() - start, hashed_s,
+        "(checking and hashing them first: %.3f s), client %s", settings.who, len(specs),
+        conn.peer, sent, time.perf_counter() - start, hashed_s,
         "verified all digests" if verified else f"rejected: {reason}")
+
+
+def _digests(weights: LoadedWeights, index: list[tuple[int, tuple[slice, ...]]],
+             pieces: "_Pieces", deadline: Deadline) -> list[str]:
+    """Each piece's digest, once the bytes it comes from are checked against the
+    digests taken at the load (a tensor changed since, in place or by a reload,
+    raises ``TransferError``); the deadline is checked between tensors and pieces."""
+    ranges: dict[int, tuple[int, int]] = {}
+    for i, box in index:
+        lo, hi = _byte_range(weights.tensors[i], box)
+        was = ranges.get(i, (lo, hi))
+        ranges[i] = (min(lo, was[0]), max(hi, was[1]))
+    for i, (lo, hi) in ranges.items():
+        deadline.remaining()
+        if not _unchanged(weights, i, lo, hi):
+            raise TransferError(f"{weights.specs[i].name} changed since it was loaded: "
+                                f"this seed serves it to no client in another layout")
+    found = []
+    for k in range(len(pieces)):
+        deadline.remaining()
+        found.append(digest(pieces[k].reshape(-1).view(torch.uint8)))
+    return found
