@@ -233,3 +233,44 @@ def test_a_client_without_a_checkpoint_to_compare_asks_no_seed():
     with pytest.raises(CrossLayoutError, match="no checkpoint fingerprint to compare"):
         gather(blank(1, 0), Shard(), [SeedRank("127.0.0.1:9", place_of(identity(2, 0)))],
                settings)
+
+
+@pytest.mark.parametrize("seeds, client_size", [(2, 1), (1, 2)], indirect=["seeds"])
+def test_on_one_core_pieces_land_in_place_or_staged_and_each_is_verified(seeds, client_size):
+    """A vLLM CPU worker's receiving thread has one core: each piece is read on it,
+    straight into the client's tensor where its box is one run of it (a TP=1 client's
+    column-parallel rows), else into one staging buffer (its row-parallel columns)."""
+    from tests.ut.netloader.test_cores import on_one_cpu
+
+    for rank in range(client_size):
+        client = blank(client_size, rank)
+        on_one_cpu(lambda c=client, r=rank: gather(c, Shard(client_size, r),
+                                                   ranks_of(seeds),
+                                                   settings_for(client_size, r)))
+        for mine, theirs in zip(client.parameters(), loaded(client_size, rank).parameters(),
+                                strict=True):
+            assert torch.equal(mine, theirs)
+
+
+@pytest.mark.parametrize("seeds", [2], indirect=True)
+def test_on_one_core_a_piece_that_fails_its_digest_fails_the_gather(seeds, monkeypatch):
+    from tests.ut.netloader.test_cores import on_one_cpu
+
+    real = slicing._digests
+
+    def lying(weights, index, pieces, deadline):  # the row-parallel o.weight's pieces
+        found = real(weights, index, pieces, deadline)
+        return ["0" * 64 if weights.specs[i].name == "o.weight" else d
+                for d, (i, _) in zip(found, index, strict=True)]
+
+    monkeypatch.setattr(slicing, "_digests", lying)
+    failed: list[Exception] = []
+
+    def run() -> None:
+        try:
+            gather(blank(1, 0), Shard(), ranks_of(seeds), settings_for(1, 0))
+        except CrossLayoutError as e:
+            failed.append(e)
+
+    on_one_cpu(run)
+    assert failed and "digest mismatch for a piece of o.weight" in str(failed[0])

@@ -4,11 +4,15 @@ instance in another layout, each piece verified before it is written.
 ``gather`` computes the client's placements and each seed rank's (``slices``), plans
 which rank fills which elements (``gather.plan_gather``), splits each copy into pieces
 of at most ``PIECE_BYTES``, and asks each seed rank for its pieces on one authenticated
-connection (``wire.slices``), all ranks at once, one thread each. A seed answers with
-a digest per piece; each bucket arrives in a staging buffer of the link (one bucket
-per rank at a time), every piece in it is checked against its digest and only then
-copied to where it lands in the client's tensor. Padding is zeroed; tensors each rank
-builds for its own layout (expert maps) are left as built.
+connection (``wire.slices``): all ranks at once, one thread each, where the worker has
+as many cores (``cores.worker_cores``), else one after the other. A seed answers with
+a digest per piece. On one core (a vLLM CPU worker's receiving thread) each piece is
+read on that thread straight where it lands when its box is one run of the client's
+tensor, else into one staging buffer, and hashed right after each read; a piece that
+fails its digest fails the gather. With more cores each bucket arrives in the link's
+staging buffer (two buckets per rank at a time), and every piece in it is checked
+against its digest before it is copied to its box. Padding is zeroed; tensors each
+rank builds for its own layout (expert maps) are left as built.
 
 Whatever fails raises ``CrossLayoutError`` naming the seed rank and why; the client's
 tensors may then hold any mix of verified pieces and what they held before, and the
@@ -28,10 +32,18 @@ import torch
 from torch import nn
 
 from vllm_ascend.model_loader.netloader import load_state
+from vllm_ascend.model_loader.netloader.cores import single_core, worker_cores
 from vllm_ascend.model_loader.netloader.deadline import Deadline
 from vllm_ascend.model_loader.netloader.load_state import LoadState
 from vllm_ascend.model_loader.netloader.log import get_logger
-from vllm_ascend.model_loader.netloader.manifest import TensorSpec, digest, model_tensors
+from vllm_ascend.model_loader.netloader.manifest import (
+    TensorSpec,
+    byte_view,
+    digest,
+    model_tensors,
+)
+from vllm_ascend.model_loader.netloader.parts import PART_BYTES, PartHasher
+from vllm_ascend.model_loader.netloader.planes import memory
 from vllm_ascend.model_loader.netloader.planes.progress import TransferError, transfer_deadline_s
 from vllm_ascend.model_loader.netloader.planes.stream import StreamLink
 from vllm_ascend.model_loader.netloader.planes.transfer import plan_from
@@ -129,6 +141,8 @@ def gather(model: nn.Module, own: Shard, seeds: Sequence[SeedRank],
         plan = plan_gather(mine, holders)
     except (Indescribable, Uncovered) as e:
         raise CrossLayoutError(f"cannot load across layouts: {e}") from e
+    # Huge pages for the client's tensors before the first byte lands (``memory``).
+    memory.prepare([tensors[name] for name in mine])
     asks: list[list[_Ask]] = [[] for _ in seeds]
     for copy in plan.copies:
         itemsize = tensors[copy.name].element_size()
@@ -146,8 +160,11 @@ def gather(model: nn.Module, own: Shard, seeds: Sequence[SeedRank],
             links.fail(e)  # the other ranks' transfers end now, not at their deadlines
             raise
 
-    with ThreadPoolExecutor(max_workers=max(1, len(active)),
-                            thread_name_prefix="netloader-gather") as pool:
+    # Every rank at once where the worker has the cores (widened as for a same-layout
+    # receive); one after the other on one core, where threads would only take turns.
+    with worker_cores(who) as cpus, ThreadPoolExecutor(
+            max_workers=max(1, min(len(active), len(cpus))),
+            thread_name_prefix="netloader-gather") as pool:
         try:
             results = list(pool.map(one, active))
         except CrossLayoutError as e:
@@ -175,7 +192,7 @@ def pieces_of(lengths: tuple[int, ...], itemsize: int,
     """A box of ``lengths`` cut into pieces of at most ``limit`` bytes (at least one
     element): (offsets, lengths) in the box, in row-major order. The trailing
     dimensions that fit stay whole; the one before is cut in runs; those before it go
-    one index at a time."""
+    one index at a time; runs are whole 4 MiB parts where they can be."""
     n = len(lengths)
     inner, d = itemsize, n
     while d > 0 and inner * lengths[d - 1] <= limit:
@@ -186,6 +203,11 @@ def pieces_of(lengths: tuple[int, ...], itemsize: int,
         return
     k = d - 1
     step = max(1, limit // inner)
+    # Runs of whole 4 MiB parts where they fit: a seed then has the load-time digests of
+    # a piece cut from the start of its tensor and hashes nothing (``seed.slicing``).
+    aligned = math.lcm(inner, PART_BYTES) // inner
+    if aligned <= step:
+        step -= step % aligned
     outer: list[tuple[int, ...]] = [()]
     for size in lengths[:k]:
         outer = [(*o, i) for o in outer for i in range(size)]
@@ -279,6 +301,9 @@ def _receive(conn: socket.socket, asks: list[_Ask], specs: list[TensorSpec],
     link = StreamLink(conn, settings.timeout_s, total, deadline_s=transfer_deadline_s(
         total, settings.timeout_s, settings.min_rate_bytes_per_s))
     buckets = plan_from(specs, bucket_bytes, 0)
+    if single_core():
+        _receive_inline(link, buckets, asks, specs, digests, tensors)
+        return
     arrivals = link.receive([sum(specs[i].nbytes for i in b) for b in buckets])
     try:
         for bucket in buckets:
@@ -290,11 +315,47 @@ def _receive(conn: socket.socket, asks: list[_Ask], specs: list[TensorSpec],
                 if digest(chunk) != digests[i]:
                     raise TransferError(f"digest mismatch for a piece of {asks[i].name} "
                                         f"({specs[i].nbytes} bytes)")
-                target = tensors[asks[i].name]
-                values = chunk.clone() if chunk.storage_offset() % target.element_size() \
-                    else chunk
-                with torch.no_grad():
-                    target[asks[i].dst.index()] = values.view(target.dtype).view(
-                        asks[i].dst.lengths)
+                _place(tensors[asks[i].name], asks[i].dst, chunk)
     finally:
         arrivals.close()
+
+
+def _receive_inline(link: StreamLink, buckets: list[list[int]], asks: list[_Ask],
+                    specs: list[TensorSpec], digests: list[str],
+                    tensors: dict[str, torch.Tensor]) -> None:
+    """On one core (a vLLM CPU worker): each piece read on this thread straight where it
+    lands when its box is one run of the client's tensor, else into one staging buffer
+    and copied once its digest matched, hashed right after each read while in cache
+    (as a same-layout receive on one core). A piece that fails its digest after it
+    landed fails the gather: the caller's disk load rewrites every parameter."""
+    views = [tensors[a.name][a.dst.index()] for a in asks]
+    staged = [not v.is_contiguous() for v in views]
+    staging = torch.empty(max((s.nbytes for s, st in zip(specs, staged, strict=True) if st),
+                              default=0), dtype=torch.uint8)
+    targets = [staging[:specs[i].nbytes] if staged[i] else byte_view(views[i])
+               for i in range(len(asks))]
+    order = [i for b in buckets for i in b]
+    arrivals = link.receive_into([[targets[i] for i in b] for b in buckets], inline=True)
+    hasher: PartHasher | None = None
+    try:
+        for position, piece in arrivals:
+            i = order[position]
+            if piece is not None:
+                hasher = hasher or PartHasher(specs[i].nbytes, 1)
+                hasher.update(piece)
+                continue
+            if hasher is None or hasher.hexdigest() != digests[i]:
+                raise TransferError(f"digest mismatch for a piece of {asks[i].name} "
+                                    f"({specs[i].nbytes} bytes)")
+            hasher = None
+            if staged[i]:
+                _place(tensors[asks[i].name], asks[i].dst, targets[i])
+    finally:
+        arrivals.close()
+
+
+def _place(target: torch.Tensor, box: Box, data: torch.Tensor) -> None:
+    """Write ``data`` (the piece's bytes, uint8) into ``box`` of ``target``."""
+    values = data.clone() if data.storage_offset() % target.element_size() else data
+    with torch.no_grad():
+        target[box.index()] = values.view(target.dtype).view(box.lengths)

@@ -9,9 +9,11 @@ tensors (a name it holds whole, a box inside the tensor, at most
 ``MAX_PIECE_BYTES``, no more bytes in all than it holds) before it reads a byte for it; then it
 hashes each piece (a box that is not contiguous is copied, one piece at a time),
 answers with the digests, and sends the pieces in buckets on the same connection as a
-same-layout transfer does. What that costs the seed: one read of the asked bytes
-before the first byte goes out and one while sending, a copy of each piece whose box
-is not contiguous (at most a bucket's worth at a time), and a transfer slot.
+same-layout transfer does. What that costs the seed: nothing before the first byte for
+a piece that is a run of whole 4 MiB parts of its tensor (the whole tensor, most
+often: its load-time digests serve); for any other piece one read of the bytes it comes
+from and one hash of it before the first byte goes out; a copy of each piece whose box
+is not contiguous (at most a bucket's worth at a time) while sending; a transfer slot.
 """
 
 import math
@@ -33,7 +35,7 @@ from vllm_ascend.model_loader.netloader.manifest import (
     digest,
 )
 from vllm_ascend.model_loader.netloader.metrics import FAILED, OK, SEED
-from vllm_ascend.model_loader.netloader.parts import PART_BYTES
+from vllm_ascend.model_loader.netloader.parts import PART_BYTES, join_parts
 from vllm_ascend.model_loader.netloader.planes.progress import (
     Pacer,
     TransferError,
@@ -261,21 +263,45 @@ def _send(server: Any, conn: Connection, side: SeedSide, weights: LoadedWeights,
 
 def _digests(weights: LoadedWeights, index: list[tuple[int, tuple[slice, ...]]],
              pieces: "_Pieces", deadline: Deadline) -> list[str]:
-    """Each piece's digest, once the bytes it comes from are checked against the
-    digests taken at the load (a tensor changed since, in place or by a reload,
-    raises ``TransferError``); the deadline is checked between tensors and pieces."""
+    """Each piece's digest. A piece that is a run of its tensor's bytes starting and
+    ending on its 4 MiB parts (the whole tensor, most often) takes the digests taken at
+    the load: nothing to hash, and the client checks the bytes against them as a
+    same-layout client does. Every other piece is hashed now, once the bytes it comes
+    from are checked against the load-time digests (a tensor changed since, in place or
+    by a reload, raises ``TransferError``); the deadline is checked between them."""
+    found: list[str | None] = [_known(weights, i, box) for i, box in index]
     ranges: dict[int, tuple[int, int]] = {}
-    for i, box in index:
-        lo, hi = _byte_range(weights.tensors[i], box)
-        was = ranges.get(i, (lo, hi))
-        ranges[i] = (min(lo, was[0]), max(hi, was[1]))
+    for (i, box), known in zip(index, found, strict=True):
+        if known is None:
+            lo, hi = _byte_range(weights.tensors[i], box)
+            was = ranges.get(i, (lo, hi))
+            ranges[i] = (min(lo, was[0]), max(hi, was[1]))
     for i, (lo, hi) in ranges.items():
         deadline.remaining()
         if not _unchanged(weights, i, lo, hi):
             raise TransferError(f"{weights.specs[i].name} changed since it was loaded: "
                                 f"this seed serves it to no client in another layout")
-    found = []
-    for k in range(len(pieces)):
-        deadline.remaining()
-        found.append(digest(pieces[k].reshape(-1).view(torch.uint8)))
-    return found
+    digests = []
+    for k, known in enumerate(found):
+        if known is None:
+            deadline.remaining()
+            known = digest(pieces[k].reshape(-1).view(torch.uint8))
+        digests.append(known)
+    return digests
+
+
+def _known(weights: LoadedWeights, i: int, box: tuple[slice, ...]) -> str | None:
+    """The load-time digest of the piece ``box`` of tensor ``i``, where its bytes are
+    one run from a part boundary to a part boundary (or the tensor's end), else None."""
+    t = weights.tensors[i]
+    lo, hi = _byte_range(t, box)
+    if hi - lo != math.prod(s.stop - s.start for s in box) * t.element_size():
+        return None  # not one run of bytes
+    d = weights.digests[i]
+    if lo == 0 and hi == t.nbytes:
+        return d
+    parts = weights.parts.get(d)
+    if not parts or lo % PART_BYTES or (hi % PART_BYTES and hi != t.nbytes):
+        return None
+    covered = parts[lo // PART_BYTES:-(-hi // PART_BYTES)]
+    return covered[0] if len(covered) == 1 else join_parts(covered)
