@@ -27,6 +27,8 @@
    the seed's compile cache (vLLM compiling with inductor, the tiny model).
    ``benchmarks.netloader_layouts``: on a Qwen3-MoE of about 1 GB, what a seed keeps
    beyond its model for each layout, and a client's load in each (``layouts``).
+   ``benchmarks.netloader_cross_layout``: a TP=1 client of the ~1 GB dense model from a
+   TP=2 seed against the same-layout transfer (``cross_layout_over_same``).
 5. ``benchmarks.netloader_fanout`` (rate-limited namespaces; N = 1, 2, 4, 8 clients with
    relays in a chain, the default; N = 1, 8 in a tree of RELAY_FANOUT 2; N = 1, 2, 4
    with every client fetching from the seed) and
@@ -461,6 +463,12 @@ def headline(result: dict[str, Any], gb: float) -> dict[str, Any]:
                 "client_model_loading_s": layouts[f"client_{layout}"]["model_loading_s"],
             } for layout in ("processed", "loaded")
         } | {"model_bytes": layouts["seed"]["model_bytes"]} if layouts else None,
+        # A TP=1 client of the ~1 GB dense model from a TP=2 seed, over the same-layout
+        # transfer of the loaded layout (benchmarks/netloader_cross_layout.py).
+        "cross_layout_over_same": (result.get("cross_layout") or {}).get(
+            "cross_layout_over_same"),
+        "cross_layout_over_same_model_loading": (result.get("cross_layout") or {}).get(
+            "cross_layout_over_same_model_loading"),
         "compile_cache_s": {k: cache.get(k) for k in (
             "client_without_cache_s", "client_with_cache_s", "init_engine_without_s",
             "init_engine_with_s", "loaded_artifact", "outputs_equal")} if cache else None,
@@ -550,6 +558,9 @@ def main() -> int:
         result["layouts"] = bench.attempt("layouts", bench.run, "layouts", [
             py, "-m", "benchmarks.netloader_layouts", "--workdir", str(args.workdir / "layouts")],
             900)
+        result["cross_layout"] = bench.attempt("cross-layout", bench.run, "cross-layout", [
+            py, "-m", "benchmarks.netloader_cross_layout", "--workdir",
+            str(args.workdir / "cross-layout")], 900)
     if root:
         rate = str(args.rate_mbit)
         # Direct sends grow N-fold (8 would take a minute more, and a seed serves at

@@ -3,7 +3,6 @@ load ends with that rank named, its tensors hold nothing but verified pieces (or
 they held before), and the disk load that follows leaves it equal to a disk load."""
 
 import contextlib
-import math
 import multiprocessing as mp
 import threading
 from collections.abc import Iterator
@@ -107,7 +106,6 @@ def test_a_seed_rank_killed_mid_gather_fails_the_gather_and_the_disk_load_is_cle
     disk_load_into(client)
     for mine, theirs in zip(client.parameters(), disk.parameters(), strict=True):
         assert torch.equal(mine, theirs)
-    assert math.isfinite(sum(float(t.sum()) for t in client.parameters()))
 
 
 @pytest.fixture(autouse=True)
