@@ -437,7 +437,7 @@ class WeightFetch:
         try:
             cap = reply_cap(len(self.specs), MANIFEST_BYTES_PER_TENSOR)
             reply = ask_once(address, manifest_request(), self.settings.secret,
-                         min(self.settings.timeout_s, 10.0), cap)
+                             min(self.settings.timeout_s, 10.0), cap)
             entries = field(reply, "tensors", list)
             theirs = [TensorSpec.from_wire(item) for item in entries]
         except (*SOURCE_ERRORS, ValueError) as e:

@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from vllm_ascend.model_loader.netloader.client import SOURCE_ERRORS, ask_once, query_seed
+from vllm_ascend.model_loader.netloader.deadline import Deadline
 from vllm_ascend.model_loader.netloader.identity import model_difference
 from vllm_ascend.model_loader.netloader.log import get_logger
 from vllm_ascend.model_loader.netloader.manifest import TensorSpec, model_tensors
@@ -33,8 +34,12 @@ from vllm_ascend.model_loader.netloader.wire.messages import field, manifest_req
 
 logger = get_logger(__name__)
 
-# How long a seed that refused this client's identity gets to say what it is.
+# How long a seed that refused this client's identity gets to say what it is, and its
+# instance's ranks what they hold.
 _INFO_S = 10.0
+# The most ranks a seed instance may say it has: a hostile answer must not make this
+# side describe, or connect to, millions of them.
+MAX_RANKS = 1024
 
 
 @dataclass(frozen=True)
@@ -86,22 +91,31 @@ def _instance(address: str, plan: LoadPlan, own: RankPlace, tensors: int) -> lis
         raise CrossLayoutError("the same layout as this instance (it refused otherwise)")
     size = place.shard.tp_size * place.pp_size
     rank = int(identity["rank"])
+    if size > MAX_RANKS:
+        raise CrossLayoutError(f"its instance says it has {size} ranks (at most {MAX_RANKS})")
     if size > 1 and info.get("rank_ports") is not True:
         raise CrossLayoutError(
             f"its instance has {size} ranks and does not listen at LISTEN_PORT + rank: "
             f"their addresses are unknown here")
     host, port = parse_address(address, key="source")
+    if not (port - rank >= 1 and port - rank + size - 1 <= 65535):
+        raise CrossLayoutError(f"its rank {rank} at port {port} puts its ranks outside the "
+                               f"port range")
+    # One deadline for every rank's manifest: a seed instance that answers slowly on each
+    # of its ports holds this side no longer than one answer would.
+    deadline = Deadline(_INFO_S, f"the manifests of {address}'s ranks")
     seeds = []
     for r in range(size):
         where = format_address(host, port - rank + r)
-        seeds.append(SeedRank(where, place_of({**identity, "rank": r}),
-                              _names(where, secret, tensors) if place.pp_size > 1 else None))
+        names = _names(where, secret, tensors, deadline) if place.pp_size > 1 else None
+        seeds.append(SeedRank(where, place_of({**identity, "rank": r}), names))
     return seeds
 
 
-def _names(address: str, secret: bytes | None, tensors: int) -> frozenset[str]:
+def _names(address: str, secret: bytes | None, tensors: int,
+           deadline: Deadline) -> frozenset[str]:
     """The names of the tensors seed rank ``address`` holds (its manifest)."""
-    reply = ask_once(address, manifest_request(), secret, _INFO_S,
-                 reply_cap(4 * tensors + 64, MANIFEST_BYTES_PER_TENSOR))
+    reply = ask_once(address, manifest_request(), secret, deadline.remaining(),
+                     reply_cap(4 * tensors + 64, MANIFEST_BYTES_PER_TENSOR))
     entries: list[Any] = field(reply, "tensors", list)
     return frozenset(TensorSpec.from_wire(item).name for item in entries)

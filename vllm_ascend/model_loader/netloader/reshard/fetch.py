@@ -50,7 +50,7 @@ from vllm_ascend.model_loader.netloader.planes.transfer import plan_from
 from vllm_ascend.model_loader.netloader.reshard.gather import Box, Uncovered, plan_gather
 from vllm_ascend.model_loader.netloader.reshard.shards import RankPlace
 from vllm_ascend.model_loader.netloader.reshard.slices import Indescribable, Shard, describe
-from vllm_ascend.model_loader.netloader.wire.addresses import parse_address
+from vllm_ascend.model_loader.netloader.wire.addresses import AddressError, parse_address
 from vllm_ascend.model_loader.netloader.wire.auth import AuthError
 from vllm_ascend.model_loader.netloader.wire.errors import ProtocolError, text
 from vllm_ascend.model_loader.netloader.wire.frames import (
@@ -152,12 +152,21 @@ def gather(model: nn.Module, own: Shard, seeds: Sequence[SeedRank],
     active = [(seed, ask) for seed, ask in zip(seeds, asks, strict=True) if ask]
     links = _Links()
 
+    # One deadline for the whole gather, as one transfer of all its bytes would have: a
+    # seed instance that drips on every rank holds this side no longer.
+    total = sum(math.prod(a.src.lengths) * tensors[a.name].element_size()
+                for ask in asks for a in ask)
+    overall = Deadline(transfer_deadline_s(total, settings.timeout_s,
+                                           settings.min_rate_bytes_per_s), "the gather")
+
     def one(job: tuple[SeedRank, list[_Ask]]) -> tuple[str, int, LoadState, str | None]:
         seed, ask = job
         try:
-            return _from_seed(seed, ask, tensors, settings, links, model)
-        except CrossLayoutError as e:
-            links.fail(e)  # the other ranks' transfers end now, not at their deadlines
+            return _from_seed(seed, ask, tensors, settings, links, model, overall)
+        except BaseException as e:
+            # The other ranks' transfers end now, not at their deadlines.
+            links.fail(e if isinstance(e, CrossLayoutError) else CrossLayoutError(
+                f"seed rank {seed.address}: {type(e).__name__}: {e}"))
             raise
 
     # Every rank at once where the worker has the cores (widened as for a same-layout
@@ -167,8 +176,8 @@ def gather(model: nn.Module, own: Shard, seeds: Sequence[SeedRank],
             thread_name_prefix="netloader-gather") as pool:
         try:
             results = list(pool.map(one, active))
-        except CrossLayoutError as e:
-            raise links.first or e from None  # the cause, not a rank it cut short
+        except Exception as e:  # noqa: BLE001 - re-raised as the cause, whatever it is
+            raise (links.first or CrossLayoutError(f"{type(e).__name__}: {e}")) from None
     states = {r[2].to_wire().__repr__() for r in results}
     checkpoints = {r[3] for r in results}
     if len(states) > 1 or len(checkpoints) > 1:
@@ -252,8 +261,8 @@ def _shift(box: Box, offsets: tuple[int, ...], lengths: tuple[int, ...]) -> Box:
 
 
 def _from_seed(seed: SeedRank, asks: list[_Ask], tensors: dict[str, torch.Tensor],
-               settings: GatherSettings, links: _Links,
-               model: nn.Module) -> tuple[str, int, LoadState, str | None]:
+               settings: GatherSettings, links: _Links, model: nn.Module,
+               overall: Deadline | None = None) -> tuple[str, int, LoadState, str | None]:
     """Ask one seed rank for its pieces and write each into ``tensors`` once its digest
     matched. Raises ``CrossLayoutError``."""
     pieces = [Piece(a.name, a.src.starts, a.src.lengths) for a in asks]
@@ -262,11 +271,13 @@ def _from_seed(seed: SeedRank, asks: list[_Ask], tensors: dict[str, torch.Tensor
     frames = plan_frames(pieces, MAX_REQUEST_BYTES - 512)
     total = sum(s.nbytes for s in specs)
     ask = SliceAsk(seed.place.to_wire(), len(pieces), total, len(frames), plan_sha256(pieces))
-    host, port = parse_address(seed.address, key="source")
     # The seed checks and hashes the pieces before it answers: as long as sending them
-    # may take.
+    # may take (and no longer than the whole gather has left).
     answer_s = transfer_deadline_s(total, settings.timeout_s, settings.min_rate_bytes_per_s)
     try:
+        if overall is not None:
+            answer_s = min(answer_s, overall.remaining())
+        host, port = parse_address(seed.address, key="source")
         with socket.create_connection((host, port), timeout=settings.timeout_s) as conn:
             links.add(conn)
             reply = ask_seed(conn, slices_request(settings.identity, ask), settings.secret,
@@ -284,11 +295,11 @@ def _from_seed(seed: SeedRank, asks: list[_Ask], tensors: dict[str, torch.Tensor
                                        f"{accepted.checkpoint}, not {mine}")
             load_state.check(model, accepted.state)
             _receive(conn, asks, specs, accepted.digests, accepted.bucket_bytes, tensors,
-                     settings)
+                     settings, overall.remaining() if overall is not None else None)
             send_msg(conn, done(True), Deadline(settings.timeout_s, "'done'"))
     except CrossLayoutError:
         raise
-    except (AuthError, OSError, ProtocolError, TransferError, ValueError,
+    except (AddressError, AuthError, OSError, ProtocolError, TransferError, ValueError,
             load_state.LoadStateError) as e:
         raise CrossLayoutError(f"seed rank {seed.address}: {type(e).__name__}: {e}") from e
     return seed.address, total, accepted.state, accepted.checkpoint
@@ -296,12 +307,14 @@ def _from_seed(seed: SeedRank, asks: list[_Ask], tensors: dict[str, torch.Tensor
 
 def _receive(conn: socket.socket, asks: list[_Ask], specs: list[TensorSpec],
              digests: list[str], bucket_bytes: int, tensors: dict[str, torch.Tensor],
-             settings: GatherSettings) -> None:
+             settings: GatherSettings, left_s: float | None = None) -> None:
     total = sum(s.nbytes for s in specs)
-    link = StreamLink(conn, settings.timeout_s, total, deadline_s=transfer_deadline_s(
-        total, settings.timeout_s, settings.min_rate_bytes_per_s))
+    deadline_s = transfer_deadline_s(total, settings.timeout_s, settings.min_rate_bytes_per_s)
+    link = StreamLink(conn, settings.timeout_s, total,
+                      deadline_s=min(deadline_s, left_s) if left_s is not None else deadline_s)
     buckets = plan_from(specs, bucket_bytes, 0)
-    if single_core():
+    # Reading in place needs host memory (a device model stages every piece).
+    if single_core() and all(tensors[a.name].device.type == "cpu" for a in asks):
         _receive_inline(link, buckets, asks, specs, digests, tensors)
         return
     arrivals = link.receive([sum(specs[i].nbytes for i in b) for b in buckets])

@@ -181,7 +181,9 @@ def _resolve(pieces: Sequence[Piece], weights: LoadedWeights,
 
 
 def _byte_range(t: torch.Tensor, box: tuple[slice, ...]) -> tuple[int, int]:
-    """[first, last + 1) byte offsets of ``box`` in contiguous ``t``."""
+    """[first, last + 1) byte offsets of ``box`` in contiguous ``t`` (a seed's loaded
+    tensors are made contiguous when captured)."""
+    assert t.is_contiguous(), "loaded tensors are captured contiguous"
     first = sum(s.start * st for s, st in zip(box, t.stride(), strict=True))
     last = sum((s.stop - 1) * st for s, st in zip(box, t.stride(), strict=True))
     return first * t.element_size(), (last + 1) * t.element_size()
@@ -266,9 +268,10 @@ def _digests(weights: LoadedWeights, index: list[tuple[int, tuple[slice, ...]]],
     """Each piece's digest. A piece that is a run of its tensor's bytes starting and
     ending on its 4 MiB parts (the whole tensor, most often) takes the digests taken at
     the load: nothing to hash, and the client checks the bytes against them as a
-    same-layout client does. Every other piece is hashed now, once the bytes it comes
-    from are checked against the load-time digests (a tensor changed since, in place or
-    by a reload, raises ``TransferError``); the deadline is checked between them."""
+    same-layout client does (a tensor changed since fails there, not here). Every other
+    piece is hashed now, once the bytes it comes from are checked against the load-time
+    digests (a tensor changed since, in place or by a reload, raises ``TransferError``);
+    the deadline is checked between them."""
     found: list[str | None] = [_known(weights, i, box) for i, box in index]
     ranges: dict[int, tuple[int, int]] = {}
     for (i, box), known in zip(index, found, strict=True):
