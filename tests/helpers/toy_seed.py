@@ -103,16 +103,25 @@ def toy_seed(
     """A seed process serving ``make_toy(seed)``; yields (address, process).
     ``nofile`` lowers its descriptor limit, once it listens, to that many more than it
     has open; with ``die_after`` the process exits once it sent that many buckets."""
-    ctx = mp.get_context("spawn")
-    # A pipe, not an Event: setting an Event deadlocks once a waiter was SIGKILLed.
-    ready, (stop_recv, stop_send) = ctx.Queue(), ctx.Pipe(duplex=False)
     options = {
         "identity": identity or IDENTITY, "timeout_s": timeout_s, "bucket_bytes": SMALL_BUCKET,
         "send_limit_bytes_per_s": send_limit, "secret": secret, "corrupt_first": corrupt_first,
         "data_plane": data_plane, "nofile": nofile, "host": host, "die_after": die_after,
         "fanout": fanout,
     }
-    proc = ctx.Process(target=_serve, args=(ready, stop_recv, seed, options), daemon=True)
+    with serving_process(_serve, seed, options) as started:
+        yield started
+
+
+@contextmanager
+def serving_process(target: Any, *args: Any) -> Iterator[tuple[str, mp.Process]]:
+    """``target(ready, stop, *args)`` in a spawned child that puts its address on
+    ``ready`` and serves until ``stop`` (a pipe) says so; yields (address, process) and
+    stops it (killed if it does not end within 15 s)."""
+    ctx = mp.get_context("spawn")
+    # A pipe, not an Event: setting an Event deadlocks once a waiter was SIGKILLed.
+    ready, (stop_recv, stop_send) = ctx.Queue(), ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=target, args=(ready, stop_recv, *args), daemon=True)
     proc.start()
     try:
         yield ready.get(timeout=120), proc

@@ -2,8 +2,6 @@
 load ends with that rank named, its tensors hold nothing but verified pieces (or what
 they held before), and the disk load that follows leaves it equal to a disk load."""
 
-import contextlib
-import multiprocessing as mp
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +10,7 @@ import pytest
 import torch
 
 from tests.helpers.toy import IDENTITY, wait_for
+from tests.helpers.toy_seed import serving_process
 from tests.ut.netloader.reshard.layers import checkpoint, loaded, tensor_parallel
 from vllm_ascend.model_loader.netloader.client import query_seed
 from vllm_ascend.model_loader.netloader.reshard.fetch import (
@@ -42,21 +41,9 @@ def _serve(ready: Any, stop: Any, size: int, rank: int, send_limit: float) -> No
     server.stop()
 
 
-@contextlib.contextmanager
-def seed_rank(size: int, rank: int, send_limit: float) -> Iterator[tuple[str, Any]]:
-    ctx = mp.get_context("spawn")
-    ready, (stop_recv, stop_send) = ctx.Queue(), ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_serve, args=(ready, stop_recv, size, rank, send_limit),
-                       daemon=True)
-    proc.start()
-    try:
-        yield ready.get(timeout=120), proc
-    finally:
-        with contextlib.suppress(OSError):
-            stop_send.send(None)
-        proc.join(15)
-        if proc.is_alive():
-            proc.kill()
+def seed_rank(size: int, rank: int, send_limit: float) -> Any:
+    """Rank ``rank`` of a size-``size`` seed instance in a child process."""
+    return serving_process(_serve, size, rank, send_limit)
 
 
 def disk_load_into(client: torch.nn.Module) -> None:

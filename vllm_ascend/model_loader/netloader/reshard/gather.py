@@ -19,17 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_ascend.model_loader.netloader.reshard.slices import Placement, Segment
+from vllm_ascend.model_loader.netloader.reshard.slices import Placement, Segment, TensorProblem
 
 
-class Uncovered(ValueError):
+class Uncovered(TensorProblem):
     """No seed rank holds some elements of a client's tensor, or the two sides
-    disagree about what the whole tensor is (``name``, ``why``)."""
-
-    def __init__(self, name: str, why: str):
-        super().__init__(f"{name}: {why}")
-        self.name = name
-        self.why = why
+    disagree about what the whole tensor is."""
 
 
 @dataclass(frozen=True)

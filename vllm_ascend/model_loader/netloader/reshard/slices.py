@@ -30,13 +30,17 @@ import torch
 from torch import nn
 
 
-class Indescribable(ValueError):
-    """A tensor whose place in the whole cannot be stated exactly (``name``, ``why``)."""
+class TensorProblem(ValueError):
+    """Something about one tensor (``name``) that stops a cross-layout load (``why``)."""
 
     def __init__(self, name: str, why: str):
         super().__init__(f"{name}: {why}")
         self.name = name
         self.why = why
+
+
+class Indescribable(TensorProblem):
+    """A tensor whose place in the whole cannot be stated exactly."""
 
 
 @dataclass(frozen=True)
