@@ -115,12 +115,16 @@ class TestTensorParallel:
             assert seed_info["completed_transfers"] == 1
         assert greedy(client) == reference
 
-    def test_tp1_client_is_refused_by_tp2_seed_and_loads_from_disk(
+    def test_tp1_client_is_refused_the_same_layout_transfer_and_loads_across_layouts(
         self, model, workdir, tp_seed, seed
     ):
+        """A `vllm serve` client at TP=1 named rank 0 of the TP=2 seed: refused the
+        same-layout transfer, it gathers from both ranks (the seed listens at
+        LISTEN_PORT + rank) and answers as the TP=1 disk load does. (Until issue 25 it
+        loaded from disk.)"""
         _, seed_addresses, _, _ = tp_seed
         _, _, tp1_reference = seed
-        before = query_seed(seed_addresses[0])["completed_transfers"]
+        before = [query_seed(a)["completed_transfers"] for a in seed_addresses]
         prefix = workdir / "tp1-client-"
         client = VllmServer(
             model, load_format="netloader", cpu_bind="0", log_path=workdir / "tp1-client.log",
@@ -132,10 +136,13 @@ class TestTensorParallel:
         try:
             start_all(client)
             info = query_seed(address_of(prefix))
-            assert info["loaded_from"] == "disk"
+            assert info["loaded_from"] == f"seed {seed_addresses[0]} (across layouts)"
             (refusal,) = info["fallback_reasons"]
             assert "tensor_parallel_size: 2 here vs 1 there" in refusal
             assert greedy(client) == tp1_reference
+            # Both ranks served it: a completed transfer each.
+            assert [query_seed(a)["completed_transfers"] for a in seed_addresses] == [
+                n + 1 for n in before]
         finally:
             client.stop()
         assert query_seed(seed_addresses[0])["completed_transfers"] == before

@@ -299,3 +299,24 @@ def test_a_hub_model_is_looked_up_in_the_download_dir_the_disk_loader_uses(tmp_p
     (cache / "models--org--model" / "refs" / "main").write_text("1" * 40)
     assert weight_files("org/model", cache_dir=str(cache)) == [str(snapshot / "model.safetensors")]
     assert weight_files("org/model", cache_dir=str(tmp_path / "elsewhere")) == []
+
+
+def test_a_refusal_for_the_layout_alone_is_told_from_one_for_another_model():
+    """A seed's refusal names every differing field: only one that names layout fields
+    alone sends a client to ask it across layouts (a draft refused by a target's
+    listener, or another model, does not)."""
+    from tests.helpers.toy import IDENTITY
+    from vllm_ascend.model_loader.netloader.identity import (
+        IDENTITY_DIFFERS,
+        identity_difference,
+        only_layout_differs,
+    )
+
+    def refusal(**theirs: object) -> str:
+        return f"{IDENTITY_DIFFERS}: {identity_difference(IDENTITY, {**IDENTITY, **theirs})}"
+
+    assert only_layout_differs(refusal(tensor_parallel_size=2, rank=1))
+    assert only_layout_differs(refusal(pipeline_parallel_size=2))
+    assert not only_layout_differs(refusal(role="draft"))
+    assert not only_layout_differs(refusal(tensor_parallel_size=2, config_sha256="1" * 64))
+    assert not only_layout_differs("seed is busy")

@@ -21,7 +21,7 @@ from torch import nn
 from vllm_ascend.model_loader.netloader import load_state, metrics
 from vllm_ascend.model_loader.netloader.cores import worker_cores
 from vllm_ascend.model_loader.netloader.deadline import Deadline
-from vllm_ascend.model_loader.netloader.identity import IDENTITY_DIFFERS
+from vllm_ascend.model_loader.netloader.identity import only_layout_differs
 from vllm_ascend.model_loader.netloader.load_state import NO_STATE, LoadState
 from vllm_ascend.model_loader.netloader.log import get_logger, who
 from vllm_ascend.model_loader.netloader.manifest import (
@@ -182,8 +182,8 @@ class WeightFetch:
         self.stats = TransferStats()
         # Whether a seed refused only the layout asked for (the other may serve).
         self.layout_refused = False
-        # Seeds that refused this model's identity: one in another parallel layout may
-        # still serve it across layouts (``reshard.discover``).
+        # Seeds that refused this model's identity for its parallel layout alone: they
+        # may serve it across layouts (``reshard.discover``).
         self.identity_refused: list[str] = []
 
     @property
@@ -226,7 +226,7 @@ class WeightFetch:
         except SourceRefused as e:
             reason = f"{label} refused: {e}"
             self.layout_refused |= e.other_layout
-            if str(e).startswith(IDENTITY_DIFFERS):
+            if only_layout_differs(str(e)):
                 self.identity_refused.append(address)
         except SOURCE_ERRORS as e:
             reason = f"{label} failed: {type(e).__name__}: {e}"

@@ -197,6 +197,17 @@ def identity_difference(mine: dict[str, Any], theirs: Any) -> str | None:
     return "; ".join(diffs) or None
 
 
+def only_layout_differs(refusal: str) -> bool:
+    """Whether a seed's refusal (``IDENTITY_DIFFERS: key: ... here vs ... there; ...``,
+    as ``identity_difference`` words it) names layout fields only: that seed may serve
+    across layouts. Anything else (or a wording this side cannot read): False."""
+    if not refusal.startswith(f"{IDENTITY_DIFFERS}: "):
+        return False
+    fields = [part.split(":", 1)[0].strip()
+              for part in refusal.removeprefix(f"{IDENTITY_DIFFERS}: ").split("; ")]
+    return bool(fields) and all(field in LAYOUT_FIELDS for field in fields)
+
+
 def model_difference(mine: dict[str, Any], theirs: Any) -> str | None:
     """``identity_difference`` over what the model is, whatever the layout
     (``LAYOUT_FIELDS`` left out): a seed in any layout holds slices of the same model."""

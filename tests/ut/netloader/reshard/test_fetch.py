@@ -84,6 +84,8 @@ def test_a_client_gathers_a_disk_equal_model_from_seed_ranks_of_another_size(see
             assert torch.equal(mine, theirs), name
         assert got.checkpoint == IDENTITY["checkpoint"]
         assert set(got.nbytes) <= {s.address for s in seeds}
+    # Every rank that sent counts the client it served.
+    assert all(s.describe()["completed_transfers"] >= 1 for s in seeds)
 
 
 @pytest.mark.parametrize("seeds", [2], indirect=True)

@@ -291,17 +291,22 @@ class SeedServer:
         }
 
     @contextlib.contextmanager
-    def slot(self) -> Iterator[bool]:
+    def slot(self) -> Iterator[Callable[[], None] | None]:
         """One of ``max_transfers`` transfer slots, for a cross-layout client
-        (``seed.slicing``): yields whether it was free (and is now taken)."""
+        (``seed.slicing``): yields None if none was free, else what to call once the
+        client verified every byte (``completed_transfers`` counts it)."""
         with self._lock:
             taken = self._active < self.settings.max_transfers
             self._active += taken
         try:
-            yield taken
+            yield self._count_completed if taken else None
         finally:
             with self._lock:
                 self._active -= taken
+
+    def _count_completed(self) -> None:
+        with self._lock:
+            self._completed += 1
 
     def not_serving(self) -> tuple[str, str] | None:
         """(kind, reason) why this seed serves no client now (preparing, experts

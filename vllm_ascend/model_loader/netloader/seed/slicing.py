@@ -76,8 +76,8 @@ def serve(server: Any, conn: Connection, side: SeedSide, deadline: Deadline) -> 
     assert ask is not None  # a parsed slices request has one
     weights = server.layouts.loaded  # once: ``keep`` may replace the layouts meanwhile
     kind, reason = _refusal(server, weights, request.identity, ask)
-    with server.slot() as taken:
-        if not kind and not taken:
+    with server.slot() as completed:
+        if not kind and completed is None:
             kind, reason = "busy", "seed is busy"
         if kind:
             _drain(conn, ask.frames, deadline)
@@ -94,7 +94,9 @@ def serve(server: Any, conn: Connection, side: SeedSide, deadline: Deadline) -> 
                            reason)
             side.refuse(reason, retry=kind in ("busy", "preparing"), deadline=deadline)
             return
-        _send(server, conn, side, weights, specs, index)
+        if _send(server, conn, side, weights, specs, index):
+            assert completed is not None
+            completed()
 
 
 def _drain(conn: Connection, frames: int, deadline: Deadline) -> None:
@@ -221,7 +223,8 @@ class _Pieces(Sequence[torch.Tensor]):
 
 
 def _send(server: Any, conn: Connection, side: SeedSide, weights: LoadedWeights,
-          specs: list[TensorSpec], index: list[tuple[int, tuple[slice, ...]]]) -> None:
+          specs: list[TensorSpec], index: list[tuple[int, tuple[slice, ...]]]) -> bool:
+    """Answer and send the pieces; True if the client verified every one."""
     settings = server.settings
     pieces = _Pieces(weights, index)
     total = sum(s.nbytes for s in specs)
@@ -237,7 +240,7 @@ def _send(server: Any, conn: Connection, side: SeedSide, weights: LoadedWeights,
         metrics.METRICS.refusal("changed")
         logger.warning("%s refused cross-layout client %s: %s", settings.who, conn.peer, e)
         side.refuse(str(e), retry=False, deadline=hashing)
-        return
+        return False
     hashed_s = time.perf_counter() - start
     bucket_bytes = min(settings.bucket_bytes, MAX_PIECE_BYTES)
     side.answer(accept(digests, bucket_bytes, TCP, server.identity.get("checkpoint"),
@@ -261,6 +264,7 @@ def _send(server: Any, conn: Connection, side: SeedSide, weights: LoadedWeights,
         "(checking and hashing them first: %.3f s), client %s", settings.who, len(specs),
         conn.peer, sent, time.perf_counter() - start, hashed_s,
         "verified all digests" if verified else f"rejected: {reason}")
+    return verified
 
 
 def _digests(weights: LoadedWeights, index: list[tuple[int, tuple[slice, ...]]],
