@@ -170,7 +170,9 @@ class NetloaderModelLoader(BaseModelLoader):
             limit = self.config.digest_limit_mb_per_s
             weights = PendingWeights(model, state, limit * 1e6 if limit is not None else None,
                                      defer=plan.device.type == "cpu")
-        reasons = fetched.reasons if fetched is earlier else (*earlier.reasons, *fetched.reasons)
+        # The same refusal from one seed for both layouts counts once.
+        reasons = fetched.reasons if fetched is earlier else tuple(
+            dict.fromkeys((*earlier.reasons, *fetched.reasons)))
         self.outcome = self._outcome(received, reasons, start)
         if fetched.gathered_from is not None:
             self.outcome = dataclasses.replace(
