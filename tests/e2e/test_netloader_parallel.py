@@ -145,7 +145,6 @@ class TestTensorParallel:
                 n + 1 for n in before]
         finally:
             client.stop()
-        assert query_seed(seed_addresses[0])["completed_transfers"] == before
 
 
 class TestPipelineParallel:
@@ -153,8 +152,10 @@ class TestPipelineParallel:
     def pp_seed(self, model, workdir):
         """A PP=2 netloader seed from disk on free ports, and PP=2 `auto` outputs."""
         prefix = workdir / "pp-seed-"
+        # On LISTEN_PORT: a client in another layout learns rank 1 from rank 0.
         seed = two_rank_server(
-            model, workdir, "pp-seed", PP2, {"OUTPUT_PREFIX": str(prefix)}, eager=False
+            model, workdir, "pp-seed", PP2,
+            {"OUTPUT_PREFIX": str(prefix), "LISTEN_PORT": free_port(span=2)}, eager=False
         )
         disk = two_rank_server(model, workdir, "pp-auto", PP2, eager=False)
         try:
@@ -191,5 +192,28 @@ class TestPipelineParallel:
                 assert info["fallback_reasons"] == []
                 assert info["value_fingerprint"] == seed_info["value_fingerprint"]
             assert greedy(client) == reference
+        finally:
+            client.stop()
+
+    def test_a_tp1_client_loads_across_layouts_from_the_pp2_seed(
+        self, model, workdir, pp_seed, seed
+    ):
+        """Issue 25's PP=2 -> PP=1 case: each stage's manifest says which layers it
+        holds; the client named rank 0 only, gathers from both stages and answers as the
+        TP=1 disk load does."""
+        _, seed_addresses, _ = pp_seed
+        _, _, tp1_reference = seed
+        prefix = workdir / "pp-to-tp1-client-"
+        client = VllmServer(
+            model, load_format="netloader", cpu_bind="0",
+            log_path=workdir / "pp-to-tp1-client.log", extra_args=SERVER_ARGS,
+            extra_config={"OUTPUT_PREFIX": str(prefix),
+                          "SOURCE": [{"device_id": 0, "sources": [seed_addresses[0]]}]},
+        )
+        try:
+            start_all(client)
+            info = query_seed(address_of(prefix))
+            assert info["loaded_from"] == f"seed {seed_addresses[0]} (across layouts)"
+            assert greedy(client) == tp1_reference
         finally:
             client.stop()
