@@ -178,7 +178,7 @@ def gather(model: nn.Module, own: Shard, seeds: Sequence[SeedRank],
             results = list(pool.map(one, active))
         except Exception as e:  # noqa: BLE001 - re-raised as the cause, whatever it is
             raise (links.first or CrossLayoutError(f"{type(e).__name__}: {e}")) from None
-    states = {r[2].to_wire().__repr__() for r in results}
+    states = {repr(r[2].to_wire()) for r in results}
     checkpoints = {r[3] for r in results}
     if len(states) > 1 or len(checkpoints) > 1:
         raise CrossLayoutError("the seed ranks disagree about the load state or checkpoint")
@@ -232,22 +232,21 @@ class _Links:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._open: list[socket.socket] = []
-        self._failed = False
+        # What ended the first failed rank (None: none failed yet).
         self.first: CrossLayoutError | None = None
 
     def add(self, sock: socket.socket) -> None:
         with self._lock:
             self._open.append(sock)
-            failed = self._failed
+            failed = self.first is not None
         if failed:
             sock.shutdown(socket.SHUT_RDWR)
 
     def fail(self, why: CrossLayoutError) -> None:
         """``why`` ended one rank's transfer: end the others (keep the first cause)."""
         with self._lock:
-            if self.first is None and not self._failed:
+            if self.first is None:
                 self.first = why
-            self._failed = True
             both = list(self._open)
         for sock in both:
             try:
