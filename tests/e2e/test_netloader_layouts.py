@@ -5,8 +5,10 @@ in its own layout (every runtime tensor, greedy texts and logprobs).
 Per model, seeds that loaded from disk serve at once, one per layout (each also the
 disk-load reference of its layout): TP=1 and TP=2. A client names rank 0 of the other
 instance only (the seeds listen at LISTEN_PORT + rank, so it learns the other ranks):
-TP=1 from TP=2, TP=2 from TP=1. PP=2 -> TP=1 shares the PP=2 seed of
-test_netloader_parallel.py (greedy outputs against the TP=1 disk load)."""
+TP=1 from TP=2, TP=2 from TP=1; the dense TP=1 client knows only a registry (a real
+redis-server) where the TP=2 seed announced itself to every layout. PP=2 -> TP=1 shares
+the PP=2 seed of test_netloader_parallel.py (greedy outputs against the TP=1 disk
+load)."""
 
 import json
 
@@ -14,6 +16,7 @@ import pytest
 
 from tests.e2e.test_netloader_model_kinds import build, wait_for_seeds
 from tests.helpers.e2e import ServingDump, assert_equal_tensors, dump, weightless_copy
+from tools.redis_server import RedisServer
 from tools.vllm_server import free_port
 
 pytestmark = pytest.mark.e2e
@@ -32,6 +35,9 @@ CASES = {
     "moe": (("tp1", "tp2"), (("tp1", "tp2"), ("tp2", "tp1")), KEEP),
     "w8a8": (("tp1", "tp2"), (("tp1", "tp2"), ("tp2", "tp1")), KEEP),
 }
+# (model kind, client layout, seed layout) whose seed announces itself in a registry and
+# whose client knows only the registry (no SOURCE).
+BY_REGISTRY = {("dense", "tp1", "tp2")}
 
 
 def ranks(layout: str) -> int:
@@ -47,10 +53,14 @@ def test_a_client_in_one_layout_loads_from_a_seed_in_another_and_equals_a_disk_l
     out.mkdir(parents=True, exist_ok=True)
     layouts, pairs, keys = CASES[kind]
     seeds: dict[str, ServingDump] = {}
+    registry = RedisServer().start()
+    announced = {theirs for k, _, theirs in BY_REGISTRY if k == kind}
     try:
         for layout in layouts:
             extra = {"model": kind, "output_prefix": f"{out}/{layout}-seed-",
                      "listen_port": free_port(ranks(layout)), **keys}
+            if layout in announced:
+                extra["registry"] = registry.url
             env = TWO_ENV if ranks(layout) > 1 else {"VLLM_CPU_OMP_THREADS_BIND": "0"}
             seeds[layout] = ServingDump(
                 path, out / f"{layout}.safetensors", extra,
@@ -66,11 +76,12 @@ def test_a_client_in_one_layout_loads_from_a_seed_in_another_and_equals_a_disk_l
         assert {info[0]["identity"]["checkpoint"] for info in infos.values()} == {checkpoint}
         bare = weightless_copy(path, out / "bare")
         for mine, theirs in pairs:
-            extra = {
-                "MODEL": kind, "EXPECTED_FINGERPRINT": checkpoint,
-                "SOURCE": [{"device_id": r, "sources": [infos[theirs][0]["address"]]}
-                           for r in range(ranks(mine))],
-            }
+            extra = {"MODEL": kind, "EXPECTED_FINGERPRINT": checkpoint}
+            if (kind, mine, theirs) in BY_REGISTRY:
+                extra["REGISTRY"] = registry.url
+            else:
+                extra["SOURCE"] = [{"device_id": r, "sources": [infos[theirs][0]["address"]]}
+                                   for r in range(ranks(mine))]
             tensors, report = dump(bare, out / f"client-{mine}-from-{theirs}.safetensors",
                                    "netloader", extra, "--llm", json.dumps(LAYOUTS[mine]),
                                    "--generate",
@@ -85,3 +96,4 @@ def test_a_client_in_one_layout_loads_from_a_seed_in_another_and_equals_a_disk_l
     finally:
         for seed in seeds.values():
             seed.stop()
+        registry.stop()

@@ -198,12 +198,12 @@ def test_a_registry_that_is_down_or_silent_leaves_the_static_sources(how):
         silent.close()
     try:
         start = time.monotonic()
-        addresses, discovered, notes = astuple(candidates_for({
+        addresses, discovered, notes, across = astuple(candidates_for({
             "REGISTRY": f"redis://127.0.0.1:{port}/0",
             "SOURCE": [{"device_id": 0, "sources": ["10.0.0.9:7000"]}],
         }))
         assert time.monotonic() - start < 15
-        assert addresses == ["10.0.0.9:7000"] and discovered == set()
+        assert addresses == ["10.0.0.9:7000"] and discovered == set() and across == ()
         (note,) = notes
         assert note.startswith(f"registry redis://127.0.0.1:{port}/0: lookup failed")
     finally:
@@ -216,11 +216,12 @@ def test_registry_seeds_come_before_static_ones_and_never_twice(server):
     key = model_key(identity)
     registry.publish(key, SeedRecord("10.0.0.1:7000", 0, "target", CHECKPOINT, 1), 30)
     registry.publish(key, SeedRecord("10.0.0.2:7000", 0, "target", CHECKPOINT, 0), 30)
-    addresses, discovered, notes = astuple(candidates_for({
+    addresses, discovered, notes, across = astuple(candidates_for({
         "REGISTRY": server.url,
         "SOURCE": [{"device_id": 0, "sources": ["10.0.0.1:7000", "10.0.0.3:7000"]}],
     }))
     assert addresses == ["10.0.0.2:7000", "10.0.0.1:7000", "10.0.0.3:7000"] and notes == []
+    assert across == ()
     assert discovered == {"10.0.0.1:7000", "10.0.0.2:7000"}
 
 

@@ -57,8 +57,9 @@ class Fetched:
     relay_seed: SeedServer | None = None
     # Whether a seed refused only the layout asked for: the other one is worth asking.
     layout_refused: bool = False
-    # Seeds that refused this model's identity (one in another layout may serve it
-    # across layouts), and what such a seed delivered (``reshard``) with its address.
+    # Seeds that refused this model's identity, or that the registry lists in other
+    # layouts (one may serve it across layouts), and what such a seed delivered
+    # (``reshard``) with its address.
     identity_refused: tuple[str, ...] = ()
     gathered: Gathered | None = None
     gathered_from: str | None = None
@@ -106,7 +107,13 @@ def fetch_weights(
     except Exception as e:  # noqa: BLE001 - a registry's or resolver's answer must never keep the instance from starting
         logger.exception("%s: seed discovery failed", plan.who)
         found = Candidates([], frozenset(), [f"seed discovery failed: {type(e).__name__}: {e}"])
-    if not found.addresses:
+    if found.across and not found.addresses and layout != LOADED:
+        # Seeds in other layouts serve the loaded layout: the loader asks again for it.
+        logger.info("%s: no seed of this layout; asking %d in other layouts for the loaded "
+                    "layout", plan.who, len(found.across))
+        return Fetched(reasons=tuple(found.notes), fallback="no_seed_found",
+                       identity_refused=found.across)
+    if not found.addresses and not found.across:
         logger.warning("%s: no seed found (%s); loading from disk",
                        plan.who, "; ".join(found.notes))
         return Fetched(reasons=tuple(found.notes), fallback="no_seed_found")
@@ -154,9 +161,11 @@ def _from_seeds(
     relay_seed: SeedServer | None = None
     across: Across | None = None
     try:
-        received = fetch.run(found.addresses)
-        if received is None and fetch.identity_refused and layout == LOADED:
-            across = across_layouts(model, plan, fetch.identity_refused)
+        received = fetch.run(found.addresses) if found.addresses else None
+        others = [*fetch.identity_refused,
+                  *(a for a in found.across if a not in fetch.identity_refused)]
+        if received is None and others and layout == LOADED:
+            across = across_layouts(model, plan, others)
             fetch.reasons += across.reasons
             if across.gathered is not None:
                 load_state.check(model, across.gathered.state)

@@ -61,7 +61,7 @@ _KEY_PREFIX = "netloader"
 # Identity fields that differ between the seeds one client may use: rank and role are
 # looked up separately, and a node without weight files has no checkpoint fingerprint
 # (records carry it, and the handshake compares it).
-_NOT_IN_MODEL_KEY = ("rank", "role", "checkpoint")
+NOT_IN_MODEL_KEY = ("rank", "role", "checkpoint")
 
 
 class RegistryError(DiscoveryError):
@@ -71,7 +71,7 @@ class RegistryError(DiscoveryError):
 def model_key(identity: dict[str, Any]) -> str:
     """sha256 (hex) of the identity without rank, role and checkpoint: the seeds of one
     model, software and layout of ranks share it (see identity.IDENTITY_FIELDS)."""
-    kept = {k: v for k, v in identity.items() if k not in _NOT_IN_MODEL_KEY}
+    kept = {k: v for k, v in identity.items() if k not in NOT_IN_MODEL_KEY}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -86,6 +86,9 @@ class SeedRecord:
     checkpoint: str | None
     active_transfers: int = 0
     relaying: bool = False
+    # The seed's ``model_key`` (its layout included), set on a record published under
+    # a key without the layout (``fleet.layouts``): clients skip their own layout's.
+    layout_key: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -116,7 +119,11 @@ class SeedRecord:
             raise ValueError(f"checkpoint {checkpoint!r:.80}")
         if not (isinstance(active, int) and not isinstance(active, bool) and active >= 0):
             raise ValueError(f"active_transfers {active!r:.40}")
-        return cls(str(address), rank, role, checkpoint, active, raw.get("relaying") is True)
+        layout_key = raw.get("layout_key")
+        if layout_key is not None and not (isinstance(layout_key, str) and len(layout_key) == 64):
+            raise ValueError(f"layout_key {layout_key!r:.80}")
+        return cls(str(address), rank, role, checkpoint, active, raw.get("relaying") is True,
+                   layout_key)
 
 
 class Registry(Protocol):
@@ -305,11 +312,20 @@ def registry_candidates(
     without weight files keeps them all: its EXPECTED_FINGERPRINT may be a value
     fingerprint, which the handshake checks). Raises ``RegistryError``."""
     records = registry.find(model_key(identity), identity["role"], identity["rank"])
-    mine = identity.get("checkpoint")
+    return least_loaded(records, identity.get("checkpoint"), spread_key, exclude)
+
+
+def least_loaded(
+    records: Iterable[SeedRecord], checkpoint: str | None, spread_key: str,
+    exclude: Iterable[str] = (),
+) -> list[str]:
+    """The addresses of ``records`` not in ``exclude`` whose checkpoint fingerprint is
+    ``checkpoint``'s (or unknown on either side), least loaded first (active
+    transfers, then not relaying, then ``spread`` order on ``spread_key``)."""
     skip = set(exclude)
     kept = [
         r for r in records
-        if r.address not in skip and (mine is None or r.checkpoint in (None, mine))
+        if r.address not in skip and (checkpoint is None or r.checkpoint in (None, checkpoint))
     ]
     order = {a: i for i, a in enumerate(spread([r.address for r in kept], spread_key))}
     kept.sort(key=lambda r: (r.active_transfers, r.relaying, order[r.address]))

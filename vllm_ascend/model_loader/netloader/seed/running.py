@@ -22,6 +22,11 @@ from vllm.utils.network_utils import get_ip
 
 from vllm_ascend.model_loader.netloader.compile_cache.naming import aot_cache_dir
 from vllm_ascend.model_loader.netloader.compile_cache.serving import CacheServing
+from vllm_ascend.model_loader.netloader.fleet.layouts import (
+    announces_layout,
+    layout_free_key,
+    layout_record,
+)
 from vllm_ascend.model_loader.netloader.fleet.registry import (
     Announcer,
     SeedRecord,
@@ -65,7 +70,9 @@ class RunningSeeds:
 
     def __init__(self) -> None:
         self._seeds: dict[_Key, SeedServer] = {}
-        self._announcers: dict[_Key, Announcer] = {}
+        # One record under this model's key, and for an instance's first rank one more
+        # under the key of every layout (``fleet.layouts``).
+        self._announcers: dict[_Key, list[Announcer]] = {}
         # Seeds still preparing: their digests, being computed (``seed.preparing``).
         self._pending: dict[_Key, PendingWeights] = {}
         self._lock = threading.RLock()
@@ -89,20 +96,20 @@ class RunningSeeds:
         raises): before a lookup, our own earlier record (a reload) must not send us
         to ourselves."""
         with self._lock:
-            old = self._announcers.pop(key, None)
-        if old is not None:
-            old.stop()
+            old = self._announcers.pop(key, [])
+        for announcer in old:
+            announcer.stop()
 
     def stop(self, key: _Key) -> None:
         """Withdraw ``key``'s record and stop its seed (and its digests' child). All
         three leave together: a seed that finishes preparing meanwhile is not announced."""
         with self._lock:
-            announcer = self._announcers.pop(key, None)
+            announcers = self._announcers.pop(key, [])
             old = self._seeds.pop(key, None)
             pending = self._pending.pop(key, None)
         if pending is not None:
             pending.cancel()
-        if announcer is not None:
+        for announcer in announcers:
             announcer.stop()
         if old is not None:
             old.stop()
@@ -254,10 +261,19 @@ class RunningSeeds:
             return SeedRecord(seed.address, plan.rank, plan.role, seed.identity.get("checkpoint"),
                               info["active_transfers"], info["relaying"])
 
-        announcer = Announcer(open_registry(registry), model_key(seed.identity), record).start()
+        store = open_registry(registry)
+        announcers = [Announcer(store, model_key(seed.identity), record).start()]
+        loaded = layouts.loaded
+        if (announces_layout(seed.identity, seed.settings.rank_ports)
+                and seed.settings.device.type == "cpu"
+                and loaded is not None and not loaded.dropped and not loaded.state.uncarried):
+            announcers.append(Announcer(
+                store, layout_free_key(seed.identity),
+                lambda: layout_record(record(), seed.identity)).start())
         with self._lock:
-            self._announcers[plan.key] = announcer
-        logger.info("%s: announcing %s in registry %s", name, seed.address, registry)
+            self._announcers[plan.key] = announcers
+        logger.info("%s: announcing %s in registry %s%s", name, seed.address, registry,
+                    " (to clients of every layout)" if len(announcers) > 1 else "")
 
 
 SEEDS = RunningSeeds()
