@@ -139,6 +139,8 @@ class TestTensorParallel:
             assert info["loaded_from"] == f"seed {seed_addresses[0]} (across layouts)"
             (refusal,) = info["fallback_reasons"]
             assert "tensor_parallel_size: 2 here vs 1 there" in refusal
+            # Every tensor byte for byte as the TP=1 disk load's (the session seed's).
+            assert info["value_fingerprint"] == query_seed(seed[1])["value_fingerprint"]
             assert greedy(client) == tp1_reference
             # Both ranks served it: a completed transfer each.
             assert [query_seed(a)["completed_transfers"] for a in seed_addresses] == [
@@ -214,6 +216,7 @@ class TestPipelineParallel:
             start_all(client)
             info = query_seed(address_of(prefix))
             assert info["loaded_from"] == f"seed {seed_addresses[0]} (across layouts)"
+            assert info["value_fingerprint"] == query_seed(seed[1])["value_fingerprint"]
             assert greedy(client) == tp1_reference
         finally:
             client.stop()

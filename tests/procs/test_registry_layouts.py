@@ -3,6 +3,7 @@ seed instance's first rank is announced to every layout, a client that knows onl
 registry and whose layout no seed serves gathers its model across layouts from it,
 and records of its own layout, of no layout or of another checkpoint are skipped."""
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -15,15 +16,19 @@ from tools.vllm_server import free_port
 from vllm_ascend.model_loader.netloader import fetch as fetching
 from vllm_ascend.model_loader.netloader.config import parse_config
 from vllm_ascend.model_loader.netloader.fleet.candidates import find_candidates
+from vllm_ascend.model_loader.netloader.fleet.dns import MAX_CANDIDATES
 from vllm_ascend.model_loader.netloader.fleet.layouts import (
+    announces_layout,
     layout_free_key,
+    layout_key,
     layout_record,
     other_layout_candidates,
 )
 from vllm_ascend.model_loader.netloader.fleet.registry import RedisRegistry, SeedRecord, model_key
+from vllm_ascend.model_loader.netloader.loader import _ask_again
 from vllm_ascend.model_loader.netloader.manifest import TARGET, LoadedWeights
 from vllm_ascend.model_loader.netloader.plan import LoadPlan
-from vllm_ascend.model_loader.netloader.seed.running import RunningSeeds
+from vllm_ascend.model_loader.netloader.seed.running import RunningSeeds, seed_settings
 from vllm_ascend.model_loader.netloader.seed.server import SeedServer, SeedSettings
 from vllm_ascend.model_loader.netloader.wire.addresses import listen
 
@@ -154,3 +159,63 @@ def test_the_processed_pass_leaves_other_layouts_to_the_loaded_one(server, tp2_i
                                      layout="processed", targets=[], finish=None)
     assert fetched.gathered is None and fetched.received is None
     assert fetched.identity_refused == (tp2_instance[0].address,)
+
+
+def test_a_dead_seed_of_this_layout_does_not_hide_the_instances_of_others(server,
+                                                                          tp2_instance):
+    """The registry also lists a seed of the client's own layout that is gone (its
+    record still live): the processed pass fails on it and still hands the other
+    layouts to the loaded pass, which gathers. (Before, the dead seed's failure ended
+    the load on disk.)"""
+    registry = RedisRegistry(server.url)
+    wait_for(lambda: registry.find(layout_free_key(identity(1)), "target", 0), 10,
+             "the layout record")
+    dead = f"127.0.0.1:{free_port()}"
+    registry.publish(model_key(identity(1)), SeedRecord(dead, 0, "target", CHECKPOINT), 30)
+    client = loaded(1, 0)
+    client_plan = plan(server.url, identity(1))
+    first = fetching.fetch_weights(client, client_plan, RunningSeeds(), layout="processed",
+                                   targets=[], finish=None)
+    assert first.fallback == "seeds_failed" and any(dead in r for r in first.reasons)
+    assert first.identity_refused == (tp2_instance[0].address,)
+    assert _ask_again(first)
+    fetched = fetching.fetch_weights(client, client_plan, RunningSeeds())
+    assert fetched.gathered_from == tp2_instance[0].address, fetched.reasons
+
+
+def test_instances_of_the_clients_own_layout_do_not_crowd_the_others_out(server):
+    """More live records of the client's own layout (and of another checkpoint) than a
+    lookup returns, all fresher than the one instance in another layout."""
+    registry = RedisRegistry(server.url)
+    key = layout_free_key(identity(1))
+    registry.publish(key, layout_record(SeedRecord("10.0.1.1:7000", 0, "target", CHECKPOINT),
+                                        identity(2)), 30)
+    for i in range(MAX_CANDIDATES):
+        registry.publish(key, layout_record(
+            SeedRecord(f"10.0.2.{i}:7000", 0, "target", CHECKPOINT), identity(1)), 60)
+        registry.publish(key, layout_record(
+            SeedRecord(f"10.0.3.{i}:7000", 0, "target", "d" * 64), identity(4)), 60)
+    assert other_layout_candidates(registry, identity(1), "instance") == ["10.0.1.1:7000"]
+
+
+def test_the_ranks_of_one_expert_parallel_instance_share_its_layout_key():
+    def ep(rank: int, size: int = 2) -> dict:
+        return identity(2, rank, expert_parallel={
+            "size": size, "rank": rank, "placement": "linear", "redundant_experts": 0,
+            "dynamic_eplb": False})
+
+    assert layout_key(ep(0)) == layout_key(ep(1))
+    assert layout_key(ep(0)) != layout_key(ep(0, size=4))
+    assert layout_key(identity(2, 0, data_parallel=[2, 1, 1])) != layout_key(identity(2, 0))
+
+
+def test_an_instance_over_several_hosts_does_not_say_its_ranks_follow_from_one(server):
+    """Its ranks' addresses are not LISTEN_PORT + rank on one host: its info says so
+    (a cross-layout client then names the reason) and it is not announced to other
+    layouts."""
+    one_host = plan(server.url, identity(2), LISTEN_PORT=7000)
+    assert seed_settings(one_host, "127.0.0.1").rank_ports
+    two_hosts = dataclasses.replace(one_host, hosts=2)
+    settings = seed_settings(two_hosts, "127.0.0.1")
+    assert not settings.rank_ports
+    assert not announces_layout(two_hosts.identity, settings.rank_ports)

@@ -16,6 +16,7 @@ that whatever fails there, after the last byte too, is a failed fetch like any o
 This module reports; the loader decides (``Fetched.received`` None: load from disk).
 """
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ from vllm_ascend.model_loader.netloader.metrics import CLIENT, FAILED, OK, REFUS
 from vllm_ascend.model_loader.netloader.plan import LoadPlan
 from vllm_ascend.model_loader.netloader.reshard.discover import Across, across_layouts
 from vllm_ascend.model_loader.netloader.reshard.fetch import Gathered
+from vllm_ascend.model_loader.netloader.reshard.shards import UnknownLayout, place_of
 from vllm_ascend.model_loader.netloader.seed.running import RunningSeeds
 from vllm_ascend.model_loader.netloader.seed.server import SeedServer
 from vllm_ascend.model_loader.netloader.wire.messages import LOADED, PROCESSED
@@ -107,6 +109,13 @@ def fetch_weights(
     except Exception as e:  # noqa: BLE001 - a registry's or resolver's answer must never keep the instance from starting
         logger.exception("%s: seed discovery failed", plan.who)
         found = Candidates([], frozenset(), [f"seed discovery failed: {type(e).__name__}: {e}"])
+    if found.across:
+        try:
+            place_of(plan.identity)
+        except UnknownLayout as e:
+            logger.info("%s: not asking %d seed instance(s) in other layouts: this instance "
+                        "cannot load across layouts (%s)", plan.who, len(found.across), e)
+            found = dataclasses.replace(found, across=())
     if found.across and not found.addresses and layout != LOADED:
         # Seeds in other layouts serve the loaded layout: the loader asks again for it.
         logger.info("%s: no seed of this layout; asking %d in other layouts for the loaded "
@@ -162,10 +171,8 @@ def _from_seeds(
     across: Across | None = None
     try:
         received = fetch.run(found.addresses) if found.addresses else None
-        others = [*fetch.identity_refused,
-                  *(a for a in found.across if a not in fetch.identity_refused)]
-        if received is None and others and layout == LOADED:
-            across = across_layouts(model, plan, others)
+        if received is None and layout == LOADED and _others(fetch, found):
+            across = across_layouts(model, plan, _others(fetch, found))
             fetch.reasons += across.reasons
             if across.gathered is not None:
                 load_state.check(model, across.gathered.state)
@@ -210,12 +217,20 @@ def _from_seeds(
             buffer.copy_(before)
         logger.warning("%s: no seed could serve it (%s); loading from disk",
                        plan.who, "; ".join(reasons))
+        # Those in other layouts serve the loaded layout: the loader asks again for it.
         return Fetched(None, reasons, fallback, layout_refused=fetch.layout_refused,
-                       identity_refused=tuple(fetch.identity_refused))
+                       identity_refused=_others(fetch, found))
     if reasons:
         logger.warning("%s: %d source(s) failed before %s served (%s)",
                        plan.who, len(reasons), received.source, "; ".join(reasons))
     return Fetched(received, reasons, None, relay_seed)
+
+
+def _others(fetch: WeightFetch, found: Candidates) -> tuple[str, ...]:
+    """The seeds to ask across layouts: those that refused this identity, then the
+    registry's instances in other layouts, each once."""
+    refused = tuple(fetch.identity_refused)
+    return (*refused, *(a for a in found.across if a not in refused))
 
 
 def _install_compile_cache(model: nn.Module, plan: LoadPlan, address: str) -> None:

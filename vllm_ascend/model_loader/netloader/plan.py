@@ -51,6 +51,9 @@ class LoadPlan:
     target_checkpoint: bool = True
     # This worker's ``layout.processing_signature``, once its model is built.
     processing: dict[str, str] | None = None
+    # How many hosts the instance spans (vLLM's ``ParallelConfig.nnodes``): its ranks'
+    # addresses follow from one rank's only on one host.
+    hosts: int = 1
 
     @property
     def key(self) -> tuple[int, str]:
@@ -137,7 +140,8 @@ def plan_load(
         model_config, vllm_config.parallel_config, rank, name, role, checkpoint
     )
     return LoadPlan(config, rank, role, _worker_device(), identity,
-                    _spread_key(vllm_config), target_checkpoint)
+                    _spread_key(vllm_config), target_checkpoint,
+                    hosts=int(getattr(vllm_config.parallel_config, "nnodes", 1) or 1))
 
 
 def checkpoint_of(model_config: ModelConfig, download_dir: str | None, who: str) -> str | None:

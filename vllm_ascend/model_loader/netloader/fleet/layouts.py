@@ -4,8 +4,9 @@ Besides its record under its own ``model_key`` (which holds the layout: TP/PP si
 data and expert parallelism, rank), the first rank of a seed instance that can serve
 across layouts publishes one more under ``layout_free_key``: the same identity without
 ``identity.LAYOUT_FIELDS``, so every layout of one model shares it. The record carries
-its own layout's ``model_key`` (``SeedRecord.layout_key``), which lets a client skip
-instances of its own layout (those it found under its own key). A client whose layout
+its layout's key (``layout_key``: ``model_key`` with the rank's place in the expert-
+parallel group left out), which lets a client skip instances of its own layout (those
+it found under its own key). A client whose layout
 no seed serves asks the first of the others across layouts (``reshard.discover``):
 that rank's authenticated ``info`` names the instance's other ranks. A record is a
 hint, never trusted: ``info`` and the slices' digests decide.
@@ -15,7 +16,9 @@ import hashlib
 import json
 from typing import Any
 
+from vllm_ascend.model_loader.netloader.fleet.dns import MAX_CANDIDATES
 from vllm_ascend.model_loader.netloader.fleet.registry import (
+    MAX_RECORDS_READ,
     NOT_IN_MODEL_KEY,
     Registry,
     SeedRecord,
@@ -37,6 +40,16 @@ def layout_free_key(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def layout_key(identity: dict[str, Any]) -> str:
+    """``model_key`` of ``identity`` with its expert-parallel rank left out: every rank
+    of one instance (of one data-parallel engine) shares it, and instances of other
+    sizes, placements or data-parallel ranks do not."""
+    ep = identity.get("expert_parallel")
+    if isinstance(ep, dict):
+        identity = {**identity, "expert_parallel": {k: v for k, v in ep.items() if k != "rank"}}
+    return model_key(identity)
+
+
 def announces_layout(identity: dict[str, Any], rank_ports: bool) -> bool:
     """Whether a seed of ``identity`` announces its instance to other layouts: it is
     the instance's first rank, and a client can find the others (one rank in all, or
@@ -51,17 +64,21 @@ def announces_layout(identity: dict[str, Any], rank_ports: bool) -> bool:
 def layout_record(record: SeedRecord, identity: dict[str, Any]) -> SeedRecord:
     """``record`` as published under ``layout_free_key``: with its layout's key."""
     return SeedRecord(record.address, record.rank, record.role, record.checkpoint,
-                      record.active_transfers, record.relaying, model_key(identity))
+                      record.active_transfers, record.relaying, layout_key(identity))
 
 
 def other_layout_candidates(
     registry: Registry, identity: dict[str, Any], spread_key: str, exclude: Any = (),
 ) -> list[str]:
     """Addresses of the first ranks of live seed instances of ``identity``'s model and
-    role in any other layout, least loaded first (``registry.least_loaded``); records
-    without a layout key, or of this layout, are left out. Raises ``RegistryError``."""
-    mine = model_key(identity)
+    role in any other layout, least loaded first (``registry.least_loaded``), at most
+    ``MAX_CANDIDATES``; records without a layout key, or of this layout, are left out.
+    Every layout shares the index: the freshest ``MAX_RECORDS_READ`` are read, so that
+    instances of this client's own layout or checkpoint do not crowd the others out.
+    Raises ``RegistryError``."""
+    mine = layout_key(identity)
     records = [r for r in registry.find(layout_free_key(identity), identity["role"],
-                                        ANNOUNCING_RANK)
+                                        ANNOUNCING_RANK, most=MAX_RECORDS_READ)
                if r.layout_key is not None and r.layout_key != mine]
-    return least_loaded(records, identity.get("checkpoint"), spread_key, exclude)
+    return least_loaded(records, identity.get("checkpoint"), spread_key,
+                        exclude)[:MAX_CANDIDATES]

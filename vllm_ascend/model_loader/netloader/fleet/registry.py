@@ -37,6 +37,8 @@ RECORD_TTL_S = 15.0
 REGISTRY_TIMEOUT_S = 2.0
 REGISTRY_DEADLINE_S = 5.0
 _MAX_RECORD_BYTES = 4096
+# The most records one lookup reads (``Registry.find``'s ``most``): 128 KiB at most.
+MAX_RECORDS_READ = 32
 _MAX_MEMBER_BYTES = 64
 # One round trip, with every size bounded on the server: drop expired members, take
 # the freshest (highest expiry), and at most _MAX_RECORD_BYTES + 1 of each record (so
@@ -138,9 +140,10 @@ class Registry(Protocol):
     def withdraw(self, key: str, record: SeedRecord) -> None:
         """Remove ``record`` (its seed stopped)."""
 
-    def find(self, key: str, role: str, rank: int) -> list[SeedRecord]:
-        """The live records of model ``key``, ``role`` and ``rank``, at most
-        ``MAX_CANDIDATES``, in no particular order."""
+    def find(self, key: str, role: str, rank: int,
+             most: int = MAX_CANDIDATES) -> list[SeedRecord]:
+        """The live records of model ``key``, ``role`` and ``rank``, at most ``most``
+        (the freshest), in no particular order."""
 
 
 def parse_registry_url(url: Any) -> tuple[str, int, int]:
@@ -228,13 +231,15 @@ class RedisRegistry:
 
         self._call("withdraw", run)
 
-    def find(self, key: str, role: str, rank: int) -> list[SeedRecord]:
+    def find(self, key: str, role: str, rank: int,
+             most: int = MAX_CANDIDATES) -> list[SeedRecord]:
         prefix = self._record(key, SeedRecord("", rank, role, None))
+        most = max(1, min(int(most), MAX_RECORDS_READ))
 
         def run(r: Any) -> list[Any]:
             reply = r.eval(
                 _FIND_SCRIPT, 1, self._index(key, role, rank),
-                MAX_CANDIDATES, prefix, _MAX_MEMBER_BYTES, _MAX_RECORD_BYTES,
+                most, prefix, _MAX_MEMBER_BYTES, _MAX_RECORD_BYTES,
             )
             return reply if isinstance(reply, list) else []  # type: ignore[return-value]
 
@@ -359,6 +364,10 @@ class Announcer:
         self._thread.start()
         return self
 
+    def signal(self) -> None:
+        """Stop heartbeats after the one in flight (``stop`` waits for it)."""
+        self._stopped.set()
+
     def stop(self) -> None:
         """Stop heartbeats and withdraw the record (best effort: a registry that is
         down lets it expire after the TTL)."""
@@ -388,3 +397,13 @@ class Announcer:
                                 record.address, self._registry.name)
                 self._failing = False
             self._stopped.wait(self._interval_s)
+
+
+def stop_all(announcers: Iterable[Announcer]) -> None:
+    """``stop`` each of ``announcers``, every heartbeat told to stop first (their
+    waits for a slow registry overlap instead of adding up)."""
+    announcers = list(announcers)
+    for announcer in announcers:
+        announcer.signal()
+    for announcer in announcers:
+        announcer.stop()

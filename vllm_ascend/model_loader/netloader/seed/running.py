@@ -32,6 +32,7 @@ from vllm_ascend.model_loader.netloader.fleet.registry import (
     SeedRecord,
     model_key,
     open_registry,
+    stop_all,
 )
 from vllm_ascend.model_loader.netloader.identity import expert_placement
 from vllm_ascend.model_loader.netloader.layout import (
@@ -97,8 +98,7 @@ class RunningSeeds:
         to ourselves."""
         with self._lock:
             old = self._announcers.pop(key, [])
-        for announcer in old:
-            announcer.stop()
+        stop_all(old)
 
     def stop(self, key: _Key) -> None:
         """Withdraw ``key``'s record and stop its seed (and its digests' child). All
@@ -109,8 +109,7 @@ class RunningSeeds:
             pending = self._pending.pop(key, None)
         if pending is not None:
             pending.cancel()
-        for announcer in announcers:
-            announcer.stop()
+        stop_all(announcers)
         if old is not None:
             old.stop()
 
@@ -380,7 +379,9 @@ def seed_settings(plan: LoadPlan, host: str) -> SeedSettings:
         ) if config.compile_cache_enabled() else None,
         processing=plan.processing,
         fanout=config.relay_fanout,
-        rank_ports=plan.listen_port != 0,
+        # Every rank at LISTEN_PORT + rank of one host: one rank's address gives the
+        # others' (an instance over several hosts has as many addresses as hosts).
+        rank_ports=plan.listen_port != 0 and plan.hosts == 1,
     )
 
 
