@@ -13,6 +13,7 @@ setup(
         ],
         "console_scripts": [
             "netloader-query = vllm_ascend.model_loader.netloader.query:main",
+            "netloader-digest = vllm_ascend.model_loader.netloader.exact_checkpoint:main",
         ],
     },
 )

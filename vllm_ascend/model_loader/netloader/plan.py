@@ -19,6 +19,7 @@ from vllm.config import ModelConfig, VllmConfig
 from vllm.platforms import current_platform
 
 from vllm_ascend.model_loader.netloader.config import DRAFT_PORT_OFFSET, NetloaderConfig
+from vllm_ascend.model_loader.netloader.exact_checkpoint import ExactFingerprint, exact_fingerprint
 from vllm_ascend.model_loader.netloader.identity import (
     CheckpointError,
     checkpoint_fingerprint,
@@ -145,20 +146,27 @@ def plan_load(
 
 
 def checkpoint_of(model_config: ModelConfig, download_dir: str | None, who: str) -> str | None:
-    """``checkpoint_fingerprint`` of the model's weight files on this node (None: it
-    has none, or one cannot be read)."""
+    """The checkpoint fingerprint of the model's weight files on this node (None: it
+    has none, or one cannot be read): exact where a hub cache snapshot or a fresh digest
+    manifest gives every file's sha256 (``exact_checkpoint``), else sampled
+    (``identity.checkpoint_fingerprint``)."""
     files = weight_files(model_config.model, model_config.revision, download_dir)
     if not files:
         return None
     checkpoint = None
     t0 = time.perf_counter()
+    exact = exact_fingerprint(files)
+    if isinstance(exact, ExactFingerprint):
+        logger.info("%s checkpoint fingerprint %s, exact, from %s (%d files, %.3f s)",
+                    who, exact.value, exact.source, len(files), time.perf_counter() - t0)
+        return exact.value
     try:
         checkpoint = checkpoint_fingerprint(files)
     except CheckpointError as e:
         # The disk loader will say what is wrong with the file, if it is used.
         logger.warning("%s: no checkpoint fingerprint: %s", who, e)
-    logger.info("%s checkpoint fingerprint %s (%d files, %.3f s)",
-                who, checkpoint, len(files), time.perf_counter() - t0)
+    logger.info("%s checkpoint fingerprint %s, sampled (%s; %d files, %.3f s)",
+                who, checkpoint, exact, len(files), time.perf_counter() - t0)
     return checkpoint
 
 
