@@ -16,13 +16,16 @@ hidden states into, and the first request kills the engine with ``AssertionError
 
 import pytest
 
-from tests.helpers.e2e import SERVER_ARGS, address_of, greedy, start_all
+from tests.helpers.e2e import SERVER_ARGS, address_of, greedy, start_all, weightless_copy
 from tools.vllm_server import VllmServer, free_port
 from vllm_ascend.model_loader.netloader.client import query_seed
 
 pytestmark = pytest.mark.e2e
 
 RANKS = (0, 1)
+# The model's name on every instance here: a client without weight files reads its
+# config from another directory.
+NAME = {"MODEL": "tiny-qwen2"}
 TP2 = ["--tensor-parallel-size", "2"]
 PP2 = ["--pipeline-parallel-size", "2"]
 
@@ -52,7 +55,8 @@ class TestTensorParallel:
         port = free_port(span=2)
         prefix = workdir / "tp-seed-"
         seed = two_rank_server(
-            model, workdir, "tp-seed", TP2, {"OUTPUT_PREFIX": str(prefix), "LISTEN_PORT": port}
+            model, workdir, "tp-seed", TP2,
+            {"OUTPUT_PREFIX": str(prefix), "LISTEN_PORT": port, **NAME}
         )
         disk = two_rank_server(model, workdir, "tp-auto", TP2)
         try:
@@ -74,7 +78,8 @@ class TestTensorParallel:
             for r in RANKS
         ]
         client = two_rank_server(
-            model, workdir, "tp-client", TP2, {"OUTPUT_PREFIX": str(prefix), "SOURCE": sources}
+            model, workdir, "tp-client", TP2,
+            {"OUTPUT_PREFIX": str(prefix), "SOURCE": sources, **NAME}
         )
         try:
             start_all(client)
@@ -118,18 +123,20 @@ class TestTensorParallel:
     def test_tp1_client_is_refused_the_same_layout_transfer_and_loads_across_layouts(
         self, model, workdir, tp_seed, seed
     ):
-        """A `vllm serve` client at TP=1 named rank 0 of the TP=2 seed: refused the
-        same-layout transfer, it gathers from both ranks (the seed listens at
-        LISTEN_PORT + rank) and answers as the TP=1 disk load does. (Until issue 25 it
-        loaded from disk.)"""
+        """A `vllm serve` client at TP=1 without weight files named rank 0 of the TP=2
+        seed: refused the same-layout transfer, it gathers from both ranks (the seed
+        listens at LISTEN_PORT + rank) and answers as the TP=1 disk load does. (Until
+        issue 25 it loaded from disk.)"""
         _, seed_addresses, _, _ = tp_seed
         _, _, tp1_reference = seed
         before = [query_seed(a)["completed_transfers"] for a in seed_addresses]
         prefix = workdir / "tp1-client-"
         client = VllmServer(
-            model, load_format="netloader", cpu_bind="0", log_path=workdir / "tp1-client.log",
-            extra_args=SERVER_ARGS, extra_config={
-                "OUTPUT_PREFIX": str(prefix),
+            weightless_copy(model, workdir / "tp1-client-bare"), load_format="netloader",
+            cpu_bind="0", log_path=workdir / "tp1-client.log", extra_args=SERVER_ARGS,
+            extra_config={
+                "OUTPUT_PREFIX": str(prefix), **NAME,
+                "EXPECTED_FINGERPRINT": query_seed(seed_addresses[0])["identity"]["checkpoint"],
                 "SOURCE": [{"device_id": 0, "sources": [seed_addresses[0]]}],
             },
         )
@@ -157,7 +164,8 @@ class TestPipelineParallel:
         # On LISTEN_PORT: a client in another layout learns rank 1 from rank 0.
         seed = two_rank_server(
             model, workdir, "pp-seed", PP2,
-            {"OUTPUT_PREFIX": str(prefix), "LISTEN_PORT": free_port(span=2)}, eager=False
+            {"OUTPUT_PREFIX": str(prefix), "LISTEN_PORT": free_port(span=2), **NAME},
+            eager=False,
         )
         disk = two_rank_server(model, workdir, "pp-auto", PP2, eager=False)
         try:
@@ -183,8 +191,8 @@ class TestPipelineParallel:
         prefix = workdir / "pp-client-"
         sources = [{"device_id": r, "sources": [seed_addresses[r]]} for r in RANKS]
         client = two_rank_server(
-            model, workdir, "pp-client", PP2, {"OUTPUT_PREFIX": str(prefix), "SOURCE": sources},
-            eager=False,
+            model, workdir, "pp-client", PP2,
+            {"OUTPUT_PREFIX": str(prefix), "SOURCE": sources, **NAME}, eager=False,
         )
         try:
             start_all(client)
@@ -201,16 +209,19 @@ class TestPipelineParallel:
         self, model, workdir, pp_seed, seed
     ):
         """Issue 25's PP=2 -> PP=1 case: each stage's manifest says which layers it
-        holds; the client named rank 0 only, gathers from both stages and answers as the
-        TP=1 disk load does."""
+        holds; the client, without weight files, named rank 0 only, gathers from both
+        stages and answers as the TP=1 disk load does."""
         _, seed_addresses, _ = pp_seed
         _, _, tp1_reference = seed
         prefix = workdir / "pp-to-tp1-client-"
         client = VllmServer(
-            model, load_format="netloader", cpu_bind="0",
-            log_path=workdir / "pp-to-tp1-client.log", extra_args=SERVER_ARGS,
-            extra_config={"OUTPUT_PREFIX": str(prefix),
-                          "SOURCE": [{"device_id": 0, "sources": [seed_addresses[0]]}]},
+            weightless_copy(model, workdir / "pp-to-tp1-client-bare"), load_format="netloader",
+            cpu_bind="0", log_path=workdir / "pp-to-tp1-client.log", extra_args=SERVER_ARGS,
+            extra_config={
+                "OUTPUT_PREFIX": str(prefix), **NAME,
+                "EXPECTED_FINGERPRINT": query_seed(seed_addresses[0])["identity"]["checkpoint"],
+                "SOURCE": [{"device_id": 0, "sources": [seed_addresses[0]]}],
+            },
         )
         try:
             start_all(client)
