@@ -1,6 +1,7 @@
 """An exact checkpoint fingerprint (issue 27, item 4): from a Hugging Face cache
 snapshot's blob names without reading a byte, or from the manifest `netloader-digest`
-wrote while it is fresh; else the sampled one, with the reason in the log."""
+wrote while it is fresh; else none, with the reason in the log. It goes in the identity
+beside the sampled one and is compared where both sides have one."""
 
 import hashlib
 import json
@@ -21,13 +22,15 @@ from vllm_ascend.model_loader.netloader.exact_checkpoint import (
     ExactFingerprint,
     exact_fingerprint,
 )
+from vllm_ascend.model_loader.netloader.fleet.registry import model_key
 from vllm_ascend.model_loader.netloader.identity import (
     SAMPLE_BYTES,
     CheckpointError,
     checkpoint_fingerprint,
+    identity_difference,
     weight_files,
 )
-from vllm_ascend.model_loader.netloader.plan import checkpoint_of
+from vllm_ascend.model_loader.netloader.plan import checkpoint_ids
 
 NAMES = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
 
@@ -73,17 +76,29 @@ def files_of(folder: Path) -> list[str]:
     return weight_files(str(folder))
 
 
+def ids_of(folder: Path) -> tuple[str | None, str | None]:
+    """(sampled, exact) as the loader computes them for the identity."""
+    return checkpoint_ids(SimpleNamespace(model=str(folder), revision=None), None, "test")
+
+
 def fingerprint_of(folder: Path) -> str | None:
-    return checkpoint_of(SimpleNamespace(model=str(folder), revision=None), None, "test")
+    return ids_of(folder)[1]
+
+
+def sampled_of(folder: Path) -> str:
+    return checkpoint_fingerprint(files_of(folder))
 
 
 def test_a_hub_snapshot_is_fingerprinted_exactly_from_its_blob_names(tmp_path):
     write_checkpoint(tmp_path / "plain")
     snapshot = to_hub_cache(tmp_path / "plain", tmp_path / "hub")
-    exact = exact_fingerprint(files_of(snapshot))
+    exact = exact_fingerprint(files_of(snapshot), sampled_of(snapshot))
     assert isinstance(exact, ExactFingerprint) and exact.source == "hub cache"
-    assert fingerprint_of(snapshot) == exact.value
-    assert exact.value != checkpoint_fingerprint(files_of(snapshot))  # not the sampled one
+    # Both go in the identity: the sampled one for every peer, the exact one beside it.
+    assert ids_of(snapshot) == (sampled_of(snapshot), exact.value)
+    assert exact.value != sampled_of(snapshot)
+    # The plain directory the snapshot was made from has no exact one.
+    assert ids_of(tmp_path / "plain") == (sampled_of(tmp_path / "plain"), None)
 
 
 def test_no_byte_of_a_hub_blob_is_read(tmp_path):
@@ -96,7 +111,7 @@ def test_no_byte_of_a_hub_blob_is_read(tmp_path):
         blob.write_bytes(b"\xff" * blob.stat().st_size)
     with pytest.raises(CheckpointError):
         checkpoint_fingerprint(files_of(snapshot))
-    assert isinstance(exact_fingerprint(files_of(snapshot)), ExactFingerprint)
+    assert isinstance(exact_fingerprint(files_of(snapshot), "0" * 64), ExactFingerprint)
 
 
 def test_one_changed_byte_changes_the_exact_fingerprint_where_the_sampled_one_is_blind(
@@ -105,8 +120,7 @@ def test_one_changed_byte_changes_the_exact_fingerprint_where_the_sampled_one_is
     shutil.copytree(tmp_path / "v1", tmp_path / "v2")
     flip_unsampled_byte(tmp_path / "v2" / NAMES[1])
     # What the caveat says: the sampled fingerprint cannot tell them apart.
-    assert checkpoint_fingerprint(files_of(tmp_path / "v1")) == checkpoint_fingerprint(
-        files_of(tmp_path / "v2"))
+    assert sampled_of(tmp_path / "v1") == sampled_of(tmp_path / "v2")
     one = to_hub_cache(tmp_path / "v1", tmp_path / "hub1")
     two = to_hub_cache(tmp_path / "v2", tmp_path / "hub2")  # the blob's name changed
     assert fingerprint_of(one) != fingerprint_of(two)
@@ -121,8 +135,7 @@ def netloader_digest(folder: Path) -> subprocess.CompletedProcess:
 def test_netloader_digest_gives_a_plain_directory_the_hub_caches_fingerprint(tmp_path):
     write_checkpoint(tmp_path / "plain")
     snapshot = to_hub_cache(tmp_path / "plain", tmp_path / "hub")
-    before = fingerprint_of(tmp_path / "plain")
-    assert before == checkpoint_fingerprint(files_of(tmp_path / "plain"))  # sampled
+    assert fingerprint_of(tmp_path / "plain") is None
     done = netloader_digest(tmp_path / "plain")
     assert done.returncode == 0, done.stderr
     manifest = json.loads((tmp_path / "plain" / MANIFEST_NAME).read_text())
@@ -135,7 +148,7 @@ def test_netloader_digest_gives_a_plain_directory_the_hub_caches_fingerprint(tmp
     assert not (snapshot / MANIFEST_NAME).exists()
 
 
-@pytest.mark.parametrize("change", ["touched", "rewritten", "new file"])
+@pytest.mark.parametrize("change", ["touched", "rewritten", "same mtime", "new file"])
 def test_a_stale_manifest_is_ignored(tmp_path, change, caplog):
     folder = tmp_path / "m"
     files = write_checkpoint(folder)
@@ -144,33 +157,52 @@ def test_a_stale_manifest_is_ignored(tmp_path, change, caplog):
         os.utime(files[0], ns=(0, files[0].stat().st_mtime_ns + 10**9))
     elif change == "rewritten":
         flip_unsampled_byte(files[1])
+    elif change == "same mtime":
+        # Other weights of the same sizes under normalised mtimes (a reproducible
+        # build): size and mtime match, the samples do not.
+        mtime = files[0].stat().st_mtime_ns
+        save_file({"a": torch.ones(64, 64)}, str(files[0]))
+        os.utime(files[0], ns=(mtime, mtime))
     else:
         save_file({"c": torch.zeros(4)}, str(folder / "model-00003-of-00003.safetensors"))
         index = json.loads((folder / "model.safetensors.index.json").read_text())
         index["weight_map"]["c"] = "model-00003-of-00003.safetensors"
         (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    reason = exact_fingerprint(files_of(folder))
+    reason = exact_fingerprint(files_of(folder), sampled_of(folder))
     assert isinstance(reason, str) and "is stale" in reason
     with caplog.at_level("INFO"):
-        assert fingerprint_of(folder) == checkpoint_fingerprint(files_of(folder))
-    assert "sampled" in caplog.text and "is stale" in caplog.text
+        assert ids_of(folder) == (sampled_of(folder), None)
+    assert "no exact one" in caplog.text and "is stale" in caplog.text
+
+
+def manifest(entry: dict, sampled: object = "0" * 64) -> bytes:
+    return json.dumps({"format": "netloader-digests-v1", "sampled": sampled,
+                       "files": {NAMES[0]: entry}}).encode()
+
+
+GOOD = {"size": 1, "mtime_ns": 1, "sha256": "a" * 64}
 
 
 @pytest.mark.parametrize("content, why", [
     (b"{", "not JSON"),
     (b"[]", "not a netloader-digests-v1 manifest"),
-    (json.dumps({"format": "netloader-digests-v1", "files": {
-        NAMES[0]: {"size": 1, "mtime_ns": 1, "sha256": "x"}}}).encode(), "malformed"),
+    (manifest({**GOOD, "sha256": "x"}), "malformed"),
+    (manifest({**GOOD, "size": True}), "malformed"),
+    (manifest(GOOD, sampled=None), "no 'sampled'"),
     (b" " * (MAX_MANIFEST_BYTES + 1), "over"),
     (b"[" * 100_000 + b"]" * 100_000, "not JSON"),
+    (None, "not a regular file"),  # a FIFO: must not hold start-up
 ])
 def test_a_malformed_manifest_is_ignored_by_name(tmp_path, content, why):
     folder = tmp_path / "m"
     write_checkpoint(folder)
-    (folder / MANIFEST_NAME).write_bytes(content)
-    reason = exact_fingerprint(files_of(folder))
+    if content is None:
+        os.mkfifo(folder / MANIFEST_NAME)
+    else:
+        (folder / MANIFEST_NAME).write_bytes(content)
+    reason = exact_fingerprint(files_of(folder), sampled_of(folder))
     assert isinstance(reason, str) and why in reason
-    assert fingerprint_of(folder) == checkpoint_fingerprint(files_of(folder))
+    assert ids_of(folder) == (sampled_of(folder), None)
 
 
 def test_a_snapshot_whose_weights_are_not_content_named_blobs_is_sampled(tmp_path):
@@ -183,6 +215,21 @@ def test_a_snapshot_whose_weights_are_not_content_named_blobs_is_sampled(tmp_pat
     target.rename(renamed)
     link.unlink()
     link.symlink_to(Path("../../blobs") / renamed.name)
-    reason = exact_fingerprint(files_of(snapshot))
+    reason = exact_fingerprint(files_of(snapshot), sampled_of(snapshot))
     assert isinstance(reason, str)
-    assert fingerprint_of(snapshot) == checkpoint_fingerprint(files_of(snapshot))
+    assert ids_of(snapshot) == (sampled_of(snapshot), None)
+
+
+def test_the_exact_fingerprint_is_compared_only_where_both_sides_have_one():
+    """Peers without one (an older release, storage that is not digested) still match
+    on the sampled fingerprint; two exact ones must be equal; the registry's model key
+    does not change with it."""
+    base = {"model": "m", "checkpoint": "c" * 64, "checkpoint_exact": None}
+    exact = {**base, "checkpoint_exact": "e" * 64}
+    assert identity_difference(exact, base) is None
+    assert identity_difference(base, {k: v for k, v in exact.items()
+                                      if k != "checkpoint_exact"}) is None
+    assert "checkpoint_exact" in identity_difference(exact, {**exact,
+                                                             "checkpoint_exact": "f" * 64})
+    assert model_key(exact) == model_key(base) == model_key(
+        {k: v for k, v in base.items() if k != "checkpoint_exact"})

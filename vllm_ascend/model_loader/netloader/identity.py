@@ -38,7 +38,8 @@ _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
 _NOT_WEIGHTS = ("training_args.bin", "optimizer.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
 
 # Fields a client and its seed must agree on, in the order they are reported.
-# ``checkpoint`` is compared only when both sides have one (see ``identity_difference``).
+# ``checkpoint`` and ``checkpoint_exact`` are compared only when both sides have one
+# (see ``identity_difference``).
 IDENTITY_FIELDS = (
     "model",
     "architectures",
@@ -47,6 +48,7 @@ IDENTITY_FIELDS = (
     "quantization",
     "revision",
     "checkpoint",
+    "checkpoint_exact",
     "tensor_parallel_size",
     "pipeline_parallel_size",
     "data_parallel",
@@ -57,6 +59,11 @@ IDENTITY_FIELDS = (
     "torch_version",
     "layout",
 )
+
+# Compared only where both sides have one: a node without weight files has no
+# checkpoint fingerprint, and only a hub cache snapshot or a digested directory has an
+# exact one (``exact_checkpoint``; an older release sends none).
+_IF_BOTH_HAVE_ONE = ("checkpoint", "checkpoint_exact")
 
 # How a seed's refusal of another model's (or layout's) client starts.
 IDENTITY_DIFFERS = "model identity differs"
@@ -84,9 +91,12 @@ def model_identity(
     name: str,
     role: str = TARGET,
     checkpoint: str | None = None,
+    checkpoint_exact: str | None = None,
 ) -> dict[str, Any]:
     """The identity of rank ``rank``'s shard; ``checkpoint`` is
-    ``checkpoint_fingerprint`` of its weight files (None: this node has none)."""
+    ``checkpoint_fingerprint`` of its weight files (None: this node has none),
+    ``checkpoint_exact`` their exact fingerprint where one exists
+    (``exact_checkpoint``)."""
     import torch
     import vllm
 
@@ -98,6 +108,7 @@ def model_identity(
         "quantization": model_config.quantization,
         "revision": model_config.revision,
         "checkpoint": checkpoint,
+        "checkpoint_exact": checkpoint_exact,
         "tensor_parallel_size": parallel_config.tensor_parallel_size,
         "pipeline_parallel_size": parallel_config.pipeline_parallel_size,
         "data_parallel": data_parallel(parallel_config),
@@ -190,7 +201,7 @@ def identity_difference(mine: dict[str, Any], theirs: Any) -> str | None:
     diffs = []
     for key in IDENTITY_FIELDS:
         a, b = mine.get(key), theirs.get(key)
-        if key == "checkpoint" and (a is None or b is None):
+        if key in _IF_BOTH_HAVE_ONE and (a is None or b is None):
             continue
         if a != b:
             diffs.append(f"{key}: {_short(a)} here vs {_short(b)} there")

@@ -136,9 +136,9 @@ def plan_load(
     target_path = _target_path(vllm_config)
     target_checkpoint = role == TARGET or model_config.model == target_path
     name = (config.model if target_checkpoint else None) or model_config.model
-    checkpoint = checkpoint_of(model_config, download_dir, who(rank, role))
+    checkpoint, exact = checkpoint_ids(model_config, download_dir, who(rank, role))
     identity = model_identity(
-        model_config, vllm_config.parallel_config, rank, name, role, checkpoint
+        model_config, vllm_config.parallel_config, rank, name, role, checkpoint, exact
     )
     return LoadPlan(config, rank, role, _worker_device(), identity,
                     _spread_key(vllm_config), target_checkpoint,
@@ -146,28 +146,38 @@ def plan_load(
 
 
 def checkpoint_of(model_config: ModelConfig, download_dir: str | None, who: str) -> str | None:
-    """The checkpoint fingerprint of the model's weight files on this node (None: it
-    has none, or one cannot be read): exact where a hub cache snapshot or a fresh digest
-    manifest gives every file's sha256 (``exact_checkpoint``), else sampled
-    (``identity.checkpoint_fingerprint``)."""
+    """The sampled checkpoint fingerprint of the model's weight files on this node
+    (None: it has none, or one cannot be read); see ``checkpoint_ids``."""
+    return checkpoint_ids(model_config, download_dir, who)[0]
+
+
+def checkpoint_ids(
+    model_config: ModelConfig, download_dir: str | None, who: str
+) -> tuple[str | None, str | None]:
+    """(sampled, exact) checkpoint fingerprints of the model's weight files on this
+    node: ``identity.checkpoint_fingerprint`` (None: no weight files, or one cannot be
+    read), and the exact one where a hub cache snapshot or a fresh digest manifest gives
+    every file's sha256 (``exact_checkpoint``; None elsewhere). Both go in the identity:
+    the sampled one is what every peer release compares, the exact one is compared
+    where both sides have one."""
     files = weight_files(model_config.model, model_config.revision, download_dir)
     if not files:
-        return None
-    checkpoint = None
+        return None, None
+    sampled = None
     t0 = time.perf_counter()
-    exact = exact_fingerprint(files)
-    if isinstance(exact, ExactFingerprint):
-        logger.info("%s checkpoint fingerprint %s, exact, from %s (%d files, %.3f s)",
-                    who, exact.value, exact.source, len(files), time.perf_counter() - t0)
-        return exact.value
     try:
-        checkpoint = checkpoint_fingerprint(files)
+        sampled = checkpoint_fingerprint(files)
     except CheckpointError as e:
         # The disk loader will say what is wrong with the file, if it is used.
         logger.warning("%s: no checkpoint fingerprint: %s", who, e)
-    logger.info("%s checkpoint fingerprint %s, sampled (%s; %d files, %.3f s)",
-                who, checkpoint, exact, len(files), time.perf_counter() - t0)
-    return checkpoint
+    exact = exact_fingerprint(files, sampled) if sampled is not None else "no sampled one"
+    if isinstance(exact, ExactFingerprint):
+        how = f"exact {exact.value} from {exact.source}"
+    else:
+        how = f"no exact one: {exact}"
+    logger.info("%s checkpoint fingerprint %s (%s; %d files, %.3f s)",
+                who, sampled, how, len(files), time.perf_counter() - t0)
+    return sampled, exact.value if isinstance(exact, ExactFingerprint) else None
 
 
 def listener_for(config: NetloaderConfig, rank: int, role: str) -> tuple[int, str | None]:

@@ -62,8 +62,9 @@ return out
 _KEY_PREFIX = "netloader"
 # Identity fields that differ between the seeds one client may use: rank and role are
 # looked up separately, and a node without weight files has no checkpoint fingerprint
-# (records carry it, and the handshake compares it).
-NOT_IN_MODEL_KEY = ("rank", "role", "checkpoint")
+# (records carry it, and the handshake compares it), nor an exact one (the handshake
+# compares it where both sides have one; the key stays what older releases publish).
+NOT_IN_MODEL_KEY = ("rank", "role", "checkpoint", "checkpoint_exact")
 
 
 class RegistryError(DiscoveryError):
