@@ -140,24 +140,31 @@ def test_a_registry_killed_mid_run_costs_the_seed_nothing_and_it_registers_again
     registry = RedisRegistry(server.url, timeout_s=0.5)
     with serving(seed=3, identity=identity) as seed:
         describe = lambda: SeedRecord(seed.address, 0, "target", CHECKPOINT)  # noqa: E731
+        # With its record for clients of other layouts: one heartbeat, one warning.
         announcer = Announcer(registry, model_key(identity), describe, interval_s=0.2,
-                              ttl_s=2).start()
+                              ttl_s=2, also=[(KEY, describe)]).start()
         try:
             wait_for(lambda: registry.find(model_key(identity), "target", 0) != [], 5,
                      "the first record")
+            assert registry.find(KEY, "target", 0) != []
             with caplog.at_level(logging.WARNING):
                 server.kill()
                 time.sleep(1)
             assert "publish failed" in caplog.text
-            assert caplog.text.count("publish failed") == 1  # said once, not per beat
+            # Said once, not per beat nor per record.
+            assert caplog.text.count("publish failed") == 1
             # The seed serves on while its registry is gone.
             model = make_toy(None)
             assert fetch_for(model, identity=identity).run([seed.address]) is not None
             server.start()  # empty: a restart lost every record
             wait_for(lambda: registry.find(model_key(identity), "target", 0) != [], 5,
                      "the record after the restart")
+            wait_for(lambda: registry.find(KEY, "target", 0) != [], 5,
+                     "the other record after the restart")
         finally:
             announcer.stop()
+        assert registry.find(KEY, "target", 0) == []  # both withdrawn
+        assert registry.find(model_key(identity), "target", 0) == []
 
 
 def test_a_heartbeat_that_raises_keeps_beating():

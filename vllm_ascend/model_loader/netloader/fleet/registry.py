@@ -13,7 +13,7 @@ import hashlib
 import json
 import threading
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -341,8 +341,10 @@ def least_loaded(
 class Announcer:
     """Keeps one seed's record in a registry: publishes it now and every
     ``interval_s`` (the record read fresh from ``describe`` each time), withdraws it on
-    ``stop``. A registry that fails is logged when it starts and stops failing; the
-    seed serves on either way."""
+    ``stop``; and the same for each (key, describe) of ``also`` (its record for clients
+    of other layouts, ``fleet.layouts``), in the same heartbeat. A registry that fails
+    is logged once when it starts and once when it stops failing; the seed serves on
+    either way."""
 
     def __init__(
         self,
@@ -351,10 +353,10 @@ class Announcer:
         describe: Callable[[], SeedRecord],
         interval_s: float = HEARTBEAT_S,
         ttl_s: float = RECORD_TTL_S,
+        also: Sequence[tuple[str, Callable[[], SeedRecord]]] = (),
     ):
         self._registry = registry
-        self._key = key
-        self._describe = describe
+        self._records = [(key, describe), *also]
         self._interval_s = interval_s
         self._ttl_s = ttl_s
         self._stopped = threading.Event()
@@ -365,26 +367,28 @@ class Announcer:
         self._thread.start()
         return self
 
-    def signal(self) -> None:
-        """Stop heartbeats after the one in flight (``stop`` waits for it)."""
-        self._stopped.set()
-
     def stop(self) -> None:
-        """Stop heartbeats and withdraw the record (best effort: a registry that is
-        down lets it expire after the TTL)."""
+        """Stop heartbeats and withdraw the records (best effort: a registry that is
+        down lets them expire after the TTL; the first failed withdrawal ends it, so
+        a dead registry costs one deadline)."""
         self._stopped.set()
         self._thread.join(timeout=REGISTRY_DEADLINE_S)
-        try:
-            self._registry.withdraw(self._key, self._describe())
-        except Exception as e:  # noqa: BLE001 - RegistryError, or a registry's bug: the record expires
-            logger.warning("Netloader: cannot withdraw seed record (%s); it expires in %g s",
-                           e, self._ttl_s)
+        for key, describe in self._records:
+            try:
+                self._registry.withdraw(key, describe())
+            except Exception as e:  # noqa: BLE001 - RegistryError, or a registry's bug: the record expires
+                logger.warning("Netloader: cannot withdraw seed record (%s); it expires in %g s",
+                               e, self._ttl_s)
+                return
 
     def _run(self) -> None:
         while not self._stopped.is_set():
-            record = self._describe()
+            record = self._records[0][1]()
             try:
-                self._registry.publish(self._key, record, self._ttl_s)
+                # Every record (the first that fails raises: the registry is down).
+                self._registry.publish(self._records[0][0], record, self._ttl_s)
+                for key, describe in self._records[1:]:
+                    self._registry.publish(key, describe(), self._ttl_s)
             except RegistryError as e:
                 if not self._failing:
                     logger.warning("Netloader seed %s: %s; serving on, retrying every %g s",
@@ -399,12 +403,3 @@ class Announcer:
                 self._failing = False
             self._stopped.wait(self._interval_s)
 
-
-def stop_all(announcers: Iterable[Announcer]) -> None:
-    """``stop`` each of ``announcers``, every heartbeat told to stop first (their
-    waits for a slow registry overlap instead of adding up)."""
-    announcers = list(announcers)
-    for announcer in announcers:
-        announcer.signal()
-    for announcer in announcers:
-        announcer.stop()

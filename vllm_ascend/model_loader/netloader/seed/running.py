@@ -32,7 +32,6 @@ from vllm_ascend.model_loader.netloader.fleet.registry import (
     SeedRecord,
     model_key,
     open_registry,
-    stop_all,
 )
 from vllm_ascend.model_loader.netloader.identity import expert_placement
 from vllm_ascend.model_loader.netloader.layout import (
@@ -71,9 +70,7 @@ class RunningSeeds:
 
     def __init__(self) -> None:
         self._seeds: dict[_Key, SeedServer] = {}
-        # One record under this model's key, and for an instance's first rank one more
-        # under the key of every layout (``fleet.layouts``).
-        self._announcers: dict[_Key, list[Announcer]] = {}
+        self._announcers: dict[_Key, Announcer] = {}
         # Seeds still preparing: their digests, being computed (``seed.preparing``).
         self._pending: dict[_Key, PendingWeights] = {}
         self._lock = threading.RLock()
@@ -97,19 +94,21 @@ class RunningSeeds:
         raises): before a lookup, our own earlier record (a reload) must not send us
         to ourselves."""
         with self._lock:
-            old = self._announcers.pop(key, [])
-        stop_all(old)
+            old = self._announcers.pop(key, None)
+        if old is not None:
+            old.stop()
 
     def stop(self, key: _Key) -> None:
         """Withdraw ``key``'s record and stop its seed (and its digests' child). All
         three leave together: a seed that finishes preparing meanwhile is not announced."""
         with self._lock:
-            announcers = self._announcers.pop(key, [])
+            announcer = self._announcers.pop(key, None)
             old = self._seeds.pop(key, None)
             pending = self._pending.pop(key, None)
         if pending is not None:
             pending.cancel()
-        stop_all(announcers)
+        if announcer is not None:
+            announcer.stop()
         if old is not None:
             old.stop()
 
@@ -260,19 +259,21 @@ class RunningSeeds:
             return SeedRecord(seed.address, plan.rank, plan.role, seed.identity.get("checkpoint"),
                               info["active_transfers"], info["relaying"])
 
-        store = open_registry(registry)
-        announcers = [Announcer(store, model_key(seed.identity), record).start()]
+        # An instance's first rank also announces itself to clients of other layouts
+        # (``fleet.layouts``), where it can serve them.
         loaded = layouts.loaded
-        if (announces_layout(seed.identity, seed.settings.rank_ports)
-                and seed.settings.device.type == "cpu"
-                and loaded is not None and not loaded.dropped and not loaded.state.uncarried):
-            announcers.append(Announcer(
-                store, layout_free_key(seed.identity),
-                lambda: layout_record(record(), seed.identity)).start())
+        also = [(layout_free_key(seed.identity),
+                 lambda: layout_record(record(), seed.identity))] if (
+            announces_layout(seed.identity, seed.settings.rank_ports)
+            and seed.settings.device.type == "cpu"
+            and loaded is not None and not loaded.dropped and not loaded.state.uncarried
+        ) else []
+        announcer = Announcer(open_registry(registry), model_key(seed.identity), record,
+                              also=also).start()
         with self._lock:
-            self._announcers[plan.key] = announcers
+            self._announcers[plan.key] = announcer
         logger.info("%s: announcing %s in registry %s%s", name, seed.address, registry,
-                    " (to clients of every layout)" if len(announcers) > 1 else "")
+                    " (to clients of every layout too)" if also else "")
 
 
 SEEDS = RunningSeeds()
