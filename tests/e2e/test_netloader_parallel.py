@@ -44,6 +44,20 @@ def two_rank_server(
     )
 
 
+def weightless_tp1_client(model: str, workdir, name: str, seed_address: str) -> VllmServer:
+    """A TP=1 `vllm serve` client without weight files that names one seed rank (and
+    pins that seed's checkpoint); its seed info at ``{workdir}/{name}-0.txt``."""
+    return VllmServer(
+        weightless_copy(model, workdir / f"{name}-bare"), load_format="netloader",
+        cpu_bind="0", log_path=workdir / f"{name}.log", extra_args=SERVER_ARGS,
+        extra_config={
+            "OUTPUT_PREFIX": str(workdir / f"{name}-"), **NAME,
+            "EXPECTED_FINGERPRINT": query_seed(seed_address)["identity"]["checkpoint"],
+            "SOURCE": [{"device_id": 0, "sources": [seed_address]}],
+        },
+    )
+
+
 def infos(addresses: list[str]) -> list[dict]:
     return [query_seed(address) for address in addresses]
 
@@ -131,15 +145,7 @@ class TestTensorParallel:
         _, _, tp1_reference = seed
         before = [query_seed(a)["completed_transfers"] for a in seed_addresses]
         prefix = workdir / "tp1-client-"
-        client = VllmServer(
-            weightless_copy(model, workdir / "tp1-client-bare"), load_format="netloader",
-            cpu_bind="0", log_path=workdir / "tp1-client.log", extra_args=SERVER_ARGS,
-            extra_config={
-                "OUTPUT_PREFIX": str(prefix), **NAME,
-                "EXPECTED_FINGERPRINT": query_seed(seed_addresses[0])["identity"]["checkpoint"],
-                "SOURCE": [{"device_id": 0, "sources": [seed_addresses[0]]}],
-            },
-        )
+        client = weightless_tp1_client(model, workdir, "tp1-client", seed_addresses[0])
         try:
             start_all(client)
             info = query_seed(address_of(prefix))
@@ -214,15 +220,7 @@ class TestPipelineParallel:
         _, seed_addresses, _ = pp_seed
         _, _, tp1_reference = seed
         prefix = workdir / "pp-to-tp1-client-"
-        client = VllmServer(
-            weightless_copy(model, workdir / "pp-to-tp1-client-bare"), load_format="netloader",
-            cpu_bind="0", log_path=workdir / "pp-to-tp1-client.log", extra_args=SERVER_ARGS,
-            extra_config={
-                "OUTPUT_PREFIX": str(prefix), **NAME,
-                "EXPECTED_FINGERPRINT": query_seed(seed_addresses[0])["identity"]["checkpoint"],
-                "SOURCE": [{"device_id": 0, "sources": [seed_addresses[0]]}],
-            },
-        )
+        client = weightless_tp1_client(model, workdir, "pp-to-tp1-client", seed_addresses[0])
         try:
             start_all(client)
             info = query_seed(address_of(prefix))

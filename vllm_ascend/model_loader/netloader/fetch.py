@@ -171,8 +171,9 @@ def _from_seeds(
     across: Across | None = None
     try:
         received = fetch.run(found.addresses) if found.addresses else None
-        if received is None and layout == LOADED and _others(fetch, found):
-            across = across_layouts(model, plan, _others(fetch, found))
+        others = _others(fetch, found) if received is None and layout == LOADED else ()
+        if others:
+            across = across_layouts(model, plan, others)
             fetch.reasons += across.reasons
             if across.gathered is not None:
                 load_state.check(model, across.gathered.state)

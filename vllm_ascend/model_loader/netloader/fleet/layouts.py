@@ -12,14 +12,11 @@ that rank's authenticated ``info`` names the instance's other ranks. A record is
 hint, never trusted: ``info`` and the slices' digests decide.
 """
 
-import hashlib
-import json
 from typing import Any
 
 from vllm_ascend.model_loader.netloader.fleet.dns import MAX_CANDIDATES
 from vllm_ascend.model_loader.netloader.fleet.registry import (
     MAX_RECORDS_READ,
-    NOT_IN_MODEL_KEY,
     Registry,
     SeedRecord,
     least_loaded,
@@ -33,11 +30,9 @@ ANNOUNCING_RANK = 0
 
 
 def layout_free_key(identity: dict[str, Any]) -> str:
-    """sha256 (hex) of ``identity`` without rank, role, checkpoint and layout fields:
-    every seed instance of one model and software shares it, whatever its layout."""
-    dropped = (*NOT_IN_MODEL_KEY, *LAYOUT_FIELDS)
-    kept = {k: v for k, v in identity.items() if k not in dropped}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+    """``model_key`` of ``identity`` without its layout fields: every seed instance of
+    one model and software shares it, whatever its layout."""
+    return model_key({k: v for k, v in identity.items() if k not in LAYOUT_FIELDS})
 
 
 def layout_key(identity: dict[str, Any]) -> str:

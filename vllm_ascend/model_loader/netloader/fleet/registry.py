@@ -402,4 +402,3 @@ class Announcer:
                                 record.address, self._registry.name)
                 self._failing = False
             self._stopped.wait(self._interval_s)
-

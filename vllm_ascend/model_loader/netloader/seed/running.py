@@ -247,8 +247,11 @@ class RunningSeeds:
             return
         name = who(plan.rank, plan.role, seed=True)
         layouts = seed.layouts
-        if not any(w is not None and not w.dropped and not w.state.uncarried
-                   for w in (layouts.loaded, layouts.processed)):
+
+        def serves(weights: LoadedWeights | None) -> bool:
+            return weights is not None and not weights.dropped and not weights.state.uncarried
+
+        if not any(serves(w) for w in (layouts.loaded, layouts.processed)):
             logger.warning("%s: not announcing %s in registry %s: it refuses every client "
                            "(see its info)", name, seed.address, registry)
             return
@@ -261,12 +264,10 @@ class RunningSeeds:
 
         # An instance's first rank also announces itself to clients of other layouts
         # (``fleet.layouts``), where it can serve them.
-        loaded = layouts.loaded
         also = [(layout_free_key(seed.identity),
                  lambda: layout_record(record(), seed.identity))] if (
             announces_layout(seed.identity, seed.settings.rank_ports)
-            and seed.settings.device.type == "cpu"
-            and loaded is not None and not loaded.dropped and not loaded.state.uncarried
+            and seed.settings.device.type == "cpu" and serves(layouts.loaded)
         ) else []
         announcer = Announcer(open_registry(registry), model_key(seed.identity), record,
                               also=also).start()
