@@ -4,6 +4,8 @@ registry and whose layout no seed serves gathers its model across layouts from i
 and records of its own layout, of no layout or of another checkpoint are skipped."""
 
 import dataclasses
+import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -25,7 +27,7 @@ from vllm_ascend.model_loader.netloader.fleet.layouts import (
     other_layout_candidates,
 )
 from vllm_ascend.model_loader.netloader.fleet.registry import RedisRegistry, SeedRecord, model_key
-from vllm_ascend.model_loader.netloader.loader import _ask_again
+from vllm_ascend.model_loader.netloader.loader import _ask_again, _only_across
 from vllm_ascend.model_loader.netloader.manifest import TARGET, LoadedWeights
 from vllm_ascend.model_loader.netloader.plan import LoadPlan
 from vllm_ascend.model_loader.netloader.seed.running import RunningSeeds, seed_settings
@@ -163,24 +165,45 @@ def test_the_processed_pass_leaves_other_layouts_to_the_loaded_one(server, tp2_i
 
 def test_a_dead_seed_of_this_layout_does_not_hide_the_instances_of_others(server,
                                                                           tp2_instance):
-    """The registry also lists a seed of the client's own layout that is gone (its
-    record still live): the processed pass fails on it and still hands the other
-    layouts to the loaded pass, which gathers. (Before, the dead seed's failure ended
-    the load on disk.)"""
+    """The registry also lists a seed of the client's own layout that fails (it closes
+    every connection; its record still live): the processed pass fails on it and still
+    hands the other layouts to the loaded pass, which gathers from them without asking
+    the failed seed again. (Before, the failed seed ended the load on disk; then, once
+    the other layouts were handed on, it was asked twice: twice its timeout.)"""
     registry = RedisRegistry(server.url)
     wait_for(lambda: registry.find(layout_free_key(identity(1)), "target", 0), 10,
              "the layout record")
-    dead = f"127.0.0.1:{free_port()}"
-    registry.publish(model_key(identity(1)), SeedRecord(dead, 0, "target", CHECKPOINT), 30)
-    client = loaded(1, 0)
-    client_plan = plan(server.url, identity(1))
-    first = fetching.fetch_weights(client, client_plan, RunningSeeds(), layout="processed",
-                                   targets=[], finish=None)
-    assert first.fallback == "seeds_failed" and any(dead in r for r in first.reasons)
-    assert first.identity_refused == (tp2_instance[0].address,)
-    assert _ask_again(first)
-    fetched = fetching.fetch_weights(client, client_plan, RunningSeeds())
-    assert fetched.gathered_from == tp2_instance[0].address, fetched.reasons
+    closing = socket.create_server(("127.0.0.1", 0))
+    dead = f"127.0.0.1:{closing.getsockname()[1]}"
+    accepted = []
+
+    def close_each() -> None:
+        while True:
+            try:
+                conn, _ = closing.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+            conn.close()
+
+    threading.Thread(target=close_each, daemon=True).start()
+    try:
+        registry.publish(model_key(identity(1)), SeedRecord(dead, 0, "target", CHECKPOINT), 30)
+        client = loaded(1, 0)
+        client_plan = plan(server.url, identity(1))
+        first = fetching.fetch_weights(client, client_plan, RunningSeeds(),
+                                       layout="processed", targets=[], finish=None)
+        assert first.fallback == "seeds_failed" and any(dead in r for r in first.reasons)
+        assert first.identity_refused == (tp2_instance[0].address,)
+        assert _ask_again(first) and _only_across(first) == (tp2_instance[0].address,)
+        asked = len(accepted)
+        assert asked >= 1
+        fetched = fetching.fetch_weights(client, client_plan, RunningSeeds(),
+                                         across_only=_only_across(first))
+        assert fetched.gathered_from == tp2_instance[0].address, fetched.reasons
+        assert len(accepted) == asked  # the failed seed was not asked again
+    finally:
+        closing.close()
 
 
 def test_instances_of_the_clients_own_layout_do_not_crowd_the_others_out(server):

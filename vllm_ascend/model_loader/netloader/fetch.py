@@ -71,9 +71,13 @@ def fetch_weights(
     model: nn.Module, plan: LoadPlan, seeds: RunningSeeds, layout: str = LOADED,
     targets: Sequence[torch.Tensor] | None = None,
     finish: Callable[[Received], None] | None = None,
+    across_only: Sequence[str] | None = None,
 ) -> Fetched:
     """What a seed delivered into ``model``, or why not (the model then holds exactly
     what it held before, buffers included).
+
+    ``across_only``: ask only these seeds, in other layouts, and look for no other (the
+    loader's second attempt, after this layout's seeds failed; ``loader._only_across``).
 
     The processed ``layout`` passes ``targets`` (one tensor per ``model_tensors`` entry,
     which the seed's bytes fill instead of the model's) and ``finish`` (run on what was
@@ -105,7 +109,8 @@ def fetch_weights(
     if config.registry is not None:
         seeds.withdraw(plan.key)  # our own earlier record (a reload) must not be a candidate
     try:
-        found = find_candidates(plan, entries, seeds.own_addresses(plan))
+        found = (Candidates([], frozenset(), [], tuple(across_only)) if across_only is not None
+                 else find_candidates(plan, entries, seeds.own_addresses(plan)))
     except Exception as e:  # noqa: BLE001 - a registry's or resolver's answer must never keep the instance from starting
         logger.exception("%s: seed discovery failed", plan.who)
         found = Candidates([], frozenset(), [f"seed discovery failed: {type(e).__name__}: {e}"])

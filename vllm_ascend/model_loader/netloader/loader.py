@@ -143,7 +143,8 @@ class NetloaderModelLoader(BaseModelLoader):
             plan = dataclasses.replace(plan, processing=processing_signature(model))
         before = load_state.snapshot(model)
         earlier = self._earlier
-        fetched = fetch_weights(model, plan, SEEDS) if _ask_again(earlier) else earlier
+        fetched = (fetch_weights(model, plan, SEEDS, across_only=_only_across(earlier))
+                   if _ask_again(earlier) else earlier)
         received, gathered = fetched.received, fetched.gathered
         if received is None and gathered is None:
             if fetched.fallback is not None:
@@ -217,3 +218,14 @@ def _ask_again(earlier: Fetched) -> bool:
     if earlier.identity_refused:  # a seed in another layout serves the loaded one
         return True
     return earlier.fallback == "seeds_failed" and earlier.layout_refused
+
+
+def _only_across(earlier: Fetched) -> tuple[str, ...] | None:
+    """The seeds in other layouts to ask, alone, for the loaded layout, where the
+    processed attempt ended as ``earlier`` without one of this layout's seeds refusing
+    only the processed layout: those seeds would end the same again (``_ask_again``).
+    None: ask every seed."""
+    if (earlier.identity_refused and not earlier.layout_refused
+            and earlier.fallback in ("seeds_failed", "no_seed_found")):
+        return earlier.identity_refused
+    return None
